@@ -1,0 +1,5 @@
+"""`python -m sa_shardkit ...` is the same as the `shardkit` console script."""
+
+from .cli import main
+
+main()

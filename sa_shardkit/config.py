@@ -1,0 +1,247 @@
+"""Shard configuration: one :class:`ShardConfig` per shard, from code, env vars or an ini/TOML file.
+
+The same file Alembic reads (``alembic.ini``) can carry a ``[shardkit]`` section, so the application,
+the migrations and the CLI share one list of URLs::
+
+    [shardkit]
+    shards = shard-1, shard-2
+    shard-1.url = postgresql+psycopg://app@db1/app
+    shard-1.replica_url = postgresql+psycopg://app@db1-replica/app
+    shard-2.url = postgresql+psycopg://app@db2/app
+    shard-2.weight = 2
+    pool_size = 20
+
+Environment variables use the design's names: ``SHARD_<N>_URL`` (shard id ``shard-<N>``), optional
+``SHARD_<N>_REPLICA_URL`` and ``SHARD_<N>_WEIGHT``; ``SHARDKIT_VNODES`` and ``SHARDKIT_POOL_SIZE``
+set ring and pool options.
+"""
+
+from __future__ import annotations
+
+import configparser
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from .errors import ConfigError, DuplicateShardError
+from .ring import DEFAULT_VNODES
+
+_ENV_URL = re.compile(r"^SHARD_(\d+)_URL$")
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """How to reach one shard and how to pool its connections."""
+
+    id: str
+    url: str | URL
+    replica_url: str | URL | None = None
+    weight: float = 1
+    pool_size: int = 20
+    max_overflow: int = 10
+    pool_recycle: float = 30.0
+    """Seconds after which an idle connection is replaced (the design's idle timeout)."""
+    connect_timeout: float = 3.0
+    pool_timeout: float = 10.0
+    pool_pre_ping: bool = True
+    engine_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.id or not isinstance(self.id, str):
+            raise ConfigError(f"shard id must be a non-empty string, got {self.id!r}")
+        object.__setattr__(self, "url", _parse_url(self.id, "url", self.url))
+        if self.replica_url is not None:
+            object.__setattr__(self, "replica_url", _parse_url(self.id, "replica_url", self.replica_url))
+        weight = self.weight
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+            or weight <= 0
+        ):
+            raise ConfigError(f"shard {self.id!r}: weight must be > 0, got {weight!r}")
+        if self.pool_size < 1:
+            raise ConfigError(f"shard {self.id!r}: pool_size must be >= 1, got {self.pool_size!r}")
+        if self.connect_timeout <= 0:
+            raise ConfigError(f"shard {self.id!r}: connect_timeout must be > 0")
+
+    @property
+    def primary_url(self) -> URL:
+        assert isinstance(self.url, URL)
+        return self.url
+
+    @property
+    def replica(self) -> URL | None:
+        assert self.replica_url is None or isinstance(self.replica_url, URL)
+        return self.replica_url
+
+    def safe_url(self) -> str:
+        """The primary URL with its password masked, for messages and logs."""
+        return self.primary_url.render_as_string(hide_password=True)
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """Everything a :class:`~sa_shardkit.manager.ShardManager` is built from."""
+
+    shards: tuple[ShardConfig, ...]
+    vnodes: int = DEFAULT_VNODES
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ConfigError("no shards configured")
+        seen: set[str] = set()
+        for shard in self.shards:
+            if shard.id in seen:
+                raise DuplicateShardError(f"shard id {shard.id!r} is configured twice")
+            seen.add(shard.id)
+
+    @property
+    def shard_ids(self) -> tuple[str, ...]:
+        return tuple(s.id for s in self.shards)
+
+
+def _parse_url(shard_id: str, name: str, value: str | URL) -> URL:
+    if isinstance(value, URL):
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"shard {shard_id!r}: {name} is missing")
+    try:
+        return make_url(value.strip())
+    except ArgumentError:
+        raise ConfigError(f"shard {shard_id!r}: {name} is not a database URL") from None
+
+
+def _flag(value: str) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+_POOL_KEYS: dict[str, Callable[[str], Any]] = {
+    "pool_size": int,
+    "max_overflow": int,
+    "pool_recycle": float,
+    "connect_timeout": float,
+    "pool_timeout": float,
+    "pool_pre_ping": _flag,
+}
+
+
+def _pool_options(source: Mapping[str, str], where: str) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for key, convert in _POOL_KEYS.items():
+        if key in source:
+            try:
+                options[key] = convert(source[key])
+            except ValueError:
+                raise ConfigError(f"{where}: {key} = {source[key]!r} is not valid") from None
+    return options
+
+
+def _weight(raw: str, where: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{where}: weight {raw!r} is not a number") from None
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> ShardSettings:
+    """Read ``SHARD_<N>_URL`` / ``SHARD_<N>_REPLICA_URL`` / ``SHARD_<N>_WEIGHT`` (ids ``shard-<N>``)."""
+    env = os.environ if environ is None else environ
+    numbers = sorted(int(m.group(1)) for name in env if (m := _ENV_URL.match(name)))
+    if not numbers:
+        raise ConfigError("no SHARD_<N>_URL environment variables are set (e.g. SHARD_1_URL)")
+    defaults = _pool_options(
+        {k[len("SHARDKIT_") :].lower(): v for k, v in env.items() if k.startswith("SHARDKIT_")},
+        "environment",
+    )
+    shards = []
+    for n in numbers:
+        weight = env.get(f"SHARD_{n}_WEIGHT")
+        shards.append(
+            ShardConfig(
+                id=f"shard-{n}",
+                url=env[f"SHARD_{n}_URL"],
+                replica_url=env.get(f"SHARD_{n}_REPLICA_URL") or None,
+                weight=_weight(weight, f"SHARD_{n}_WEIGHT") if weight else 1,
+                **defaults,
+            )
+        )
+    vnodes = env.get("SHARDKIT_VNODES")
+    return ShardSettings(tuple(shards), vnodes=int(vnodes) if vnodes else DEFAULT_VNODES)
+
+
+def settings_from_file(path: str | os.PathLike[str], section: str = "shardkit") -> ShardSettings:
+    """Read a ``[shardkit]`` section from an ini file (e.g. ``alembic.ini``) or a TOML file."""
+    file = Path(path)
+    if not file.exists():
+        raise ConfigError(f"config file {str(file)!r} does not exist")
+    if file.suffix == ".toml":
+        return _settings_from_toml(file, section)
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(file)
+    if not parser.has_section(section):
+        raise ConfigError(f"{file}: no [{section}] section")
+    return settings_from_mapping(dict(parser.items(section)), where=f"{file} [{section}]")
+
+
+def settings_from_mapping(values: Mapping[str, str], *, where: str = "config") -> ShardSettings:
+    """Build settings from flat ``shards`` / ``<id>.url`` / ``<id>.weight`` / pool keys."""
+    values = {k.strip().lower(): str(v).strip() for k, v in values.items()}
+    raw_ids = values.get("shards", "")
+    ids = [s.strip() for s in re.split(r"[,\s]+", raw_ids) if s.strip()]
+    if not ids:
+        raise ConfigError(f"{where}: 'shards' lists no shard ids")
+    defaults = _pool_options(values, where)
+    shards = []
+    for shard_id in ids:
+        url = values.get(f"{shard_id}.url")
+        if not url:
+            raise ConfigError(f"{where}: shard {shard_id!r} has no '{shard_id}.url'")
+        own = _pool_options(
+            {k[len(shard_id) + 1 :]: v for k, v in values.items() if k.startswith(f"{shard_id}.")},
+            f"{where} shard {shard_id!r}",
+        )
+        weight = values.get(f"{shard_id}.weight")
+        shards.append(
+            ShardConfig(
+                id=shard_id,
+                url=os.path.expandvars(url),
+                replica_url=os.path.expandvars(values[f"{shard_id}.replica_url"])
+                if values.get(f"{shard_id}.replica_url")
+                else None,
+                weight=_weight(weight, f"{where} {shard_id}.weight") if weight else 1,
+                **{**defaults, **own},
+            )
+        )
+    vnodes = values.get("vnodes")
+    return ShardSettings(tuple(shards), vnodes=int(vnodes) if vnodes else DEFAULT_VNODES)
+
+
+def _settings_from_toml(file: Path, section: str) -> ShardSettings:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    data = tomllib.loads(file.read_text())
+    table = data.get(section) or data.get("tool", {}).get(section)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{file}: no [{section}] table")
+    shards_table = table.get("shards")
+    if not isinstance(shards_table, list) or not shards_table:
+        raise ConfigError(f"{file}: [{section}] needs a [[{section}.shards]] array with id and url")
+    defaults = {k: v for k, v in table.items() if k in _POOL_KEYS}
+    shards = [ShardConfig(**{**defaults, **entry}) for entry in shards_table]
+    return ShardSettings(tuple(shards), vnodes=int(table.get("vnodes", DEFAULT_VNODES)))
+
+
+def with_shards(settings: ShardSettings, shards: Iterable[ShardConfig]) -> ShardSettings:
+    """A copy of ``settings`` with a different shard list (used when a shard is added or removed)."""
+    return replace(settings, shards=tuple(shards))

@@ -1,0 +1,80 @@
+"""Every exception sa_shardkit raises, in one place.
+
+Each derives from SQLAlchemy's exception family that means the same thing, so code that already
+catches ``sqlalchemy.exc.InvalidRequestError`` or ``OperationalError``-like failures keeps working.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import exc as sa_exc
+
+
+class ShardKitError(sa_exc.SQLAlchemyError):
+    """Base class of every sa_shardkit error."""
+
+
+class ConfigError(ShardKitError, ValueError):
+    """The shard configuration (code, env vars or config file) is missing or malformed."""
+
+
+class RingError(ShardKitError, ValueError):
+    """A hash ring was asked to do something impossible."""
+
+
+class EmptyRingError(RingError):
+    """A ring needs at least one shard."""
+
+
+class DuplicateShardError(RingError):
+    """A shard id appears twice in one ring or configuration."""
+
+
+class InvalidWeightError(RingError):
+    """A shard weight must be a finite number greater than zero."""
+
+
+class InvalidShardKeyError(RingError, TypeError):
+    """A shard key must be a str, int, uuid.UUID or bytes (never None or bool)."""
+
+
+class UnknownShardError(ShardKitError, sa_exc.InvalidRequestError, KeyError):
+    """A shard id that the ring or manager does not know."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ShardUnavailableError(ShardKitError):
+    """A shard could not be reached (connect failure, timeout, server down)."""
+
+    def __init__(self, message: str, *, shard_id: str | None = None) -> None:
+        super().__init__(message)
+        self.shard_id = shard_id
+
+
+class ShardKeyMissingError(ShardKitError, sa_exc.InvalidRequestError):
+    """A sharded object or statement has no value for its shard key."""
+
+
+class NotShardedError(ShardKitError, sa_exc.InvalidRequestError):
+    """A model declares neither a shard key nor that it is a reference table."""
+
+
+class CrossShardTransactionError(ShardKitError, sa_exc.InvalidRequestError):
+    """One session transaction tried to write to two shards without opting in."""
+
+
+class UnsupportedScatterError(ShardKitError, sa_exc.InvalidRequestError):
+    """A cross-shard query whose merged result could not be made globally correct."""
+
+
+class MigrationError(ShardKitError):
+    """A migration failed on a shard, or shards disagree about their revision."""
+
+
+class SagaError(ShardKitError):
+    """A saga could not be started, run or recovered."""
+
+
+class RebalanceError(ShardKitError):
+    """A shard addition/removal could not be planned or carried out."""

@@ -1,0 +1,306 @@
+"""The application's one owner of shard connections: engines, pools, replicas, health, shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from .config import ShardConfig, ShardSettings, settings_from_env, settings_from_file
+from .errors import ConfigError, ShardUnavailableError, UnknownShardError
+from .ring import HashRing, ShardKey
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import sessionmaker as SessionMaker
+
+log = logging.getLogger("sa_shardkit.manager")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ShardHealth:
+    """One shard's answer to a health check."""
+
+    shard_id: str
+    reachable: bool
+    latency_ms: float | None
+    error: str | None = None
+    role: str = "primary"
+
+
+def _engine_for(config: ShardConfig, url: Any) -> Engine:
+    options: dict[str, Any] = dict(config.engine_options)
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        options.setdefault("connect_args", {})
+    else:
+        connect_args = dict(options.pop("connect_args", {}))
+        connect_args.setdefault("connect_timeout", max(1, round(config.connect_timeout)))
+        options["connect_args"] = connect_args
+        options.setdefault("pool_size", config.pool_size)
+        options.setdefault("max_overflow", config.max_overflow)
+        options.setdefault("pool_timeout", config.pool_timeout)
+    options.setdefault("pool_recycle", config.pool_recycle)
+    options.setdefault("pool_pre_ping", config.pool_pre_ping)
+    return create_engine(url, **options)
+
+
+def unavailable(shard_id: str, safe_url: str, error: BaseException) -> ShardUnavailableError:
+    """Wrap a connection failure so the message names the shard and never shows a password."""
+    reason = getattr(error, "orig", None) or error
+    first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+    return ShardUnavailableError(
+        f"shard {shard_id!r} ({safe_url}) is unavailable: {first_line}", shard_id=shard_id
+    )
+
+
+class ShardManager:
+    """Owns one engine (and pool) per shard and replica, and the ring that maps keys to shards.
+
+    The ring reference can be swapped at run time (:meth:`set_ring`); lookups never see a
+    half-changed ring because rings are immutable.
+    """
+
+    def __init__(
+        self,
+        shards: ShardSettings | Iterable[ShardConfig],
+        *,
+        ring: HashRing | None = None,
+        vnodes: int | None = None,
+    ) -> None:
+        settings = shards if isinstance(shards, ShardSettings) else ShardSettings(tuple(shards))
+        if vnodes is not None:
+            settings = ShardSettings(settings.shards, vnodes=vnodes)
+        self.settings = settings
+        self._configs: dict[str, ShardConfig] = {c.id: c for c in settings.shards}
+        self._engines: dict[str, Engine] = {}
+        self._replicas: dict[str, Engine] = {}
+        for config in settings.shards:
+            self._engines[config.id] = _engine_for(config, config.primary_url)
+            if config.replica is not None:
+                self._replicas[config.id] = _engine_for(config, config.replica)
+        if ring is None:
+            ring = HashRing(
+                self._configs, vnodes=settings.vnodes, weights={c.id: c.weight for c in settings.shards}
+            )
+        self._check_ring(ring)
+        self._ring = ring
+        self._lock = threading.Lock()
+        self._disposed = False
+
+    # -- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **kw: Any) -> ShardManager:
+        """Shards from ``SHARD_<N>_URL`` environment variables (ids ``shard-<N>``)."""
+        return cls(settings_from_env(environ), **kw)
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str], section: str = "shardkit", **kw: Any) -> ShardManager:
+        """Shards from a ``[shardkit]`` section of an ini file (``alembic.ini``) or a TOML file."""
+        return cls(settings_from_file(path, section), **kw)
+
+    @classmethod
+    def from_urls(cls, urls: Mapping[str, str] | Sequence[str], **options: Any) -> ShardManager:
+        """Shards from URLs: a mapping id -> url, or a list (ids ``shard-1``, ``shard-2``, ...)."""
+        items = (
+            urls.items() if isinstance(urls, Mapping) else ((f"shard-{i}", u) for i, u in enumerate(urls, 1))
+        )
+        return cls([ShardConfig(id=shard_id, url=url, **options) for shard_id, url in items])
+
+    def _check_ring(self, ring: HashRing) -> None:
+        for shard_id in ring.shard_ids:
+            if shard_id not in self._configs:
+                raise UnknownShardError(f"ring names shard {shard_id!r}, which has no configured URL")
+
+    # -- routing -------------------------------------------------------------------------------
+
+    @property
+    def ring(self) -> HashRing:
+        return self._ring
+
+    def set_ring(self, ring: HashRing) -> None:
+        """Route by ``ring`` from now on (an atomic reference swap)."""
+        self._check_ring(ring)
+        self._ring = ring
+
+    @property
+    def shard_ids(self) -> tuple[str, ...]:
+        """Every configured shard, in configuration order (including shards not on the ring)."""
+        return tuple(self._configs)
+
+    def shard_for(self, key: ShardKey) -> str:
+        """The shard id that owns ``key`` on the current ring."""
+        return self._ring.get_shard(key)
+
+    def config(self, shard_id: str) -> ShardConfig:
+        try:
+            return self._configs[shard_id]
+        except KeyError:
+            raise UnknownShardError(
+                f"unknown shard {shard_id!r}; configured shards: {', '.join(self._configs)}"
+            ) from None
+
+    def engine(self, shard_id: str, *, write: bool = True) -> Engine:
+        """The shard's primary engine, or its replica's when ``write=False`` and one is configured."""
+        if shard_id not in self._engines:
+            self.config(shard_id)  # raises UnknownShardError
+        if not write:
+            replica = self._replicas.get(shard_id)
+            if replica is not None:
+                return replica
+        return self._engines[shard_id]
+
+    def replica_engine(self, shard_id: str) -> Engine | None:
+        self.config(shard_id)
+        return self._replicas.get(shard_id)
+
+    def engine_for(self, key: ShardKey, *, write: bool = True) -> Engine:
+        return self.engine(self.shard_for(key), write=write)
+
+    @property
+    def engines(self) -> dict[str, Engine]:
+        """Primary engine per shard id (a copy)."""
+        return dict(self._engines)
+
+    def connect(self, shard_id: str, *, write: bool = True) -> Connection:
+        """A connection to a shard; a connect failure becomes :class:`ShardUnavailableError`."""
+        engine = self.engine(shard_id, write=write)
+        try:
+            return engine.connect()
+        except (OperationalError, PoolTimeoutError, DBAPIError) as error:
+            raise unavailable(shard_id, engine.url.render_as_string(hide_password=True), error) from error
+
+    def safe_url(self, shard_id: str) -> str:
+        return self.config(shard_id).safe_url()
+
+    # -- fleet-wide work -------------------------------------------------------------------------
+
+    def run_on_all(
+        self,
+        work: Callable[[Connection], T] | str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        shard_ids: Iterable[str] | None = None,
+        write: bool = True,
+    ) -> dict[str, Any]:
+        """Run ``work`` on every shard in parallel; results keyed by shard id.
+
+        ``work`` is either SQL text (its rows are returned, and the transaction committed) or a
+        callable taking a :class:`Connection` inside a transaction that commits when it returns.
+        The first failure is raised after every shard has finished (no half-run threads remain).
+        """
+        targets = list(self.shard_ids if shard_ids is None else shard_ids)
+        for shard_id in targets:
+            self.config(shard_id)
+
+        def one(shard_id: str) -> Any:
+            with self.connect(shard_id, write=write) as conn, conn.begin():
+                if isinstance(work, str):
+                    result = conn.execute(text(work), dict(params or {}))
+                    return list(result) if result.returns_rows else result.rowcount
+                return work(conn)
+
+        return self._parallel(one, targets)
+
+    def _parallel(self, fn: Callable[[str], T], shard_ids: list[str]) -> dict[str, T]:
+        if len(shard_ids) <= 1:
+            return {s: fn(s) for s in shard_ids}
+        with ThreadPoolExecutor(max_workers=len(shard_ids), thread_name_prefix="shardkit") as pool:
+            futures = {s: pool.submit(fn, s) for s in shard_ids}
+            results: dict[str, T] = {}
+            first_error: BaseException | None = None
+            for shard_id, future in futures.items():
+                try:
+                    results[shard_id] = future.result()
+                except BaseException as error:  # noqa: BLE001 - re-raised below
+                    first_error = first_error or error
+            if first_error is not None:
+                raise first_error
+            return results
+
+    def health(self, *, timeout: float | None = None) -> dict[str, ShardHealth]:
+        """Reachability and latency of every shard (and replica); bounded by the connect timeout."""
+        checks: list[tuple[str, str, Engine, float]] = []
+        for shard_id, engine in self._engines.items():
+            checks.append((shard_id, "primary", engine, self._configs[shard_id].connect_timeout))
+        for shard_id, engine in self._replicas.items():
+            checks.append((shard_id, "replica", engine, self._configs[shard_id].connect_timeout))
+
+        def check(item: tuple[str, str, Engine, float]) -> ShardHealth:
+            shard_id, role, engine, _ = item
+            started = time.perf_counter()
+            try:
+                with engine.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+            except Exception as error:  # noqa: BLE001 - reported, not raised
+                safe = engine.url.render_as_string(hide_password=True)
+                return ShardHealth(shard_id, False, None, str(unavailable(shard_id, safe, error)), role)
+            return ShardHealth(shard_id, True, (time.perf_counter() - started) * 1000, None, role)
+
+        limit = timeout if timeout is not None else max(c[3] for c in checks) + 2
+        report: dict[str, ShardHealth] = {}
+        pool = ThreadPoolExecutor(max_workers=len(checks), thread_name_prefix="shardkit-health")
+        try:
+            futures = [(item, pool.submit(check, item)) for item in checks]
+            deadline = time.monotonic() + limit
+            for item, future in futures:
+                key = item[0] if item[1] == "primary" else f"{item[0]}:replica"
+                try:
+                    report[key] = future.result(timeout=max(0.0, deadline - time.monotonic()))
+                except Exception:  # noqa: BLE001 - timed out
+                    report[key] = ShardHealth(item[0], False, None, f"no answer within {limit:g}s", item[1])
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return report
+
+    def sessionmaker(self, **kw: Any) -> SessionMaker[Any]:
+        """A ``sessionmaker`` producing :class:`sa_shardkit.ShardedSession` bound to this manager."""
+        from sqlalchemy.orm import sessionmaker
+
+        from .session import ShardedSession
+
+        return sessionmaker(class_=ShardedSession, manager=self, **kw)
+
+    # -- shutdown --------------------------------------------------------------------------------
+
+    def dispose(self) -> None:
+        """Close every pooled connection of every shard and replica; idempotent."""
+        with self._lock:
+            for engine in [*self._engines.values(), *self._replicas.values()]:
+                engine.dispose()
+            self._disposed = True
+
+    def __enter__(self) -> ShardManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.dispose()
+
+    def __repr__(self) -> str:
+        shards = ", ".join(f"{c.id}={c.safe_url()}" for c in self._configs.values())
+        return f"ShardManager({shards})"
+
+
+def require_shards(manager: ShardManager, shard_ids: Iterable[str]) -> list[str]:
+    """Validate a list of shard ids against ``manager`` before any work starts."""
+    ids = list(shard_ids)
+    unknown = [s for s in ids if s not in manager.shard_ids]
+    if unknown:
+        raise UnknownShardError(
+            f"unknown shard(s) {', '.join(map(repr, unknown))}; configured: {', '.join(manager.shard_ids)}"
+        )
+    if not ids:
+        raise ConfigError("no shards selected")
+    return ids

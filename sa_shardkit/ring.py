@@ -1,0 +1,265 @@
+"""Consistent hashing with virtual nodes and weights.
+
+The data contract (never change it silently: rows are placed by it, golden-vector tests pin it):
+
+* hash function: XXH3 64-bit, seed 0 (``xxhash.xxh3_64_intdigest``), an unsigned 64-bit integer;
+* canonical key bytes (:func:`key_bytes`): ``str`` -> UTF-8; ``int`` -> its decimal text in ASCII
+  (``-12`` -> ``b"-12"``); ``uuid.UUID`` -> its lowercase hyphenated text (``str(uuid)``) in ASCII;
+  ``bytes`` as given. So ``5`` and ``"5"``, and a UUID and its text, live on the same shard;
+* virtual-node labels: ``f"{shard_id}#{i}"`` in UTF-8 for ``i`` in ``range(round(vnodes * weight))``;
+* a key belongs to the first virtual node whose point is strictly greater than the key's hash,
+  wrapping around to the first point; equal points are ordered by shard id.
+
+A :class:`HashRing` is immutable: changes return a new ring, so readers in other threads always see a
+complete ring (swap the reference, never mutate in place).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from xxhash import xxh3_64_intdigest
+
+from .errors import (
+    DuplicateShardError,
+    EmptyRingError,
+    InvalidShardKeyError,
+    InvalidWeightError,
+    UnknownShardError,
+)
+
+ShardKey = str | int | uuid.UUID | bytes
+"""Types a shard key may have."""
+
+HASH_NAME = "xxh3_64"
+DEFAULT_VNODES = 2048
+"""Virtual nodes per unit of weight: 2048 keeps 4 equal shards within ~4% of the mean share."""
+
+RING_SPACE = 1 << 64
+
+
+def key_bytes(key: object) -> bytes:
+    """The canonical byte form of a shard key (see the module docstring)."""
+    if isinstance(key, str):
+        return key.encode("utf-8")
+    if isinstance(key, bool) or key is None:
+        raise InvalidShardKeyError(f"shard key must not be {key!r}")
+    if isinstance(key, int):
+        return str(key).encode("ascii")
+    if isinstance(key, uuid.UUID):
+        return str(key).encode("ascii")
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        return bytes(key)
+    raise InvalidShardKeyError(
+        f"shard key {key!r} has type {type(key).__name__}; expected str, int, uuid.UUID or bytes"
+    )
+
+
+def key_hash(key: object) -> int:
+    """The key's position on the ring: XXH3-64 of :func:`key_bytes`."""
+    if type(key) is str:  # fast path for the common case
+        return xxh3_64_intdigest(key.encode("utf-8"))
+    return xxh3_64_intdigest(key_bytes(key))
+
+
+def _vnode_point(shard_id: str, index: int) -> int:
+    return xxh3_64_intdigest(f"{shard_id}#{index}".encode())
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A half-open arc ``(start, end]`` of the ring owned by one shard; ``start > end`` wraps."""
+
+    start: int
+    end: int
+    shard_id: str
+
+    def contains(self, point: int) -> bool:
+        if self.start < self.end:
+            return self.start < point <= self.end
+        return point > self.start or point <= self.end
+
+
+class HashRing:
+    """An immutable consistent-hash ring mapping shard keys to shard ids."""
+
+    __slots__ = ("_weights", "_vnodes", "_points", "_owners", "_wrapped_owners", "_size")
+
+    def __init__(
+        self,
+        shard_ids: Iterable[str],
+        *,
+        vnodes: int = DEFAULT_VNODES,
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
+        ids = list(shard_ids)
+        if not ids:
+            raise EmptyRingError("a hash ring needs at least one shard")
+        seen: set[str] = set()
+        for shard_id in ids:
+            if not isinstance(shard_id, str) or not shard_id:
+                raise InvalidShardKeyError(f"shard id must be a non-empty str, got {shard_id!r}")
+            if shard_id in seen:
+                raise DuplicateShardError(f"shard id {shard_id!r} appears twice in the ring")
+            seen.add(shard_id)
+        if not isinstance(vnodes, int) or isinstance(vnodes, bool) or vnodes < 1:
+            raise InvalidWeightError(f"vnodes must be a positive int, got {vnodes!r}")
+        weights = dict(weights or {})
+        for shard_id in weights:
+            if shard_id not in seen:
+                raise UnknownShardError(f"weight given for unknown shard {shard_id!r}")
+        resolved: dict[str, float] = {}
+        for shard_id in sorted(ids):
+            weight = weights.get(shard_id, 1)
+            _check_weight(shard_id, weight)
+            # 2 and 2.0 are the same weight: store one form so equal rings serialize identically
+            resolved[shard_id] = int(weight) if float(weight).is_integer() else float(weight)
+        self._weights = resolved
+        self._vnodes = vnodes
+        pairs = sorted(
+            (_vnode_point(shard_id, i), shard_id)
+            for shard_id, weight in resolved.items()
+            for i in range(max(1, round(vnodes * weight)))
+        )
+        self._points = [p for p, _ in pairs]
+        self._owners = [s for _, s in pairs]
+        self._wrapped_owners = [*self._owners, self._owners[0]]  # index len(points) wraps to the first
+        self._size = len(pairs)
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def get_shard(self, key: ShardKey, _hash: Any = xxh3_64_intdigest, _bisect: Any = bisect_right) -> str:
+        """The shard id that owns ``key``."""
+        # Hot path: functions bound as defaults and a wrapped owner list avoid lookups and a branch.
+        if type(key) is str:
+            return self._wrapped_owners[_bisect(self._points, _hash(key.encode()))]  # type: ignore[no-any-return]
+        return self._wrapped_owners[_bisect(self._points, _hash(key_bytes(key)))]  # type: ignore[no-any-return]
+
+    def shard_for_point(self, point: int) -> str:
+        """The shard owning a ring position (a value of :func:`key_hash`)."""
+        return self._wrapped_owners[bisect_right(self._points, point)]
+
+    def segments(self) -> list[Segment]:
+        """The ring as arcs, adjacent arcs of one shard merged, in ring order."""
+        merged: list[Segment] = []
+        prev = self._points[-1]
+        for point, owner in zip(self._points, self._owners, strict=True):
+            if merged and merged[-1].shard_id == owner:
+                merged[-1] = Segment(merged[-1].start, point, owner)
+            else:
+                merged.append(Segment(prev, point, owner))
+            prev = point
+        if len(merged) > 1 and merged[0].shard_id == merged[-1].shard_id:
+            merged[0] = Segment(merged[-1].start, merged[0].end, merged[0].shard_id)
+            merged.pop()
+        return merged
+
+    def shares(self) -> dict[str, float]:
+        """Each shard's fraction of the ring (the expected fraction of keys)."""
+        share = dict.fromkeys(self._weights, 0.0)
+        for segment in self.segments():
+            share[segment.shard_id] += ((segment.end - segment.start) % RING_SPACE) / RING_SPACE
+        if len(self._weights) == 1:
+            return {s: 1.0 for s in share}
+        return share
+
+    # -- membership ----------------------------------------------------------------------------
+
+    @property
+    def shard_ids(self) -> tuple[str, ...]:
+        return tuple(self._weights)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return dict(self._weights)
+
+    @property
+    def vnodes(self) -> int:
+        return self._vnodes
+
+    def __contains__(self, shard_id: object) -> bool:
+        return shard_id in self._weights
+
+    def __len__(self) -> int:
+        return len(self._weights)
+
+    def add_shard(self, shard_id: str, weight: float = 1) -> HashRing:
+        """A new ring with ``shard_id`` added; this ring is unchanged."""
+        if shard_id in self._weights:
+            raise DuplicateShardError(f"shard {shard_id!r} is already on the ring")
+        _check_weight(shard_id, weight)
+        return HashRing(
+            [*self._weights, shard_id], vnodes=self._vnodes, weights={**self._weights, shard_id: weight}
+        )
+
+    def remove_shard(self, shard_id: str) -> HashRing:
+        """A new ring without ``shard_id``; this ring is unchanged."""
+        if shard_id not in self._weights:
+            raise UnknownShardError(f"cannot remove unknown shard {shard_id!r}")
+        rest = {s: w for s, w in self._weights.items() if s != shard_id}
+        if not rest:
+            raise EmptyRingError(f"removing {shard_id!r} would leave the ring empty")
+        return HashRing(rest, vnodes=self._vnodes, weights=rest)
+
+    def with_weight(self, shard_id: str, weight: float) -> HashRing:
+        """A new ring with one shard's weight changed."""
+        if shard_id not in self._weights:
+            raise UnknownShardError(f"unknown shard {shard_id!r}")
+        return HashRing(self._weights, vnodes=self._vnodes, weights={**self._weights, shard_id: weight})
+
+    # -- identity and serialization ------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description; equal rings give equal dicts."""
+        return {
+            "hash": HASH_NAME,
+            "vnodes": self._vnodes,
+            "shards": [{"id": s, "weight": w} for s, w in self._weights.items()],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HashRing:
+        hash_name = data.get("hash", HASH_NAME)
+        if hash_name != HASH_NAME:
+            raise InvalidShardKeyError(f"ring uses hash {hash_name!r}; this version knows {HASH_NAME!r}")
+        shards = data["shards"]
+        return cls(
+            [s["id"] for s in shards],
+            vnodes=int(data.get("vnodes", DEFAULT_VNODES)),
+            weights={s["id"]: s.get("weight", 1) for s in shards},
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> HashRing:
+        return cls.from_dict(json.loads(text))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, HashRing):
+            return NotImplemented
+        return self._vnodes == other._vnodes and self._weights == other._weights
+
+    def __hash__(self) -> int:
+        return hash((self._vnodes, tuple(self._weights.items())))
+
+    def __repr__(self) -> str:
+        members = ", ".join(s if w == 1 else f"{s}(w={w:g})" for s, w in self._weights.items())
+        return f"HashRing([{members}], vnodes={self._vnodes})"
+
+
+def _check_weight(shard_id: str, weight: object) -> None:
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, (int, float))
+        or not math.isfinite(weight)
+        or weight <= 0
+    ):
+        raise InvalidWeightError(f"weight of shard {shard_id!r} must be > 0, got {weight!r}")
