@@ -14,7 +14,11 @@ from .errors import (
     NotShardedError,
     RebalanceError,
     RingError,
+    SagaConflictError,
     SagaError,
+    SagaInputError,
+    SagaPendingError,
+    SagaStepFailed,
     ShardKeyMissingError,
     ShardKitError,
     ShardUnavailableError,
@@ -23,6 +27,7 @@ from .errors import (
 )
 from .manager import ShardHealth, ShardManager
 from .ring import DEFAULT_VNODES, HashRing, key_bytes, key_hash
+from .saga import Saga, SagaOptions, SagaOutcome, Step, recover, run_saga
 
 __version__ = "0.1.0"
 
@@ -39,7 +44,14 @@ __all__ = [
     "NotShardedError",
     "RebalanceError",
     "RingError",
+    "Saga",
+    "SagaConflictError",
     "SagaError",
+    "SagaInputError",
+    "SagaOptions",
+    "SagaOutcome",
+    "SagaPendingError",
+    "SagaStepFailed",
     "ShardConfig",
     "ShardHealth",
     "ShardKeyMissingError",
@@ -47,10 +59,13 @@ __all__ = [
     "ShardManager",
     "ShardSettings",
     "ShardUnavailableError",
+    "Step",
     "UnknownShardError",
     "UnsupportedScatterError",
     "key_bytes",
     "key_hash",
+    "recover",
+    "run_saga",
     "settings_from_env",
     "settings_from_file",
 ]

@@ -76,5 +76,38 @@ class SagaError(ShardKitError):
     """A saga could not be started, run or recovered."""
 
 
+class SagaInputError(SagaError, ValueError):
+    """A saga was called with arguments it cannot accept (nothing was written)."""
+
+
+class SagaConflictError(SagaError):
+    """A saga id was submitted again with a different saga type or payload."""
+
+
+class SagaStepFailed(SagaError):
+    """Raised by a step's action to refuse for a business reason; the saga compensates."""
+
+    def __init__(self, reason: str, message: str | None = None) -> None:
+        super().__init__(message or reason)
+        self.reason = reason
+
+
+class SagaPendingError(SagaError):
+    """A saga could not be brought to a final state now; recovery will finish it (same id is safe)."""
+
+    def __init__(self, message: str, *, saga_id: str, status: str | None = None) -> None:
+        super().__init__(message)
+        self.saga_id = saga_id
+        self.status = status
+
+
 class RebalanceError(ShardKitError):
     """A shard addition/removal could not be planned or carried out."""
+
+
+class StaleRingError(RebalanceError):
+    """A key's range moved (or the ring changed) under a transaction; retry it on the new shard."""
+
+    def __init__(self, message: str, *, shard_id: str | None = None) -> None:
+        super().__init__(message)
+        self.shard_id = shard_id

@@ -1,0 +1,46 @@
+"""Cross-shard operations as durable sagas: steps with compensations, idempotency and recovery.
+
+Use a saga when one business operation writes to rows on different shards (a transfer between two
+customers). It gives eventual all-or-nothing (every step applied exactly once, or the applied ones
+compensated), not isolation: other transactions can see the state between steps.
+"""
+
+from __future__ import annotations
+
+from .definition import (
+    CheckpointHook,
+    KeyFunction,
+    Payload,
+    Saga,
+    SagaOptions,
+    SagaOutcome,
+    Step,
+    StepFunction,
+)
+from .recovery import RecoveryReport, recover, recovery_worker
+from .runner import run_saga
+from .tables import create_saga_tables, receipts_table, saga_metadata, sagas_table
+from .transfer import CREDIT_TRANSFER, credit_transfer_saga, transfer, transfer_payload
+
+__all__ = [
+    "CREDIT_TRANSFER",
+    "CheckpointHook",
+    "KeyFunction",
+    "Payload",
+    "RecoveryReport",
+    "Saga",
+    "SagaOptions",
+    "SagaOutcome",
+    "Step",
+    "StepFunction",
+    "create_saga_tables",
+    "credit_transfer_saga",
+    "receipts_table",
+    "recover",
+    "recovery_worker",
+    "run_saga",
+    "saga_metadata",
+    "sagas_table",
+    "transfer",
+    "transfer_payload",
+]

@@ -1,0 +1,127 @@
+"""What a saga is: named steps, each an action and a compensation that run on one shard.
+
+A step's functions are plain callables (typed Protocols, as in SQLAlchemy's horizontal_shard hooks):
+they receive the open shard connection and the saga's payload, and must only touch rows of the shard
+the step's key routes to. The runner commits the step's effect with its receipt in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy.engine import Connection
+
+from ..errors import SagaError
+from ..ring import ShardKey
+
+Payload = Mapping[str, Any]
+"""A saga's arguments: JSON-serialisable, stored in the saga log so recovery can replay steps."""
+
+FINAL_COMPLETE = "complete"
+FAILED_PREFIX = "failed_"
+
+
+class StepFunction(Protocol):
+    """An action or compensation: does its work on ``conn`` (inside the step's transaction)."""
+
+    def __call__(self, conn: Connection, payload: Payload, /) -> None: ...
+
+
+class KeyFunction(Protocol):
+    """Returns the shard key a step works on; the manager turns it into a shard."""
+
+    def __call__(self, payload: Payload, /) -> ShardKey: ...
+
+
+@dataclass(frozen=True)
+class Step:
+    """One saga step: ``action`` (forward) and ``compensation`` (undo), both on ``key``'s shard.
+
+    Raise :class:`~sa_shardkit.errors.SagaStepFailed` from ``action`` to refuse for a business reason
+    (the step's writes roll back and the saga compensates). A step without a compensation is not undone.
+    """
+
+    name: str
+    key: KeyFunction
+    action: StepFunction
+    compensation: StepFunction | None = None
+
+
+@dataclass(frozen=True)
+class Saga:
+    """A named sequence of steps; its log lives on ``home_key``'s shard (default: the first step's)."""
+
+    name: str
+    steps: Sequence[Step]
+    home_key: KeyFunction | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple(self.steps))
+        if not self.name or len(self.name) > 100:
+            raise SagaError(f"saga name must be 1-100 characters, got {self.name!r}")
+        if not self.steps:
+            raise SagaError(f"saga {self.name!r} has no steps")
+        names = [s.name for s in self.steps]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise SagaError(f"saga {self.name!r}: step names must be unique, repeated: {duplicates}")
+
+    def home(self, payload: Payload) -> ShardKey:
+        """The shard key whose shard holds this saga's log row."""
+        return (self.home_key or self.steps[0].key)(payload)
+
+
+@dataclass(frozen=True)
+class SagaOutcome:
+    """Where a saga stands, as recorded in its log."""
+
+    saga_id: str
+    saga_type: str
+    status: str
+    failure: str | None = None
+    error: str | None = None
+    home_shard: str | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.status == FINAL_COMPLETE or self.status.startswith(FAILED_PREFIX)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == FINAL_COMPLETE
+
+
+class CheckpointHook(Protocol):
+    """Called after each durable commit of a saga (fault injection and tracing).
+
+    ``checkpoint`` is ``created``, ``do:<step>``, ``log:<step>``, ``undo:<step>`` or ``log-undo:<step>``.
+    """
+
+    def __call__(self, saga_id: str, checkpoint: str, /) -> None: ...
+
+
+@dataclass(frozen=True)
+class SagaOptions:
+    """How a runner or recovery worker behaves; the defaults suit production."""
+
+    lease_seconds: float = 30.0
+    """A saga is "live" while its runner renews this lease (every third of it); recovery waits it out."""
+    step_attempts: int = 3
+    """Tries per step when its shard is unreachable or the transaction hits a transient error."""
+    retry_delay: float = 0.2
+    """Seconds before the first retry; doubles on each further one."""
+    wait_seconds: float = 10.0
+    """How long a duplicate submission waits for the live runner of the same saga id to finish."""
+    on_checkpoint: CheckpointHook | None = field(default=None, compare=False)
+
+
+def normalized_payload(payload: Payload) -> dict[str, Any]:
+    """The payload as the log stores it (a JSON round trip), so duplicates compare equal."""
+    try:
+        value: dict[str, Any] = json.loads(json.dumps(dict(payload), sort_keys=True))
+    except (TypeError, ValueError) as error:
+        raise SagaError(f"saga payload must be JSON-serialisable: {error}") from None
+    return value

@@ -1,0 +1,183 @@
+"""Reads and writes of the saga log row; every write by a runner is fenced by its lease.
+
+Times come from the shard's own clock (``clock_timestamp()``), so client clocks never decide whether
+a lease has run out. A write that finds another owner (or a finished saga) raises :class:`LeaseLost`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.engine import Connection, RowMapping
+
+from .definition import SagaOutcome
+from .tables import sagas_table
+
+
+class LeaseLost(Exception):
+    """Another runner owns this saga now (or it is finished): stop driving it."""
+
+
+@dataclass(frozen=True)
+class SagaRecord:
+    """One saga log row."""
+
+    saga_id: str
+    saga_type: str
+    payload: dict[str, Any]
+    status: str
+    step: int
+    compensating: bool
+    failure: str | None
+    error: str | None
+    owner: str | None
+    attempts: int
+    created_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> SagaRecord:
+        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+
+    def outcome(self, home_shard: str) -> SagaOutcome:
+        return SagaOutcome(
+            saga_id=self.saga_id,
+            saga_type=self.saga_type,
+            status=self.status,
+            failure=self.failure,
+            error=self.error,
+            home_shard=home_shard,
+        )
+
+
+def _lease(seconds: float) -> Any:
+    return func.clock_timestamp() + timedelta(seconds=seconds)
+
+
+def create(
+    conn: Connection, saga_id: str, saga_type: str, payload: Mapping[str, Any], owner: str, lease: float
+) -> bool:
+    """Insert a new saga owned by ``owner``; False when the id already exists."""
+    statement = (
+        insert(sagas_table)
+        .values(
+            saga_id=saga_id,
+            saga_type=saga_type,
+            payload=dict(payload),
+            status="pending",
+            step=0,
+            compensating=False,
+            owner=owner,
+            lease_until=_lease(lease),
+            attempts=0,
+        )
+        .on_conflict_do_nothing(index_elements=[sagas_table.c.saga_id])
+        .returning(sagas_table.c.saga_id)
+    )
+    return conn.execute(statement).first() is not None
+
+
+def load(conn: Connection, saga_id: str) -> SagaRecord | None:
+    row = conn.execute(select(sagas_table).where(sagas_table.c.saga_id == saga_id)).mappings().first()
+    return SagaRecord.from_row(row) if row is not None else None
+
+
+def write(conn: Connection, saga_id: str, owner: str, lease: float, values: Mapping[str, Any]) -> None:
+    """Record progress (and renew the lease) if ``owner`` still owns the open saga."""
+    values = dict(values)
+    finished = values.pop("finished", False)
+    extra: dict[str, Any] = {"updated_at": func.clock_timestamp()}
+    if finished:
+        extra.update(finished_at=func.clock_timestamp(), lease_until=None)
+    else:
+        extra["lease_until"] = _lease(lease)
+    result = conn.execute(
+        update(sagas_table)
+        .where(
+            sagas_table.c.saga_id == saga_id,
+            sagas_table.c.owner == owner,
+            sagas_table.c.finished_at.is_(None),
+        )
+        .values(**values, **extra)
+    )
+    if result.rowcount != 1:
+        raise LeaseLost(saga_id)
+
+
+def release(conn: Connection, saga_id: str, owner: str, error: str | None) -> None:
+    """Give the saga back to recovery at once (its lease ends now), noting why it is unfinished."""
+    conn.execute(
+        update(sagas_table)
+        .where(
+            sagas_table.c.saga_id == saga_id,
+            sagas_table.c.owner == owner,
+            sagas_table.c.finished_at.is_(None),
+        )
+        .values(lease_until=func.clock_timestamp(), error=error, updated_at=func.clock_timestamp())
+    )
+
+
+def renew(conn: Connection, leases: Iterable[tuple[str, str]], lease: float) -> int:
+    """Heartbeat: extend the leases of (saga_id, owner) pairs still owned; returns rows renewed."""
+    renewed = 0
+    for saga_id, owner in leases:
+        result = conn.execute(
+            update(sagas_table)
+            .where(
+                sagas_table.c.saga_id == saga_id,
+                sagas_table.c.owner == owner,
+                sagas_table.c.finished_at.is_(None),
+            )
+            .values(lease_until=_lease(lease))
+        )
+        renewed += result.rowcount
+    return renewed
+
+
+def _expired() -> Any:
+    return and_(sagas_table.c.finished_at.is_(None), sagas_table.c.lease_until < func.clock_timestamp())
+
+
+def take_over(conn: Connection, saga_id: str, owner: str, lease: float) -> SagaRecord | None:
+    """Claim one saga if its lease ran out (its runner died); None if it is live or finished."""
+    row = (
+        conn.execute(
+            update(sagas_table)
+            .where(sagas_table.c.saga_id == saga_id, _expired())
+            .values(owner=owner, lease_until=_lease(lease), attempts=sagas_table.c.attempts + 1)
+            .returning(*sagas_table.c)
+        )
+        .mappings()
+        .first()
+    )
+    return SagaRecord.from_row(row) if row is not None else None
+
+
+def claim_next(
+    conn: Connection, owner: str, lease: float, saga_types: Sequence[str], exclude: Sequence[str]
+) -> SagaRecord | None:
+    """Claim the open saga whose lease ran out longest ago, skipping rows another worker is claiming."""
+    candidate = (
+        select(sagas_table.c.saga_id)
+        .where(_expired(), sagas_table.c.saga_type.in_(saga_types), sagas_table.c.saga_id.not_in(exclude))
+        .order_by(sagas_table.c.lease_until)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    saga_id = conn.execute(candidate).scalar()
+    if saga_id is None:
+        return None
+    return take_over(conn, saga_id, owner, lease)
+
+
+def unknown_type_ids(conn: Connection, saga_types: Sequence[str]) -> list[str]:
+    """Ids of expired open sagas whose type this worker does not know (reported, never touched)."""
+    query = (
+        select(sagas_table.c.saga_id).where(_expired(), sagas_table.c.saga_type.not_in(saga_types)).limit(100)
+    )
+    return list(conn.execute(query).scalars())
