@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .config import ShardConfig, ShardSettings, settings_from_env, settings_from_file
+from .declarative import ReferenceTable, Sharding, ShardKeyWarning, sharding_of
 from .errors import (
     ConfigError,
     CrossShardTransactionError,
@@ -19,6 +20,7 @@ from .errors import (
     SagaInputError,
     SagaPendingError,
     SagaStepFailed,
+    ShardKeyChangeError,
     ShardKeyMissingError,
     ShardKitError,
     ShardUnavailableError,
@@ -27,7 +29,9 @@ from .errors import (
 )
 from .manager import ShardHealth, ShardManager
 from .ring import DEFAULT_VNODES, HashRing, key_bytes, key_hash
+from .routing import Route, route_statement
 from .saga import Saga, SagaOptions, SagaOutcome, Step, recover, run_saga
+from .session import ShardedSession, set_shard_id
 
 __version__ = "0.1.0"
 
@@ -43,7 +47,9 @@ __all__ = [
     "MigrationError",
     "NotShardedError",
     "RebalanceError",
+    "ReferenceTable",
     "RingError",
+    "Route",
     "Saga",
     "SagaConflictError",
     "SagaError",
@@ -54,18 +60,25 @@ __all__ = [
     "SagaStepFailed",
     "ShardConfig",
     "ShardHealth",
+    "ShardKeyChangeError",
     "ShardKeyMissingError",
+    "ShardKeyWarning",
     "ShardKitError",
     "ShardManager",
     "ShardSettings",
     "ShardUnavailableError",
+    "ShardedSession",
+    "Sharding",
     "Step",
     "UnknownShardError",
     "UnsupportedScatterError",
     "key_bytes",
     "key_hash",
     "recover",
+    "route_statement",
     "run_saga",
     "settings_from_env",
+    "set_shard_id",
     "settings_from_file",
+    "sharding_of",
 ]

@@ -64,6 +64,10 @@ class CrossShardTransactionError(ShardKitError, sa_exc.InvalidRequestError):
     """One session transaction tried to write to two shards without opting in."""
 
 
+class ShardKeyChangeError(CrossShardTransactionError):
+    """A stored row's shard key was changed to a key that lives on another shard."""
+
+
 class UnsupportedScatterError(ShardKitError, sa_exc.InvalidRequestError):
     """A cross-shard query whose merged result could not be made globally correct."""
 

@@ -144,6 +144,15 @@ class ShardManager:
         """The shard id that owns ``key`` on the current ring."""
         return self._ring.get_shard(key)
 
+    def shards_for(self, statement: Any, params: Any = None) -> tuple[str, ...]:
+        """The shards ``statement`` (with execute ``params``) would run on, without running it.
+
+        Delegates to :func:`sa_shardkit.routing.route_statement`, which also gives the reason.
+        """
+        from .routing import route_statement
+
+        return route_statement(self, statement, params).shard_ids
+
     def config(self, shard_id: str) -> ShardConfig:
         try:
             return self._configs[shard_id]

@@ -1,14 +1,491 @@
-"""Placeholder: the sharded ORM session (issue "ShardedSession and declarative shard keys")."""
+"""The sharded ORM session: stock ``horizontal_shard.ShardedSession``, routed by a ShardManager.
+
+``ShardedSession(manager=manager)`` (or ``manager.sessionmaker()``) derives every hook from the
+hash ring and the models' declared shard keys (:mod:`sa_shardkit.routing` decides). Without a
+manager it is the stock session: ``shard_chooser``, ``identity_chooser``, ``execute_chooser``,
+``shards``, ``set_shard_id``, ``bind_arguments={"shard_id": ...}`` and ``identity_token`` keep their
+meaning, and each one given alongside a manager overrides the derived hook.
+
+What the manager-routed session adds at flush time, before anything is written:
+unknown models raise :class:`NotShardedError`, a missing key :class:`ShardKeyMissingError`,
+writes to a second shard in one transaction :class:`CrossShardTransactionError` (unless
+``allow_cross_shard=True``), and a changed key that would move a stored row to another shard
+:class:`ShardKeyChangeError`.
+Reference-table rows are copied to every shard in the same session transaction.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import and_, delete, event, inspect, update
+from sqlalchemy.engine import Connection, CursorResult, Result
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.horizontal_shard import (
+    IdentityChooser,
+    ShardChooser,
+    ShardedQuery,
+    execute_and_instances,
+    set_shard_id,
+)
 from sqlalchemy.ext.horizontal_shard import ShardedSession as _StockShardedSession
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction
+from sqlalchemy.orm.state import InstanceState
+from sqlalchemy.sql.schema import Table
+
+from .declarative import Sharding, sharding_of
+from .errors import (
+    CrossShardTransactionError,
+    ShardKeyChangeError,
+    ShardKeyMissingError,
+    UnknownShardError,
+    UnsupportedScatterError,
+)
+from .routing import (
+    Route,
+    group_insert_rows,
+    reference_write_shards,
+    route_identity,
+    route_statement,
+    shard_for_instance,
+    shard_for_key,
+)
+from .scatter import execute_scatter
+
+if TYPE_CHECKING:
+    from .manager import ShardManager
+
+log = logging.getLogger("sa_shardkit.session")
+
+__all__ = ["ShardedSession", "set_shard_id"]
 
 
 class ShardedSession(_StockShardedSession):
-    """Not yet routed by a manager; see the ShardedSession issue."""
+    """A drop-in ``horizontal_shard.ShardedSession``; pass ``manager=`` to route by the ring.
 
-    def __init__(self, *args: Any, manager: Any = None, **kw: Any) -> None:
-        raise NotImplementedError("ShardedSession(manager=...) is not built yet")
+    :param manager: the :class:`ShardManager` whose engines are the shards and whose ring (with
+        the models' ``__shard_key__``) picks them. Explicit hooks/``shards`` override its defaults.
+    :param shard_id: pin every statement and flush of this session to one shard (an override:
+        keys are not checked against the ring).
+    :param allow_cross_shard: let one transaction write to several shards. Commits are then
+        NOT atomic across shards unless the session is created with ``twophase=True``.
+    """
+
+    manager: ShardManager | None
+    pinned_shard_id: str | None
+    allow_cross_shard: bool
+
+    def __init__(
+        self,
+        shard_chooser: ShardChooser | None = None,
+        identity_chooser: IdentityChooser | None = None,
+        execute_chooser: Any = None,
+        shards: dict[str, Any] | None = None,
+        query_cls: Any = ShardedQuery,
+        *,
+        manager: ShardManager | None = None,
+        shard_id: str | None = None,
+        allow_cross_shard: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.manager = manager
+        self.pinned_shard_id = shard_id
+        self.allow_cross_shard = allow_cross_shard
+        self._routed_execute = manager is not None and execute_chooser is None
+        self._written_shards: dict[str, str] = {}
+        self._planned_shards: dict[str, str] = {}
+        self._reference_writes: list[tuple[object, str, tuple[Any, ...] | None]] = []
+        if manager is not None:
+            shards = {**manager.engines, **(shards or {})}
+            shard_chooser = shard_chooser or self._choose_shard
+            if identity_chooser is None and "id_chooser" not in kwargs:
+                identity_chooser = self._choose_identity_shards
+            if execute_chooser is None and "query_chooser" not in kwargs:
+                execute_chooser = self._choose_execute_shards
+        elif shard_chooser is None:
+            raise ArgumentError("ShardedSession needs shard_chooser (and the other hooks) or manager=")
+        super().__init__(shard_chooser, identity_chooser, execute_chooser, shards, query_cls, **kwargs)
+        if shard_id is not None and shard_id not in self._shard_ids():
+            raise UnknownShardError(f"cannot pin the session to unknown shard {shard_id!r}")
+        event.remove(self, "do_orm_execute", execute_and_instances)
+        event.listen(self, "do_orm_execute", _execute_routed, retval=True)
+        if manager is not None:
+            event.listen(self, "before_flush", _plan_flush)
+            event.listen(self, "after_flush_postexec", _after_flush)
+            event.listen(self, "after_transaction_end", _after_transaction_end)
+
+    # -- binds -----------------------------------------------------------------------------------
+
+    def _shard_ids(self) -> Sequence[str]:
+        return list(self._ShardedSession__shards)  # type: ignore[attr-defined]
+
+    def get_bind(  # type: ignore[override]
+        self,
+        mapper: Any = None,
+        *,
+        shard_id: str | None = None,
+        instance: Any = None,
+        clause: Any = None,
+        **kw: Any,
+    ) -> Any:
+        if shard_id is None and self.pinned_shard_id is not None:
+            shard_id = self.pinned_shard_id
+        if shard_id is None and mapper is None and instance is None and self.manager is not None:
+            if clause is None:
+                raise ShardKeyMissingError(
+                    "no shard to bind to: pass bind_arguments={'shard_id': ...} (e.g. to connection())"
+                )
+            shard_id = self._choose_shard(None, None, clause)
+        try:
+            return super().get_bind(mapper, shard_id=shard_id, instance=instance, clause=clause, **kw)
+        except KeyError:
+            raise UnknownShardError(
+                f"unknown shard {shard_id!r}; this session's shards: {', '.join(self._shard_ids())}"
+            ) from None
+
+    # -- the hooks derived from the manager ------------------------------------------------------
+
+    def _choose_shard(self, mapper: Any, instance: Any, clause: Any = None) -> str:
+        """``shard_chooser``: the instance's shard (key, or parent's), or a statement's single shard."""
+        assert self.manager is not None
+        if self.pinned_shard_id is not None:
+            return self.pinned_shard_id
+        if instance is not None:
+            return shard_for_instance(self.manager, instance, mapper)
+        if clause is not None:
+            route = route_statement(self.manager, clause)
+            if len(route.shard_ids) == 1:
+                return route.shard_ids[0]
+            raise ShardKeyMissingError(f"statement targets {len(route.shard_ids)} shards ({route.reason})")
+        raise ShardKeyMissingError("no instance or statement to choose a shard from; pass shard_id")
+
+    def _choose_identity_shards(
+        self,
+        mapper: Mapper[Any],
+        primary_key: Any,
+        *,
+        lazy_loaded_from: InstanceState[Any] | None,
+        execution_options: Any,
+        bind_arguments: Any,
+        **kw: Any,
+    ) -> Sequence[str]:
+        """``identity_chooser``: the shards where ``get(Model, pk)`` may find the row."""
+        assert self.manager is not None
+        explicit = bind_arguments.get("shard_id") or (execution_options or {}).get("shard_id")
+        if explicit is not None:
+            return [str(explicit)]
+        if self.pinned_shard_id is not None:
+            return [self.pinned_shard_id]
+        if lazy_loaded_from is not None and lazy_loaded_from.key is not None:
+            return [str(lazy_loaded_from.key[2])]
+        pk = primary_key if isinstance(primary_key, (tuple, list)) else (primary_key,)
+        route = route_identity(self.manager, mapper, pk)
+        if route.scatter:
+            log.debug(
+                "get(%s, %r) -> %s: %s", mapper.class_.__name__, primary_key, route.shard_ids, route.reason
+            )
+        return list(route.shard_ids)
+
+    def _choose_execute_shards(self, orm_context: ORMExecuteState) -> Sequence[str]:
+        """``execute_chooser``: the shards a statement targets (see :mod:`sa_shardkit.routing`)."""
+        return self.route(orm_context).shard_ids
+
+    def route(self, orm_context: ORMExecuteState) -> Route:
+        """Where an execution goes and why: a lazy load stays on its parent's shard."""
+        assert self.manager is not None
+        if orm_context.is_select:
+            parent = orm_context.lazy_loaded_from
+            if parent is not None and parent.key is not None:
+                shard = str(parent.key[2])
+                return Route((shard,), f"lazy load from {parent.mapper.class_.__name__} on {shard}")
+        return route_statement(self.manager, orm_context.statement, orm_context.parameters)  # type: ignore[arg-type]
+
+    # -- write tracking --------------------------------------------------------------------------
+
+    def _note_writes(self, shards: dict[str, str]) -> None:
+        """Raise :class:`CrossShardTransactionError` if this transaction would span two shards."""
+        if self.allow_cross_shard or not shards:
+            return
+        combined = {**self._written_shards, **shards}
+        if len(combined) > 1:
+            (first, why_first), (second, why_second) = list(combined.items())[:2]
+            raise CrossShardTransactionError(
+                f"one transaction would write to shard {first!r} ({why_first}) and shard {second!r} "
+                f"({why_second}); use one session transaction per shard key, or "
+                "ShardedSession(allow_cross_shard=True) (not atomic across shards unless twophase=True)"
+            )
+
+    def shards_written(self) -> tuple[str, ...]:
+        """Shards this session's current transaction has written to (sharded tables only)."""
+        return tuple(self._written_shards)
+
+
+# -- flush ---------------------------------------------------------------------------------------
+
+
+def _describe(obj: object, sharding: Sharding) -> str:
+    if sharding.attribute is None:
+        return type(obj).__name__
+    return f"{sharding.name}({sharding.attribute}={obj.__dict__.get(sharding.attribute)!r})"
+
+
+def _plan_flush(session: Session, flush_context: Any, instances: Any) -> None:
+    """Choose and check every row's shard before the unit of work writes anything."""
+    assert isinstance(session, ShardedSession) and session.manager is not None
+    debug = log.isEnabledFor(logging.DEBUG)
+    planned: dict[str, str] = {}
+    reference_writes: list[tuple[object, str, tuple[Any, ...] | None]] = []
+    for obj in session.new:
+        state = inspect(obj)
+        sharding = sharding_of(state.mapper)
+        shard = session.shard_chooser(state.mapper, obj, None)
+        state.identity_token = shard
+        if sharding.reference:
+            reference_writes.append((obj, "upsert", None))
+            continue
+        planned.setdefault(shard, _describe(obj, sharding))
+        if debug:
+            log.debug("flush INSERT %s -> %s", _describe(obj, sharding), shard)
+    for obj in session.dirty:
+        state = inspect(obj)
+        if not state.modified or state.key is None:
+            continue
+        sharding = sharding_of(state.mapper)
+        shard = state.key[2]
+        if sharding.reference:
+            reference_writes.append((obj, "upsert", state.key[1]))
+            continue
+        _check_key_unchanged(session, obj, state, sharding, shard)
+        planned.setdefault(shard, _describe(obj, sharding))
+        if debug:
+            log.debug("flush UPDATE %s -> %s (the shard it was loaded from)", _describe(obj, sharding), shard)
+    for obj in session.deleted:
+        state = inspect(obj)
+        sharding = sharding_of(state.mapper)
+        shard = state.key[2] if state.key is not None else state.identity_token
+        if sharding.reference:
+            reference_writes.append((obj, "delete", state.key[1] if state.key else None))
+            continue
+        planned.setdefault(shard, _describe(obj, sharding))
+        if debug:
+            log.debug("flush DELETE %s -> %s", _describe(obj, sharding), shard)
+    session._note_writes(planned)
+    session._planned_shards = planned
+    session._reference_writes = reference_writes
+
+
+def _check_key_unchanged(
+    session: ShardedSession, obj: object, state: InstanceState[Any], sharding: Sharding, shard: str
+) -> None:
+    assert sharding.attribute is not None and session.manager is not None
+    history = state.attrs[sharding.attribute].history
+    if not history.added or session.pinned_shard_id is not None:
+        return
+    new_key = history.added[0]
+    if new_key is not None and shard_for_key(session.manager, new_key) == shard:
+        return
+    old = history.deleted[0] if history.deleted else None
+    raise ShardKeyChangeError(
+        f"{sharding.name}.{sharding.attribute} changed from {old!r} to {new_key!r} on a row stored on "
+        f"shard {shard!r}: moving a row between shards is a delete and an insert, not an UPDATE; "
+        "nothing was written"
+    )
+
+
+def _after_flush(session: Session, flush_context: Any) -> None:
+    assert isinstance(session, ShardedSession)
+    session._written_shards.update(
+        {s: why for s, why in session._planned_shards.items() if s not in session._written_shards}
+    )
+    session._planned_shards = {}
+    writes, session._reference_writes = session._reference_writes, []
+    for obj, action, old_pk in writes:
+        _replicate_reference(session, obj, action, old_pk)
+
+
+def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        assert isinstance(session, ShardedSession)
+        session._written_shards = {}
+
+
+def _replicate_reference(session: ShardedSession, obj: object, action: str, old_pk: Any) -> None:
+    """Copy one reference row's change from the shard the flush wrote to onto every other shard."""
+    assert session.manager is not None
+    state = inspect(obj)
+    mapper = state.mapper
+    table = mapper.local_table
+    assert isinstance(table, Table)
+    written = state.key[2] if state.key is not None else state.identity_token
+    values: dict[str, Any] = {}
+    if action == "upsert":
+        for column in table.c:
+            prop = mapper.get_property_by_column(column)
+            values[column.key] = getattr(obj, prop.key)
+    for shard in reference_write_shards(session.manager):
+        if shard == written:
+            continue
+        conn = session.connection(bind_arguments={"shard_id": shard})
+        if old_pk is not None and (action == "delete" or tuple(old_pk) != _pk_of(table, values)):
+            conn.execute(delete(table).where(_pk_clause(table, old_pk)))
+        if action == "upsert":
+            _upsert(conn, table, values)
+        log.debug("flush %s reference %s -> %s (copy of %s)", action, mapper.class_.__name__, shard, written)
+
+
+def _pk_of(table: Table, values: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(values[c.key] for c in table.primary_key)
+
+
+def _pk_clause(table: Table, pk: Iterable[Any]) -> Any:
+    return and_(*[c == v for c, v in zip(table.primary_key, pk, strict=True)])
+
+
+def _upsert(conn: Connection, table: Table, values: dict[str, Any]) -> None:
+    dialect = conn.dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        stmt = insert(table).values(values)
+        pk = [c.name for c in table.primary_key]
+        changes = {c.name: stmt.excluded[c.name] for c in table.c if c.name not in pk}
+        if changes:
+            conn.execute(stmt.on_conflict_do_update(index_elements=pk, set_=changes))
+        else:
+            conn.execute(stmt.on_conflict_do_nothing(index_elements=pk))
+        return
+    pk_values = _pk_of(table, values)
+    result = conn.execute(update(table).where(_pk_clause(table, pk_values)).values(values))
+    if result.rowcount == 0:
+        conn.execute(table.insert().values(values))
+
+
+# -- execution -----------------------------------------------------------------------------------
+
+
+def _explicit_shard(orm_context: ORMExecuteState, session: ShardedSession) -> tuple[str | None, str]:
+    """An override the statement or session carries, in the stock order of precedence."""
+    for option in orm_context._non_compile_orm_options:
+        if isinstance(option, set_shard_id):
+            return option.shard_id, "set_shard_id option"
+    if orm_context.is_select:
+        active: Any = orm_context.load_options
+    elif orm_context.is_update or orm_context.is_delete:
+        active = orm_context.update_delete_options
+    else:
+        active = None
+    if active is not None and active._identity_token is not None:
+        return active._identity_token, "identity token"
+    options = orm_context.execution_options
+    if "_sa_shard_id" in options:
+        return options["_sa_shard_id"], "set_shard()"
+    if "shard_id" in options:
+        return options["shard_id"], "execution_options(shard_id=...)"
+    if "shard_id" in orm_context.bind_arguments:
+        return orm_context.bind_arguments["shard_id"], "bind_arguments shard_id"
+    if session.pinned_shard_id is not None:
+        return session.pinned_shard_id, "session pinned to the shard"
+    return None, ""
+
+
+def _invoke(orm_context: ORMExecuteState, shard_id: str) -> Result[Any]:
+    bind_arguments = dict(orm_context.bind_arguments)
+    bind_arguments["shard_id"] = shard_id
+    orm_context.update_execution_options(identity_token=shard_id)
+    return orm_context.invoke_statement(bind_arguments=bind_arguments)
+
+
+def _execute_routed(orm_context: ORMExecuteState) -> Result[Any]:
+    """``do_orm_execute``: one shard runs directly, several SELECTs scatter, DML sums rowcounts."""
+    session = orm_context.session
+    assert isinstance(session, ShardedSession)
+    debug = log.isEnabledFor(logging.DEBUG)
+    shard_id, why = _explicit_shard(orm_context, session)
+    if shard_id is not None:
+        if debug:
+            log.debug("%s -> %s (%s)", _statement_name(orm_context), shard_id, why)
+        return _invoke(orm_context, shard_id)
+    if session._routed_execute:
+        route = session.route(orm_context)
+    else:
+        route = Route(tuple(session.execute_chooser(orm_context)), "execute_chooser")
+    if debug:
+        log.debug("%s -> %s (%s)", _statement_name(orm_context), ", ".join(route.shard_ids), route.reason)
+    shards = route.shard_ids
+    is_write = orm_context.is_insert or orm_context.is_update or orm_context.is_delete
+    if len(shards) == 1:
+        if is_write and session.manager is not None and not _replicated(orm_context):
+            session._note_writes({shards[0]: _statement_name(orm_context)})
+        return _invoke(orm_context, shards[0])
+    if not is_write:
+        return execute_scatter(orm_context, shards)
+    if orm_context.is_insert and session.manager is not None and not _replicated(orm_context):
+        return _split_insert(orm_context, session)
+    results = [_invoke(orm_context, s) for s in shards]
+    return _combine_writes(results, replicated=session.manager is not None and _replicated(orm_context))
+
+
+def _replicated(orm_context: ORMExecuteState) -> bool:
+    """Does the statement write a reference table (same rows on every shard)?"""
+    table = getattr(orm_context.statement, "table", None)
+    if table is None:
+        return False
+    from .declarative import table_sharding
+
+    declared = table_sharding(table)
+    return declared is not None and declared.reference
+
+
+def _split_insert(orm_context: ORMExecuteState, session: ShardedSession) -> Result[Any]:
+    """An INSERT whose rows belong to several shards: each shard gets its own rows."""
+    assert session.manager is not None
+    params = orm_context.parameters
+    statement = orm_context.statement
+    groups = group_insert_rows(session.manager, statement, params)  # type: ignore[arg-type]
+    if not isinstance(params, list):
+        raise UnsupportedScatterError(
+            f"an INSERT with .values() for {len(groups)} shards cannot be split; pass the rows as "
+            "execute parameters: session.execute(insert(Model), [row, ...])"
+        )
+    results = []
+    for shard, indexes in groups.items():
+        rows = [params[i] for i in indexes]
+        bind_arguments = {**orm_context.bind_arguments, "shard_id": shard}
+        results.append(
+            session.execute(
+                statement,
+                rows,
+                execution_options=orm_context.local_execution_options,
+                bind_arguments=bind_arguments,
+            )
+        )
+    return _combine_writes(results, replicated=False)
+
+
+def _combine_writes(results: list[Result[Any]], *, replicated: bool) -> Result[Any]:
+    """One result for a write run on several shards: rows merged, rowcount summed.
+
+    A reference table holds the same rows everywhere, so its rowcount is one shard's.
+    """
+    first = results[0]
+    if not isinstance(first, CursorResult) or first.returns_rows:
+        return first.merge(*results[1:])
+    if not replicated:
+        total = sum(r.rowcount for r in results if isinstance(r, CursorResult))
+        # CursorResult.rowcount is a memoized property: storing the sum is how it reports it
+        first.__dict__["rowcount"] = total
+    return first
+
+
+def _statement_name(orm_context: ORMExecuteState) -> str:
+    statement = orm_context.statement
+    kind = type(statement).__name__.upper()
+    mappers = orm_context.all_mappers if orm_context.is_orm_statement else ()
+    names = ",".join(m.class_.__name__ for m in mappers)
+    if not names:
+        table = getattr(statement, "table", None)
+        names = getattr(table, "name", "") if table is not None else ""
+    return f"{kind} {names}".strip()

@@ -1,0 +1,439 @@
+"""Where a statement, an instance or a primary key goes: the one place that decides routing.
+
+Every key -> shard decision funnels through :func:`shards_for_key` (which asks
+:meth:`ShardManager.shard_for`); the session, scatter-gather, sagas and rebalancing call the
+functions here instead of deriving a shard themselves.
+
+Statement analysis reads the WHERE clause (and the ON clauses of inner Core joins): a comparison
+``key_column == value`` or ``key_column.in_(values)`` on any sharded table in the statement limits
+the statement to those keys' shards, ``and_`` intersects, ``or_`` unites; values may be literals or
+bound parameters (the execute-time ``params`` are consulted). Anything else goes to every shard on
+the ring. Statements touching only reference tables read from one shard and write to all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Mapper
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.dml import Delete, Insert, Update
+from sqlalchemy.sql.elements import (
+    BinaryExpression,
+    BindParameter,
+    BooleanClauseList,
+    ClauseElement,
+    ColumnElement,
+    Grouping,
+    TextClause,
+)
+from sqlalchemy.sql.selectable import CompoundSelect, FromClause, Join, Select, Subquery
+
+from .declarative import Sharding, base_table, mapper_for_table, sharding_of, table_sharding
+from .errors import InvalidShardKeyError, NotShardedError, ShardKeyMissingError
+
+if TYPE_CHECKING:
+    from .manager import ShardManager
+
+log = logging.getLogger("sa_shardkit.routing")
+
+_MAX_KEYS_IN_REASON = 5
+
+
+@dataclass(frozen=True)
+class Route:
+    """The shards a statement targets and, for the debug log and users, why."""
+
+    shard_ids: tuple[str, ...]
+    reason: str
+
+    @property
+    def scatter(self) -> bool:
+        return len(self.shard_ids) > 1
+
+
+# -- key -> shard: the single funnel -----------------------------------------------------------
+
+
+def shards_for_key(manager: ShardManager, key: Any, *, write: bool = False) -> tuple[str, ...]:
+    """The shard(s) holding ``key``: one shard today; the write shard first if ever more.
+
+    The one function that maps a key to shards, for reads (``write=False``) and writes.
+    """
+    return (manager.shard_for(key),)
+
+
+def shard_for_key(manager: ShardManager, key: Any) -> str:
+    """The shard a new row with ``key`` is written to."""
+    return shards_for_key(manager, key, write=True)[0]
+
+
+def ring_shards(manager: ShardManager) -> tuple[str, ...]:
+    """Shards that own keys (on the ring), in configuration order: where a scatter goes."""
+    ring = manager.ring
+    return tuple(s for s in manager.shard_ids if s in ring)
+
+
+def reference_read_shard(manager: ShardManager) -> str:
+    """The shard reference tables are read from: the first shard on the ring."""
+    return ring_shards(manager)[0]
+
+
+def reference_write_shards(manager: ShardManager) -> tuple[str, ...]:
+    """Every configured shard: reference rows are written everywhere (new shards included)."""
+    return manager.shard_ids
+
+
+# -- instances ---------------------------------------------------------------------------------
+
+
+def shard_for_instance(manager: ShardManager, instance: object, mapper: Mapper[Any] | None = None) -> str:
+    """The shard a pending instance is written to: its key's, or its parent's when it has none.
+
+    Reference instances go to :func:`reference_read_shard` (the session copies them to the
+    other shards). A sharded instance without a key and without a parent in a relationship
+    raises :class:`ShardKeyMissingError` naming the model and attribute.
+    """
+    sharding = sharding_of(mapper if mapper is not None else instance)
+    if sharding.reference:
+        return reference_read_shard(manager)
+    assert sharding.attribute is not None
+    key = instance.__dict__.get(sharding.attribute)
+    if key is not None:
+        return shard_for_key(manager, key)
+    parent_shard = parent_shard_of(manager, instance)
+    if parent_shard is not None:
+        return parent_shard
+    raise ShardKeyMissingError(
+        f"{sharding.name}.{sharding.attribute} is None: set the shard key (or attach the object to a "
+        f"parent) before flushing; nothing was written"
+    )
+
+
+def parent_shard_of(manager: ShardManager, instance: object, _seen: set[int] | None = None) -> str | None:
+    """The shard of a parent object this instance hangs from (many-to-one), if any."""
+    from sqlalchemy import inspect
+
+    state = inspect(instance)
+    seen = _seen if _seen is not None else set()
+    if id(instance) in seen:
+        return None
+    seen.add(id(instance))
+    for rel in state.mapper.relationships:
+        if rel.direction.name != "MANYTOONE":
+            continue
+        parent = state.dict.get(rel.key)
+        if parent is None:
+            continue
+        parent_state = inspect(parent)
+        if parent_state.key is not None:
+            return parent_state.key[2]  # type: ignore[no-any-return]
+        if parent_state.identity_token is not None:
+            return parent_state.identity_token  # type: ignore[no-any-return]
+        try:
+            parent_sharding = sharding_of(parent_state.mapper)
+        except NotShardedError:
+            continue
+        if parent_sharding.reference:
+            continue
+        assert parent_sharding.attribute is not None
+        key = parent_state.dict.get(parent_sharding.attribute)
+        if key is not None:
+            return shard_for_key(manager, key)
+        found = parent_shard_of(manager, parent, seen)
+        if found is not None:
+            return found
+    return None
+
+
+# -- primary keys ------------------------------------------------------------------------------
+
+
+def route_identity(manager: ShardManager, mapper: Mapper[Any], primary_key: Sequence[Any]) -> Route:
+    """Where ``session.get(Model, primary_key)`` may find its row."""
+    sharding = sharding_of(mapper)
+    if sharding.reference:
+        return Route((reference_read_shard(manager),), f"reference table {sharding.name}")
+    for column, value in zip(mapper.primary_key, primary_key, strict=False):
+        if column.name == sharding.column_name and value is not None:
+            return Route(shards_for_key(manager, value), f"primary key holds {sharding.describe_key()}")
+    return Route(
+        ring_shards(manager),
+        f"primary key of {sharding.name} lacks the shard key {sharding.attribute}: searching every shard",
+    )
+
+
+# -- statements --------------------------------------------------------------------------------
+
+
+def route_statement(
+    manager: ShardManager,
+    statement: ClauseElement,
+    params: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+) -> Route:
+    """The shards ``statement`` (executed with ``params``) targets, without running it."""
+    if isinstance(statement, TextClause):
+        raise NotShardedError(
+            "a text() statement cannot be routed: pass bind_arguments={'shard_id': ...} "
+            "or execution_options(shard_id=...)"
+        )
+    if isinstance(statement, CompoundSelect):
+        routes = [route_statement(manager, s, params) for s in statement.selects]
+        return _union_routes(manager, routes)
+    if isinstance(statement, Insert):
+        groups = group_insert_rows(manager, statement, params)
+        return Route(tuple(groups), _insert_reason(statement, groups))
+    if isinstance(statement, (Update, Delete)):
+        return _route_filtered(manager, [statement.table], [statement.whereclause], params, write=True)
+    if isinstance(statement, Select):
+        froms, criteria = _select_parts(statement)
+        return _route_filtered(manager, froms, criteria, params, write=False)
+    raise NotShardedError(f"cannot route a {type(statement).__name__} statement; pass a shard_id")
+
+
+def _union_routes(manager: ShardManager, routes: list[Route]) -> Route:
+    wanted = {s for r in routes for s in r.shard_ids}
+    ordered = tuple(s for s in manager.shard_ids if s in wanted)
+    return Route(ordered, "; ".join(r.reason for r in routes))
+
+
+def _select_parts(statement: Select[Any]) -> tuple[list[FromClause], list[ColumnElement[Any] | None]]:
+    froms: list[FromClause] = [*statement.columns_clause_froms, *statement._from_obj]
+    criteria: list[ColumnElement[Any] | None] = [statement.whereclause]
+    for target, onclause, _from, _flags in statement._setup_joins:
+        froms.extend(_join_target_tables(target))
+        if not _flags.get("isouter") and isinstance(onclause, ColumnElement):
+            criteria.append(onclause)
+    expanded: list[FromClause] = []
+    for from_ in froms:
+        _flatten_from(from_, expanded, criteria)
+    return expanded, criteria
+
+
+def _join_target_tables(target: Any) -> list[FromClause]:
+    from sqlalchemy import inspect
+
+    if isinstance(target, FromClause):
+        return [target]
+    insp = inspect(target, raiseerr=False)
+    if insp is None:
+        return []
+    prop = getattr(insp, "property", None)
+    if prop is not None and hasattr(prop, "mapper"):  # a relationship attribute
+        return [prop.mapper.local_table]
+    selectable = getattr(insp, "selectable", None)
+    return [selectable] if isinstance(selectable, FromClause) else []
+
+
+def _flatten_from(
+    from_: FromClause, out: list[FromClause], criteria: list[ColumnElement[Any] | None]
+) -> None:
+    if isinstance(from_, Join):
+        _flatten_from(from_.left, out, criteria)
+        _flatten_from(from_.right, out, criteria)
+        if not from_.isouter and not from_.full:
+            criteria.append(from_.onclause)
+    else:
+        out.append(from_)
+
+
+def _route_filtered(
+    manager: ShardManager,
+    froms: Iterable[FromClause],
+    criteria: Iterable[ColumnElement[Any] | None],
+    params: Any,
+    *,
+    write: bool,
+) -> Route:
+    sharded: list[Sharding] = []
+    reference: list[Sharding] = []
+    inner: set[str] | None = None
+    inner_reasons: list[str] = []
+    for from_ in froms:
+        if isinstance(from_, Subquery) and isinstance(from_.element, (Select, CompoundSelect)):
+            sub = route_statement(manager, from_.element, params)
+            if len(sub.shard_ids) < len(ring_shards(manager)):
+                inner = set(sub.shard_ids) if inner is None else inner & set(sub.shard_ids)
+                inner_reasons.append(f"subquery: {sub.reason}")
+            continue
+        declared = _declared(from_)
+        if declared is None:
+            continue
+        (reference if declared.reference else sharded).append(declared)
+    if not sharded and inner is None:
+        if reference and write:
+            return Route(reference_write_shards(manager), f"reference table {reference[0].name}: every shard")
+        names = ", ".join(sorted({r.name for r in reference})) or "no table"
+        return Route((reference_read_shard(manager),), f"reference tables only ({names})")
+    keys: list[Any] = []
+    shards: set[str] | None = inner
+    for criterion in criteria:
+        if criterion is None:
+            continue
+        found = _shards_in(manager, criterion, params, keys, write)
+        if found is not None:
+            shards = set(found) if shards is None else shards & found
+    all_shards = ring_shards(manager)
+    if shards is None:
+        names = ", ".join(sorted({s.describe_key() for s in sharded}))
+        return Route(all_shards, f"no condition on the shard key ({names}): every shard")
+    reason = _keys_reason(keys) + "".join(f"; {r}" for r in inner_reasons)
+    if not shards:
+        return Route(all_shards[:1], f"{reason}: the conditions exclude every shard")
+    return Route(tuple(s for s in manager.shard_ids if s in shards), reason)
+
+
+def _declared(from_: FromClause) -> Sharding | None:
+    """The declaration of a FROM element; raises for undeclared tables, skips unknown constructs."""
+    table = base_table(from_)
+    if table is None:
+        return None
+    declared = table_sharding(table)
+    if declared is None:
+        mapper = mapper_for_table(table)
+        if mapper is not None:
+            sharding_of(mapper)  # raises NotShardedError naming the model
+        raise NotShardedError(
+            f"table {getattr(table, 'name', table)!r} declares no shard key: map it with "
+            "__shard_key__/__shard_reference__, or set Table(info={'shard_key': column}) / "
+            "info={'shard_reference': True}"
+        )
+    return declared
+
+
+def _key_column(element: Any) -> Sharding | None:
+    table = getattr(element, "table", None)
+    if table is None:
+        return None
+    declared = table_sharding(table)
+    if declared is None or declared.reference or element.name != declared.column_name:
+        return None
+    return declared
+
+
+def _bound_values(element: Any, params: Any) -> list[Any] | None:
+    while isinstance(element, Grouping):
+        element = element.element
+    if not isinstance(element, BindParameter):
+        return None
+    if isinstance(params, Mapping) and element.key in params:
+        value = params[element.key]
+    else:
+        value = element.effective_value
+    if value is None:
+        return None
+    if element.expanding:
+        return list(value)
+    return [value]
+
+
+def _shards_in(
+    manager: ShardManager, expr: Any, params: Any, keys: list[Any], write: bool
+) -> set[str] | None:
+    """Shards the rows matching ``expr`` can be on; ``None`` when ``expr`` does not say."""
+    while isinstance(expr, Grouping):
+        expr = expr.element
+    if isinstance(expr, BooleanClauseList):
+        parts = [_shards_in(manager, c, params, keys, write) for c in expr.clauses]
+        if expr.operator is operators.and_:
+            found: set[str] | None = None
+            for part in parts:
+                if part is not None:
+                    found = set(part) if found is None else found & part
+            return found
+        if expr.operator is operators.or_:
+            if any(p is None for p in parts):
+                return None
+            return set().union(*parts)  # type: ignore[arg-type]
+        return None
+    if not isinstance(expr, BinaryExpression):
+        return None
+    if expr.operator is operators.eq:
+        sides = [(expr.left, expr.right), (expr.right, expr.left)]
+    elif expr.operator is operators.in_op:
+        sides = [(expr.left, expr.right)]
+    else:
+        return None
+    for column, other in sides:
+        if _key_column(column) is None:
+            continue
+        values = _bound_values(other, params)
+        if values is None:
+            continue
+        try:
+            shards = {s for v in values for s in shards_for_key(manager, v, write=write)}
+        except InvalidShardKeyError:
+            return None
+        keys.extend(values)
+        return shards
+    return None
+
+
+def _keys_reason(keys: list[Any]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:_MAX_KEYS_IN_REASON])
+    more = f" (+{len(keys) - _MAX_KEYS_IN_REASON} more)" if len(keys) > _MAX_KEYS_IN_REASON else ""
+    return f"shard key in [{shown}{more}]"
+
+
+# -- inserts -----------------------------------------------------------------------------------
+
+
+def group_insert_rows(
+    manager: ShardManager,
+    statement: Insert,
+    params: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
+) -> dict[str, list[int]]:
+    """Shard -> indexes of the rows of an INSERT (``params`` list, or ``.values()``) it holds.
+
+    Reference tables: every shard, all rows. A row without the key raises
+    :class:`ShardKeyMissingError` before anything runs.
+    """
+    declared = _declared(statement.table)
+    if declared is None:
+        raise NotShardedError(f"cannot route an INSERT into {statement.table}")
+    rows = _insert_rows(statement, params)
+    if declared.reference:
+        return {s: list(range(len(rows))) for s in reference_write_shards(manager)}
+    names = [n for n in (declared.attribute, declared.column_key, declared.column_name) if n]
+    groups: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        value = next((row[n] for n in names if row.get(n) is not None), None)
+        if isinstance(value, BindParameter):
+            value = value.effective_value
+        if value is None:
+            raise ShardKeyMissingError(
+                f"INSERT into {declared.name}: row {index} has no value for the shard key "
+                f"{declared.attribute or declared.column_name}; nothing was written"
+            )
+        groups.setdefault(shard_for_key(manager, value), []).append(index)
+    return groups
+
+
+def _insert_rows(statement: Insert, params: Any) -> list[dict[str, Any]]:
+    values: dict[str, Any] = {}
+    for column, value in (statement._values or {}).items():
+        values[column if isinstance(column, str) else column.key] = value
+    multi = statement._multi_values
+    if multi:
+        rows: list[dict[str, Any]] = []
+        for batch in multi:
+            for row in batch:
+                if isinstance(row, Mapping):
+                    rows.append({(c if isinstance(c, str) else c.key): v for c, v in row.items()})
+                else:
+                    cols = list(statement.table.c)
+                    rows.append({cols[i].key: v for i, v in enumerate(row)})
+        return rows
+    if isinstance(params, Mapping):
+        return [{**values, **params}]
+    if params:
+        return [{**values, **p} for p in params]
+    return [values]
+
+
+def _insert_reason(statement: Insert, groups: Mapping[str, list[int]]) -> str:
+    sizes = ", ".join(f"{len(rows)} row(s) -> {shard}" for shard, rows in groups.items())
+    return f"INSERT {getattr(statement.table, 'name', '')} by shard key: {sizes}"
