@@ -246,7 +246,7 @@ def _foreign_key_rule(
                 f"{target}.{target_key}): the parent row may live on another shard, where PostgreSQL "
                 "cannot see it",
                 f"reference ({', '.join([source_key, *local])}) -> {target}"
-                f"({', '.join([target_key, *remote])}), with {target_key} in {target}'s key",
+                f"({', '.join([target_key, *remote])}), with {target_key} in the primary key of {target}",
             )
     elif target_key and schema.is_reference(source):
         yield Problem(

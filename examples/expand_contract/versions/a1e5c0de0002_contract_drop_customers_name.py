@@ -26,6 +26,8 @@ shardkit_contract = True
 def upgrade() -> None:
     op.execute("SET LOCAL lock_timeout = '2s'")
     op.execute("SET LOCAL statement_timeout = '1min'")
+    # Catch up rows that old code wrote (name only) while step 2 was rolling out, then drop.
+    op.execute("UPDATE customers SET full_name = name WHERE full_name IS NULL")
     op.drop_column("customers", "name", if_exists=True)
 
 
