@@ -67,7 +67,10 @@ def lint_hook(models: ModelsSpec = None, *, default: bool = False, **options: An
     """
 
     def hook(plan: MigrationPlan) -> None:
-        if plan.command != "upgrade" or not lint_enabled(plan, default):
+        if plan.command not in ("upgrade", "downgrade") or not lint_enabled(plan, default):
+            return
+        if plan.command == "downgrade":
+            plan.config.print_stdout("shardkit lint: downgrades are not linted -> downgrade proceeds")
             return
         spec = models if models is not None else plan.config.get_section_option(SECTION, "lint_models")
         report = lint_targets(planned_targets(plan), models=spec or None, **options)
