@@ -18,12 +18,15 @@ here every revision runs on every shard:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from alembic import context as alembic_context
+from alembic.autogenerate import compare_metadata
 from alembic.runtime.environment import EnvironmentContext
+from alembic.runtime.migration import MigrationContext
 from alembic.util import CommandError
 from sqlalchemy import MetaData, text
 from sqlalchemy.engine import Connection
@@ -56,6 +59,9 @@ _MUTATING = ("upgrade", "downgrade", "stamp", "ensure_version")
 MIGRATION_LOCK_ID = 0x5348_4B4D
 """PostgreSQL advisory lock taken per shard for the migration transaction (two concurrent
 ``alembic upgrade`` runs would otherwise race on the same shard)."""
+
+_RELATIVE = re.compile(r"[+-]\d+$")
+"""``+1``, ``-2``, ``ae10+1``: resolved per shard against its own current revision."""
 
 TargetMetadata = MetaData | Sequence[MetaData] | None
 
@@ -132,6 +138,7 @@ class _FleetRun:
             return None
         order = self._order()
         if self.command in ("upgrade", "downgrade", "stamp"):
+            self._check_destination()
             plan = MigrationPlan(
                 command=self.command,
                 shard_ids=tuple(s.id for s in order),
@@ -160,6 +167,14 @@ class _FleetRun:
         if isinstance(value, (tuple, list)):
             return ",".join(map(str, value))
         return None if value is None else str(value)
+
+    def _check_destination(self) -> None:
+        """An unknown target revision is an error before any shard is touched (not on shard 1)."""
+        value = self.env.context_opts.get("destination_rev")
+        values = value if isinstance(value, (tuple, list)) else [value]
+        for rev in values:
+            if isinstance(rev, str) and not _RELATIVE.search(rev):
+                self.env.script.get_revisions(rev)  # raises CommandError: Can't locate revision ...
 
     def _starting(self) -> str | None:
         value = self.env.context_opts.get("starting_rev")
@@ -290,6 +305,8 @@ class _FleetRun:
             ref = next(s for s in status.shards if s.shard_id == reference)
             if ref.error is not None:
                 raise MigrationError(f"reference shard {reference!r} is unreachable: {ref.error}")
+            if self.metadata is not None and self.autogenerate:
+                _warn_if_schemas_differ(manager, status, reference, self.metadata)
             log.info("comparing the models with reference shard %s", reference)
             with manager.connect(reference) as conn:
                 self._configure(connection=conn)
@@ -326,6 +343,46 @@ def _warn_if_shards_differ(status: FleetStatus, reference: str) -> None:
                 ",".join(ref.heads) or "base",
                 reference,
             )
+
+
+def _warn_if_schemas_differ(
+    manager: ShardManager, status: FleetStatus, reference: str, metadata: MetaData | Sequence[MetaData]
+) -> None:
+    """Shards at the reference's revision whose tables still differ from it (hand-made changes)."""
+    ref_heads = next(s.heads for s in status.shards if s.shard_id == reference)
+    same_revision = [s.shard_id for s in status.shards if s.error is None and s.heads == ref_heads]
+    diffs: dict[str, set[str]] = {}
+    for shard_id in same_revision:
+        with manager.connect(shard_id) as conn:
+            context = MigrationContext.configure(conn)
+            found = [d for md in _as_list(metadata) for d in compare_metadata(context, md)]
+            diffs[shard_id] = {_diff_key(d) for d in found}
+    for shard_id in same_revision:
+        differences = sorted(diffs[shard_id] ^ diffs[reference])
+        if differences:
+            log.warning(
+                "shard %s has the same revision as reference shard %s but a different schema "
+                "(models vs shard, on one of them only: %s); the new revision is generated against %s only",
+                shard_id,
+                reference,
+                "; ".join(differences[:5]) + (" ..." if len(differences) > 5 else ""),
+                reference,
+            )
+
+
+def _as_list(metadata: MetaData | Sequence[MetaData]) -> list[MetaData]:
+    return [metadata] if isinstance(metadata, MetaData) else list(metadata)
+
+
+def _diff_key(diff: Any) -> str:
+    """A comparable description of one autogenerate difference (object names, not reprs)."""
+    if isinstance(diff, list):
+        return "; ".join(_diff_key(d) for d in diff)
+    parts = [str(diff[0])]
+    for item in diff[1:]:
+        name = getattr(item, "name", None)
+        parts.append(str(name) if name is not None else str(item))
+    return " ".join(parts)
 
 
 def _lock_shard(conn: Connection, shard_id: str) -> None:

@@ -84,12 +84,20 @@ class MigrationReport:
             if o.error:
                 line += f"  {o.error}"
             lines.append(line.rstrip())
-        lines.append(self.verdict())
+        if self.ok:
+            lines.append(f"shardkit: OK, {len(self.outcomes)} shard(s) done")
+        else:
+            counts: dict[str, int] = {}
+            for o in self.outcomes:
+                counts[o.state.value] = counts.get(o.state.value, 0) + 1
+            tally = ", ".join(f"{n} {state}" for state, n in counts.items())
+            lines.append(f"shardkit: STOPPED at {', '.join(o.shard_id for o in self.failed)} ({tally})")
         return "\n".join(lines)
 
     def verdict(self) -> str:
+        """One line: the error message of a failed run."""
         if self.ok:
-            return f"shardkit: OK, {len(self.outcomes)} shard(s) done"
+            return f"shardkit: {self.command} OK on {len(self.outcomes)} shard(s)"
         failed = self.failed
         done = self.by_state(ShardState.MIGRATED) + self.by_state(ShardState.UP_TO_DATE)
         skipped = self.by_state(ShardState.NOT_ATTEMPTED)

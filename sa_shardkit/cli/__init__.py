@@ -8,6 +8,7 @@ import click
 
 from ..errors import ShardKitError
 from .demo import demo
+from .migrations import migrations
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,6 +18,7 @@ def cli() -> None:
 
 
 cli.add_command(demo)
+cli.add_command(migrations)
 
 
 def main(argv: list[str] | None = None) -> None:
