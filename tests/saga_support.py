@@ -58,9 +58,12 @@ def saga_rows(manager: ShardManager) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def receipt_count(manager: ShardManager, saga_id: str, step: str, phase: str = "do") -> int:
+def receipt_count(
+    manager: ShardManager, saga_id: str, step: str, phase: str = "do", shard_ids: list[str] | None = None
+) -> int:
+    """How many ``applied`` receipts a step has (on ``shard_ids``, default every shard)."""
     total = 0
-    for shard_id in manager.shard_ids:
+    for shard_id in shard_ids or manager.shard_ids:
         with manager.engine(shard_id).connect() as conn:
             total += conn.execute(
                 select(func.count()).where(

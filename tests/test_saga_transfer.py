@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from sa_shardkit import ShardManager
 from sa_shardkit.errors import SagaConflictError, SagaError, SagaInputError
-from sa_shardkit.saga import Saga, Step, receipts_table, transfer
+from sa_shardkit.saga import Saga, Step, receipts_table, transfer, transfer_payload
 from tests.saga_support import balances, cross_shard_pair, expected_balances, open_accounts, saga_rows
 
 
@@ -85,12 +85,17 @@ def test_reusing_a_transfer_id_for_other_arguments_is_refused(manager: ShardMana
         (None, 2, 5, "sender"),
     ],
 )
-def test_bad_transfer_arguments_raise_before_anything_is_written(
-    manager: ShardManager, sender: object, receiver: object, amount: object, message: str
+def test_bad_transfer_arguments_are_refused_by_name(
+    sender: object, receiver: object, amount: object, message: str
 ) -> None:
-    initial = open_accounts(manager)
     with pytest.raises(SagaInputError, match=message):
-        transfer(manager, sender, receiver, amount)  # type: ignore[arg-type]
+        transfer_payload(sender, receiver, amount)  # type: ignore[arg-type]
+
+
+def test_a_refused_transfer_writes_nothing(manager: ShardManager) -> None:
+    initial = open_accounts(manager)
+    with pytest.raises(SagaInputError):
+        transfer(manager, 1, 2, "-1")
     assert saga_rows(manager) == {} and balances(manager) == initial
 
 

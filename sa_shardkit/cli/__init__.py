@@ -9,6 +9,7 @@ import click
 from ..errors import ShardKitError
 from .demo import demo
 from .migrations import migrations
+from .recover import recover
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,6 +20,7 @@ def cli() -> None:
 
 cli.add_command(demo)
 cli.add_command(migrations)
+cli.add_command(recover)
 
 
 def main(argv: list[str] | None = None) -> None:

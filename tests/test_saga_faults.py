@@ -1,0 +1,112 @@
+"""Shards really going down under a saga: refunds when the receiver is gone, recovery after a restart."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sa_shardkit import ShardManager
+from sa_shardkit.errors import SagaPendingError
+from sa_shardkit.saga import CREDIT_TRANSFER, SagaOptions, recover, transfer
+from tests.fleet import TestFleet
+from tests.saga_support import (
+    balances,
+    cross_shard_pair,
+    expected_balances,
+    open_accounts,
+    receipt_count,
+    saga_rows,
+)
+
+FAST = SagaOptions(lease_seconds=1, step_attempts=2, retry_delay=0.05)
+
+
+def server_index(shard_id: str) -> int:
+    return int(shard_id.rsplit("-", 1)[1]) - 1  # the fixture's shard-N is fleet server N-1
+
+
+def test_receiver_shard_down_refunds_the_sender(manager: ShardManager, pg_fleet: TestFleet) -> None:
+    initial = open_accounts(manager)
+    sender, receiver = cross_shard_pair(manager)
+    receiver_shard = manager.shard_for(receiver)
+    pg_fleet.server(server_index(receiver_shard)).stop()
+
+    outcome = transfer(manager, sender, receiver, 40, transfer_id="t-down", options=FAST)
+
+    assert outcome.status == "failed_credit_error" and outcome.failure == "credit_error"
+    assert outcome.error is not None and f"shard {receiver_shard!r}" in outcome.error
+    pg_fleet.server(server_index(receiver_shard)).start()
+    assert balances(manager) == initial
+    assert receipt_count(manager, "t-down", "debit", "undo") == 1  # refunded, on the sender's shard
+    assert receipt_count(manager, "t-down", "credit") == 0  # the credit never happened
+
+
+def test_home_shard_stopped_mid_saga_is_completed_by_recovery_after_restart(
+    manager: ShardManager, pg_fleet: TestFleet
+) -> None:
+    initial = open_accounts(manager)
+    sender, receiver = cross_shard_pair(manager)
+    home = pg_fleet.server(server_index(manager.shard_for(sender)))
+
+    def stop_home_after_debit(saga_id: str, checkpoint: str) -> None:
+        if checkpoint == "log:debit":
+            home.stop()
+
+    options = SagaOptions(
+        lease_seconds=1, step_attempts=2, retry_delay=0.05, on_checkpoint=stop_home_after_debit
+    )
+    with pytest.raises(SagaPendingError) as pending:
+        transfer(manager, sender, receiver, 15, transfer_id="t-mid", options=options)
+    assert pending.value.saga_id == "t-mid" and pending.value.status == "debit_complete"
+    receiver_shard = [manager.shard_for(receiver)]
+    assert receipt_count(manager, "t-mid", "credit", shard_ids=receiver_shard) == 1  # credited, unlogged
+
+    home.start()
+    time.sleep(1.1)
+    report = recover(manager, [CREDIT_TRANSFER], options=FAST)
+
+    assert report.completed == ["t-mid"]
+    assert saga_rows(manager)["t-mid"]["status"] == "complete"
+    assert balances(manager) == expected_balances(manager, initial)
+    assert balances(manager)[receiver] == initial[receiver] + 15
+    assert receipt_count(manager, "t-mid", "credit") == 1
+
+
+def test_recovery_leaves_sagas_pending_while_their_shard_is_down_and_finishes_them_later(
+    manager: ShardManager, pg_fleet: TestFleet
+) -> None:
+    initial = open_accounts(manager)
+    sender, receiver = cross_shard_pair(manager)
+    receiver_server = pg_fleet.server(server_index(manager.shard_for(receiver)))
+
+    class Crash(BaseException):
+        pass
+
+    def crash_after_debit(saga_id: str, checkpoint: str) -> None:
+        if checkpoint == "log:debit":
+            raise Crash
+
+    crashing = SagaOptions(lease_seconds=1, on_checkpoint=crash_after_debit)
+    for n in range(3):
+        with pytest.raises(Crash):
+            transfer(manager, sender, receiver, 10, transfer_id=f"t-{n}", options=crashing)
+    receiver_server.stop()
+    time.sleep(1.1)
+
+    # A recovery worker cannot know whether the dead runner's credit committed: it must not refund.
+    first = recover(manager, [CREDIT_TRANSFER], options=FAST)
+    assert sorted(first.pending) == ["t-0", "t-1", "t-2"] and first.finished == 0
+    assert {row["status"] for row in saga_rows_on(manager, manager.shard_for(sender))} == {"debit_complete"}
+
+    receiver_server.start()
+    second = recover(manager, [CREDIT_TRANSFER], options=FAST)
+
+    assert sorted(second.completed) == ["t-0", "t-1", "t-2"]
+    assert balances(manager) == expected_balances(manager, initial)
+    assert balances(manager)[receiver] == initial[receiver] + 30
+
+
+def saga_rows_on(manager: ShardManager, shard_id: str) -> list[dict[str, object]]:
+    with manager.engine(shard_id).connect() as conn:
+        return [dict(r) for r in conn.exec_driver_sql("SELECT * FROM shardkit_sagas").mappings()]
