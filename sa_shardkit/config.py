@@ -52,6 +52,8 @@ class ShardConfig:
     connect_timeout: float = 3.0
     pool_timeout: float = 10.0
     pool_pre_ping: bool = True
+    max_replica_lag: float = 5.0
+    """Seconds the replica may trail the primary before reads fall back to the primary."""
     engine_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -131,6 +133,7 @@ _POOL_KEYS: dict[str, Callable[[str], Any]] = {
     "connect_timeout": float,
     "pool_timeout": float,
     "pool_pre_ping": _flag,
+    "max_replica_lag": float,
 }
 
 

@@ -86,6 +86,8 @@ class LocalPostgres:
         self.name = name
         self.port = free_port()
         self.log_file = data_dir.parent / f"{name}.log"
+        self.extra_settings: dict[str, str] = {}
+        """Settings kept across rewrites (a restart on a new port must not drop primary_conninfo)."""
 
     @property
     def url(self) -> str:
@@ -97,7 +99,8 @@ class LocalPostgres:
         )
 
     def write_settings(self, extra: dict[str, str] | None = None) -> None:
-        settings = {**_SETTINGS, "port": str(self.port), **(extra or {})}
+        self.extra_settings.update(extra or {})
+        settings = {**_SETTINGS, "port": str(self.port), **self.extra_settings}
         conf = self.data_dir / "postgresql.auto.conf"
         conf.write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
         _chown_to_postgres(conf)
@@ -185,7 +188,16 @@ class LocalPostgres:
             "-c",
             "fast",
         )
-        replica.write_settings()
+        # -R wrote primary_conninfo to postgresql.auto.conf (after a copy of the primary's settings,
+        # port included); keep only the primary_* lines, or the replica never streams
+        recovery = (data_dir / "postgresql.auto.conf").read_text()
+        replica.write_settings(
+            {
+                key.strip(): value.strip()
+                for key, _, value in (line.partition("=") for line in recovery.splitlines())
+                if key.strip().startswith("primary_")
+            }
+        )
         replica.start()
         return replica
 

@@ -7,7 +7,9 @@ from collections.abc import Iterator
 import pytest
 
 from sa_shardkit import ShardManager
+from sa_shardkit.testing import LocalPostgres
 from tests.fleet import TestFleet, start_fleet
+from tests.replica_support import manager_with_replica, ready_replica, start_replica
 
 SHARD_COUNT = 4
 
@@ -39,4 +41,20 @@ def shard_map(shard_urls: list[str]) -> dict[str, str]:
 def manager(shard_map: dict[str, str]) -> Iterator[ShardManager]:
     """A ShardManager over the four reset shards, disposed afterwards."""
     with ShardManager.from_urls(shard_map, connect_timeout=3) as mgr:
+        yield mgr
+
+
+@pytest.fixture(scope="session")
+def pg_replica(pg_fleet: TestFleet) -> Iterator[LocalPostgres]:
+    """A real streaming replica (``pg_basebackup -R``) of shard-1's server, for the whole session."""
+    yield from start_replica(pg_fleet)
+
+
+@pytest.fixture
+def replicated_manager(
+    pg_fleet: TestFleet, shard_map: dict[str, str], pg_replica: LocalPostgres
+) -> Iterator[ShardManager]:
+    """The four reset shards; shard-1 has its streaming replica (running, caught up), checked on every read."""
+    ready_replica(pg_fleet.server(0), pg_replica)
+    with manager_with_replica(shard_map, pg_replica) as mgr:
         yield mgr

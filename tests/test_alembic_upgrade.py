@@ -181,3 +181,20 @@ def test_shards_come_from_shard_n_url_env_vars_when_the_ini_lists_none(
     command.upgrade(project.config(), "head")
     assert revision_on(shard_map["shard-1"]) == revision_on(shard_map["shard-2"]) == (project.head,)
     assert revision_on(shard_map["shard-3"]) == ()
+
+
+def test_lock_timeout_fails_a_shard_whose_table_is_held_by_a_long_transaction(
+    project: AlembicProject, shard_map: dict[str, str]
+) -> None:
+    command.upgrade(project.config(), "head")
+    project.add_revision("t_tier", 'op.add_column("customers", sa.Column("tier", sa.String(20)))')
+    application = create_engine(shard_map["shard-2"], poolclass=NullPool)
+    with application.connect() as conn, conn.begin():
+        conn.execute(text("SELECT count(*) FROM customers"))  # holds ACCESS SHARE until commit
+        started = time.perf_counter()
+        with pytest.raises(ShardMigrationError, match="shard-2.*LockNotAvailable"):
+            command.upgrade(project.config("lock_timeout=300ms"), "head")
+        assert time.perf_counter() - started < 10
+    application.dispose()
+    assert revision_on(shard_map["shard-1"]) == ("t_tier",)
+    assert "tier" not in columns_on(shard_map["shard-2"], "customers")

@@ -225,8 +225,13 @@ class _FleetRun:
             self._configure(connection=conn)
             with self.env.begin_transaction():
                 _lock_shard(conn, shard_id)
+                _set_lock_timeout(conn, self._lock_timeout())
                 self.env.run_migrations()
                 return tuple(sorted(self.env.get_context().get_current_heads()))
+
+    def _lock_timeout(self) -> str | None:
+        """``-x lock_timeout=5s`` / ``shardkit_lock_timeout`` in ``[alembic]``: how long DDL may queue."""
+        return self.x_args.get("lock_timeout") or self.config.get_main_option("shardkit_lock_timeout") or None
 
     def _fail(self, outcomes: list[ShardOutcome], cause: BaseException | None) -> MigrationReport:
         report = MigrationReport(self.command, self._destination(), tuple(outcomes))
@@ -392,6 +397,16 @@ def _lock_shard(conn: Connection, shard_id: str) -> None:
     got = conn.execute(text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID}).scalar()
     if not got:
         raise MigrationError(f"shard {shard_id!r}: another migration run holds the migration lock")
+
+
+def _set_lock_timeout(conn: Connection, value: str | None) -> None:
+    """Bound how long a DDL statement waits behind application transactions (then the shard fails).
+
+    Without it, an ``ALTER TABLE`` queued behind one long transaction blocks every later query on
+    that table for as long as it waits.
+    """
+    if value and conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT set_config('lock_timeout', :value, true)"), {"value": value})
 
 
 def _reason(error: BaseException) -> str:

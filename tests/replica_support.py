@@ -1,0 +1,94 @@
+"""A real streaming replica for the first shard (``pg_basebackup -R``), and where statements ran."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import psycopg
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, make_url
+
+from sa_shardkit import ShardConfig, ShardManager
+from sa_shardkit.testing import LocalPostgres, wait_until_accepting
+from tests.fleet import TestFleet
+
+REPLICA_NAME = "pg1-streaming-replica"
+
+
+def _connect(url: str) -> psycopg.Connection:
+    parsed = make_url(url)
+    return psycopg.connect(
+        host=parsed.host, port=parsed.port, user=parsed.username, dbname=parsed.database, autocommit=True
+    )
+
+
+def start_replica(fleet: TestFleet) -> Iterator[LocalPostgres]:
+    """The replica server for a test session; stopped (it lives in the fleet's directory) afterwards."""
+    replica = fleet.server(0).make_replica(REPLICA_NAME)
+    try:
+        yield replica
+    finally:
+        replica.stop("immediate")
+
+
+def ready_replica(primary: LocalPostgres, replica: LocalPostgres) -> None:
+    """Running, replaying and caught up with the (freshly reset) primary: each test starts equal."""
+    replica.resume()
+    if not replica.is_running():
+        replica.start()
+        wait_until_accepting(replica.url)
+    with _connect(replica.url) as conn:
+        conn.execute("SELECT pg_wal_replay_resume()")
+    wait_for_replay(primary, replica)
+
+
+def wait_for_replay(primary: LocalPostgres, replica: LocalPostgres, timeout: float = 30.0) -> None:
+    """Block until the replica has replayed everything the primary has written so far."""
+    with _connect(primary.url) as conn:
+        row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+        assert row is not None
+        target = row[0]
+    deadline = time.monotonic() + timeout
+    with _connect(replica.url) as conn:
+        while True:
+            done = conn.execute(
+                "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn "
+                "AND EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming')",
+                (target,),
+            ).fetchone()
+            if done and done[0]:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"replica {replica.name} did not catch up with {target}")
+            time.sleep(0.02)
+
+
+def pause_replay(replica: LocalPostgres) -> None:
+    """Stop applying WAL on the replica (it keeps receiving): a real, controllable lag."""
+    with _connect(replica.url) as conn:
+        conn.execute("SELECT pg_wal_replay_pause()")
+
+
+def where(conn: Connection) -> tuple[bool, int]:
+    """``(in_recovery, server_port)`` of the server a connection talks to: replica or primary."""
+    in_recovery, port = conn.execute(text("SELECT pg_is_in_recovery(), inet_server_port()")).one()
+    return bool(in_recovery), int(port)
+
+
+def manager_with_replica(
+    shard_map: dict[str, str], replica: LocalPostgres, *, max_replica_lag: float = 5.0
+) -> ShardManager:
+    """The shards of ``shard_map``; shard-1 reads from ``replica``, measured on every read."""
+    configs = [
+        ShardConfig(
+            id=shard_id,
+            url=url,
+            replica_url=replica.url if shard_id == "shard-1" else None,
+            max_replica_lag=max_replica_lag,
+        )
+        for shard_id, url in shard_map.items()
+    ]
+    manager = ShardManager(configs)
+    manager.replicas.check_interval = 0
+    return manager
