@@ -18,11 +18,13 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from .config import ShardConfig, ShardSettings, settings_from_env, settings_from_file
 from .errors import ConfigError, ShardUnavailableError, UnknownShardError
-from .replicas import ReplicaRouter
 from .ring import HashRing, ShardKey
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import sessionmaker as SessionMaker
+    from sqlalchemy.sql import Executable
+
+    from .scatter.result import ScatterResult
 
 log = logging.getLogger("sa_shardkit.manager")
 
@@ -98,11 +100,6 @@ class ShardManager:
         self._check_ring(ring)
         self._ring = ring
         self._lock = threading.Lock()
-        self.replicas = ReplicaRouter(
-            lambda shard_id: self._replicas.get(shard_id),
-            lambda shard_id: self.config(shard_id).max_replica_lag,
-        )
-        """Decides per shard whether reads may use the replica (lag and reachability checks)."""
         self._disposed = False
 
     # -- construction --------------------------------------------------------------------------
@@ -168,15 +165,11 @@ class ShardManager:
             ) from None
 
     def engine(self, shard_id: str, *, write: bool = True) -> Engine:
-        """The shard's primary engine; with ``write=False`` its replica's while that one is usable.
-
-        A replica that is down, not in recovery or lagging past ``max_replica_lag`` is skipped
-        (reads go to the primary, a warning is logged): see :mod:`sa_shardkit.replicas`.
-        """
+        """The shard's primary engine, or its replica's when ``write=False`` and one is configured."""
         if shard_id not in self._engines:
             self.config(shard_id)  # raises UnknownShardError
         if not write:
-            replica = self.replicas.usable_replica(shard_id)
+            replica = self._replicas.get(shard_id)
             if replica is not None:
                 return replica
         return self._engines[shard_id]
@@ -232,6 +225,36 @@ class ShardManager:
                 return work(conn)
 
         return self._parallel(one, targets)
+
+    def query_all_shards(
+        self,
+        statement: str | Executable,
+        params: Mapping[str, Any] | None = None,
+        *,
+        shard_ids: Iterable[str] | None = None,
+        with_shard_id: bool = False,
+        allow_partial: bool = False,
+        per_shard_results: bool = False,
+        write: bool = True,
+    ) -> ScatterResult:
+        """Query every shard in parallel and merge into one result (the design's queryAllShards).
+
+        A ``select()`` is merged globally (ORDER BY, LIMIT/OFFSET, aggregates, DISTINCT; see
+        :mod:`sa_shardkit.scatter`); SQL text is concatenated in shard order. ``with_shard_id``
+        adds a ``shard_id`` column; ``allow_partial`` skips unreachable shards (``missing_shards``).
+        """
+        from .scatter.core import query_all_shards
+
+        return query_all_shards(
+            self,
+            statement,
+            params,
+            shard_ids=shard_ids,
+            with_shard_id=with_shard_id,
+            allow_partial=allow_partial,
+            per_shard_results=per_shard_results,
+            write=write,
+        )
 
     def _parallel(self, fn: Callable[[str], T], shard_ids: list[str]) -> dict[str, T]:
         if len(shard_ids) <= 1:

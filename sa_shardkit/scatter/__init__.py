@@ -1,24 +1,25 @@
-"""Cross-shard (scatter-gather) execution of one statement.
+"""Cross-shard (scatter-gather) queries: parallel fan-out and a globally correct merge.
 
-Placeholder with the stock behaviour (shards one after another, results concatenated); the
-scatter-gather issue replaces it with parallel fan-out and a globally correct merge.
+``execute_scatter(orm_context, shard_ids)`` is what the sharded session calls for a SELECT that
+targets several shards; ``ShardManager.query_all_shards`` is the same machinery without a session.
+Modules: ``plan`` (statement analysis and rewrite), ``ordering`` (PostgreSQL sort semantics),
+``merge`` (k-way merge, aggregates), ``numeric`` (avg rounding), ``fanout`` (threads and failure
+policy), ``gather``/``result`` (the merged Result), ``session`` and ``core`` (the two entry points).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from .gather import ALLOW_PARTIAL, PER_SHARD_RESULTS
+from .plan import AggregatePlan, RowPlan, plan_scatter
+from .result import ScatterResult
+from .session import execute_scatter
 
-from sqlalchemy.engine import Result
-from sqlalchemy.orm import ORMExecuteState
-
-
-def execute_scatter(orm_context: ORMExecuteState, shard_ids: Sequence[str]) -> Result[Any]:
-    """Run ``orm_context``'s statement on every shard in ``shard_ids`` and merge the results."""
-    partial = []
-    for shard_id in shard_ids:
-        bind_arguments = dict(orm_context.bind_arguments)
-        bind_arguments["shard_id"] = shard_id
-        orm_context.update_execution_options(identity_token=shard_id)
-        partial.append(orm_context.invoke_statement(bind_arguments=bind_arguments))
-    return partial[0].merge(*partial[1:])
+__all__ = [
+    "ALLOW_PARTIAL",
+    "PER_SHARD_RESULTS",
+    "AggregatePlan",
+    "RowPlan",
+    "ScatterResult",
+    "execute_scatter",
+    "plan_scatter",
+]

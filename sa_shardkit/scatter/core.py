@@ -1,0 +1,60 @@
+"""Scatter-gather without a Session: ``ShardManager.query_all_shards`` (the design's queryAllShards)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Result
+from sqlalchemy.sql import Executable
+from sqlalchemy.sql.selectable import Select
+
+from .fanout import fan_out, raise_for_errors
+from .gather import gather
+from .plan import AggregatePlan, ScatterPlan, plan_scatter
+from .result import ScatterResult
+
+if TYPE_CHECKING:
+    from ..manager import ShardManager
+
+
+def query_all_shards(
+    manager: ShardManager,
+    statement: str | Executable,
+    params: Mapping[str, Any] | None = None,
+    *,
+    shard_ids: Iterable[str] | None = None,
+    with_shard_id: bool = False,
+    allow_partial: bool = False,
+    per_shard_results: bool = False,
+    write: bool = True,
+) -> ScatterResult:
+    """Run a query on every shard in parallel and return one merged :class:`ScatterResult`."""
+    from ..manager import require_shards, unavailable
+
+    targets = require_shards(manager, manager.shard_ids if shard_ids is None else shard_ids)
+    plan: ScatterPlan | None = None
+    if isinstance(statement, str):
+        statement = text(statement)
+    elif isinstance(statement, Select) and not per_shard_results:
+        plan = plan_scatter(statement)
+        if with_shard_id and isinstance(plan, AggregatePlan):
+            from .analysis import unsupported
+
+            raise unsupported("with_shard_id=True on an aggregate query, whose rows combine shards")
+    shard_statement = statement if plan is None else plan.statement
+
+    def run(shard_id: str) -> Result[Any]:
+        with manager.connect(shard_id, write=write) as conn, conn.begin():
+            return conn.execute(shard_statement, dict(params or {})).freeze()()
+
+    outcome = fan_out({s: functools.partial(run, s) for s in targets})
+    raise_for_errors(
+        outcome.errors,
+        allow_partial=allow_partial,
+        any_result=bool(outcome.results),
+        describe=lambda shard, error: unavailable(shard, manager.safe_url(shard), error),
+    )
+    return gather(plan, outcome.results, targets, outcome.errors, with_shard_id=with_shard_id)

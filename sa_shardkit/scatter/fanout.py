@@ -1,0 +1,104 @@
+"""Running one piece of work per shard concurrently, and the failure policy.
+
+A process-wide pool (``SHARDKIT_SCATTER_WORKERS`` threads, default 32) bounds the threads that
+scatters use. Every task is waited for before anything is raised, so no worker is still using a
+connection when the caller sees the error (a Session and its connections are not thread-safe).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from ..errors import ShardUnavailableError
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def scatter_pool() -> ThreadPoolExecutor:
+    """The shared, bounded pool of scatter worker threads (created on first use)."""
+    global _pool
+    with _lock:
+        if _pool is None:
+            workers = int(os.environ.get("SHARDKIT_SCATTER_WORKERS", "32"))
+            _pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="shardkit-scatter")
+        return _pool
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` means the shard could not be reached or dropped the connection."""
+    if isinstance(error, (ShardUnavailableError, PoolTimeoutError, OperationalError)):
+        return True
+    return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
+
+
+def name_shard(error: BaseException, shard_id: str) -> BaseException:
+    """Attach the shard to an error raised by that shard (attribute and traceback note)."""
+    if getattr(error, "shard_id", None) is None:
+        try:
+            error.shard_id = shard_id  # type: ignore[attr-defined]
+        except AttributeError:  # pragma: no cover - exotic exception types with slots
+            pass
+    add_note = getattr(error, "add_note", None)
+    if add_note is not None:
+        add_note(f"raised by shard {shard_id!r}")
+    return error
+
+
+@dataclass
+class FanOut(Generic[T]):
+    """The outcome per shard: results of the shards that answered, errors of those that did not."""
+
+    results: dict[str, T] = field(default_factory=dict)
+    errors: dict[str, BaseException] = field(default_factory=dict)
+
+
+def fan_out(tasks: Mapping[str, Callable[[], T]]) -> FanOut[T]:
+    """Run every shard's task concurrently (one in the calling thread) and wait for all of them."""
+    outcome: FanOut[T] = FanOut()
+    items = list(tasks.items())
+    if not items:
+        return outcome
+    pool = scatter_pool()
+    futures: list[tuple[str, Future[T]]] = [(shard, pool.submit(task)) for shard, task in items[1:]]
+    first_shard, first_task = items[0]
+    try:
+        outcome.results[first_shard] = first_task()
+    except Exception as error:  # noqa: BLE001 - collected, the policy decides
+        outcome.errors[first_shard] = error
+    for shard, future in futures:
+        try:
+            outcome.results[shard] = future.result()
+        except Exception as error:  # noqa: BLE001 - collected, the policy decides
+            outcome.errors[shard] = error
+    return outcome
+
+
+def raise_for_errors(
+    errors: Mapping[str, BaseException],
+    *,
+    allow_partial: bool,
+    any_result: bool,
+    describe: Callable[[str, BaseException], BaseException],
+) -> None:
+    """Apply the failure policy: raise the first error naming its shard, unless partial is allowed.
+
+    ``allow_partial`` tolerates only unreachable shards (never a SQL error, which would hide a
+    schema difference), and needs at least one shard that answered.
+    """
+    for shard, error in errors.items():
+        if allow_partial and any_result and is_unavailable(error):
+            continue
+        if is_unavailable(error) and not isinstance(error, ShardUnavailableError):
+            raise describe(shard, error) from error
+        raise name_shard(error, shard)

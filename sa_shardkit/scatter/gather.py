@@ -1,0 +1,58 @@
+"""Assembling the per-shard results of one scatter into a :class:`ScatterResult`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy.engine import Result
+from sqlalchemy.engine.result import SimpleResultMetaData
+
+from .merge import merge_groups, merge_rows
+from .plan import AggregatePlan, RowPlan, ScatterPlan
+from .result import ScatterResult, visible_metadata
+
+ALLOW_PARTIAL = "allow_partial"
+"""Execution option: return the healthy shards' rows when a shard is down (see ``missing_shards``)."""
+PER_SHARD_RESULTS = "per_shard_results"
+"""Execution option: run the statement as is on every shard and concatenate (no global merge)."""
+
+SHARD_ID_KEY = "shard_id"
+
+
+def gather(
+    plan: ScatterPlan | None,
+    results: Mapping[str, Result[Any]],
+    shard_ids: Sequence[str],
+    errors: Mapping[str, BaseException],
+    *,
+    with_shard_id: bool = False,
+) -> ScatterResult:
+    """Merge ``results`` (one per shard that answered) according to ``plan`` (``None``: concatenate)."""
+    answered = [s for s in shard_ids if s in results]
+    sources = [results[s] for s in answered]
+    first = sources[0]
+    # joined eager loads of collections repeat a parent per child row: such ORM results must be
+    # uniqued, per shard here and (as the stock session demands) by the caller on the merged result
+    required_unique = next((s._unique_filter_state for s in sources if s._unique_filter_state), None)
+    streams = [iter(source.unique() if source._unique_filter_state else source) for source in sources]
+    tags = answered if with_shard_id else None
+    if isinstance(plan, AggregatePlan):
+        metadata = visible_metadata(first, len(first.keys()) - plan.visible)
+        rows: Any = merge_groups(plan, streams)
+    else:
+        hidden = plan.hidden if isinstance(plan, RowPlan) else 0
+        metadata = visible_metadata(first, hidden)
+        if isinstance(plan, RowPlan):
+            rows = merge_rows(plan, streams, tags=tags)
+        elif tags is None:
+            rows = (tuple(row) for row in itertools.chain.from_iterable(streams))
+        else:
+            rows = ((*row, tag) for stream, tag in zip(streams, tags, strict=True) for row in stream)
+        if with_shard_id:
+            assert isinstance(metadata, SimpleResultMetaData)
+            metadata = SimpleResultMetaData([*metadata._keys, SHARD_ID_KEY])
+    merged = ScatterResult(metadata, iter(rows), sources=sources, shard_ids=answered, shard_errors=errors)
+    merged._unique_filter_state = required_unique
+    return merged

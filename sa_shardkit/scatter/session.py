@@ -1,0 +1,157 @@
+"""The Session side of a scatter: ``execute_scatter(orm_context, shard_ids)``.
+
+A Session is not thread-safe, so the work is split by thread:
+
+1. calling thread -- plan the statement, autoflush once, and take each shard's connection from the
+   session (``session.connection(bind_arguments={"shard_id": ...})``), so each shard's part runs in the
+   session's transaction on that shard;
+2. worker threads -- only ``Connection.execute`` (the database round trip), one connection each;
+3. calling thread -- ORM loading of each shard's rows (identity map, ``identity_token`` = shard id)
+   and the merge. Rows of ORM entities are ordered by extra ORDER BY columns the shards return.
+
+This mirrors what ``Session.execute`` does after its ``do_orm_execute`` hooks
+(``orm_pre_session_exec`` -> ``Connection.execute`` -> ``orm_setup_cursor_result``), with the middle
+step moved to the worker threads.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import inspect
+from sqlalchemy.engine import Connection, Result
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import ORMExecuteState
+from sqlalchemy.sql.selectable import Select
+
+from ..errors import ShardUnavailableError
+from .fanout import fan_out, is_unavailable, raise_for_errors
+from .gather import ALLOW_PARTIAL, PER_SHARD_RESULTS, gather
+from .plan import RowPlan, ScatterPlan, plan_scatter
+from .result import ScatterResult
+
+
+def execute_scatter(orm_context: ORMExecuteState, shard_ids: Sequence[str]) -> Result[Any]:
+    """Run ``orm_context``'s statement on ``shard_ids`` in parallel and merge into one result.
+
+    SELECTs are merged globally (ORDER BY, LIMIT/OFFSET, aggregates, DISTINCT); other statements
+    run on each shard in turn, as SQLAlchemy's stock ShardedSession does.
+    """
+    statement = orm_context.statement
+    options = orm_context.local_execution_options
+    if not isinstance(statement, Select) or not orm_context.is_select or len(shard_ids) < 2:
+        return _sequential(orm_context, shard_ids)
+    plan = None if options.get(PER_SHARD_RESULTS) else plan_scatter(statement)
+    return _ScatterRun(orm_context, list(shard_ids), plan, bool(options.get(ALLOW_PARTIAL))).run()
+
+
+def _sequential(orm_context: ORMExecuteState, shard_ids: Sequence[str]) -> Result[Any]:
+    partial = []
+    for shard_id in shard_ids:
+        bind_arguments = dict(orm_context.bind_arguments, shard_id=shard_id)
+        orm_context.update_execution_options(identity_token=shard_id)
+        partial.append(orm_context.invoke_statement(bind_arguments=bind_arguments))
+    return partial[0].merge(*partial[1:])
+
+
+class _ScatterRun:
+    """One scatter through a session (kept as an object so each step stays a short method)."""
+
+    def __init__(
+        self,
+        orm_context: ORMExecuteState,
+        shard_ids: list[str],
+        plan: ScatterPlan | None,
+        allow_partial: bool,
+    ) -> None:
+        self.context = orm_context
+        self.session = orm_context.session
+        self.shard_ids = shard_ids
+        self.plan = plan
+        self.allow_partial = allow_partial
+        self.compile_state_cls = orm_context._compile_state_cls
+        self.statement = orm_context.statement if plan is None else plan.statement
+
+    def run(self) -> ScatterResult:
+        prepared: dict[str, tuple[Any, Any, Any, dict[str, Any], Connection]] = {}
+        errors: dict[str, BaseException] = {}
+        if self.compile_state_cls is None:
+            self.session._autoflush()
+        for position, shard_id in enumerate(self.shard_ids):
+            try:
+                prepared[shard_id] = self._prepare(shard_id, autoflush=position == 0)
+            except (OperationalError, PoolTimeoutError, DBAPIError, ShardUnavailableError) as error:
+                errors[shard_id] = error
+        outcome = fan_out(
+            {s: functools.partial(_execute, p[4], p[0], p[1], p[2]) for s, p in prepared.items()}
+        )
+        errors.update(outcome.errors)
+        errors = {s: errors[s] for s in self.shard_ids if s in errors}
+        raise_for_errors(
+            errors,
+            allow_partial=self.allow_partial,
+            any_result=bool(outcome.results),
+            describe=self._describe,
+        )
+        results = {s: self._load(s, prepared[s], r) for s, r in outcome.results.items()}
+        merged = gather(self.plan, results, self.shard_ids, errors)
+        self._restore_result_attributes(merged, results)
+        return merged
+
+    def _prepare(self, shard_id: str, *, autoflush: bool) -> tuple[Any, Any, Any, dict[str, Any], Connection]:
+        """Statement, options and params as Session.execute would use them, and the shard's connection."""
+        bind_arguments = dict(self.context.bind_arguments, shard_id=shard_id)
+        options = self.context.local_execution_options.union({"identity_token": shard_id})
+        statement, params = self.statement, self.context.parameters
+        if self.compile_state_cls is not None:
+            statement, options, params = self.compile_state_cls.orm_pre_session_exec(  # type: ignore[no-untyped-call]
+                self.session, statement, params, options, bind_arguments, not autoflush
+            )
+        connection = self.session.connection(bind_arguments=bind_arguments)
+        return statement, options, params, bind_arguments, connection
+
+    def _load(self, shard_id: str, prepared: tuple[Any, ...], cursor_result: Result[Any]) -> Result[Any]:
+        statement, options, params, bind_arguments, _ = prepared
+        if self.compile_state_cls is None:
+            return cursor_result
+        return self.compile_state_cls.orm_setup_cursor_result(  # type: ignore[no-any-return, no-untyped-call]
+            self.session, statement, params, options, bind_arguments, cursor_result
+        )
+
+    def _describe(self, shard_id: str, error: BaseException) -> BaseException:
+        from ..manager import unavailable
+
+        bind = self.session.get_bind(**dict(self.context.bind_arguments, shard_id=shard_id))
+        return unavailable(shard_id, bind.engine.url.render_as_string(hide_password=True), error)
+
+    def _restore_result_attributes(self, merged: ScatterResult, results: dict[str, Result[Any]]) -> None:
+        """Keep what the ORM tells legacy ``Query`` about the rows (single entity, uniquing)."""
+        if not results:
+            return
+        attributes = next(iter(results.values()))._attributes
+        if isinstance(self.plan, RowPlan) and self.plan.hidden:
+            attributes = attributes.union({"is_single_entity": _is_single_entity(self.context)})
+        merged._attributes = attributes
+
+
+def _execute(connection: Connection, statement: Any, options: Any, params: Any) -> Result[Any]:
+    return connection.execute(statement, params or {}, execution_options=options)
+
+
+def _is_single_entity(orm_context: ORMExecuteState) -> bool:
+    """Whether the caller's statement (before extra ORDER BY columns) returns bare entities."""
+    statement = orm_context.statement
+    if orm_context.load_options._only_return_tuples:
+        return False
+    descriptions = getattr(statement, "column_descriptions", [])
+    if len(descriptions) != 1:
+        return False
+    expr = descriptions[0].get("expr")
+    insp = inspect(expr, raiseerr=False)
+    return bool(getattr(insp, "is_mapper", False) or getattr(insp, "is_aliased_class", False))
+
+
+__all__ = ["execute_scatter", "is_unavailable"]
