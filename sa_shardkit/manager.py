@@ -18,6 +18,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from .config import ShardConfig, ShardSettings, settings_from_env, settings_from_file
 from .errors import ConfigError, ShardUnavailableError, UnknownShardError
+from .replicas import ReplicaRouter
 from .ring import HashRing, ShardKey
 
 if TYPE_CHECKING:
@@ -100,6 +101,11 @@ class ShardManager:
         self._check_ring(ring)
         self._ring = ring
         self._lock = threading.Lock()
+        self.replicas = ReplicaRouter(
+            lambda shard_id: self._replicas.get(shard_id),
+            lambda shard_id: self.config(shard_id).max_replica_lag,
+        )
+        """Decides per shard whether reads may use the replica (lag and reachability checks)."""
         self._disposed = False
 
     # -- construction --------------------------------------------------------------------------
@@ -165,11 +171,15 @@ class ShardManager:
             ) from None
 
     def engine(self, shard_id: str, *, write: bool = True) -> Engine:
-        """The shard's primary engine, or its replica's when ``write=False`` and one is configured."""
+        """The shard's primary engine; with ``write=False`` its replica's while that one is usable.
+
+        A replica that is down, not in recovery or lagging past ``max_replica_lag`` is skipped
+        (reads go to the primary, a warning is logged): see :mod:`sa_shardkit.replicas`.
+        """
         if shard_id not in self._engines:
             self.config(shard_id)  # raises UnknownShardError
         if not write:
-            replica = self._replicas.get(shard_id)
+            replica = self.replicas.usable_replica(shard_id)
             if replica is not None:
                 return replica
         return self._engines[shard_id]
