@@ -6,6 +6,7 @@ from alembic import context
 
 from sa_shardkit.alembic import PreMigrateHook, run_migrations
 from sa_shardkit.demo.models import Base
+from sa_shardkit.saga import saga_metadata
 
 if context.config.config_file_name is not None:
     fileConfig(context.config.config_file_name, disable_existing_loggers=False)
@@ -14,4 +15,5 @@ if context.config.config_file_name is not None:
 # raise to stop the run (e.g. a migration linter behind `-x lint=1`).
 before_migrate: list[PreMigrateHook] = []
 
-run_migrations(Base.metadata, before_migrate=before_migrate)
+# The models' tables plus sa_shardkit's own (saga log, receipts), so autogenerate never drops them.
+run_migrations([Base.metadata, saga_metadata], before_migrate=before_migrate)

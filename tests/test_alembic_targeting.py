@@ -67,7 +67,7 @@ def test_offline_sql_is_one_delimited_script_per_shard_and_touches_nothing(
     for shard_id in shard_map:
         block = sql.split(f"BEGIN shard {shard_id}")[1].split(f"END shard {shard_id}")[0]
         assert "CREATE TABLE IF NOT EXISTS customers" in block
-        assert f"INSERT INTO alembic_version (version_num) VALUES ('{project.head}')" in block
+        assert re.search(rf"(INSERT INTO|UPDATE) alembic_version .*'{project.head}'", block)
         assert block.count("COMMIT;") == 1
     assert all(revision_on(url) == () for url in shard_map.values())
 

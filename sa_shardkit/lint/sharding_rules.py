@@ -22,6 +22,8 @@ from .render import RecordedOperation
 from .revisions import CONTRACT_MARKER
 
 CONTRACT_FIX = f"set `{CONTRACT_MARKER} = True` in a separate revision applied after that code is deployed"
+LIBRARY_TABLE_PREFIX = "shardkit_"
+"""sa_shardkit's own per-shard tables (the saga log and receipts): laid out by the library, mapped by no model."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,8 @@ def _contract_rules(operation: MigrateOperation, context: RuleContext) -> Iterat
 
 def _new_table_rules(operation: ops.CreateTableOp, schema: ShardSchema) -> Iterator[Problem]:
     name = operation.table_name
+    if name.startswith(LIBRARY_TABLE_PREFIX):
+        return
     table = operation.to_table()
     key = schema.shard_key(name)
     if key is None and not schema.is_reference(name):
