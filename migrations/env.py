@@ -6,14 +6,14 @@ from alembic import context
 
 from sa_shardkit.alembic import PreMigrateHook, run_migrations
 from sa_shardkit.demo.models import Base
-from sa_shardkit.saga import saga_metadata
+from sa_shardkit.lint import lint_hook
 
 if context.config.config_file_name is not None:
     fileConfig(context.config.config_file_name, disable_existing_loggers=False)
 
 # Called with the MigrationPlan of an upgrade/downgrade/stamp before any shard is touched;
-# raise to stop the run (e.g. a migration linter behind `-x lint=1`).
-before_migrate: list[PreMigrateHook] = []
+# raise to stop the run. lint_hook: `-x lint=1` (or `lint = true` in [shardkit]) lints the revisions
+# the upgrade applies against these models and refuses unsafe ones unless `-x allow_unsafe=1`.
+before_migrate: list[PreMigrateHook] = [lint_hook(models=Base)]
 
-# The models' tables plus sa_shardkit's own (saga log, receipts), so autogenerate never drops them.
-run_migrations([Base.metadata, saga_metadata], before_migrate=before_migrate)
+run_migrations(Base.metadata, before_migrate=before_migrate)
