@@ -107,3 +107,19 @@ def test_saga_definitions_are_checked() -> None:
         Saga("empty", [])
     with pytest.raises(SagaError, match="unique"):
         Saga("twice", [Step("a", key=lambda p: 1, action=noop), Step("a", key=lambda p: 1, action=noop)])
+
+
+def test_transfer_credits_example_runs(manager: ShardManager, capsys: pytest.CaptureFixture[str]) -> None:
+    from examples.transfer_credits import run
+
+    run(manager)
+
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0:3] for line in lines][1:] == [
+        ["transfer", "25:", "complete"],
+        ["same", "id", "again:"],
+        ["transfer", "1000:", "failed_insufficient_funds"],
+        ["crash", "after", "the"],
+        ["recover():", "1", "completed"],
+    ]
+    assert sorted(balances(manager).values()) == [Decimal("65.00"), Decimal("135.00")]  # 25 + 10 moved
