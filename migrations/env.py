@@ -8,8 +8,9 @@ from sa_shardkit.alembic import PreMigrateHook, run_migrations
 from sa_shardkit.demo.models import Base
 from sa_shardkit.lint import lint_hook
 
-if context.config.config_file_name is not None:
-    fileConfig(context.config.config_file_name, disable_existing_loggers=False)
+config = context.config
+if config.config_file_name is not None and config.attributes.get("configure_logger", True):
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 # Called with the MigrationPlan of an upgrade/downgrade/stamp before any shard is touched;
 # raise to stop the run. lint_hook: `-x lint=1` (or `lint = true` in [shardkit]) lints the revisions

@@ -9,8 +9,10 @@ from alembic import command
 from alembic.util import CommandError
 from click.testing import CliRunner
 
+from sa_shardkit.alembic import ShardMigrationError
 from sa_shardkit.cli import cli
 from tests.alembic_support import AlembicProject, execute_on, lines_mentioning, revision_on, shardkit_warnings
+from tests.fleet import TestFleet
 
 
 @pytest.fixture
@@ -127,3 +129,17 @@ def test_autogenerate_compares_the_models_with_the_chosen_reference_shard(
 def test_unknown_reference_shard_is_a_clear_error(project: AlembicProject) -> None:
     with pytest.raises(CommandError, match="unknown reference shard 'shard-7'"):
         command.revision(project.config("reference=shard-7"), "x", autogenerate=True)
+
+
+def test_current_still_reports_the_other_shards_when_one_is_down(
+    project: AlembicProject, pg_fleet: TestFleet
+) -> None:
+    command.upgrade(project.config(), "head")
+    project.output()
+    pg_fleet.server(1).stop()
+    with pytest.raises(ShardMigrationError, match="shard-2"):
+        command.current(project.config())
+    out = project.output()
+    assert lines_mentioning(out, ["shard-2", "unreachable"])
+    for shard_id in ("shard-1", "shard-3", "shard-4"):
+        assert lines_mentioning(out, [shard_id, project.head, "at head"])

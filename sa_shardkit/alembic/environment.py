@@ -197,7 +197,7 @@ class _FleetRun:
                 outcomes = [
                     ShardOutcome(i, ShardState.UNAVAILABLE, error=before[i].error)
                     if i in down
-                    else ShardOutcome(i, ShardState.NOT_ATTEMPTED, before[i].heads, before[i].heads)
+                    else _not_attempted([i], before)[0]
                     for i in ids
                 ]
                 return self._fail(outcomes, cause=None)
@@ -207,12 +207,15 @@ class _FleetRun:
                 self._print(f"shardkit: [{position + 1}/{len(ids)}] {shard_id}: {self.command}")
                 try:
                     after = self._migrate_one(manager, shard_id)
+                except KeyboardInterrupt:
+                    # the shard's transaction rolled back with its connection; say where the fleet stands
+                    outcomes.append(ShardOutcome(shard_id, ShardState.FAILED, heads, heads, "interrupted"))
+                    outcomes += _not_attempted(ids[position + 1 :], before)
+                    self._print(MigrationReport(self.command, self._destination(), tuple(outcomes)).summary())
+                    raise
                 except Exception as error:  # noqa: BLE001 - recorded, then raised as ShardMigrationError
                     outcomes.append(ShardOutcome(shard_id, ShardState.FAILED, heads, heads, _reason(error)))
-                    outcomes += [
-                        ShardOutcome(i, ShardState.NOT_ATTEMPTED, before[i].heads, before[i].heads)
-                        for i in ids[position + 1 :]
-                    ]
+                    outcomes += _not_attempted(ids[position + 1 :], before)
                     return self._fail(outcomes, cause=error)
                 state = ShardState.UP_TO_DATE if after == heads else ShardState.MIGRATED
                 outcomes.append(ShardOutcome(shard_id, state, heads, after))
@@ -329,6 +332,10 @@ class _FleetRun:
                 f"unknown reference shard {chosen!r}; configured shards: {', '.join(self.all_shards.shard_ids)}"
             )
         return chosen
+
+
+def _not_attempted(shard_ids: list[str], before: dict[str, ShardRevision]) -> list[ShardOutcome]:
+    return [ShardOutcome(i, ShardState.NOT_ATTEMPTED, before[i].heads, before[i].heads) for i in shard_ids]
 
 
 def _warn_if_shards_differ(status: FleetStatus, reference: str) -> None:
