@@ -30,7 +30,7 @@ from sqlalchemy.sql.elements import (
     Grouping,
     TextClause,
 )
-from sqlalchemy.sql.selectable import CompoundSelect, FromClause, Join, Select, Subquery
+from sqlalchemy.sql.selectable import AliasedReturnsRows, CompoundSelect, FromClause, Join, Select
 
 from .declarative import Sharding, base_table, mapper_for_table, sharding_of, table_sharding
 from .errors import InvalidShardKeyError, NotShardedError, ShardKeyMissingError
@@ -49,6 +49,8 @@ class Route:
 
     shard_ids: tuple[str, ...]
     reason: str
+    reference: bool = False
+    """Only reference tables (or no table): any shard could answer a read."""
 
     @property
     def scatter(self) -> bool:
@@ -156,7 +158,7 @@ def route_identity(manager: ShardManager, mapper: Mapper[Any], primary_key: Sequ
     """Where ``session.get(Model, primary_key)`` may find its row."""
     sharding = sharding_of(mapper)
     if sharding.reference:
-        return Route((reference_read_shard(manager),), f"reference table {sharding.name}")
+        return Route((reference_read_shard(manager),), f"reference table {sharding.name}", True)
     for column, value in zip(mapper.primary_key, primary_key, strict=False):
         if column.name == sharding.column_name and value is not None:
             return Route(shards_for_key(manager, value), f"primary key holds {sharding.describe_key()}")
@@ -185,7 +187,7 @@ def route_statement(
         return _union_routes(manager, routes)
     if isinstance(statement, Insert):
         groups = group_insert_rows(manager, statement, params)
-        return Route(tuple(groups), _insert_reason(statement, groups))
+        return Route(tuple(groups), insert_reason(groups))
     if isinstance(statement, (Update, Delete)):
         return _route_filtered(manager, [statement.table], [statement.whereclause], params, write=True)
     if isinstance(statement, Select):
@@ -252,22 +254,28 @@ def _route_filtered(
     reference: list[Sharding] = []
     inner: set[str] | None = None
     inner_reasons: list[str] = []
+    every_shard_subquery: str | None = None
     for from_ in froms:
-        if isinstance(from_, Subquery) and isinstance(from_.element, (Select, CompoundSelect)):
+        # AliasedReturnsRows: subquery(), CTEs and the anonymous alias of Query.count()/from_self()
+        if isinstance(from_, AliasedReturnsRows) and isinstance(from_.element, (Select, CompoundSelect)):
             sub = route_statement(manager, from_.element, params)
             if len(sub.shard_ids) < len(ring_shards(manager)):
                 inner = set(sub.shard_ids) if inner is None else inner & set(sub.shard_ids)
                 inner_reasons.append(f"subquery: {sub.reason}")
+            else:  # a subquery over every shard makes the whole SELECT a scatter
+                every_shard_subquery = sub.reason
             continue
         declared = _declared(from_)
         if declared is None:
             continue
         (reference if declared.reference else sharded).append(declared)
-    if not sharded and inner is None:
+    if not sharded and inner is None and every_shard_subquery is None:
         if reference and write:
-            return Route(reference_write_shards(manager), f"reference table {reference[0].name}: every shard")
+            return Route(
+                reference_write_shards(manager), f"reference table {reference[0].name}: every shard", True
+            )
         names = ", ".join(sorted({r.name for r in reference})) or "no table"
-        return Route((reference_read_shard(manager),), f"reference tables only ({names})")
+        return Route((reference_read_shard(manager),), f"reference tables only ({names})", True)
     keys: list[Any] = []
     shards: set[str] | None = inner
     for criterion in criteria:
@@ -278,6 +286,8 @@ def _route_filtered(
             shards = set(found) if shards is None else shards & found
     all_shards = ring_shards(manager)
     if shards is None:
+        if not sharded and every_shard_subquery is not None:
+            return Route(all_shards, f"subquery: {every_shard_subquery}")
         names = ", ".join(sorted({s.describe_key() for s in sharded}))
         return Route(all_shards, f"no condition on the shard key ({names}): every shard")
     reason = _keys_reason(keys) + "".join(f"; {r}" for r in inner_reasons)
@@ -434,6 +444,6 @@ def _insert_rows(statement: Insert, params: Any) -> list[dict[str, Any]]:
     return [values]
 
 
-def _insert_reason(statement: Insert, groups: Mapping[str, list[int]]) -> str:
-    sizes = ", ".join(f"{len(rows)} row(s) -> {shard}" for shard, rows in groups.items())
-    return f"INSERT {getattr(statement.table, 'name', '')} by shard key: {sizes}"
+def insert_reason(groups: Mapping[str, list[int]]) -> str:
+    """How an INSERT's rows were split, for the debug log."""
+    return "rows by shard key: " + ", ".join(f"{len(rows)} -> {shard}" for shard, rows in groups.items())

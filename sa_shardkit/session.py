@@ -20,7 +20,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, delete, event, inspect, update
+from sqlalchemy import and_, delete, event, insert, inspect, update
 from sqlalchemy.engine import Connection, CursorResult, Result
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.horizontal_shard import (
@@ -35,7 +35,7 @@ from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.schema import Table
 
-from .declarative import Sharding, sharding_of
+from .declarative import Sharding, sharding_of, table_sharding
 from .errors import (
     CrossShardTransactionError,
     ShardKeyChangeError,
@@ -46,6 +46,7 @@ from .errors import (
 from .routing import (
     Route,
     group_insert_rows,
+    insert_reason,
     reference_write_shards,
     route_identity,
     route_statement,
@@ -95,6 +96,7 @@ class ShardedSession(_StockShardedSession):
         self.allow_cross_shard = allow_cross_shard
         self._routed_execute = manager is not None and execute_chooser is None
         self._written_shards: dict[str, str] = {}
+        self._affinity: str | None = None  # the shard this transaction works on, for reference reads
         self._planned_shards: dict[str, str] = {}
         self._reference_writes: list[tuple[object, str, tuple[Any, ...] | None]] = []
         if manager is not None:
@@ -182,6 +184,8 @@ class ShardedSession(_StockShardedSession):
             return [str(lazy_loaded_from.key[2])]
         pk = primary_key if isinstance(primary_key, (tuple, list)) else (primary_key,)
         route = route_identity(self.manager, mapper, pk)
+        if route.reference and self._affinity is not None:
+            return list(dict.fromkeys((self._affinity, *route.shard_ids)))
         if route.scatter:
             log.debug(
                 "get(%s, %r) -> %s: %s", mapper.class_.__name__, primary_key, route.shard_ids, route.reason
@@ -273,6 +277,8 @@ def _plan_flush(session: Session, flush_context: Any, instances: Any) -> None:
             log.debug("flush DELETE %s -> %s", _describe(obj, sharding), shard)
     session._note_writes(planned)
     session._planned_shards = planned
+    if planned and session._affinity is None:
+        session._affinity = next(iter(planned))
     session._reference_writes = reference_writes
 
 
@@ -309,6 +315,7 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
     if transaction.parent is None:
         assert isinstance(session, ShardedSession)
         session._written_shards = {}
+        session._affinity = None
 
 
 def _replicate_reference(session: ShardedSession, obj: object, action: str, old_pk: Any) -> None:
@@ -348,8 +355,8 @@ def _upsert(conn: Connection, table: Table, values: dict[str, Any]) -> None:
     if dialect in ("postgresql", "sqlite"):
         from sqlalchemy.dialects import postgresql, sqlite
 
-        insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        stmt = insert(table).values(values)
+        dialect_insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        stmt = dialect_insert(table).values(values)
         pk = [c.name for c in table.primary_key]
         changes = {c.name: stmt.excluded[c.name] for c in table.c if c.name not in pk}
         if changes:
@@ -404,28 +411,49 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any]:
     assert isinstance(session, ShardedSession)
     debug = log.isEnabledFor(logging.DEBUG)
     shard_id, why = _explicit_shard(orm_context, session)
+    bulk_insert = (
+        session.manager is not None and orm_context.is_insert and isinstance(orm_context.parameters, list)
+    )
     if shard_id is not None:
         if debug:
             log.debug("%s -> %s (%s)", _statement_name(orm_context), shard_id, why)
+        if bulk_insert:
+            rows = range(len(orm_context.parameters))  # type: ignore[arg-type]
+            return _bulk_insert(orm_context, session, {shard_id: list(rows)})
         return _invoke(orm_context, shard_id)
+    if bulk_insert:
+        assert session.manager is not None
+        statement: Any = orm_context.statement
+        groups = group_insert_rows(session.manager, statement, orm_context.parameters)
+        if debug:
+            log.debug("%s -> %s", _statement_name(orm_context), insert_reason(groups))
+        return _bulk_insert(orm_context, session, groups)
     if session._routed_execute:
         route = session.route(orm_context)
     else:
         route = Route(tuple(session.execute_chooser(orm_context)), "execute_chooser")
+    if route.reference and orm_context.is_select and session._affinity is not None:
+        route = Route((session._affinity,), f"{route.reason}, read where this transaction works", True)
+    elif not route.reference and len(route.shard_ids) == 1 and session._affinity is None:
+        session._affinity = route.shard_ids[0]
     if debug:
         log.debug("%s -> %s (%s)", _statement_name(orm_context), ", ".join(route.shard_ids), route.reason)
     shards = route.shard_ids
     is_write = orm_context.is_insert or orm_context.is_update or orm_context.is_delete
+    replicated = session.manager is not None and _replicated(orm_context)
     if len(shards) == 1:
-        if is_write and session.manager is not None and not _replicated(orm_context):
+        if is_write and session.manager is not None and not replicated:
             session._note_writes({shards[0]: _statement_name(orm_context)})
         return _invoke(orm_context, shards[0])
     if not is_write:
         return execute_scatter(orm_context, shards)
-    if orm_context.is_insert and session.manager is not None and not _replicated(orm_context):
-        return _split_insert(orm_context, session)
+    if orm_context.is_insert and session.manager is not None and not replicated:
+        raise UnsupportedScatterError(
+            f"an INSERT with .values() for {len(shards)} shards cannot be split; pass the rows as "
+            "execute parameters: session.execute(insert(Model), [row, ...])"
+        )
     results = [_invoke(orm_context, s) for s in shards]
-    return _combine_writes(results, replicated=session.manager is not None and _replicated(orm_context))
+    return _combine_writes(results, replicated=replicated)
 
 
 def _replicated(orm_context: ORMExecuteState) -> bool:
@@ -433,36 +461,48 @@ def _replicated(orm_context: ORMExecuteState) -> bool:
     table = getattr(orm_context.statement, "table", None)
     if table is None:
         return False
-    from .declarative import table_sharding
-
     declared = table_sharding(table)
     return declared is not None and declared.reference
 
 
-def _split_insert(orm_context: ORMExecuteState, session: ShardedSession) -> Result[Any]:
-    """An INSERT whose rows belong to several shards: each shard gets its own rows."""
-    assert session.manager is not None
-    params = orm_context.parameters
-    statement = orm_context.statement
-    groups = group_insert_rows(session.manager, statement, params)  # type: ignore[arg-type]
-    if not isinstance(params, list):
+def _bulk_insert(
+    orm_context: ORMExecuteState, session: ShardedSession, groups: dict[str, list[int]]
+) -> Result[Any]:
+    """An executemany INSERT: each shard gets its rows, as a Core INSERT on the session's connection.
+
+    (The stock ORM bulk insert refuses sharded sessions; the rows here are plain dicts anyway.)
+    """
+    statement: Any = orm_context.statement
+    if statement._returning:
         raise UnsupportedScatterError(
-            f"an INSERT with .values() for {len(groups)} shards cannot be split; pass the rows as "
-            "execute parameters: session.execute(insert(Model), [row, ...])"
+            "INSERT ... RETURNING with a list of rows is not supported by the sharded session; "
+            "add the objects with session.add_all() instead"
         )
+    rows: list[dict[str, Any]] = list(orm_context.parameters)  # type: ignore[arg-type]
+    mapper = orm_context.bind_mapper if orm_context.is_orm_statement else None
+    if mapper is not None:
+        table: Any = mapper.local_table
+        rows = [_column_keys(mapper, row) for row in rows]
+        core: Any = insert(table)
+    else:
+        core = statement
+    replicated = _replicated(orm_context)
+    if not replicated:
+        session._note_writes({shard: _statement_name(orm_context) for shard in groups})
     results = []
     for shard, indexes in groups.items():
-        rows = [params[i] for i in indexes]
-        bind_arguments = {**orm_context.bind_arguments, "shard_id": shard}
-        results.append(
-            session.execute(
-                statement,
-                rows,
-                execution_options=orm_context.local_execution_options,
-                bind_arguments=bind_arguments,
-            )
-        )
-    return _combine_writes(results, replicated=False)
+        conn = session.connection(bind_arguments={**orm_context.bind_arguments, "shard_id": shard})
+        results.append(conn.execute(core, [rows[i] for i in indexes]))
+    return _combine_writes(results, replicated=replicated)  # type: ignore[arg-type]
+
+
+def _column_keys(mapper: Mapper[Any], row: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        prop = mapper.attrs.get(key)
+        columns = getattr(prop, "columns", None)
+        out[columns[0].key if columns else key] = value
+    return out
 
 
 def _combine_writes(results: list[Result[Any]], *, replicated: bool) -> Result[Any]:
