@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from .config import ShardConfig, ShardSettings, settings_from_env, settings_from_file
-from .errors import ConfigError, ShardUnavailableError, UnknownShardError
+from .errors import ConfigError, DuplicateShardError, ShardUnavailableError, UnknownShardError
 from .replicas import ReplicaRouter
 from .ring import HashRing, ShardKey
 
@@ -161,6 +161,20 @@ class ShardManager:
         from .routing import route_statement
 
         return route_statement(self, statement, params).shard_ids
+
+    def add_shard(self, config: ShardConfig) -> None:
+        """Open engines for one more shard at run time; the ring is unchanged (see rebalance)."""
+        with self._lock:
+            if config.id in self._configs:
+                raise DuplicateShardError(f"shard id {config.id!r} is already configured")
+            engine = _engine_for(config, config.primary_url)
+            replica = _engine_for(config, config.replica) if config.replica is not None else None
+            self.settings = ShardSettings((*self.settings.shards, config), vnodes=self.settings.vnodes)
+            # copy-on-write: threads iterating the old dicts are not disturbed
+            self._engines = {**self._engines, config.id: engine}
+            if replica is not None:
+                self._replicas = {**self._replicas, config.id: replica}
+            self._configs = {**self._configs, config.id: config}
 
     def config(self, shard_id: str) -> ShardConfig:
         try:

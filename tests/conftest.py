@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import text
 
 from sa_shardkit import ShardManager
-from sa_shardkit.testing import LocalPostgres
+from sa_shardkit.testing import LocalPostgres, PostgresFleet
 from tests.fleet import TestFleet, start_fleet
 from tests.replica_support import manager_with_replica, ready_replica, start_replica
 
@@ -58,3 +59,24 @@ def replicated_manager(
     ready_replica(pg_fleet.server(0), pg_replica)
     with manager_with_replica(shard_map, pg_replica) as mgr:
         yield mgr
+
+
+@pytest.fixture(scope="session")
+def fifth_server() -> Iterator[PostgresFleet]:
+    """One more PostgreSQL server: the shard the tests add."""
+    fleet = PostgresFleet(1)
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+
+
+@pytest.fixture
+def shard5_url(fifth_server: PostgresFleet) -> str:
+    """The fifth server's URL, its schema emptied."""
+    url = fifth_server.urls[0]
+    with ShardManager.from_urls({"x": url}) as mgr, mgr.connect("x") as conn:
+        conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+        conn.commit()
+    return url

@@ -1,0 +1,56 @@
+"""Adding and removing shards online, with no row lost (see the README section "Rebalancing").
+
+The fleet's ring lives in the shards themselves (:mod:`.catalog`); a move copies, verifies and
+deletes one key batch at a time under a fence that only writers of the moving keys wait for
+(:mod:`.mover`); application processes route through :class:`.fence.RingRouter`, which follows the
+stored version without a restart.
+"""
+
+from __future__ import annotations
+
+from ..errors import StaleRingError
+from .catalog import RingState, ShardState, install_ring, load_ring_state, read_fleet_state
+from .fence import RingRouter
+from .mover import MoveOptions
+from .plan import RangeMove, RebalancePlan, plan_rebalance, range_moves
+from .progress import BatchReport, ProgressCallback, RebalanceProgress
+from .rebalancer import (
+    RebalanceResult,
+    add_shard,
+    current_state,
+    plan_change,
+    rebalance,
+    remove_shard,
+    resume,
+)
+from .tables import ShardedTable, TableSet, table_set
+from .verify import misplaced_rows
+
+__all__ = [
+    "BatchReport",
+    "MoveOptions",
+    "ProgressCallback",
+    "RangeMove",
+    "RebalancePlan",
+    "RebalanceProgress",
+    "RebalanceResult",
+    "RingRouter",
+    "RingState",
+    "ShardState",
+    "ShardedTable",
+    "StaleRingError",
+    "TableSet",
+    "add_shard",
+    "current_state",
+    "install_ring",
+    "load_ring_state",
+    "misplaced_rows",
+    "plan_change",
+    "plan_rebalance",
+    "range_moves",
+    "read_fleet_state",
+    "rebalance",
+    "remove_shard",
+    "resume",
+    "table_set",
+]

@@ -1,0 +1,234 @@
+"""Routing by the stored ring state, with the fence that keeps stale writers off moved ranges.
+
+Every write transaction on a shard first reads that shard's state row with a lock (the fence):
+
+* a key that is not moving: ``FOR KEY SHARE``. Only a version bump (a key update, preceded by
+  ``FOR UPDATE``) conflicts, so after a bump no writer of the older version is still in flight, and
+  a writer that arrives later sees the newer version and re-routes;
+* a key that is moving: ``FOR SHARE`` on the *source* shard's row, which conflicts with the
+  ``FOR NO KEY UPDATE`` the mover holds while it cuts a batch over. If the source's watermark has
+  passed the key (or the source is drained), the key lives on the target now and the write goes
+  there; otherwise it stays on the source, and the batch that moves the key waits for the commit.
+
+Reads are validated afterwards (a seqlock): read where the state says, then re-read the state; if
+the version changed or the key was cut over meanwhile, read again. So a key-routed reader sees each
+committed row exactly once, on the shard that holds it at that moment.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from ..errors import StaleRingError
+from ..manager import ShardManager
+from ..ring import ShardKey
+from .catalog import (
+    STATE_TABLE,
+    RingState,
+    check_key_type,
+    load_ring_state,
+    read_shard_state,
+    row_to_state,
+)
+
+T = TypeVar("T")
+
+MAX_REROUTES = 20
+
+
+@dataclass(frozen=True)
+class FenceRow:
+    """A shard's state row as a writer or reader sees it, with the key's cut-over status."""
+
+    state: RingState | None
+    moved: bool
+
+
+def read_fence(
+    conn: Connection, key: ShardKey | None, key_type: str | None, lock: str = "", *, installed: bool = True
+) -> FenceRow:
+    """The shard's state row (locked as asked) and whether ``key`` was cut over from this shard.
+
+    ``installed=False`` first checks that the state table exists (a fleet without a stored ring).
+    """
+    if key is None or key_type is None:
+        row = read_shard_state(conn, "", lock=lock, check_table=not installed)
+        return FenceRow(row.state if row else None, False)
+    sql_type = check_key_type(key_type)
+    moved = (
+        f"(drained OR (watermark IS NOT NULL AND CAST(:k AS {sql_type}) <= CAST(watermark AS {sql_type})))"
+    )
+    result = conn.execute(
+        text(
+            f"SELECT version, ring, target_ring, key_type, watermark, drained, {moved} AS moved "
+            f"FROM {STATE_TABLE} {lock}"
+        ),
+        {"k": key},
+    ).first()
+    if result is None:
+        return FenceRow(None, False)
+    return FenceRow(row_to_state("", result).state, bool(result.moved))
+
+
+class RingRouter:
+    """The fleet's routing for one application process: the stored ring, followed as it changes.
+
+    Create one per process next to the :class:`~sa_shardkit.ShardManager`; it keeps the manager's
+    ring in step with the stored version (``manager.shard_for`` answers for keys that are not
+    moving). Writers use :meth:`begin_write` (or :meth:`fence_write` in their own transaction);
+    readers use :meth:`read`.
+    """
+
+    def __init__(self, manager: ShardManager, state: RingState | None = None) -> None:
+        self.manager = manager
+        self._lock = threading.Lock()
+        self._state = state or load_ring_state(manager) or RingState(0, manager.ring)
+        manager.set_ring(self._state.ring)
+
+    @property
+    def state(self) -> RingState:
+        return self._state
+
+    def refresh(self) -> RingState:
+        """Re-read the stored state (normally not needed: every fenced operation follows it)."""
+        newest = load_ring_state(self.manager)
+        if newest is not None:
+            self._adopt(newest)
+        return self._state
+
+    def _adopt(self, state: RingState | None) -> bool:
+        """Switch to ``state`` when it is newer; True when it was."""
+        if state is None or state.version <= self._state.version:
+            return False
+        with self._lock:
+            if state.version > self._state.version:
+                self._state = state
+                self.manager.set_ring(state.ring)
+        return True
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def _moved(self, source: str, key: ShardKey, state: RingState) -> bool:
+        """Whether ``key`` has been cut over from ``source`` (an unlocked read; adopts newer state)."""
+        with self.manager.connect(source) as conn:
+            row = read_fence(conn, key, state.key_type)
+            conn.rollback()
+        if row.state is not None and row.state.version > state.version:
+            self._adopt(row.state)
+            raise _Reroute
+        return row.moved and row.state is not None and row.state.version == state.version
+
+    def shard_for_write(self, key: ShardKey) -> str:
+        """Where a write of ``key`` goes now (the fence in the transaction confirms it)."""
+        for _ in range(MAX_REROUTES):
+            state = self._state
+            move = state.move_of(key)
+            if move is None:
+                return state.owner(key)
+            try:
+                return move[1] if self._moved(move[0], key, state) else move[0]
+            except _Reroute:
+                continue
+        raise StaleRingError(f"the ring kept changing while routing key {key!r}; retry")
+
+    def fence_write(self, conn: Connection, shard_id: str, key: ShardKey) -> None:
+        """Hold the fence for writing ``key`` on ``shard_id`` in ``conn``'s transaction.
+
+        Call it before the transaction's first write of ``key``. Raises :class:`StaleRingError`
+        (naming the right shard) when ``key`` does not belong on ``shard_id``; the transaction must
+        then be rolled back and retried there.
+        """
+        for _ in range(MAX_REROUTES):
+            state = self._state
+            move = state.move_of(key)
+            lock = "FOR SHARE" if move is not None and move[0] == shard_id else "FOR KEY SHARE"
+            row = read_fence(conn, key, state.key_type if move else None, lock, installed=state.version > 0)
+            if row.state is not None and self._adopt(row.state):
+                continue  # the shard knows a newer ring: decide again under it
+            if move is None:
+                owner = state.owner(key)
+                if owner != shard_id:
+                    raise StaleRingError(
+                        f"key {key!r} belongs on {owner!r}, not {shard_id!r}", shard_id=owner
+                    )
+                return
+            source, target = move
+            current = row.state is not None and row.state.version == state.version
+            if shard_id == source:
+                if current and row.moved:
+                    raise StaleRingError(f"key {key!r} was moved to {target!r}", shard_id=target)
+                return  # not cut over, and the batch that moves it now waits for our commit
+            if shard_id == target:
+                try:
+                    if self._moved(source, key, state):
+                        return  # cut over, and a cut-over is never undone within a version
+                except _Reroute:
+                    continue
+                raise StaleRingError(f"key {key!r} has not moved to {target!r} yet", shard_id=source)
+            raise StaleRingError(f"key {key!r} belongs on {source!r}, not {shard_id!r}", shard_id=source)
+        raise StaleRingError(f"the ring kept changing while fencing key {key!r}; retry")
+
+    @contextmanager
+    def begin_write(self, key: ShardKey) -> Iterator[Connection]:
+        """A connection in a transaction on ``key``'s shard with the fence held; commits on exit."""
+        for _ in range(MAX_REROUTES):
+            shard_id = self.shard_for_write(key)
+            conn = self.manager.connect(shard_id)
+            try:
+                conn.begin()
+                try:
+                    self.fence_write(conn, shard_id, key)
+                except StaleRingError:
+                    conn.rollback()
+                    continue
+                yield conn
+                conn.commit()
+                return
+            finally:
+                conn.close()
+        raise StaleRingError(f"could not find a stable shard for key {key!r}; retry")
+
+    def read(self, key: ShardKey, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` on the shard holding ``key``'s rows, validated against concurrent moves."""
+        for _ in range(MAX_REROUTES):
+            state = self._state
+            move = state.move_of(key)
+            try:
+                shard_id = self.shard_for_write(key) if move else state.owner(key)
+                with self.manager.connect(shard_id) as conn:
+                    result = work(conn)
+                    conn.rollback()
+                if self._still_valid(state, key, shard_id, move):
+                    return result
+            except _Reroute:
+                continue
+        raise StaleRingError(f"the ring kept changing while reading key {key!r}; retry")
+
+    def _still_valid(self, state: RingState, key: ShardKey, shard_id: str, move: Any) -> bool:
+        """After a read: did the rows of ``key`` stay on ``shard_id`` while we read?"""
+        if move is not None and shard_id == move[0]:
+            return not self._moved(shard_id, key, state) and self._state is state
+        with self.manager.connect(shard_id) as conn:
+            row = read_fence(conn, None, None, installed=state.version > 0)
+            conn.rollback()
+        if row.state is not None and self._adopt(row.state):
+            return False
+        return self._state is state
+
+
+class _Reroute(Exception):
+    """Internal: the shard knows a newer ring; decide again."""
+
+
+def describe_route(router: RingRouter, key: ShardKey) -> dict[str, Any]:
+    """Where ``key`` lives now, for logs and the CLI."""
+    state = router.state
+    move = state.move_of(key)
+    return {"version": state.version, "moving": move, "shard": router.shard_for_write(key)}

@@ -1,0 +1,99 @@
+"""Structured progress of a rebalance, for callbacks and the CLI's progress bar."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """One key batch cut over from ``source`` (rows per table moved to each target)."""
+
+    source: str
+    keys_scanned: int
+    keys_moved: int
+    rows_moved: int
+    rows_by_table: dict[str, int]
+    fence_seconds: float
+    """How long writers of the moving keys on ``source`` were fenced (the cut-over transaction)."""
+
+
+@dataclass(frozen=True)
+class RebalanceProgress:
+    """The whole move so far (what a progress callback receives after every batch)."""
+
+    phase: str
+    """``prepare``, ``move``, ``finish`` or ``done``."""
+    rows_moved: int
+    keys_moved: int
+    batches: int
+    rows_expected: int | None
+    elapsed: float
+    last_batch: BatchReport | None = None
+    max_fence_seconds: float = 0.0
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_moved / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Seconds left at the current rate (None when the total is unknown or nothing moved yet)."""
+        if self.rows_expected is None or self.rows_moved == 0:
+            return None
+        left = max(0, self.rows_expected - self.rows_moved)
+        return left / self.rows_per_second
+
+
+class ProgressCallback(Protocol):
+    """Called after each batch and at every phase change; must be quick and must not raise."""
+
+    def __call__(self, progress: RebalanceProgress, /) -> None: ...
+
+
+@dataclass
+class ProgressTracker:
+    """Sums batch reports from the per-source movers (threads) into :class:`RebalanceProgress`."""
+
+    callback: ProgressCallback | None = None
+    rows_expected: int | None = None
+    started: float = field(default_factory=time.perf_counter)
+    rows_moved: int = 0
+    keys_moved: int = 0
+    batches: int = 0
+    max_fence_seconds: float = 0.0
+    rows_by_table: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def phase(self, phase: str) -> None:
+        self._emit(phase, None)
+
+    def batch(self, report: BatchReport) -> None:
+        with self._lock:
+            self.rows_moved += report.rows_moved
+            self.keys_moved += report.keys_moved
+            self.batches += 1
+            self.max_fence_seconds = max(self.max_fence_seconds, report.fence_seconds)
+            for table, n in report.rows_by_table.items():
+                self.rows_by_table[table] = self.rows_by_table.get(table, 0) + n
+        self._emit("move", report)
+
+    def snapshot(self, phase: str, last: BatchReport | None = None) -> RebalanceProgress:
+        with self._lock:
+            return RebalanceProgress(
+                phase,
+                self.rows_moved,
+                self.keys_moved,
+                self.batches,
+                self.rows_expected,
+                time.perf_counter() - self.started,
+                last,
+                self.max_fence_seconds,
+            )
+
+    def _emit(self, phase: str, last: BatchReport | None) -> None:
+        if self.callback is not None:
+            self.callback(self.snapshot(phase, last))

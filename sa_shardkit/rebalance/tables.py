@@ -1,0 +1,128 @@
+"""Which tables a rebalance moves, by which key column, in which order.
+
+Sharded tables are copied parents first (the metadata's foreign-key order) and deleted children
+first. Reference tables (the same rows on every shard) are copied whole to a shard that joins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Column, MetaData, Table
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import DeclarativeBase, registry
+
+from ..errors import RebalanceError
+
+SHARD_KEY_ATTR = "__shard_key__"
+REFERENCE_ATTR = "__shard_reference__"
+
+
+@dataclass(frozen=True)
+class ShardedTable:
+    """A table whose rows live on the shard of the value in ``key``."""
+
+    table: Table
+    key: Column[Any]
+
+    @property
+    def name(self) -> str:
+        return self.table.name
+
+    @property
+    def key_sql_type(self) -> str:
+        return str(self.key.type.compile(dialect=postgresql.dialect()))  # type: ignore[no-untyped-call]
+
+
+@dataclass(frozen=True)
+class TableSet:
+    """The sharded tables in foreign-key order (parents first) and the reference tables."""
+
+    sharded: tuple[ShardedTable, ...]
+    reference: tuple[Table, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.sharded:
+            raise RebalanceError("no sharded tables to move: declare __shard_key__ on the models")
+        types = {t.key_sql_type for t in self.sharded}
+        if len(types) != 1:
+            detail = ", ".join(f"{t.name}.{t.key.name}: {t.key_sql_type}" for t in self.sharded)
+            raise RebalanceError(f"every sharded table's key column must have one SQL type; got {detail}")
+        for spec in self.sharded:
+            if not spec.table.primary_key.columns:
+                raise RebalanceError(f"sharded table {spec.name!r} has no primary key; it cannot be moved")
+
+    @property
+    def key_sql_type(self) -> str:
+        return self.sharded[0].key_sql_type
+
+    @property
+    def tables(self) -> list[Table]:
+        """Every table a new shard needs (sharded and reference)."""
+        return [*(t.table for t in self.sharded), *self.reference]
+
+
+TableSource = type[DeclarativeBase] | registry | MetaData | TableSet | Sequence[ShardedTable]
+
+
+def table_set(source: Any) -> TableSet:
+    """The tables to move, from a declarative base/registry (``__shard_key__`` and
+    ``__shard_reference__``), a MetaData (``Table.info["shard_key"]``/``["shard_reference"]``),
+    or an explicit list of :class:`ShardedTable`."""
+    if isinstance(source, TableSet):
+        return source
+    if isinstance(source, MetaData):
+        return _from_metadata(source)
+    if isinstance(source, registry) or (isinstance(source, type) and hasattr(source, "registry")):
+        reg = source if isinstance(source, registry) else source.registry
+        return _from_registry(reg)
+    specs = list(source)
+    if not all(isinstance(s, ShardedTable) for s in specs):
+        raise RebalanceError("tables must be a declarative base, a MetaData or a list of ShardedTable")
+    return TableSet(tuple(_fk_order(specs)))
+
+
+def _fk_order(specs: Iterable[ShardedTable]) -> list[ShardedTable]:
+    specs = list(specs)
+    metadatas = {s.table.metadata for s in specs}
+    order: dict[Table, int] = {}
+    for metadata in metadatas:
+        for i, table in enumerate(metadata.sorted_tables):
+            order[table] = i
+    return sorted(specs, key=lambda s: order.get(s.table, 0))
+
+
+def _from_registry(reg: registry) -> TableSet:
+    sharded: list[ShardedTable] = []
+    reference: list[Table] = []
+    for mapper in reg.mappers:
+        cls = mapper.class_
+        table = mapper.local_table
+        if not isinstance(table, Table):
+            continue
+        attr = cls.__dict__.get(SHARD_KEY_ATTR) or getattr(cls, SHARD_KEY_ATTR, None)
+        if attr:
+            columns = mapper.get_property(attr).columns  # type: ignore[attr-defined]
+            sharded.append(ShardedTable(table, columns[0]))
+        elif getattr(cls, REFERENCE_ATTR, False):
+            reference.append(table)
+    return TableSet(tuple(_fk_order(sharded)), tuple(_sorted_reference(reference)))
+
+
+def _from_metadata(metadata: MetaData) -> TableSet:
+    sharded: list[ShardedTable] = []
+    reference: list[Table] = []
+    for table in metadata.sorted_tables:
+        key = table.info.get("shard_key")
+        if key:
+            sharded.append(ShardedTable(table, table.c[key]))
+        elif table.info.get("shard_reference"):
+            reference.append(table)
+    return TableSet(tuple(sharded), tuple(reference))
+
+
+def _sorted_reference(tables: list[Table]) -> list[Table]:
+    order = {t: i for m in {t.metadata for t in tables} for i, t in enumerate(m.sorted_tables)}
+    return sorted(tables, key=lambda t: order.get(t, 0))
