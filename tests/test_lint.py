@@ -193,3 +193,26 @@ def test_without_models_the_contract_rules_still_run() -> None:
     report = lint_files([UNSAFE / "drop_without_contract.py", UNSAFE / "pk_without_shard_key.py"])
     assert [f.rule_id for f in report.findings] == ["shardkit:drop-outside-contract"]
     assert any("no models given" in note for note in report.notes)
+
+
+def test_lock_timeout_set_by_the_env_is_rendered_and_satisfies_squawk() -> None:
+    without = lint_script_directory(REPO / "migrations", models=DEMO_MODELS)
+    with_env = lint_script_directory(REPO / "migrations", models=DEMO_MODELS, lock_timeout="5s")
+    assert "squawk:require-lock-timeout" in {f.rule_id for f in without.findings}
+    assert "squawk:require-lock-timeout" not in {f.rule_id for f in with_env.findings}
+    assert all(r.sql.startswith("BEGIN;\n\nSET LOCAL lock_timeout = '5s';") for r in with_env.revisions)
+
+
+def test_new_table_no_model_maps_is_a_warning(tmp_path: Path) -> None:
+    revision = tmp_path / "r4_table.py"
+    revision.write_text(
+        'import sqlalchemy as sa\nfrom alembic import op\n\nrevision = "r4"\ndown_revision = None\n\n\n'
+        "def upgrade():\n"
+        '    op.create_table("invoices", sa.Column("invoice_id", sa.BigInteger(), primary_key=True))\n'
+    )
+    # autoincrement=True by default: squawk's prefer-identity comes too, as a warning
+    report = lint_files([revision], models=DEMO_MODELS)
+    assert [(f.rule_id, f.severity) for f in report.findings if f.source.value == "shardkit"] == [
+        ("shardkit:undeclared-table", Severity.WARNING)
+    ]
+    assert report.ok

@@ -50,6 +50,11 @@ SECTION = "shardkit"
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--strict", is_flag=True, help="Warnings fail the lint too.")
 @click.option("--no-squawk", is_flag=True, help="Run only the sharding rules.")
+@click.option(
+    "--lock-timeout",
+    metavar="VALUE",
+    help="The lock_timeout the env sets per shard (default: shardkit_lock_timeout in alembic.ini).",
+)
 def lint(
     files: tuple[str, ...],
     config_path: str | None,
@@ -62,13 +67,15 @@ def lint(
     fmt: str,
     strict: bool,
     no_squawk: bool,
+    lock_timeout: str | None,
 ) -> None:
     """Lint revision FILES, or the revisions of the migrations directory (all, --from/--to, --pending).
 
     Exit code 1 when a finding is an error (or a warning, with --strict).
     """
     ini = _ini(config_path)
-    models = models or _ini_option(ini, "lint_models")
+    models = models or _ini_option(ini, SECTION, "lint_models")
+    lock_timeout = lock_timeout or _ini_option(ini, "alembic", "shardkit_lock_timeout")
     if files:
         if pending or lower:
             raise click.UsageError("give revision FILES or --from/--pending, not both")
@@ -76,7 +83,9 @@ def lint(
     else:
         script = _script(ini, location)
         targets = _pending(ini, urls, script, upper) if pending else _range(script, lower, upper)
-    report = lint_targets(targets, models=models, squawk=not no_squawk, strict=strict)
+    report = lint_targets(
+        targets, models=models, squawk=not no_squawk, strict=strict, lock_timeout=lock_timeout
+    )
     _emit(report, fmt)
 
 
@@ -95,12 +104,12 @@ def _ini(config_path: str | None) -> Path | None:
     return None
 
 
-def _ini_option(ini: Path | None, key: str) -> str | None:
+def _ini_option(ini: Path | None, section: str, key: str) -> str | None:
     if ini is None:
         return None
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(ini)
-    value = parser.get(SECTION, key, fallback="").strip()
+    value = parser.get(section, key, fallback="").strip()
     return value or None
 
 

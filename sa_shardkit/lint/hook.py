@@ -43,6 +43,11 @@ def lint_enabled(plan: MigrationPlan, default: bool = False) -> bool:
     return default
 
 
+def env_lock_timeout(plan: MigrationPlan) -> str | None:
+    """The ``lock_timeout`` the sharded env sets per shard (``-x lock_timeout=`` / ``shardkit_lock_timeout``)."""
+    return plan.x_args.get("lock_timeout") or plan.config.get_main_option("shardkit_lock_timeout") or None
+
+
 def planned_targets(plan: MigrationPlan) -> list[LintTarget]:
     """The revisions the upgrade will apply on at least one of the plan's shards."""
     destination = plan.destination or "heads"
@@ -73,7 +78,9 @@ def lint_hook(models: ModelsSpec = None, *, default: bool = False, **options: An
             plan.config.print_stdout("shardkit lint: downgrades are not linted -> downgrade proceeds")
             return
         spec = models if models is not None else plan.config.get_section_option(SECTION, "lint_models")
-        report = lint_targets(planned_targets(plan), models=spec or None, **options)
+        # Online, the env sets lock_timeout on each shard's transaction; the lint renders that too.
+        env = {} if plan.offline else {"lock_timeout": env_lock_timeout(plan)}
+        report = lint_targets(planned_targets(plan), models=spec or None, **{**env, **options})
         decide(plan, report)
 
     return hook

@@ -107,8 +107,13 @@ def _op_proxy(operations: Operations) -> Iterator[None]:
             previous._install_proxy()
 
 
-def render_upgrade(module: ModuleType) -> RenderedRevision:
-    """Run ``module.upgrade()`` offline against PostgreSQL and return its SQL and operations."""
+def render_upgrade(module: ModuleType, *, lock_timeout: str | None = None) -> RenderedRevision:
+    """Run ``module.upgrade()`` offline against PostgreSQL and return its SQL and operations.
+
+    ``lock_timeout``: the value the sharded env sets at the start of each shard's migration
+    transaction (``shardkit_lock_timeout`` / ``-x lock_timeout=``); rendered as that ``SET LOCAL`` so
+    squawk sees what really runs.
+    """
     buffer = io.StringIO()
     context = MigrationContext.configure(
         dialect_name="postgresql",
@@ -119,6 +124,9 @@ def render_upgrade(module: ModuleType) -> RenderedRevision:
     upgrade: Callable[[], None] | None = getattr(module, "upgrade", None)
     error: str | None = None
     context.impl.emit_begin()
+    if lock_timeout:
+        quoted = lock_timeout.replace("'", "''")
+        context.impl.static_output(f"SET LOCAL lock_timeout = '{quoted}'{context.impl.command_terminator}")
     try:
         if upgrade is None:
             error = "the revision has no upgrade() function"
