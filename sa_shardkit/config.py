@@ -118,7 +118,7 @@ def _parse_url(shard_id: str, name: str, value: str | URL) -> URL:
         raise ConfigError(f"shard {shard_id!r}: {name} is missing")
     try:
         return make_url(value.strip())
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ConfigError(f"shard {shard_id!r}: {name} is not a database URL") from None
 
 

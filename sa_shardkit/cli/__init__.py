@@ -8,8 +8,11 @@ import click
 
 from ..errors import ShardKitError
 from .demo import demo
+from .locate import locate
 from .migrations import migrations
 from .recover import recover
+from .ring import ring
+from .status import status
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,6 +22,9 @@ def cli() -> None:
 
 
 cli.add_command(demo)
+cli.add_command(status)
+cli.add_command(locate)
+cli.add_command(ring)
 cli.add_command(migrations)
 cli.add_command(recover)
 

@@ -1,0 +1,123 @@
+"""`shardkit status`: every shard and replica at a glance; exit code 1 when one is down or behind."""
+
+from __future__ import annotations
+
+import configparser
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import ConfigError
+from ..status import FleetStatusReport, NodeStatus, collect_status
+from .options import config_options, load_manager
+
+
+def migration_scripts(config_path: str | None) -> ScriptDirectory | None:
+    """The Alembic scripts named by ``--config`` (or ./alembic.ini), when it has ``[alembic]``."""
+    path = Path(config_path) if config_path else Path("alembic.ini")
+    if not path.exists() or path.suffix == ".toml":
+        return None
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(path)
+    if not parser.has_option("alembic", "script_location"):
+        return None
+    try:
+        return ScriptDirectory.from_config(Config(str(path)))
+    except CommandError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def _revision(node: NodeStatus) -> str:
+    if node.revision is None:
+        return "-"
+    text = ",".join(node.revision) or "base"
+    return f"{text} ({node.revision_state})" if node.revision_state else text
+
+
+def render_status(console: Console, report: FleetStatusReport) -> None:
+    table = Table(title="Shards", title_justify="left", box=box.SIMPLE_HEAD)
+    for name, justify in [
+        ("shard", "left"),
+        ("role", "left"),
+        ("state", "left"),
+        ("latency", "right"),
+        ("server", "left"),
+        ("revision", "left"),
+        ("ring", "right"),
+        ("rows", "right"),
+    ]:
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for node in report.nodes:
+        if node.problem and not node.reachable:
+            state = "[red]DOWN[/]"
+        elif node.problem:
+            state = "[yellow]BEHIND[/]"
+        else:
+            state = "[green]ok[/]"
+        if node.role == "replica" and node.lag_seconds is not None:
+            state += f" lag {node.lag_seconds:.1f}s"
+        counts = [n for n in node.row_counts.values() if n is not None]
+        table.add_row(
+            node.shard_id,
+            node.role,
+            state,
+            f"{node.latency_ms:.1f} ms" if node.latency_ms is not None else "-",
+            node.server_version or "-",
+            _revision(node),
+            f"{node.ring_share:.1%}" if node.ring_share is not None else "-",
+            f"{sum(counts):,}" if node.role == "primary" and node.reachable else "-",
+        )
+    console.print(table)
+    tables = report.tables
+    primaries = [n for n in report.nodes if n.role == "primary"]
+    if tables:
+        kind = "" if report.exact_counts else " (estimates)"
+        rows = Table(title=f"Rows per table{kind}", title_justify="left", box=box.SIMPLE_HEAD)
+        rows.add_column("table", no_wrap=True)
+        for node in primaries:
+            rows.add_column(node.shard_id, justify="right", no_wrap=True)
+        rows.add_column("total", justify="right", no_wrap=True)
+        for name in tables:
+            cells = [node.row_counts.get(name) for node in primaries]
+            total = sum(c for c in cells if c is not None)
+            rows.add_row(name, *(f"{c:,}" if c is not None else "?" for c in cells), f"{total:,}")
+        console.print(rows)
+    if report.healthy:
+        console.print(f"[green]OK[/]: {len(primaries)} shard(s), every server reachable and up to date")
+    else:
+        for problem in report.problems:
+            console.print(f"[red]PROBLEM[/]: {problem}")
+
+
+@click.command()
+@config_options
+@click.option("--estimate", is_flag=True, help="Row counts from planner statistics (fast on big tables).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def status(config_path: str | None, urls: tuple[str, ...], estimate: bool, as_json: bool) -> None:
+    """Every shard and replica: reachable, latency, version, migrations, rows, ring share.
+
+    Exit code 1 when a shard or replica is down, a replica lags past its bound, or a shard's
+    migrations are behind (or differ between shards when the Alembic scripts are not known).
+    """
+    scripts = migration_scripts(config_path)
+    with load_manager(config_path, urls) as manager:
+        report = collect_status(manager, script=scripts, exact_counts=not estimate)
+    if as_json:
+        payload = {
+            "healthy": report.healthy,
+            "script_heads": report.script_heads,
+            "nodes": [asdict(node) for node in report.nodes],
+        }
+        click.echo(json.dumps(payload, indent=2, default=str))
+    else:
+        render_status(Console(), report)
+    if not report.healthy:
+        raise SystemExit(1)
