@@ -16,6 +16,7 @@ from argparse import Namespace
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from alembic.config import Config
 from alembic.script import ScriptDirectory
@@ -119,6 +120,17 @@ def columns_on(url: str, table: str) -> set[str]:
     try:
         with engine.connect() as conn:
             return {c["name"] for c in inspect(conn).get_columns(table)}
+    finally:
+        engine.dispose()
+
+
+def interval_on(url: str) -> tuple[Any, Any]:
+    """The (started, finished) row a test revision recorded in table ``ran`` on one shard."""
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(text("SELECT started, finished FROM ran")).one()
+            return row[0], row[1]
     finally:
         engine.dispose()
 

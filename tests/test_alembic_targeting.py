@@ -9,7 +9,8 @@ import pytest
 from alembic import command
 from alembic.util import CommandError
 
-from tests.alembic_support import AlembicProject, revision_on, tables_on
+from sa_shardkit.alembic import ShardMigrationError, ShardState
+from tests.alembic_support import AlembicProject, execute_on, interval_on, revision_on, tables_on
 
 
 @pytest.fixture
@@ -107,3 +108,63 @@ def test_before_migrate_hook_sees_the_plan_and_can_stop_the_run(
     with pytest.raises(CommandError, match="vetoed downgrade base on shard-4,shard-3,shard-2,shard-1"):
         command.downgrade(project.config("veto=1"), "base")
     assert all(revision_on(url) == (project.head,) for url in shard_map.values())
+
+
+def test_x_parallel_migrates_shards_at_the_same_time(
+    project: AlembicProject, shard_map: dict[str, str]
+) -> None:
+    command.upgrade(project.config(), "head")
+    project.add_revision(
+        "t_slow",
+        """
+        op.execute("CREATE TABLE IF NOT EXISTS ran (started timestamptz, finished timestamptz)")
+        op.execute("INSERT INTO ran SELECT clock_timestamp(), clock_timestamp() + interval '4 seconds'")
+        op.execute("SELECT pg_sleep(4)")
+        """,
+    )
+    command.upgrade(project.config("parallel=4"), "head")
+    intervals = [interval_on(url) for url in shard_map.values()]
+    assert all(revision_on(url) == ("t_slow",) for url in shard_map.values())
+    latest_start = max(start for start, _ in intervals)
+    earliest_end = min(end for _, end in intervals)
+    # all four were inside their 4-second migration at the same moment (one after another: >= 12 s apart)
+    assert latest_start < earliest_end
+    assert "OK, 4 shard(s) done" in project.output()
+
+
+def test_x_parallel_starts_no_further_shard_after_a_failure(
+    project: AlembicProject, shard_map: dict[str, str]
+) -> None:
+    command.upgrade(project.config(), "head")
+    old_head = project.head
+    project.add_revision(
+        "t_cards",
+        """
+        op.execute("DO $$ BEGIN IF to_regclass('slow_marker') IS NOT NULL THEN PERFORM pg_sleep(4); END IF; END $$")
+        op.create_table("cards", sa.Column("id", sa.Integer(), primary_key=True))
+        """,
+    )
+    execute_on(shard_map["shard-1"], "CREATE TABLE cards (legacy integer)")  # shard-1 fails at once
+    execute_on(shard_map["shard-2"], "CREATE TABLE slow_marker ()")  # shard-2 is still running then
+
+    with pytest.raises(ShardMigrationError, match="shard-1.*DuplicateTable") as info:
+        command.upgrade(project.config("parallel=2"), "head")
+
+    states = {o.shard_id: o.state for o in info.value.report.outcomes}
+    assert states == {
+        "shard-1": ShardState.FAILED,
+        "shard-2": ShardState.MIGRATED,
+        "shard-3": ShardState.NOT_ATTEMPTED,
+        "shard-4": ShardState.NOT_ATTEMPTED,
+    }
+    assert [revision_on(url) for url in shard_map.values()] == [
+        (old_head,),
+        ("t_cards",),
+        (old_head,),
+        (old_head,),
+    ]
+
+
+def test_x_parallel_must_be_a_positive_number(project: AlembicProject) -> None:
+    with pytest.raises(CommandError, match="parallel='many'"):
+        command.upgrade(project.config("parallel=many"), "head")

@@ -34,6 +34,7 @@ from sqlalchemy.engine import Connection
 from ..config import ShardConfig
 from ..errors import ConfigError, MigrationError, ShardKitError
 from ..manager import ShardManager
+from .parallel import CHILD_ARG, child_argv, migrate_in_parallel, write_outcome
 from .plan import MigrationPlan, PreMigrateHook
 from .report import MigrationReport, ShardMigrationError, ShardOutcome, ShardState
 from .status import FleetStatus, RevisionState, ShardRevision, classify, fleet_status
@@ -129,6 +130,8 @@ class _FleetRun:
         self.autogenerate = "revision_context" in env.context_opts
         self.all_shards = settings_from_alembic_config(self.config, section)
         self.settings = select_shards(self.all_shards, requested_shards(self.x_args))
+        self.child_report = self.x_args.get(CHILD_ARG)
+        self.parallel = _workers(self.x_args.get("parallel"))
 
     # -- dispatch ----------------------------------------------------------------------------------
 
@@ -149,13 +152,20 @@ class _FleetRun:
                 script=self.env.script,
                 x_args=self.x_args,
             )
-            for hook in hooks:
-                hook(plan)
+            if not self.child_report:  # a -x parallel child: the parent ran the hooks
+                for hook in hooks:
+                    hook(plan)
         if self.env.is_offline_mode():
             self._run_offline(order)
             return None
         if self.command in _MUTATING:
-            return self._run_mutating(order)
+            try:
+                report = self._run_mutating(order)
+            except ShardMigrationError as error:
+                self._report_to_parent(error.report)
+                raise
+            self._report_to_parent(report)
+            return report
         return self._run_read_only(order)
 
     def _order(self) -> list[ShardConfig]:
@@ -201,6 +211,8 @@ class _FleetRun:
                     for i in ids
                 ]
                 return self._fail(outcomes, cause=None)
+            if self.parallel > 1 and self.command != "ensure_version" and len(ids) > 1:
+                return self._run_parallel(ids, before)
             outcomes = []
             for position, shard_id in enumerate(ids):
                 heads = before[shard_id].heads
@@ -222,6 +234,26 @@ class _FleetRun:
         report = MigrationReport(self.command, self._destination(), tuple(outcomes))
         self._print(report.summary())
         return report
+
+    def _run_parallel(self, ids: list[str], before: dict[str, ShardRevision]) -> MigrationReport:
+        destination = self._destination() or "heads"
+
+        def argv(shard_id: str, report: Path) -> list[str]:
+            return child_argv(self.config, self.x_args, shard_id, self.command, destination, report)
+
+        workers = min(self.parallel, len(ids))
+        self._print(f"shardkit: {self.command} on {len(ids)} shard(s), {workers} at a time")
+        heads = {i: before[i].heads for i in ids}
+        outcomes = migrate_in_parallel(ids, workers, argv, heads, self._print)
+        report = MigrationReport(self.command, self._destination(), tuple(outcomes))
+        if not report.ok:
+            return self._fail(outcomes, cause=None)
+        self._print(report.summary())
+        return report
+
+    def _report_to_parent(self, report: MigrationReport) -> None:
+        if self.child_report and len(report.outcomes) == 1:
+            write_outcome(self.child_report, report.outcomes[0])
 
     def _migrate_one(self, manager: ShardManager, shard_id: str) -> tuple[str, ...]:
         with manager.connect(shard_id) as conn:
@@ -332,6 +364,19 @@ class _FleetRun:
                 f"unknown reference shard {chosen!r}; configured shards: {', '.join(self.all_shards.shard_ids)}"
             )
         return chosen
+
+
+def _workers(value: str | None) -> int:
+    """``-x parallel=N``: how many shards may migrate at once (default 1: one after another)."""
+    if value is None or not value.strip():
+        return 1
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise ConfigError(f"-x parallel={value!r}: expected a number of shards >= 1")
+    return workers
 
 
 def _not_attempted(shard_ids: list[str], before: dict[str, ShardRevision]) -> list[ShardOutcome]:
