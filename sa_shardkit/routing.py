@@ -257,8 +257,11 @@ def _route_filtered(
     every_shard_subquery: str | None = None
     for from_ in froms:
         # AliasedReturnsRows: subquery(), CTEs and the anonymous alias of Query.count()/from_self()
-        if isinstance(from_, AliasedReturnsRows) and isinstance(from_.element, (Select, CompoundSelect)):
-            sub = route_statement(manager, from_.element, params)
+        inner_select: Any = from_
+        while isinstance(inner_select, AliasedReturnsRows):
+            inner_select = inner_select.element
+        if isinstance(inner_select, (Select, CompoundSelect)):
+            sub = route_statement(manager, inner_select, params)
             if len(sub.shard_ids) < len(ring_shards(manager)):
                 inner = set(sub.shard_ids) if inner is None else inner & set(sub.shard_ids)
                 inner_reasons.append(f"subquery: {sub.reason}")

@@ -131,7 +131,9 @@ def plan_scatter(statement: Select[Any]) -> ScatterPlan:
 
 
 def _check_from_subqueries(statement: Select[Any]) -> None:
-    stack: list[Any] = list(statement.get_final_froms())
+    # the statement as written (get_final_froms() would show the ORM's own eager-load wrapping)
+    stack: list[Any] = [*statement.columns_clause_froms, *statement._from_obj]
+    stack += [target for target, *_ in statement._setup_joins]
     while stack:
         item = stack.pop()
         if isinstance(item, Join):
@@ -154,7 +156,8 @@ def _check_from_subqueries(statement: Select[Any]) -> None:
                     "a FROM subquery with LIMIT, OFFSET, DISTINCT, GROUP BY or aggregates is evaluated "
                     "per shard"
                 )
-            stack += list(inner.get_final_froms())
+            stack += [*inner.columns_clause_froms, *inner._from_obj]
+            stack += [target for target, *_ in inner._setup_joins]
 
 
 def _sort_term(term: OrderTerm, index: int) -> SortTerm:

@@ -41,7 +41,7 @@ def execute_scatter(orm_context: ORMExecuteState, shard_ids: Sequence[str]) -> R
     run on each shard in turn, as SQLAlchemy's stock ShardedSession does.
     """
     statement = orm_context.statement
-    options = orm_context.local_execution_options
+    options = orm_context.execution_options  # the statement's own options and execute()'s
     if not isinstance(statement, Select) or not orm_context.is_select or len(shard_ids) < 2:
         return _sequential(orm_context, shard_ids)
     plan = None if options.get(PER_SHARD_RESULTS) else plan_scatter(statement)
@@ -99,7 +99,8 @@ class _ScatterRun:
         results = {s: self._load(s, prepared[s], r) for s, r in outcome.results.items()}
         merged = gather(self.plan, results, self.shard_ids, errors)
         self._restore_result_attributes(merged, results)
-        return merged
+        yield_per = self.context.execution_options.get("yield_per")
+        return merged.yield_per(yield_per) if yield_per else merged
 
     def _prepare(self, shard_id: str, *, autoflush: bool) -> tuple[Any, Any, Any, dict[str, Any], Connection]:
         """Statement, options and params as Session.execute would use them, and the shard's connection."""
