@@ -26,7 +26,9 @@ from tests.saga_support import (
 LEASE = 0.5
 
 SUCCESS_PATH = ["created", "do:debit", "log:debit", "do:credit"]
-"""Every commit of a transfer that completes, except the last (after it there is nothing to crash)."""
+"""Every checkpoint of a transfer that completes, except the last (after it there is nothing to crash).
+
+The debit commits with the saga's creation (same shard), so "created" and "do:debit" are one commit."""
 REFUND_PATH = ["created", "do:debit", "log:debit", "do:credit", "log:credit"]
 """Every commit of a transfer whose credit is refused, before the refund makes it final."""
 

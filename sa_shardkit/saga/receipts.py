@@ -56,15 +56,18 @@ def begin_do(conn: Connection, saga_id: str, step: str) -> Receipt | None:
     return _get(conn, saga_id, step, "do")
 
 
-def mark_failed(conn: Connection, saga_id: str, step: str, reason: str) -> None:
-    """The action refused: keep the refusal, so every retry gives the same answer."""
-    conn.execute(
-        update(receipts_table)
-        .where(
-            receipts_table.c.saga_id == saga_id, receipts_table.c.step == step, receipts_table.c.phase == "do"
-        )
-        .values(outcome=FAILED, reason=reason)
+def refuse(conn: Connection, saga_id: str, step: str, reason: str) -> Receipt:
+    """Record that the action refused, so every retry gives the same answer; returns the receipt
+    that stands (an earlier attempt's, if one got there first)."""
+    statement = (
+        insert(receipts_table)
+        .values(saga_id=saga_id, step=step, phase="do", outcome=FAILED, reason=reason)
+        .on_conflict_do_nothing()
+        .returning(receipts_table.c.saga_id)
     )
+    if conn.execute(statement).first() is not None:
+        return Receipt(FAILED, reason)
+    return _get(conn, saga_id, step, "do")
 
 
 def begin_undo(conn: Connection, saga_id: str, step: str) -> bool:

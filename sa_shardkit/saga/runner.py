@@ -36,7 +36,6 @@ from .definition import (
     Saga,
     SagaOptions,
     SagaOutcome,
-    Step,
     normalized_payload,
 )
 from .heartbeat import lease_keeper
@@ -45,6 +44,14 @@ from .log import LeaseLost, SagaRecord
 
 class _Fenced(Exception):
     """A compensation fenced this step before our forward attempt: the saga has moved on."""
+
+
+class _Refused(Exception):
+    """The step's action refused (a business rule); its transaction must be rolled back."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _StepError(Exception):
@@ -117,10 +124,18 @@ class SagaDriver:
 
     # -- public --------------------------------------------------------------------------------
 
-    def run(self) -> SagaOutcome:
-        """Drive to a final state; :class:`SagaPendingError` if that is impossible right now."""
+    def run(self, *, created: bool = False, first_step: Mapping[str, Any] | None = None) -> SagaOutcome:
+        """Drive to a final state; :class:`SagaPendingError` if that is impossible right now.
+
+        ``created``/``first_step``: the saga was just recorded, with its first step's log values when
+        that step committed in the same transaction.
+        """
         with lease_keeper(self.manager).hold(self.saga_id, self.owner, self.home, self.options.lease_seconds):
             try:
+                if created:
+                    self.checkpoint("created")
+                if first_step is not None:
+                    self.after_forward(0, first_step, local=True)
                 self._drive()
             except (LeaseLost, _Fenced):
                 return wait_final(self.manager, self.saga_id, self.home, self.wait_seconds)
@@ -159,7 +174,7 @@ class SagaDriver:
     def _start_compensation(self, failed: int, start: int, reason: str, error: str) -> None:
         values = self._compensating_values(start, reason) | {"error": error}
         self._write_home(values)
-        self._checkpoint(f"log:{self.saga.steps[failed].name}")
+        self.checkpoint(f"log:{self.saga.steps[failed].name}")
 
     def _compensating_values(self, start: int, reason: str) -> dict[str, Any]:
         if start < 0:
@@ -193,44 +208,66 @@ class SagaDriver:
 
     # -- one step --------------------------------------------------------------------------------
 
-    def _forward(self, i: int) -> None:
-        step = self.saga.steps[i]
-        shard = self.manager.shard_for(step.key(self.payload))
-        local = shard == self.home
+    def shard_of(self, i: int) -> str:
+        """The shard step ``i`` runs on (asked of the manager: the one place that routes)."""
+        return self.manager.shard_for(self.saga.steps[i].key(self.payload))
 
-        def attempt(conn: Connection) -> dict[str, Any]:
+    def forward_work(self, i: int) -> Callable[[Connection], dict[str, Any]]:
+        """Step ``i``'s transaction body: receipt, action and (on the home shard) the log update.
+
+        A refusal (:class:`SagaStepFailed`) propagates as :class:`_Refused` so the caller rolls the
+        transaction back and records the refusal in a new one (no savepoint on the happy path).
+        """
+        step = self.saga.steps[i]
+        local = self.shard_of(i) == self.home
+
+        def work(conn: Connection) -> dict[str, Any]:
             prior = receipts.begin_do(conn, self.saga_id, step.name)
             if prior is None:
-                receipt = self._run_action(conn, step)
-            elif prior.outcome == receipts.FENCED:
-                raise _Fenced(self.saga_id)
+                try:
+                    step.action(conn, self.payload)
+                except SagaStepFailed as refusal:
+                    raise _Refused(refusal.reason) from refusal
+                receipt = receipts.Receipt(receipts.APPLIED)
             else:
                 receipt = prior  # an earlier attempt already decided this step
-            values = self._after_do(i, receipt)
-            if local:
-                saga_log.write(conn, self.saga_id, self.owner, self.options.lease_seconds, values)
-            return values
+            return self._record_do(conn, i, receipt, local)
 
-        values = self._in_shard(shard, attempt, doubt_step=i)
-        self._checkpoint(f"do:{step.name}")
+        return work
+
+    def _refusal_work(self, i: int, reason: str) -> Callable[[Connection], dict[str, Any]]:
+        step = self.saga.steps[i]
+        local = self.shard_of(i) == self.home
+
+        def work(conn: Connection) -> dict[str, Any]:
+            return self._record_do(conn, i, receipts.refuse(conn, self.saga_id, step.name, reason), local)
+
+        return work
+
+    def _record_do(self, conn: Connection, i: int, receipt: receipts.Receipt, local: bool) -> dict[str, Any]:
+        if receipt.outcome == receipts.FENCED:
+            raise _Fenced(self.saga_id)
+        values = self._after_do(i, receipt)
+        if local:
+            saga_log.write(conn, self.saga_id, self.owner, self.options.lease_seconds, values)
+        return values
+
+    def _forward(self, i: int) -> None:
+        shard = self.shard_of(i)
+        try:
+            values = self._in_shard(shard, self.forward_work(i), doubt_step=i)
+        except _Refused as refusal:
+            values = self._in_shard(shard, self._refusal_work(i, refusal.reason), doubt_step=i)
+        self.after_forward(i, values, local=shard == self.home)
+
+    def after_forward(self, i: int, values: Mapping[str, Any], *, local: bool) -> None:
+        """Step ``i`` committed: record it in the log (if not done in the same transaction)."""
+        name = self.saga.steps[i].name
+        self.checkpoint(f"do:{name}")
         if not local:
             self._write_home(values)
         self._apply(values)
-        self._checkpoint(f"log:{step.name}")
-
-    def _run_action(self, conn: Connection, step: Step) -> receipts.Receipt:
-        savepoint = conn.begin_nested()
-        try:
-            step.action(conn, self.payload)
-        except SagaStepFailed as refusal:
-            savepoint.rollback()
-            receipts.mark_failed(conn, self.saga_id, step.name, refusal.reason)
-            return receipts.Receipt(receipts.FAILED, refusal.reason)
-        except BaseException:
-            savepoint.rollback()
-            raise
-        savepoint.commit()
-        return receipts.Receipt(receipts.APPLIED)
+        self.checkpoint(f"log:{name}")
 
     def _backward(self, j: int) -> None:
         step = self.saga.steps[j]
@@ -249,11 +286,11 @@ class SagaDriver:
             values = self._in_shard(shard, attempt, doubt_step=None)
         except _StepError as error:  # compensations must succeed eventually: retry later
             raise _Stuck(error.cause) from error
-        self._checkpoint(f"undo:{step.name}")
+        self.checkpoint(f"undo:{step.name}")
         if not local:
             self._write_home(values)
         self._apply(values)
-        self._checkpoint(f"log-undo:{step.name}")
+        self.checkpoint(f"log-undo:{step.name}")
 
     # -- transactions ----------------------------------------------------------------------------
 
@@ -271,8 +308,8 @@ class SagaDriver:
                     commit_sent = True
                     transaction.commit()
                     return values
-            except (LeaseLost, _Fenced):
-                raise
+            except (LeaseLost, _Fenced, _Refused):
+                raise  # rolled back by leaving the block
             except Exception as error:  # noqa: BLE001 - classified below
                 if commit_sent and doubt_step is not None:
                     self.doubt.add(doubt_step)  # the commit may have happened
@@ -302,7 +339,7 @@ class SagaDriver:
         except Exception:  # noqa: BLE001 - best effort: the lease runs out by itself anyway
             pass
 
-    def _checkpoint(self, name: str) -> None:
+    def checkpoint(self, name: str) -> None:
         if self.options.on_checkpoint is not None:
             self.options.on_checkpoint(self.saga_id, name)
 
@@ -356,10 +393,10 @@ def run_saga(
     data = normalized_payload(payload)
     home = manager.shard_for(saga.home(data))
     owner = new_owner()
+    fresh = SagaRecord(saga_id, saga.name, data, "pending", 0, False, None, None, owner, 0, None, None)
+    driver = SagaDriver(manager, saga, fresh, home, owner, options, origin=True)
     try:
-        with manager.connect(home) as conn, conn.begin():
-            created = saga_log.create(conn, saga_id, saga.name, data, owner, options.lease_seconds)
-            existing = None if created else saga_log.load(conn, saga_id)
+        existing, first = _begin(manager, driver, data)
     except ShardUnavailableError:
         raise
     except Exception as error:
@@ -370,11 +407,8 @@ def run_saga(
                 saga_id=saga_id,
             ) from error
         raise
-    if created:
-        if options.on_checkpoint is not None:
-            options.on_checkpoint(saga_id, "created")
-        record = SagaRecord(saga_id, saga.name, data, "pending", 0, False, None, None, owner, 0, None, None)
-        return SagaDriver(manager, saga, record, home, owner, options, origin=True).run()
+    if existing is None:
+        return driver.run(created=True, first_step=first)
     assert existing is not None
     if existing.saga_type != saga.name or existing.payload != data:
         raise SagaConflictError(
@@ -388,3 +422,32 @@ def run_saga(
     if taken is None:
         return wait_final(manager, saga_id, home, options.wait_seconds)
     return SagaDriver(manager, saga, taken, home, owner, options, origin=False).run()
+
+
+def _begin(
+    manager: ShardManager, driver: SagaDriver, data: dict[str, Any]
+) -> tuple[SagaRecord | None, dict[str, Any] | None]:
+    """Record a new saga; when its first step lives on the home shard, run that step in the same
+    transaction (one commit instead of two). Returns (the existing record if the id was taken,
+    the first step's log values if it ran)."""
+    saga, saga_id, owner, lease = driver.saga, driver.saga_id, driver.owner, driver.options.lease_seconds
+    with manager.connect(driver.home) as conn:
+        if driver.shard_of(0) == driver.home:
+            transaction = conn.begin()
+            try:
+                if not saga_log.create(conn, saga_id, saga.name, data, owner, lease):
+                    existing = saga_log.load(conn, saga_id)
+                    transaction.commit()
+                    return existing, None
+                values = driver.forward_work(0)(conn)
+            except Exception as error:  # noqa: BLE001 - a refusal or error: let the driver record it
+                transaction.rollback()
+                if is_transient(error):
+                    raise
+            else:
+                transaction.commit()
+                return None, values
+        with conn.begin():
+            if saga_log.create(conn, saga_id, saga.name, data, owner, lease):
+                return None, None
+            return saga_log.load(conn, saga_id), None
