@@ -3,6 +3,8 @@ is touched, `-x allow_unsafe=1` applies them anyway, and the decision is printed
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,18 +105,6 @@ def test_offline_sql_upgrade_is_linted_too(project: AlembicProject) -> None:
     assert "[shardkit:rename-outside-contract]" in project.output()
 
 
-def _scalar(url: str, sql: str) -> object:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.pool import NullPool
-
-    engine = create_engine(url, poolclass=NullPool)
-    try:
-        with engine.connect() as conn:
-            return conn.execute(text(sql)).scalar()
-    finally:
-        engine.dispose()
-
-
 def test_pending_lints_only_what_the_shards_have_not_applied(project: AlembicProject) -> None:
     project.add_revision("0002", RENAME)
     args = ["--pending", "--config", str(project.ini), "--models", "sa_shardkit.demo.models:Base"]
@@ -132,3 +122,41 @@ def test_downgrade_is_not_linted_and_says_so(project: AlembicProject) -> None:
     command.downgrade(project.config("lint=1"), "-1")
     assert "shardkit lint: downgrades are not linted -> downgrade proceeds" in project.output()
     assert all("name" in columns_on(url, "customers") for url in project.shards.values())
+
+
+def test_shardkit_migrations_upgrade_lint_refuses_and_allow_unsafe_applies(project: AlembicProject) -> None:
+    base = project.head
+    project.add_revision("0002", RENAME)
+    upgrade = [
+        sys.executable,
+        "-m",
+        "sa_shardkit",
+        "migrations",
+        "upgrade",
+        "--config",
+        str(project.ini),
+        "--lint",
+    ]
+    refused = subprocess.run(upgrade, capture_output=True, text=True, timeout=120, cwd=project.root)
+    assert refused.returncode == 1
+    assert "shardkit lint: refusing the upgrade: unsafe revision(s) 0002" in refused.stdout
+    assert "shardkit lint refused the upgrade (1 error(s) in 0002)" in refused.stderr
+    assert all(revision_on(url) == (base,) for url in project.shards.values())
+    applied = subprocess.run(
+        [*upgrade, "--allow-unsafe"], capture_output=True, text=True, timeout=120, cwd=project.root
+    )
+    assert applied.returncode == 0, applied.stderr
+    assert "shardkit lint: UNSAFE revision(s) 0002 applied anyway (-x allow_unsafe=1)" in applied.stdout
+    assert all(revision_on(url) == ("0002",) for url in project.shards.values())
+
+
+def _scalar(url: str, sql: str) -> object:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text(sql)).scalar()
+    finally:
+        engine.dispose()

@@ -88,6 +88,15 @@ def status(config_path: str | None, urls: tuple[str, ...], shards: tuple[str, ..
 @click.option(
     "--sql-dir", type=click.Path(file_okay=False), help="With --sql: one <shard>.sql file per shard."
 )
+@click.option(
+    "--lint/--no-lint",
+    "lint_first",
+    default=None,
+    help="Lint the revisions first and refuse unsafe ones (-x lint=1; default: lint in [shardkit]).",
+)
+@click.option(
+    "--allow-unsafe", is_flag=True, help="Apply revisions the lint finds unsafe (-x allow_unsafe=1)."
+)
 def upgrade(
     config_path: str | None,
     urls: tuple[str, ...],
@@ -95,9 +104,15 @@ def upgrade(
     revision: str,
     sql: bool,
     sql_dir: str | None,
+    lint_first: bool | None,
+    allow_unsafe: bool,
 ) -> None:
     """Upgrade every shard (or --shard ones) to REVISION (default: head), in configuration order."""
     x = (f"sql_dir={sql_dir}",) if sql_dir else ()
+    if lint_first is not None:
+        x += (f"lint={int(lint_first)}",)
+    if allow_unsafe:
+        x += ("allow_unsafe=1",)
     _run(command.upgrade, alembic_config(config_path, urls, shards, x), revision, sql=sql)
 
 
