@@ -108,7 +108,7 @@ def upgrade(
     allow_unsafe: bool,
 ) -> None:
     """Upgrade every shard (or --shard ones) to REVISION (default: head), in configuration order."""
-    x = (f"sql_dir={sql_dir}",) if sql_dir else ()
+    x: tuple[str, ...] = (f"sql_dir={sql_dir}",) if sql_dir else ()
     if lint_first is not None:
         x += (f"lint={int(lint_first)}",)
     if allow_unsafe:
