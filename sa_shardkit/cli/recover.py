@@ -51,13 +51,19 @@ def _unfinished(report: RecoveryReport) -> bool:
     help="Saga definition(s) to recover (repeatable). Default: sa_shardkit's credit transfer.",
 )
 @click.option("--loop", is_flag=True, help="Keep running: a pass every --interval seconds until stopped.")
-@click.option("--interval", default=10.0, show_default=True, type=click.FloatRange(min=0.05), help="Seconds.")
+@click.option(
+    "--interval",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0.05),
+    help="Seconds between passes.",
+)
 @click.option(
     "--lease",
     default=30.0,
     show_default=True,
     type=click.FloatRange(min=0.1),
-    help="Lease (seconds) this worker holds on a saga it drives; use the application's value.",
+    help="Seconds this worker's claim on a saga lasts without a heartbeat (if it dies, others wait this long).",
 )
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N sagas per shard per pass.")
 def recover(
