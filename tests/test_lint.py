@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sa_shardkit.cli.lint import lint
+from sa_shardkit.errors import NotShardedError
 from sa_shardkit.lint import Severity, lint_files, lint_script_directory
 from sa_shardkit.lint.squawk import SQUAWK_ENV
 
@@ -216,3 +218,17 @@ def test_new_table_no_model_maps_is_a_warning(tmp_path: Path) -> None:
         ("shardkit:undeclared-table", Severity.WARNING)
     ]
     assert report.ok
+
+
+def test_malformed_shard_declaration_in_the_models_is_a_clear_error() -> None:
+    class Base(DeclarativeBase):
+        pass
+
+    class Account(Base):
+        __tablename__ = "accounts"
+        __shard_key__ = "account_id"
+        __shard_reference__ = True
+        account_id: Mapped[int] = mapped_column(primary_key=True)
+
+    with pytest.raises(NotShardedError, match="Account declares both __shard_key__ and __shard_reference__"):
+        lint_files([UNSAFE / "rename_column.py"], models=Base)

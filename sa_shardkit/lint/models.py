@@ -1,7 +1,8 @@
 """What the application's models declare about each table: sharded (by which column) or reference.
 
 Read from the mapped classes' ``__shard_key__`` (the attribute whose value picks the shard) and
-``__shard_reference__ = True`` (same rows on every shard). The lint compares migrations against the
+``__shard_reference__ = True`` (same rows on every shard) through :func:`sa_shardkit.declarative.sharding_of`,
+the same reader the sharded session uses. The lint compares migrations against the
 models of the code being deployed: a contract step may only drop what those models no longer map.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 from sqlalchemy import Table, inspect
 from sqlalchemy.orm import DeclarativeBase, Mapper, registry
 
+from ..declarative import REFERENCE_ATTR, SHARD_KEY_ATTR, sharding_of
 from ..errors import ConfigError
 
 
@@ -58,20 +60,14 @@ class ShardSchema:
             if not isinstance(table, Table) or table.name in tables:
                 continue
             model = mapper.class_
-            key_attr = getattr(model, "__shard_key__", None)
-            reference = getattr(model, "__shard_reference__", False) is True
-            if key_attr is None and not reference:
-                continue
-            shard_key = None
-            if key_attr is not None:
-                prop = mapper.attrs.get(key_attr)
-                columns = getattr(prop, "columns", None)
-                shard_key = columns[0].name if columns else str(key_attr)
+            if getattr(model, SHARD_KEY_ATTR, None) is None and not getattr(model, REFERENCE_ATTR, False):
+                continue  # declares nothing: the lint reports its tables as undeclared
+            declared = sharding_of(mapper)  # the one reader of the declaration; raises if malformed
             tables[table.name] = DeclaredTable(
                 name=table.name,
                 model=model.__name__,
-                shard_key=shard_key,
-                reference=reference and shard_key is None,
+                shard_key=declared.column_name,
+                reference=declared.reference,
                 columns=frozenset(c.name for c in table.columns),
             )
         return cls(tables)
