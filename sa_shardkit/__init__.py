@@ -27,7 +27,9 @@ from .errors import (
     UnknownShardError,
     UnsupportedScatterError,
 )
+from .events import QueryEvent, QueryListener, QueryMetrics, QueryStats
 from .manager import ShardHealth, ShardManager
+from .replicas import ReplicaStatus
 from .ring import DEFAULT_VNODES, HashRing, key_bytes, key_hash
 from .routing import Route, route_statement
 from .saga import Saga, SagaOptions, SagaOutcome, Step, recover, run_saga
@@ -46,8 +48,13 @@ __all__ = [
     "InvalidWeightError",
     "MigrationError",
     "NotShardedError",
+    "QueryEvent",
+    "QueryListener",
+    "QueryMetrics",
+    "QueryStats",
     "RebalanceError",
     "ReferenceTable",
+    "ReplicaStatus",
     "RingError",
     "Route",
     "Saga",

@@ -18,6 +18,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from .config import ShardConfig, ShardSettings, settings_from_env, settings_from_file
 from .errors import ConfigError, DuplicateShardError, ShardUnavailableError, UnknownShardError
+from .events import QueryEvents
 from .replicas import ReplicaRouter
 from .ring import HashRing, ShardKey
 
@@ -106,6 +107,8 @@ class ShardManager:
             lambda shard_id: self.config(shard_id).max_replica_lag,
         )
         """Decides per shard whether reads may use the replica (lag and reachability checks)."""
+        self.events = QueryEvents(self._all_engines)
+        """Query listeners for metrics (:mod:`sa_shardkit.events`): ``manager.events.add(fn)``."""
         self._disposed = False
 
     # -- construction --------------------------------------------------------------------------
@@ -175,6 +178,11 @@ class ShardManager:
             if replica is not None:
                 self._replicas = {**self._replicas, config.id: replica}
             self._configs = {**self._configs, config.id: config}
+        self.events.attach_new_engines()
+
+    def _all_engines(self) -> list[tuple[str, str, Engine]]:
+        primaries = [(shard_id, "primary", engine) for shard_id, engine in self._engines.items()]
+        return primaries + [(shard_id, "replica", engine) for shard_id, engine in self._replicas.items()]
 
     def config(self, shard_id: str) -> ShardConfig:
         try:

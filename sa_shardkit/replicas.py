@@ -30,6 +30,8 @@ DEFAULT_MAX_REPLICA_LAG = 5.0
 """Seconds a replica may trail its primary before reads fall back to the primary."""
 DEFAULT_CHECK_INTERVAL = 1.0
 """Seconds between two measurements of one replica."""
+INTERNAL = "shardkit_internal"
+"""Execution option marking sa_shardkit's own statements (query listeners do not see them)."""
 
 _LAG_SQL = text(
     "SELECT pg_is_in_recovery(), "
@@ -124,6 +126,7 @@ class ReplicaRouter:
         now = time.monotonic()
         try:
             with engine.connect() as conn:
+                conn.execution_options(**{INTERNAL: True})  # not a query of the application
                 in_recovery, lag = measure_lag(conn)
         except Exception as error:  # noqa: BLE001 - any failure means "do not read from it"
             reason = getattr(error, "orig", None) or error

@@ -17,7 +17,8 @@ Reference-table rows are copied to every shard in the same session transaction.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, delete, event, insert, inspect, update
@@ -43,6 +44,7 @@ from .errors import (
     UnknownShardError,
     UnsupportedScatterError,
 )
+from .replica_reads import REPLICA_OK, may_read_from_replica, replica_bind
 from .routing import (
     Route,
     group_insert_rows,
@@ -72,11 +74,14 @@ class ShardedSession(_StockShardedSession):
         keys are not checked against the ring).
     :param allow_cross_shard: let one transaction write to several shards. Commits are then
         NOT atomic across shards unless the session is created with ``twophase=True``.
+    :param replica_reads: let reads outside a transaction that used the primary go to the
+        shard's replica when one is configured and fresh (see :mod:`sa_shardkit.replica_reads`).
     """
 
     manager: ShardManager | None
     pinned_shard_id: str | None
     allow_cross_shard: bool
+    replica_reads: bool
 
     def __init__(
         self,
@@ -89,11 +94,14 @@ class ShardedSession(_StockShardedSession):
         manager: ShardManager | None = None,
         shard_id: str | None = None,
         allow_cross_shard: bool = False,
+        replica_reads: bool = True,
         **kwargs: Any,
     ) -> None:
         self.manager = manager
         self.pinned_shard_id = shard_id
         self.allow_cross_shard = allow_cross_shard
+        self.replica_reads = replica_reads
+        self._primary_reads = 0
         self._routed_execute = manager is not None and execute_chooser is None
         self._written_shards: dict[str, str] = {}
         self._affinity: str | None = None  # the shard this transaction works on, for reference reads
@@ -140,6 +148,11 @@ class ShardedSession(_StockShardedSession):
                     "no shard to bind to: pass bind_arguments={'shard_id': ...} (e.g. to connection())"
                 )
             shard_id = self._choose_shard(None, None, clause)
+        if kw.pop(REPLICA_OK, False) and shard_id is not None and self.manager is not None:
+            primary = self._ShardedSession__shards.get(shard_id)  # type: ignore[attr-defined]
+            replica = replica_bind(self, self.manager, shard_id, primary)
+            if replica is not None:
+                return replica
         try:
             return super().get_bind(mapper, shard_id=shard_id, instance=instance, clause=clause, **kw)
         except KeyError:
@@ -224,6 +237,15 @@ class ShardedSession(_StockShardedSession):
     def shards_written(self) -> tuple[str, ...]:
         """Shards this session's current transaction has written to (sharded tables only)."""
         return tuple(self._written_shards)
+
+    @contextmanager
+    def primary_reads(self) -> Iterator[None]:
+        """Inside this block every read goes to the primaries (read your own committed writes)."""
+        self._primary_reads += 1
+        try:
+            yield
+        finally:
+            self._primary_reads -= 1
 
 
 # -- flush ---------------------------------------------------------------------------------------
@@ -411,6 +433,8 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any]:
     assert isinstance(session, ShardedSession)
     debug = log.isEnabledFor(logging.DEBUG)
     shard_id, why = _explicit_shard(orm_context, session)
+    if session.manager is not None and may_read_from_replica(orm_context):
+        orm_context.bind_arguments[REPLICA_OK] = True  # get_bind picks the replica (scatter too)
     bulk_insert = (
         session.manager is not None and orm_context.is_insert and isinstance(orm_context.parameters, list)
     )
