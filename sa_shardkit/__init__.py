@@ -28,6 +28,7 @@ from .errors import (
     UnsupportedScatterError,
 )
 from .events import QueryEvent, QueryListener, QueryMetrics, QueryStats
+from .lint import LintReport, lint_files, lint_hook, lint_script_directory
 from .manager import ShardHealth, ShardManager
 from .replicas import ReplicaStatus
 from .ring import DEFAULT_VNODES, HashRing, key_bytes, key_hash
@@ -46,6 +47,7 @@ __all__ = [
     "HashRing",
     "InvalidShardKeyError",
     "InvalidWeightError",
+    "LintReport",
     "MigrationError",
     "NotShardedError",
     "QueryEvent",
@@ -81,6 +83,9 @@ __all__ = [
     "UnsupportedScatterError",
     "key_bytes",
     "key_hash",
+    "lint_files",
+    "lint_hook",
+    "lint_script_directory",
     "recover",
     "route_statement",
     "run_saga",
