@@ -198,3 +198,36 @@ def test_lock_timeout_fails_a_shard_whose_table_is_held_by_a_long_transaction(
     application.dispose()
     assert revision_on(shard_map["shard-1"]) == ("t_tier",)
     assert "tier" not in columns_on(shard_map["shard-2"], "customers")
+
+
+def test_revision_with_an_autocommit_block_creates_its_index_concurrently_on_every_shard(
+    project: AlembicProject, shard_map: dict[str, str]
+) -> None:
+    command.upgrade(project.config(), "head")
+    project.add_revision(
+        "t_concurrent",
+        """
+        op.add_column("customers", sa.Column("email", sa.Text(), nullable=True), if_not_exists=True)
+        with op.get_context().autocommit_block():
+            op.create_index(
+                "ix_customers_email", "customers", ["email"], postgresql_concurrently=True, if_not_exists=True
+            )
+        # after the block's commits, the run still holds the shard's migration lock and lock_timeout
+        op.execute(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
+            "AND objid = {MIGRATION_LOCK_ID} AND pid = pg_backend_pid()) "
+            "OR current_setting('lock_timeout') <> '5s' THEN RAISE EXCEPTION 'lock lost'; END IF; END $$"
+        )
+        """.replace("{MIGRATION_LOCK_ID}", str(MIGRATION_LOCK_ID)),
+    )
+    command.upgrade(project.config("lock_timeout=5s"), "head")
+    for url in shard_map.values():
+        assert revision_on(url) == ("t_concurrent",)
+        assert "email" in columns_on(url, "customers")
+        engine = create_engine(url, poolclass=NullPool)
+        with engine.connect() as conn:
+            valid = conn.execute(
+                text("SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_customers_email'::regclass")
+            ).scalar()
+        engine.dispose()
+        assert valid is True

@@ -58,8 +58,8 @@ _COMMANDS = {
 _MUTATING = ("upgrade", "downgrade", "stamp", "ensure_version")
 
 MIGRATION_LOCK_ID = 0x5348_4B4D
-"""PostgreSQL advisory lock taken per shard for the migration transaction (two concurrent
-``alembic upgrade`` runs would otherwise race on the same shard)."""
+"""PostgreSQL advisory lock (session-level) held on a shard while it is migrated: two concurrent
+``alembic upgrade`` runs would otherwise race on the same shard."""
 
 _RELATIVE = re.compile(r"[+-]\d+$")
 """``+1``, ``-2``, ``ae10+1``: resolved per shard against its own current revision."""
@@ -258,11 +258,16 @@ class _FleetRun:
     def _migrate_one(self, manager: ShardManager, shard_id: str) -> tuple[str, ...]:
         with manager.connect(shard_id) as conn:
             self._configure(connection=conn)
-            with self.env.begin_transaction():
-                _lock_shard(conn, shard_id)
-                _set_lock_timeout(conn, self._lock_timeout())
-                self.env.run_migrations()
-                return tuple(sorted(self.env.get_context().get_current_heads()))
+            try:
+                with self.env.begin_transaction():
+                    _lock_shard(conn, shard_id)
+                    _set_lock_timeout(conn, self._lock_timeout())
+                    self.env.run_migrations()
+                    return tuple(sorted(self.env.get_context().get_current_heads()))
+            finally:
+                # The lock and lock_timeout are session-level, so that they survive the commits of an
+                # autocommit_block() (CREATE INDEX CONCURRENTLY); closing the session ends both.
+                conn.invalidate()
 
     def _lock_timeout(self) -> str | None:
         """``-x lock_timeout=5s`` / ``shardkit_lock_timeout`` in ``[alembic]``: how long DDL may queue."""
@@ -446,7 +451,7 @@ def _lock_shard(conn: Connection, shard_id: str) -> None:
     """Refuse to migrate a shard that another migration run is migrating right now."""
     if conn.dialect.name != "postgresql":
         return
-    got = conn.execute(text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID}).scalar()
+    got = conn.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": MIGRATION_LOCK_ID}).scalar()
     if not got:
         raise MigrationError(f"shard {shard_id!r}: another migration run holds the migration lock")
 
@@ -458,7 +463,7 @@ def _set_lock_timeout(conn: Connection, value: str | None) -> None:
     that table for as long as it waits.
     """
     if value and conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT set_config('lock_timeout', :value, true)"), {"value": value})
+        conn.execute(text("SELECT set_config('lock_timeout', :value, false)"), {"value": value})
 
 
 def _reason(error: BaseException) -> str:
