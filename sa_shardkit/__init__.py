@@ -24,6 +24,7 @@ from .errors import (
     ShardKeyMissingError,
     ShardKitError,
     ShardUnavailableError,
+    TwoPhaseAbortedError,
     UnknownShardError,
     UnsupportedScatterError,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "ShardedSession",
     "Sharding",
     "Step",
+    "TwoPhaseAbortedError",
     "UnknownShardError",
     "UnsupportedScatterError",
     "key_bytes",

@@ -96,6 +96,10 @@ class SagaStepFailed(SagaError):
         self.reason = reason
 
 
+class TwoPhaseAbortedError(SagaError):
+    """The in-doubt resolver rolled a two-phase transaction back before its coordinator committed it."""
+
+
 class SagaPendingError(SagaError):
     """A saga could not be brought to a final state now; recovery will finish it (same id is safe)."""
 

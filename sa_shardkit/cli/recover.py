@@ -13,7 +13,8 @@ from types import FrameType
 import click
 
 from ..errors import ConfigError
-from ..saga import CREDIT_TRANSFER, RecoveryReport, Saga, SagaOptions
+from ..manager import ShardManager
+from ..saga import CREDIT_TRANSFER, RecoveryReport, Saga, SagaOptions, resolve_in_doubt
 from ..saga import recover as recover_pass
 from .options import config_options, load_manager
 
@@ -41,6 +42,15 @@ def _unfinished(report: RecoveryReport) -> bool:
     return bool(report.pending or report.unknown_type or report.unreachable)
 
 
+def _resolve(manager: ShardManager, older_than: float, *, always: bool) -> bool:
+    """Resolve in-doubt two-phase transactions; print what happened; True if some remain."""
+    report = resolve_in_doubt(manager, older_than=older_than)
+    busy = bool(report.committed or report.rolled_back or report.waiting or report.unreachable)
+    if always or busy:
+        click.echo(f"{time.strftime('%H:%M:%S')} {report}" if not always else str(report))
+    return bool(report.waiting or report.unreachable)
+
+
 @click.command()
 @config_options
 @click.option(
@@ -66,6 +76,14 @@ def _unfinished(report: RecoveryReport) -> bool:
     help="Seconds this worker's claim on a saga lasts without a heartbeat (if it dies, others wait this long).",
 )
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N sagas per shard per pass.")
+@click.option(
+    "--in-doubt-after",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Also resolve two-phase transactions left prepared by dead coordinators: roll back an "
+    "undecided one after this many seconds (decided ones are committed at once).",
+)
 def recover(
     config_path: str | None,
     urls: tuple[str, ...],
@@ -74,6 +92,7 @@ def recover(
     interval: float,
     lease: float,
     limit: int | None,
+    in_doubt_after: float,
 ) -> None:
     """Drive sagas whose runner died (lease expired) to a final state.
 
@@ -86,7 +105,8 @@ def recover(
         if not loop:
             report = recover_pass(manager, sagas, options=options, limit=limit)
             click.echo(str(report))
-            if _unfinished(report):
+            in_doubt = _resolve(manager, in_doubt_after, always=True)
+            if _unfinished(report) or in_doubt:
                 sys.exit(1)
             return
         stop = threading.Event()
@@ -101,5 +121,6 @@ def recover(
             report = recover_pass(manager, sagas, options=options, limit=limit)
             if report.finished or _unfinished(report):
                 click.echo(f"{time.strftime('%H:%M:%S')} {report}")
+            _resolve(manager, in_doubt_after, always=False)
             stop.wait(interval)
         click.echo("recovery worker stopped")

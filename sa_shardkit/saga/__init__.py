@@ -21,10 +21,12 @@ from .recovery import RecoveryReport, recover, recovery_worker
 from .runner import run_saga
 from .tables import create_saga_tables, receipts_table, saga_metadata, sagas_table
 from .transfer import CREDIT_TRANSFER, credit_transfer_saga, transfer, transfer_payload
+from .twophase import InDoubtReport, commit_across_shards, decisions_table, resolve_in_doubt
 
 __all__ = [
     "CREDIT_TRANSFER",
     "CheckpointHook",
+    "InDoubtReport",
     "KeyFunction",
     "Payload",
     "RecoveryReport",
@@ -33,11 +35,14 @@ __all__ = [
     "SagaOutcome",
     "Step",
     "StepFunction",
+    "commit_across_shards",
     "create_saga_tables",
     "credit_transfer_saga",
+    "decisions_table",
     "receipts_table",
     "recover",
     "recovery_worker",
+    "resolve_in_doubt",
     "run_saga",
     "saga_metadata",
     "sagas_table",
