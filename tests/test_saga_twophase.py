@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from sa_shardkit import ShardManager
+from sa_shardkit import ShardManager, TwoPhaseAbortedError
 from sa_shardkit.cli import main
 from sa_shardkit.saga import commit_across_shards, create_saga_tables, resolve_in_doubt
 
@@ -133,3 +133,21 @@ def test_coordinator_killed_after_the_commit_decision_is_committed_everywhere_by
     assert len(report.committed) == 2
     assert prepared(manager) == {s: 0 for s in PARTICIPANTS}
     assert entries(manager) == {"shard-2": ["a"], "shard-3": ["b"]}
+
+
+def test_a_slow_coordinator_overtaken_by_the_resolver_commits_nothing(manager: ShardManager) -> None:
+    setup(manager)
+
+    def resolver_runs_meanwhile(txid: str, checkpoint: str) -> None:
+        if checkpoint == "prepared":  # the coordinator stalls after PREPARE, longer than the grace period
+            assert len(resolve_in_doubt(manager, older_than=0).rolled_back) == 2
+
+    with pytest.raises(TwoPhaseAbortedError):
+        commit_across_shards(
+            manager,
+            {"shard-2": write("a"), "shard-3": write("b")},  # type: ignore[dict-item]
+            on_checkpoint=resolver_runs_meanwhile,
+        )
+
+    assert entries(manager) == {s: [] for s in PARTICIPANTS}
+    assert prepared(manager) == {s: 0 for s in PARTICIPANTS}

@@ -88,6 +88,9 @@ def commit_across_shards(
         raise SagaInputError(f"two-phase commit needs shard ids without '|': {bad}")
     txid = txid or uuid.uuid4().hex
     coordinator = shard_ids[0]
+    longest = max(len(_gid(txid, coordinator, s)) for s in shard_ids)
+    if longest > 200 or "|" in txid:
+        raise SagaInputError(f"two-phase transaction id {txid!r} with these shard ids is too long or has '|'")
 
     def checkpoint(name: str) -> None:
         if on_checkpoint is not None:
@@ -126,7 +129,10 @@ def commit_across_shards(
             ) from error
         if decision == ABORT:
             for _, transaction in prepared:
-                transaction.rollback()
+                try:
+                    transaction.rollback()
+                except Exception:  # noqa: BLE001 - the resolver may have rolled it back already
+                    pass
             raise TwoPhaseAbortedError(f"two-phase transaction {txid} was aborted by the in-doubt resolver")
         checkpoint("decided")
         unfinished = []
