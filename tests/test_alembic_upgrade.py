@@ -231,3 +231,39 @@ def test_revision_with_an_autocommit_block_creates_its_index_concurrently_on_eve
             ).scalar()
         engine.dispose()
         assert valid is True
+
+
+def test_failure_after_an_autocommit_block_reports_the_revision_the_shard_really_reached(
+    project: AlembicProject, shard_map: dict[str, str]
+) -> None:
+    command.upgrade(project.config(), "head")
+    old_head = project.head
+    project.add_revision(
+        "t_tier", 'op.add_column("customers", sa.Column("tier", sa.Text()), if_not_exists=True)'
+    )
+    project.add_revision(
+        "t_online_index",
+        """
+        with op.get_context().autocommit_block():  # commits t_tier (and its version row) first
+            op.create_index("ix_orders_created", "orders", ["created_at"], postgresql_concurrently=True)
+        """,
+    )
+    project.add_revision(
+        "t_cards", 'op.create_table("cards", sa.Column("id", sa.Integer(), primary_key=True))'
+    )
+    execute_on(shard_map["shard-1"], "CREATE TABLE cards (legacy integer)")
+
+    with pytest.raises(ShardMigrationError) as info:
+        command.upgrade(project.config(), "head")
+
+    assert revision_on(shard_map["shard-1"]) == ("t_tier",)
+    failed = info.value.report.outcomes[0]
+    assert (failed.shard_id, failed.state, failed.before, failed.after) == (
+        "shard-1",
+        ShardState.FAILED,
+        (old_head,),
+        ("t_tier",),
+    )
+    assert lines_mentioning(
+        project.output(), ["shard-1", f"{old_head} -> t_tier (committed before the failure)"]
+    )

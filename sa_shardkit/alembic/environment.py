@@ -30,6 +30,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.util import CommandError
 from sqlalchemy import MetaData, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..config import ShardConfig
 from ..errors import ConfigError, MigrationError, ShardKitError
@@ -37,7 +38,7 @@ from ..manager import ShardManager
 from .parallel import CHILD_ARG, child_argv, migrate_in_parallel, write_outcome
 from .plan import MigrationPlan, PreMigrateHook
 from .report import MigrationReport, ShardMigrationError, ShardOutcome, ShardState
-from .status import FleetStatus, RevisionState, ShardRevision, classify, fleet_status
+from .status import FleetStatus, RevisionState, ShardRevision, classify, fleet_status, read_heads
 from .targets import SECTION, requested_shards, select_shards, settings_from_alembic_config
 
 log = logging.getLogger("sa_shardkit.alembic")
@@ -226,7 +227,8 @@ class _FleetRun:
                     self._print(MigrationReport(self.command, self._destination(), tuple(outcomes)).summary())
                     raise
                 except Exception as error:  # noqa: BLE001 - recorded, then raised as ShardMigrationError
-                    outcomes.append(ShardOutcome(shard_id, ShardState.FAILED, heads, heads, _reason(error)))
+                    now = _heads_after_failure(manager, shard_id, heads)
+                    outcomes.append(ShardOutcome(shard_id, ShardState.FAILED, heads, now, _reason(error)))
                     outcomes += _not_attempted(ids[position + 1 :], before)
                     return self._fail(outcomes, cause=error)
                 state = ShardState.UP_TO_DATE if after == heads else ShardState.MIGRATED
@@ -369,6 +371,15 @@ class _FleetRun:
                 f"unknown reference shard {chosen!r}; configured shards: {', '.join(self.all_shards.shard_ids)}"
             )
         return chosen
+
+
+def _heads_after_failure(manager: ShardManager, shard_id: str, before: tuple[str, ...]) -> tuple[str, ...]:
+    """Where a failed shard really is: its revision from before the run, unless an
+    ``autocommit_block()`` committed some revisions of this run before the failure."""
+    try:
+        return read_heads(manager, shard_id)
+    except SQLAlchemyError:
+        return before  # unreachable now; its transaction cannot have committed after the failure
 
 
 def _workers(value: str | None) -> int:

@@ -78,6 +78,8 @@ class MigrationReport:
             revisions = _revs(o.before)
             if o.state is ShardState.MIGRATED:
                 revisions = f"{_revs(o.before)} -> {_revs(o.after)}"
+            elif o.state is ShardState.FAILED and o.after != o.before:
+                revisions = f"{_revs(o.before)} -> {_revs(o.after)} (committed before the failure)"
             elif o.state is ShardState.FAILED:
                 revisions = f"{_revs(o.before)} (unchanged)"
             line = f"  {o.shard_id:<{width}}  {o.state.value:<13}  {revisions}"
