@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import func, inspect, over, select, text
+from sqlalchemy import event, func, inspect, over, select, text
 from sqlalchemy.orm import Session, joinedload, sessionmaker
 
 from sa_shardkit import ShardManager, errors
@@ -192,3 +192,20 @@ def test_allow_partial_returns_healthy_shards_and_names_the_missing(
         assert isinstance(result, ScatterResult) and result.missing_shards == ("shard-2",)
         ids = [c.customer_id for c in result.scalars()]
     assert ids == [c for c in range(1, N + 1) if manager.shard_for(c) != "shard-2"]
+
+
+def test_limit_scatter_loads_only_the_returned_entities(filled: sessionmaker[Session]) -> None:
+    loaded: list[Any] = []
+
+    def count(target: Any, context: Any) -> None:
+        loaded.append(target)
+
+    event.listen(Order, "load", count)
+    try:
+        with filled() as session:
+            stmt = select(Order).order_by(Order.created_at, Order.order_id).offset(2).limit(5)
+            assert len(session.scalars(stmt).all()) == 5
+    finally:
+        event.remove(Order, "load", count)
+    # each shard sent up to 7 rows; only the 7 the merge used became entities (not 4 x 7)
+    assert len(loaded) == 7

@@ -31,6 +31,7 @@ from ..errors import ShardUnavailableError
 from .fanout import fan_out, is_unavailable, raise_for_errors
 from .gather import ALLOW_PARTIAL, PER_SHARD_RESULTS, gather
 from .plan import RowPlan, ScatterPlan, plan_scatter
+from .prefix import trim_to_merged_prefix
 from .result import ScatterResult
 
 
@@ -96,6 +97,8 @@ class _ScatterRun:
             any_result=bool(outcome.results),
             describe=self._describe,
         )
+        if self.compile_state_cls is not None and isinstance(self.plan, RowPlan):
+            trim_to_merged_prefix(self.plan, outcome.results, self.shard_ids)
         results = {s: self._load(s, prepared[s], r) for s, r in outcome.results.items()}
         merged = gather(self.plan, results, self.shard_ids, errors)
         self._restore_result_attributes(merged, results)

@@ -1,0 +1,172 @@
+"""Scatter-gather: wall time vs SQLAlchemy's stock ShardedSession, and memory of a LIMIT scatter.
+
+Run: python benchmarks/scatter.py      (starts 4 throwaway local PostgreSQL servers)
+
+1. Every shard's query takes ~50 ms (``pg_sleep(0.05)``): one shard alone, sa_shardkit over 4
+   shards (parallel), stock ``horizontal_shard.ShardedSession`` over 4 shards (sequential).
+2. ``ORDER BY created_at LIMIT 50`` over 100k rows (25k per shard, ``created_at`` indexed), same
+   three ways.
+3. Peak Python memory (tracemalloc) of ``ORDER BY ... LIMIT 50`` over 1M rows, and of streaming
+   200k of them through the k-way merge with ``yield_per`` (server-side cursors on each shard).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import statistics
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import BigInteger, DateTime, String, select, text
+from sqlalchemy.ext.horizontal_shard import ShardedSession as StockShardedSession
+from sqlalchemy.ext.horizontal_shard import set_shard_id
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from sa_shardkit import ShardManager
+from sa_shardkit.testing import PostgresFleet
+
+ROUNDS = 15
+STREAMED = 200_000
+SLOW = text("(SELECT pg_sleep(0.05)) IS NOT NULL")  # an initplan: ~50 ms once per query per shard
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Event(Base):
+    __tablename__ = "events"
+    __shard_key__ = "customer_id"
+
+    customer_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    event_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    payload: Mapped[str] = mapped_column(String(100))
+
+
+def owned_keys(manager: ShardManager, per_shard: int) -> dict[str, list[int]]:
+    """``per_shard`` customer ids owned by each shard on the ring."""
+    keys: dict[str, list[int]] = {s: [] for s in manager.shard_ids}
+    candidate = 1
+    while any(len(v) < per_shard for v in keys.values()):
+        bucket = keys[manager.shard_for(candidate)]
+        if len(bucket) < per_shard:
+            bucket.append(candidate)
+        candidate += 1
+    return keys
+
+
+def load(manager: ShardManager, rows_per_shard: int) -> None:
+    keys = owned_keys(manager, 1000)
+    for shard_id in manager.shard_ids:
+        with manager.engine(shard_id).begin() as conn:
+            Base.metadata.drop_all(conn)
+            Base.metadata.create_all(conn)
+            conn.execute(
+                text(
+                    "INSERT INTO events SELECT (:keys)[1 + g % 1000], g, "
+                    "timestamptz '2026-01-01' + (g * 7919 % 1000003) * interval '1 second', "
+                    "repeat('x', 60) FROM generate_series(1, :n) g"
+                ),
+                {"keys": keys[shard_id], "n": rows_per_shard},
+            )
+            conn.execute(text("ANALYZE events"))
+
+
+def stock_session(manager: ShardManager) -> Session:
+    shards = list(manager.shard_ids)
+    return StockShardedSession(
+        shards=manager.engines,
+        shard_chooser=lambda mapper, instance, clause=None: shards[0],
+        identity_chooser=lambda *a, **kw: shards,
+        execute_chooser=lambda context: shards,
+    )
+
+
+def timed(run: Callable[[], Any]) -> float:
+    """Median wall time in ms over ROUNDS runs (after one warm-up run)."""
+    run()
+    samples = []
+    for _ in range(ROUNDS):
+        started = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - started) * 1000)
+    return statistics.median(samples)
+
+
+def compare(title: str, manager: ShardManager, statement: Any) -> None:
+    ours = manager.sessionmaker()()
+    stock = stock_session(manager)
+    one = timed(lambda: ours.scalars(statement.options(set_shard_id("shard-1"))).all())
+    scatter = timed(lambda: ours.scalars(statement).all())
+    sequential = timed(lambda: stock.scalars(statement).all())
+    ours.close()
+    stock.close()
+    print(f"\n{title}")
+    print(f"  one shard alone:                   {one:8.1f} ms")
+    print(f"  sa_shardkit, 4 shards (parallel):  {scatter:8.1f} ms   {scatter / one:5.2f}x one shard")
+    print(f"  stock ShardedSession, 4 shards:    {sequential:8.1f} ms   {sequential / one:5.2f}x one shard")
+    print(f"  stock / sa_shardkit:               {sequential / scatter:8.2f}x")
+
+
+def peak_mb(run: Callable[[], Any]) -> tuple[float, Any]:
+    gc.collect()
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    baseline = tracemalloc.get_traced_memory()[0]
+    value = run()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return (peak - baseline) / 2**20, value
+
+
+def memory(manager: ShardManager) -> None:
+    factory = manager.sessionmaker()
+    limited = select(Event).order_by(Event.created_at, Event.event_id).limit(50)
+
+    def top50() -> int:
+        with factory() as session:
+            return len(session.scalars(limited).all())
+
+    def stream_all() -> int:
+        statement = (
+            select(Event.customer_id, Event.event_id, Event.created_at)
+            .where(Event.event_id <= STREAMED // 4)
+            .order_by(Event.created_at)
+        )
+        with factory() as session:
+            result = session.execute(statement.execution_options(yield_per=1000))
+            return sum(len(part) for part in result.partitions())
+
+    top50()  # warm caches and pools outside the measurement
+    mb, count = peak_mb(top50)
+    print("\nmemory, 1M rows over 4 shards (tracemalloc peak above baseline)")
+    print(f"  ORDER BY created_at LIMIT 50:                 {mb:7.2f} MB  ({count} rows)")
+    started = time.perf_counter()
+    mb, count = peak_mb(stream_all)
+    seconds = time.perf_counter() - started
+    print(
+        f"  every row, yield_per=1000 through the merge:  {mb:7.2f} MB  ({count:,} rows in {seconds:.1f} s)"
+    )
+
+
+def main() -> None:
+    with PostgresFleet(4) as fleet:
+        manager = ShardManager.from_urls(fleet.urls)
+        try:
+            load(manager, 25_000)
+            slow = select(Event).where(SLOW).order_by(Event.created_at, Event.event_id).limit(50)
+            compare("each shard's query takes ~50 ms (pg_sleep), ORDER BY ... LIMIT 50", manager, slow)
+            top = select(Event).order_by(Event.created_at, Event.event_id).limit(50)
+            compare("ORDER BY created_at LIMIT 50 over 100k rows (25k per shard, indexed)", manager, top)
+            load(manager, 250_000)
+            memory(manager)
+        finally:
+            manager.dispose()
+
+
+if __name__ == "__main__":
+    main()
