@@ -14,6 +14,7 @@ the ring. Statements touching only reference tables read from one shard and writ
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -75,8 +76,17 @@ def shard_for_key(manager: ShardManager, key: Any) -> str:
 
 def ring_shards(manager: ShardManager) -> tuple[str, ...]:
     """Shards that own keys (on the ring), in configuration order: where a scatter goes."""
-    ring = manager.ring
-    return tuple(s for s in manager.shard_ids if s in ring)
+    ring, configured = manager.ring, manager.shard_ids
+    cached = _ring_shards_cache.get(id(manager))
+    if cached is not None and cached[0] is ring and cached[1] == configured:
+        return cached[2]
+    shards = tuple(s for s in configured if s in ring)
+    _ring_shards_cache[id(manager)] = (ring, configured, shards)
+    return shards
+
+
+_ring_shards_cache: dict[int, tuple[Any, tuple[str, ...], tuple[str, ...]]] = {}
+"""manager id -> (ring, configured ids, result): recomputed whenever either changes."""
 
 
 def reference_read_shard(manager: ShardManager) -> str:
@@ -159,13 +169,23 @@ def route_identity(manager: ShardManager, mapper: Mapper[Any], primary_key: Sequ
     sharding = sharding_of(mapper)
     if sharding.reference:
         return Route((reference_read_shard(manager),), f"reference table {sharding.name}", True)
-    for column, value in zip(mapper.primary_key, primary_key, strict=False):
-        if column.name == sharding.column_name and value is not None:
-            return Route(shards_for_key(manager, value), f"primary key holds {sharding.describe_key()}")
+    index = _key_index_in_pk.get(mapper, -1)
+    if index == -1:
+        names = [c.name for c in mapper.primary_key]
+        index = names.index(sharding.column_name) if sharding.column_name in names else None
+        _key_index_in_pk[mapper] = index
+    if index is not None and index < len(primary_key) and primary_key[index] is not None:
+        return Route(
+            shards_for_key(manager, primary_key[index]), f"primary key holds {sharding.describe_key()}"
+        )
     return Route(
         ring_shards(manager),
         f"primary key of {sharding.name} lacks the shard key {sharding.attribute}: searching every shard",
     )
+
+
+_key_index_in_pk: weakref.WeakKeyDictionary[Mapper[Any], int | None] = weakref.WeakKeyDictionary()
+"""mapper -> position of the shard key in its primary key (None: not in it)."""
 
 
 # -- statements --------------------------------------------------------------------------------
@@ -191,6 +211,9 @@ def route_statement(
     if isinstance(statement, (Update, Delete)):
         return _route_filtered(manager, [statement.table], [statement.whereclause], params, write=True)
     if isinstance(statement, Select):
+        fast = _route_keyed_select(manager, statement, params)
+        if fast is not None:
+            return fast
         froms, criteria = _select_parts(statement)
         return _route_filtered(manager, froms, criteria, params, write=False)
     raise NotShardedError(f"cannot route a {type(statement).__name__} statement; pass a shard_id")
@@ -202,9 +225,47 @@ def _union_routes(manager: ShardManager, routes: list[Route]) -> Route:
     return Route(ordered, "; ".join(r.reason for r in routes))
 
 
+def _route_keyed_select(manager: ShardManager, statement: Select[Any], params: Any) -> Route | None:
+    """The common case cheaply: a SELECT whose WHERE names shard keys; ``None`` otherwise.
+
+    Skips the FROM analysis (subqueries can only narrow a keyed route further, and a wider
+    route stays correct); undeclared tables among the selected entities still raise.
+    """
+    if statement._from_obj:
+        return None
+    criteria: list[Any] = list(statement._where_criteria)
+    for _target, onclause, _from, flags in statement._setup_joins:
+        if not flags.get("isouter") and isinstance(onclause, ColumnElement):
+            criteria.append(onclause)
+    keys: list[Any] = []
+    shards: set[str] | None = None
+    for criterion in criteria:
+        found = _shards_in(manager, criterion, params, keys, False)
+        if found is not None:
+            shards = set(found) if shards is None else shards & found
+    if shards is None:
+        return None
+    for column in statement._raw_columns:
+        table = column if isinstance(column, FromClause) else getattr(column, "table", None)
+        if table is not None:
+            _declared(table)
+    for target, *_ in statement._setup_joins:
+        for table in _join_target_tables(target):
+            _declared(table)
+    return _keyed_route(manager, shards, _keys_reason(keys))
+
+
+def _keyed_route(manager: ShardManager, shards: set[str], reason: str) -> Route:
+    if not shards:
+        return Route(ring_shards(manager)[:1], f"{reason}: the conditions exclude every shard")
+    if len(shards) == 1:
+        return Route(tuple(shards), reason)
+    return Route(tuple(s for s in manager.shard_ids if s in shards), reason)
+
+
 def _select_parts(statement: Select[Any]) -> tuple[list[FromClause], list[ColumnElement[Any] | None]]:
     froms: list[FromClause] = [*statement.columns_clause_froms, *statement._from_obj]
-    criteria: list[ColumnElement[Any] | None] = [statement.whereclause]
+    criteria: list[ColumnElement[Any] | None] = list(statement._where_criteria)  # ANDed together
     for target, onclause, _from, _flags in statement._setup_joins:
         froms.extend(_join_target_tables(target))
         if not _flags.get("isouter") and isinstance(onclause, ColumnElement):
@@ -287,16 +348,12 @@ def _route_filtered(
         found = _shards_in(manager, criterion, params, keys, write)
         if found is not None:
             shards = set(found) if shards is None else shards & found
-    all_shards = ring_shards(manager)
     if shards is None:
         if not sharded and every_shard_subquery is not None:
-            return Route(all_shards, f"subquery: {every_shard_subquery}")
+            return Route(ring_shards(manager), f"subquery: {every_shard_subquery}")
         names = ", ".join(sorted({s.describe_key() for s in sharded}))
-        return Route(all_shards, f"no condition on the shard key ({names}): every shard")
-    reason = _keys_reason(keys) + "".join(f"; {r}" for r in inner_reasons)
-    if not shards:
-        return Route(all_shards[:1], f"{reason}: the conditions exclude every shard")
-    return Route(tuple(s for s in manager.shard_ids if s in shards), reason)
+        return Route(ring_shards(manager), f"no condition on the shard key ({names}): every shard")
+    return _keyed_route(manager, shards, _keys_reason(keys) + "".join(f"; {r}" for r in inner_reasons))
 
 
 def _declared(from_: FromClause) -> Sharding | None:
@@ -386,9 +443,9 @@ def _shards_in(
 
 
 def _keys_reason(keys: list[Any]) -> str:
-    shown = ", ".join(repr(k) for k in keys[:_MAX_KEYS_IN_REASON])
-    more = f" (+{len(keys) - _MAX_KEYS_IN_REASON} more)" if len(keys) > _MAX_KEYS_IN_REASON else ""
-    return f"shard key in [{shown}{more}]"
+    if len(keys) <= _MAX_KEYS_IN_REASON:
+        return f"shard key in {keys!r}"
+    return f"shard key in {keys[:_MAX_KEYS_IN_REASON]!r} and {len(keys) - _MAX_KEYS_IN_REASON} more"
 
 
 # -- inserts -----------------------------------------------------------------------------------

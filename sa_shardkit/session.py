@@ -116,15 +116,40 @@ class ShardedSession(_StockShardedSession):
                 execute_chooser = self._choose_execute_shards
         elif shard_chooser is None:
             raise ArgumentError("ShardedSession needs shard_chooser (and the other hooks) or manager=")
-        super().__init__(shard_chooser, identity_chooser, execute_chooser, shards, query_cls, **kwargs)
+        if "id_chooser" in kwargs or "query_chooser" in kwargs:  # deprecated stock arguments
+            super().__init__(shard_chooser, identity_chooser, execute_chooser, shards, query_cls, **kwargs)
+            event.remove(self, "do_orm_execute", execute_and_instances)  # ours is class-level
+        else:
+            self._init_without_instance_events(
+                shard_chooser, identity_chooser, execute_chooser, shards, query_cls, kwargs
+            )
         if shard_id is not None and shard_id not in self._shard_ids():
             raise UnknownShardError(f"cannot pin the session to unknown shard {shard_id!r}")
-        event.remove(self, "do_orm_execute", execute_and_instances)
-        event.listen(self, "do_orm_execute", _execute_routed, retval=True)
-        if manager is not None:
-            event.listen(self, "before_flush", _plan_flush)
-            event.listen(self, "after_flush_postexec", _after_flush)
-            event.listen(self, "after_transaction_end", _after_transaction_end)
+
+    def _init_without_instance_events(
+        self,
+        shard_chooser: Any,
+        identity_chooser: Any,
+        execute_chooser: Any,
+        shards: dict[str, Any] | None,
+        query_cls: Any,
+        kwargs: dict[str, Any],
+    ) -> None:
+        """The stock constructor minus its per-session ``event.listen`` (ours are class-level).
+
+        Registering and removing listeners on every new session costs more than a query does.
+        """
+        Session.__init__(self, query_cls=query_cls, **kwargs)
+        if identity_chooser is None:
+            raise ArgumentError("identity_chooser or id_chooser is required")
+        if execute_chooser is None:
+            raise ArgumentError("execute_chooser or query_chooser is required")
+        self.shard_chooser = shard_chooser
+        self.identity_chooser = identity_chooser
+        self.execute_chooser = execute_chooser
+        self._ShardedSession__shards: dict[str, Any] = {}
+        for shard_id, bind in (shards or {}).items():
+            self.bind_shard(shard_id, bind)
 
     # -- binds -----------------------------------------------------------------------------------
 
@@ -259,7 +284,9 @@ def _describe(obj: object, sharding: Sharding) -> str:
 
 def _plan_flush(session: Session, flush_context: Any, instances: Any) -> None:
     """Choose and check every row's shard before the unit of work writes anything."""
-    assert isinstance(session, ShardedSession) and session.manager is not None
+    assert isinstance(session, ShardedSession)
+    if session.manager is None:
+        return
     debug = log.isEnabledFor(logging.DEBUG)
     planned: dict[str, str] = {}
     reference_writes: list[tuple[object, str, tuple[Any, ...] | None]] = []
@@ -324,6 +351,8 @@ def _check_key_unchanged(
 
 def _after_flush(session: Session, flush_context: Any) -> None:
     assert isinstance(session, ShardedSession)
+    if session.manager is None:
+        return
     session._written_shards.update(
         {s: why for s, why in session._planned_shards.items() if s not in session._written_shards}
     )
@@ -420,6 +449,15 @@ def _explicit_shard(orm_context: ORMExecuteState, session: ShardedSession) -> tu
     return None, ""
 
 
+def _continue_on(orm_context: ORMExecuteState, shard_id: str) -> None:
+    """Let Session.execute carry on, bound to ``shard_id``: no second pass through execute.
+
+    ``orm_context.bind_arguments`` is the dict Session.execute binds with after the hooks.
+    """
+    orm_context.bind_arguments["shard_id"] = shard_id
+    orm_context.update_execution_options(identity_token=shard_id)
+
+
 def _invoke(orm_context: ORMExecuteState, shard_id: str) -> Result[Any]:
     bind_arguments = dict(orm_context.bind_arguments)
     bind_arguments["shard_id"] = shard_id
@@ -427,7 +465,7 @@ def _invoke(orm_context: ORMExecuteState, shard_id: str) -> Result[Any]:
     return orm_context.invoke_statement(bind_arguments=bind_arguments)
 
 
-def _execute_routed(orm_context: ORMExecuteState) -> Result[Any]:
+def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
     """``do_orm_execute``: one shard runs directly, several SELECTs scatter, DML sums rowcounts."""
     session = orm_context.session
     assert isinstance(session, ShardedSession)
@@ -444,7 +482,8 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any]:
         if bulk_insert:
             rows = range(len(orm_context.parameters))  # type: ignore[arg-type]
             return _bulk_insert(orm_context, session, {shard_id: list(rows)})
-        return _invoke(orm_context, shard_id)
+        _continue_on(orm_context, shard_id)
+        return None
     if bulk_insert:
         assert session.manager is not None
         statement: Any = orm_context.statement
@@ -468,7 +507,8 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any]:
     if len(shards) == 1:
         if is_write and session.manager is not None and not replicated:
             session._note_writes({shards[0]: _statement_name(orm_context)})
-        return _invoke(orm_context, shards[0])
+        _continue_on(orm_context, shards[0])
+        return None
     if not is_write:
         return execute_scatter(orm_context, shards)
     if orm_context.is_insert and session.manager is not None and not replicated:
@@ -553,3 +593,9 @@ def _statement_name(orm_context: ORMExecuteState) -> str:
         table = getattr(statement, "table", None)
         names = getattr(table, "name", "") if table is not None else ""
     return f"{kind} {names}".strip()
+
+
+event.listen(ShardedSession, "do_orm_execute", _execute_routed, retval=True)
+event.listen(ShardedSession, "before_flush", _plan_flush)
+event.listen(ShardedSession, "after_flush_postexec", _after_flush)
+event.listen(ShardedSession, "after_transaction_end", _after_transaction_end)
