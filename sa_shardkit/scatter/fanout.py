@@ -7,6 +7,7 @@ connection when the caller sees the error (a Session and its connections are not
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -16,6 +17,7 @@ from typing import Generic, TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.util.concurrency import await_only, greenlet_spawn, in_greenlet
 
 from ..errors import ShardUnavailableError
 
@@ -69,6 +71,8 @@ def fan_out(tasks: Mapping[str, Callable[[], T]]) -> FanOut[T]:
     items = list(tasks.items())
     if not items:
         return outcome
+    if in_greenlet():  # under an AsyncSession: the connections only work on its event loop
+        return _fan_out_on_event_loop(items)
     pool = scatter_pool()
     futures: list[tuple[str, Future[T]]] = [(shard, pool.submit(task)) for shard, task in items[1:]]
     first_shard, first_task = items[0]
@@ -81,6 +85,23 @@ def fan_out(tasks: Mapping[str, Callable[[], T]]) -> FanOut[T]:
             outcome.results[shard] = future.result()
         except Exception as error:  # noqa: BLE001 - collected, the policy decides
             outcome.errors[shard] = error
+    return outcome
+
+
+def _fan_out_on_event_loop(items: list[tuple[str, Callable[[], T]]]) -> FanOut[T]:
+    """asyncio fan-out: each task in its own greenlet, awaited together on the session's loop."""
+
+    async def all_tasks() -> list[T | BaseException]:
+        return await asyncio.gather(*(greenlet_spawn(task) for _, task in items), return_exceptions=True)
+
+    outcome: FanOut[T] = FanOut()
+    for (shard, _), result in zip(items, await_only(all_tasks()), strict=True):
+        if isinstance(result, Exception):
+            outcome.errors[shard] = result
+        elif isinstance(result, BaseException):  # cancellation, KeyboardInterrupt: not a shard failure
+            raise result
+        else:
+            outcome.results[shard] = result
     return outcome
 
 

@@ -1,0 +1,135 @@
+"""asyncio: SQLAlchemy's ``AsyncSession`` over the sharded session, with psycopg's async driver.
+
+``AsyncShardManager(manager)`` opens one ``AsyncEngine`` per shard from the same configuration; the
+routing stays the manager's (the ring and the models' shard keys), so sync and async code agree on
+where every row lives::
+
+    shards = AsyncShardManager(manager)
+    Session = shards.sessionmaker()
+    async with Session() as session, session.begin():
+        session.add(Customer(customer_id=42, name="Ada"))          # -> the ring's shard for 42
+    async with Session() as session:
+        total = await session.scalar(select(func.count()).select_from(Customer))  # every shard at once
+
+A SELECT that targets several shards fans out on the event loop (one greenlet per shard, awaited
+together), with the same global merge (ORDER BY, LIMIT, aggregates) as the sync session.
+:meth:`AsyncShardManager.query_all_shards` is the session-less form.
+
+Limits: async sessions read from the primaries (replica routing is sync-only for now), and query
+listeners (``manager.events``) see the sync engines only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Result
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.sql import Executable
+from sqlalchemy.sql.selectable import Select
+
+from .config import ShardConfig
+from .manager import ShardManager, require_shards, unavailable
+from .scatter.fanout import raise_for_errors
+from .scatter.gather import gather
+from .scatter.plan import AggregatePlan, ScatterPlan, plan_scatter
+from .scatter.result import ScatterResult
+from .session import ShardedSession
+
+
+def _async_engine(config: ShardConfig) -> AsyncEngine:
+    options: dict[str, Any] = dict(config.engine_options)
+    connect_args = dict(options.pop("connect_args", {}))
+    connect_args.setdefault("connect_timeout", max(1, round(config.connect_timeout)))
+    options.setdefault("pool_size", config.pool_size)
+    options.setdefault("max_overflow", config.max_overflow)
+    options.setdefault("pool_timeout", config.pool_timeout)
+    options.setdefault("pool_recycle", config.pool_recycle)
+    options.setdefault("pool_pre_ping", config.pool_pre_ping)
+    return create_async_engine(config.primary_url, connect_args=connect_args, **options)
+
+
+class AsyncShardManager:
+    """Async engines for the shards of a :class:`ShardManager`, which keeps routing."""
+
+    def __init__(self, manager: ShardManager) -> None:
+        self.manager = manager
+        self._engines = {shard_id: _async_engine(manager.config(shard_id)) for shard_id in manager.shard_ids}
+
+    def engine(self, shard_id: str) -> AsyncEngine:
+        """The shard's primary as an ``AsyncEngine`` (:class:`UnknownShardError` for a bad id)."""
+        self.manager.config(shard_id)
+        return self._engines[shard_id]
+
+    def sessionmaker(self, **kw: Any) -> async_sessionmaker[AsyncSession]:
+        """An ``async_sessionmaker`` whose sessions route like ``ShardedSession(manager=...)``.
+
+        Keyword arguments go to the sharded session (``allow_cross_shard``, ``shard_id``, ...) and
+        to ``AsyncSession`` (``expire_on_commit``, ...).
+        """
+        shards = {shard_id: engine.sync_engine for shard_id, engine in self._engines.items()}
+        kw.setdefault("expire_on_commit", False)  # attribute access after commit cannot await
+        return async_sessionmaker(
+            sync_session_class=ShardedSession, manager=self.manager, shards=shards, **kw
+        )
+
+    async def query_all_shards(
+        self,
+        statement: str | Executable,
+        params: Mapping[str, Any] | None = None,
+        *,
+        shard_ids: Iterable[str] | None = None,
+        with_shard_id: bool = False,
+        allow_partial: bool = False,
+    ) -> ScatterResult:
+        """Every shard at once on the event loop, merged like ``ShardManager.query_all_shards``."""
+        manager = self.manager
+        targets = require_shards(manager, manager.shard_ids if shard_ids is None else shard_ids)
+        plan: ScatterPlan | None = None
+        if isinstance(statement, str):
+            statement = text(statement)
+        elif isinstance(statement, Select):
+            plan = plan_scatter(statement)
+            if with_shard_id and isinstance(plan, AggregatePlan):
+                from .scatter.analysis import unsupported
+
+                raise unsupported("with_shard_id=True on an aggregate query, whose rows combine shards")
+        shard_statement = statement if plan is None else plan.statement
+
+        async def run(shard_id: str) -> Result[Any]:
+            async with self._engines[shard_id].connect() as conn:
+                result = await conn.execute(shard_statement, dict(params or {}))
+                frozen = result.freeze()
+                await conn.commit()
+                return frozen()
+
+        answers = await asyncio.gather(*(run(s) for s in targets), return_exceptions=True)
+        results: dict[str, Result[Any]] = {}
+        errors: dict[str, BaseException] = {}
+        for shard_id, answer in zip(targets, answers, strict=True):
+            if isinstance(answer, Exception):
+                errors[shard_id] = answer
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                results[shard_id] = answer
+        raise_for_errors(
+            errors,
+            allow_partial=allow_partial,
+            any_result=bool(results),
+            describe=lambda shard, error: unavailable(shard, manager.safe_url(shard), error),
+        )
+        return gather(plan, results, targets, errors, with_shard_id=with_shard_id)
+
+    async def dispose(self) -> None:
+        """Close every pooled async connection (the sync manager is left to its owner)."""
+        await asyncio.gather(*(engine.dispose() for engine in self._engines.values()))
+
+    async def __aenter__(self) -> AsyncShardManager:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.dispose()
