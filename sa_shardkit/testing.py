@@ -77,6 +77,14 @@ def _chown_to_postgres(path: Path) -> None:
             os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
 
 
+def _signal(pid: int, signum: int) -> None:
+    """Signal a server process; one that exited since it was listed (a finished backend) is skipped."""
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
 class LocalPostgres:
     """One PostgreSQL server in its own data directory on a free port."""
 
@@ -142,12 +150,12 @@ class LocalPostgres:
         """Freeze the server (SIGSTOP to the postmaster and backends): connections hang, unlike stop."""
         pids = self._pids()
         for pid in pids:
-            os.kill(pid, 19)
+            _signal(pid, 19)
         return len(pids)
 
     def resume(self) -> None:
         for pid in self._pids():
-            os.kill(pid, 18)
+            _signal(pid, 18)
 
     def _pids(self) -> list[int]:
         pid_file = self.data_dir / "postmaster.pid"
