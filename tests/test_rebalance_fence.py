@@ -24,7 +24,7 @@ from sa_shardkit.rebalance import (
     table_set,
 )
 from sa_shardkit.rebalance.catalog import STATE_TABLE, write_state
-from sa_shardkit.rebalance.mover import SourceMover
+from sa_shardkit.rebalance.mover import SourceMover, create_stages
 from sa_shardkit.rebalance.progress import ProgressTracker
 from sa_shardkit.rebalance.rebalancer import _prepare
 from tests.rebalance_data import check_fleet, seed
@@ -51,6 +51,7 @@ def _start_move(manager: ShardManager, shard5_url: str) -> RingState:
     _prepare(manager, tables, FOUR, ["shard-5"])
     state = RingState(2, FOUR, FIVE, tables.key_sql_type)
     write_state(manager, state, state.shard_ids)
+    create_stages(manager, tables, ["shard-5"])
     return state
 
 
@@ -143,7 +144,7 @@ def test_failed_verification_deletes_nothing_and_a_rerun_converges(
             )
         )
         conn.commit()
-    with pytest.raises(RebalanceError, match="verification failed copying orders"):
+    with pytest.raises(RebalanceError, match="verification failed copying from"):
         add_shard(manager, "shard-5", Base, options=MoveOptions(batch_size=1000))
     check_fleet(manager, FOUR, None, 200)  # every row still where it was
     state = load_ring_state(manager)

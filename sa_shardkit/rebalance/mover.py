@@ -1,18 +1,23 @@
 """Moving one source shard's keys: copy, verify, cut over and delete, one key batch at a time.
 
 A batch is the next ``batch_size`` shard keys of the source above its watermark (keyset pagination
-over every sharded table's key column, in the column's SQL order; never OFFSET). The whole batch is
-handled inside ONE source transaction that first locks the source's state row ``FOR NO KEY UPDATE``:
-writers of moving keys (who lock it ``FOR SHARE``) wait for the batch, so the copy is exact without
-any change capture. Inside it, per target shard, one target transaction replaces the keys' rows
-(delete, then ``INSERT ... ON CONFLICT DO UPDATE``, parents first) and compares row counts and
-checksums with the source before it commits. Then the source deletes the rows (children first) and
-advances the watermark, and commits: that commit is the cut-over.
+over every sharded table's key column, in the column's SQL order; never OFFSET). Each batch runs in
+two phases:
 
-Crash safety: the target commits before the source. A crash between the two leaves copies on the
-target for keys above the source's watermark; routing never sends anyone there (the key has not
-moved), and the next run deletes them before it starts (:meth:`SourceMover.clean_targets`). A
-session-level advisory lock on the source keeps a second mover of the same source out.
+1. **copy** (no fence; writers keep writing the keys on the source): per target shard, one target
+   transaction replaces the keys' rows -- delete, then ``COPY`` into a staging table and
+   ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` (a set-based batched upsert), parents first;
+2. **cut-over** (short): one source transaction locks the source's state row ``FOR NO KEY UPDATE``
+   -- writers of moving keys, who lock it ``FOR SHARE``, wait; nobody else does. It re-reads the
+   keys of the batch's key range (new keys included), compares per-key row counts and checksums
+   with each target, copies again only the keys that changed since phase 1, verifies every key,
+   commits the targets, deletes the rows from the source (children first), advances the watermark,
+   and commits: that commit is the cut-over.
+
+Crash safety: targets commit before the source. A crash in between leaves copies on a target for
+keys above the source's watermark; routing never sends anyone there (the key has not moved), and
+the next run deletes them before it starts (:meth:`SourceMover.clean_targets`). A session-level
+advisory lock on the source keeps a second mover of the same source out.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from typing import Any
 
 from sqlalchemy import (
     String,
-    Text,
     bindparam,
     cast,
     delete,
@@ -34,13 +38,12 @@ from sqlalchemy import (
     union,
 )
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..errors import RebalanceError
 from ..manager import ShardManager
-from .catalog import STATE_TABLE, RingState, read_shard_state
+from .catalog import STATE_TABLE, RingState, ShardState, read_shard_state
 from .progress import BatchReport, ProgressTracker
 from .tables import ShardedTable, TableSet
 
@@ -79,18 +82,6 @@ def _key_param(spec: ShardedTable, name: str) -> ColumnElement[Any]:
 
 def _keys_param(spec: ShardedTable) -> Any:
     return bindparam("keys", type_=postgresql.ARRAY(spec.key.type))
-
-
-def checksums(conn: Connection, tables: TableSet, keys: Sequence[Any]) -> dict[str, tuple[int, int]]:
-    """``{table: (rows, sum of row hashes)}`` of the rows of ``keys``: order-independent, one query."""
-    parts = []
-    for spec in tables.sharded:
-        row_hash = func.hashtextextended(cast(func.row(*spec.table.c), Text), 0)
-        where = spec.key == func.any(_keys_param(spec))
-        parts.append(select(func.count()).where(where).scalar_subquery())
-        parts.append(select(func.coalesce(func.sum(row_hash), 0)).where(where).scalar_subquery())
-    values = conn.execute(select(*parts), {"keys": list(keys)}).one()
-    return {spec.name: (int(values[2 * i]), int(values[2 * i + 1])) for i, spec in enumerate(tables.sharded)}
 
 
 def next_keys(conn: Connection, tables: TableSet, after: str | None, limit: int) -> list[Any]:
@@ -136,6 +127,7 @@ class SourceMover:
         self.options = options
         self.tracker = tracker
         self.targets = sorted(m for m in self.new.shard_ids if m != source)
+        self.names = [TableNames.of(spec) for spec in tables.sharded]
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -183,108 +175,280 @@ class SourceMover:
                         break
                     after = str(keys[-1])
                     orphans = [k for k in keys if self._moves(k) == target]
+                    for names in reversed(self.names) if orphans else ():
+                        result = tconn.exec_driver_sql(
+                            f"DELETE FROM {names.live} WHERE {names.key_in}", (orphans,)
+                        )
+                        removed += result.rowcount
+                for names in self.names:  # staged by phase 1 of a batch that never cut over
+                    staged = [
+                        k for (k,) in tconn.exec_driver_sql(f"SELECT DISTINCT {names.key} FROM {names.stage}")
+                    ]
+                    orphans = [k for k in staged if self._moves(k) == target]
                     if orphans:
-                        for spec in reversed(self.tables.sharded):
-                            result = tconn.execute(
-                                delete(spec.table).where(spec.key == func.any(_keys_param(spec))),
-                                {"keys": orphans},
-                            )
-                            removed += result.rowcount
+                        tconn.exec_driver_sql(f"DELETE FROM {names.stage} WHERE {names.key_in}", (orphans,))
         return removed
 
     def batch(self) -> bool:
-        """Cut over the next key batch; False when the source is drained."""
+        """Move the next key batch; False when the source is drained.
+
+        Phase 1 copies the batch without the fence (writers keep writing on the source); phase 2
+        takes the fence, re-copies only the keys whose rows changed meanwhile (per-key checksums),
+        verifies, deletes and advances the watermark. Writers of moving keys wait only for phase 2.
+        """
         with self.manager.connect(self.source) as conn, conn.begin():
-            conn.execute(text(f"SET LOCAL lock_timeout = '{int(self.options.lock_timeout * 1000)}ms'"))
             conn.execute(_CANONICAL)
-            fenced_at = time.perf_counter()
-            # the fence: writers of moving keys hold this row FOR SHARE; we wait for them and block them
-            row = read_shard_state(conn, self.source, lock="FOR NO KEY UPDATE", check_table=False)
-            if row is None or row.state.version != self.state.version:
-                found = "no state" if row is None else f"version {row.state.version}"
-                raise RebalanceError(
-                    f"shard {self.source!r} has {found}, expected ring version {self.state.version}: "
-                    "the fleet state changed under the mover"
-                )
+            row = self._state_row(conn, lock="")
             if row.drained:
                 return False
-            keys = next_keys(conn, self.tables, row.watermark, self.options.batch_size)
-            if not keys:
-                conn.execute(text(f"UPDATE {STATE_TABLE} SET drained = true, updated_at = now()"))
+            watermark = row.watermark
+            keys = next_keys(conn, self.tables, watermark, self.options.batch_size)
+            precopied = self._by_target(keys)
+            for target, target_keys in precopied.items():
+                self._replace(conn, target, target_keys)
+        if not keys:
+            return self._finish_drain(watermark)
+        return self._cut_over(watermark, str(keys[-1]), precopied, len(keys))
+
+    def _state_row(self, conn: Connection, *, lock: str) -> ShardState:
+        row = read_shard_state(conn, self.source, lock=lock, check_table=False)
+        if row is None or row.state.version != self.state.version:
+            found = "no state" if row is None else f"version {row.state.version}"
+            raise RebalanceError(
+                f"shard {self.source!r} has {found}, expected ring version {self.state.version}: "
+                "the fleet state changed under the mover"
+            )
+        return row
+
+    def _by_target(self, keys: Sequence[Any]) -> dict[str, list[Any]]:
+        by_target: dict[str, list[Any]] = {}
+        for key in keys:
+            target = self._moves(key)
+            if target is not None:
+                by_target.setdefault(target, []).append(key)
+        return by_target
+
+    def _fence(self, conn: Connection) -> ShardState:
+        """Take the fence: wait for in-flight writers of moving keys (FOR SHARE) and block new ones."""
+        conn.execute(text(f"SET LOCAL lock_timeout = '{int(self.options.lock_timeout * 1000)}ms'"))
+        conn.execute(_CANONICAL)
+        return self._state_row(conn, lock="FOR NO KEY UPDATE")
+
+    def _finish_drain(self, watermark: str | None) -> bool:
+        """No key above the watermark: mark the source drained, unless one arrived meanwhile."""
+        with self.manager.connect(self.source) as conn, conn.begin():
+            row = self._fence(conn)
+            if row.drained:
                 return False
-            by_target: dict[str, list[Any]] = {}
-            for key in keys:
-                target = self._moves(key)
-                if target is not None:
-                    by_target.setdefault(target, []).append(key)
+            if row.watermark != watermark:
+                raise RebalanceError(f"the watermark of {self.source!r} moved under the mover")
+            if next_keys(conn, self.tables, watermark, 1):
+                return True  # a writer added a key above the watermark: another batch
+            conn.execute(text(f"UPDATE {STATE_TABLE} SET drained = true, updated_at = now()"))
+            return False
+
+    def _cut_over(
+        self, watermark: str | None, last: str, precopied: dict[str, list[Any]], scanned: int
+    ) -> bool:
+        with self.manager.connect(self.source) as conn, conn.begin():
+            fenced_at = time.perf_counter()
+            row = self._fence(conn)
+            if row.watermark != watermark:
+                raise RebalanceError(f"the watermark of {self.source!r} moved under the mover")
+            moving = self._by_target(keys_between(conn, self.tables, watermark, last))
             rows_by_table: dict[str, int] = {}
-            for target, target_keys in by_target.items():
-                for table, n in self._copy(conn, target, target_keys).items():
+            for target in sorted(set(precopied) | set(moving)):
+                copied = self._catch_up(conn, target, precopied.get(target, []), moving.get(target, []))
+                for table, n in copied.items():
                     rows_by_table[table] = rows_by_table.get(table, 0) + n
-            moving = [k for ks in by_target.values() for k in ks]
-            if moving:
+            keys = [k for ks in moving.values() for k in ks]
+            if keys:
                 for spec in reversed(self.tables.sharded):
                     deleted = conn.execute(
-                        delete(spec.table).where(spec.key == func.any(_keys_param(spec))), {"keys": moving}
+                        delete(spec.table).where(spec.key == func.any(_keys_param(spec))), {"keys": keys}
                     ).rowcount
                     if deleted != rows_by_table.get(spec.name, 0):
                         raise RebalanceError(
-                            f"{spec.name} on {self.source!r}: deleted {deleted} rows but copied "
+                            f"{spec.name} on {self.source!r}: deleting {deleted} rows but copied "
                             f"{rows_by_table.get(spec.name, 0)}; rolled back"
                         )
-            conn.execute(
-                text(f"UPDATE {STATE_TABLE} SET watermark = :wm, updated_at = now()"), {"wm": str(keys[-1])}
-            )
+            conn.execute(text(f"UPDATE {STATE_TABLE} SET watermark = :wm, updated_at = now()"), {"wm": last})
         fence_seconds = time.perf_counter() - fenced_at
-        self.tracker.batch(
-            BatchReport(
-                self.source,
-                len(keys),
-                len(moving),
-                sum(rows_by_table.values()),
-                rows_by_table,
-                fence_seconds,
-            )
+        report = BatchReport(
+            self.source, scanned, len(keys), sum(rows_by_table.values()), rows_by_table, fence_seconds
         )
+        self.tracker.batch(report)
         return True
 
-    def _copy(self, source: Connection, target: str, keys: list[Any]) -> dict[str, int]:
-        """Replace ``keys``' rows on ``target`` with the source's, verified; commits the target."""
-        copied: dict[str, int] = {}
+    def _replace(self, source: Connection, target: str, keys: list[Any]) -> None:
+        """Phase 1: stage the keys' rows on ``target`` (committed, unverified, invisible)."""
         with self.manager.connect(target) as tconn, tconn.begin():
             tconn.execute(_CANONICAL)
-            params = {"keys": keys}
-            for spec in reversed(self.tables.sharded):
-                tconn.execute(delete(spec.table).where(spec.key == func.any(_keys_param(spec))), params)
-            for spec in self.tables.sharded:
-                columns = list(spec.table.c)
-                result = source.execute(
-                    select(*columns).where(spec.key == func.any(_keys_param(spec))), params
+            for names in self.names:
+                tconn.exec_driver_sql(f"DELETE FROM {names.stage} WHERE {names.key_in}", (keys,))
+                names.copy(source, tconn, keys)
+
+    def _catch_up(
+        self, source: Connection, target: str, precopied: list[Any], keys: list[Any]
+    ) -> dict[str, int]:
+        """Phase 2, under the fence: make ``target``'s tables hold exactly the source's rows of ``keys``.
+
+        Staged keys deleted since phase 1 are dropped, keys whose per-key checksum differs (changed
+        or new since phase 1) are staged again, then the staged rows are upserted into the tables
+        (parents first) and every key is verified. Commits the target.
+        """
+        with self.manager.connect(target) as tconn, tconn.begin():
+            tconn.execute(_CANONICAL)
+            gone = list(set(precopied) - set(keys))
+            if gone:
+                for names in self.names:
+                    tconn.exec_driver_sql(f"DELETE FROM {names.stage} WHERE {names.key_in}", (gone,))
+            expected = key_checksums(source, self.names, keys, staged=False)
+            stale = _differing(expected, key_checksums(tconn, self.names, keys, staged=True), keys)
+            for names in self.names if stale else ():
+                tconn.exec_driver_sql(f"DELETE FROM {names.stage} WHERE {names.key_in}", (stale,))
+                names.copy(source, tconn, stale)
+            for names in reversed(self.names):  # no row of these keys may be live here yet; be exact
+                tconn.exec_driver_sql(f"DELETE FROM {names.live} WHERE {names.key_in}", (keys,))
+            for names in self.names:
+                tconn.exec_driver_sql(names.upsert_from_stage, (keys,))
+                tconn.exec_driver_sql(f"DELETE FROM {names.stage} WHERE {names.key_in}", (keys,))
+            wrong = _differing(expected, key_checksums(tconn, self.names, keys, staged=False), keys)
+            if wrong:
+                raise RebalanceError(
+                    f"verification failed copying from {self.source!r} to {target!r}: the rows of "
+                    f"{len(wrong)} key(s) differ after the copy (e.g. key {wrong[0]!r}); nothing "
+                    "was deleted from the source"
                 )
-                rows = [dict(zip((c.key for c in columns), r, strict=True)) for r in result]
-                copied[spec.name] = len(rows)
-                if rows:
-                    tconn.execute(_upsert(spec), rows)
-            expected_all = checksums(source, self.tables, keys)
-            got_all = checksums(tconn, self.tables, keys)
-            for spec in self.tables.sharded:
-                expected, got = expected_all[spec.name], got_all[spec.name]
-                if got != expected:
-                    raise RebalanceError(
-                        f"verification failed copying {spec.name} from {self.source!r} to {target!r}: "
-                        f"source has {expected[0]} rows (checksum {expected[1]}), target {got[0]} "
-                        f"({got[1]}); nothing was deleted"
-                    )
-        return copied
+        counts: dict[str, int] = {}
+        for (index, _), (n, _) in expected.items():
+            name = self.tables.sharded[index].name
+            counts[name] = counts.get(name, 0) + n
+        return counts
 
 
-def _upsert(spec: ShardedTable) -> Any:
-    statement = pg_insert(spec.table)
-    primary = [c.name for c in spec.table.primary_key.columns]
-    rest = {c.name: statement.excluded[c.name] for c in spec.table.c if not c.primary_key}
-    if not rest:
-        return statement.on_conflict_do_nothing(index_elements=primary)
-    return statement.on_conflict_do_update(index_elements=primary, set_=rest)
+def create_stages(manager: ShardManager, tables: TableSet, targets: Sequence[str]) -> None:
+    """The staging tables on every target shard (before movers run in parallel: DDL races)."""
+    for target in targets:
+        with manager.connect(target) as conn, conn.begin():
+            for spec in tables.sharded:
+                TableNames.of(spec).create_stage(conn)
 
 
-__all__ = ["MOVER_LOCK", "MoveOptions", "SourceMover", "checksums", "next_keys"]
+def drop_stages(manager: ShardManager, tables: TableSet, targets: Sequence[str]) -> None:
+    """Drop the (empty) staging tables once the move is finished."""
+    for target in targets:
+        with manager.connect(target) as conn, conn.begin():
+            for spec in tables.sharded:
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {TableNames.of(spec).stage}")
+
+
+def keys_between(conn: Connection, tables: TableSet, after: str | None, upto: str) -> list[Any]:
+    """Every shard key in ``(after, upto]`` in any sharded table (the range one batch covers)."""
+    parts = []
+    for spec in tables.sharded:
+        part = select(spec.key.label("k")).distinct().where(spec.key <= _key_param(spec, "upto"))
+        if after is not None:
+            part = part.where(spec.key > _key_param(spec, "after"))
+        parts.append(part)
+    merged = union(*parts).subquery()
+    params: dict[str, Any] = {"upto": upto}
+    if after is not None:
+        params["after"] = after
+    return list(conn.execute(select(merged.c.k).order_by(merged.c.k), params).scalars())
+
+
+def key_checksums(
+    conn: Connection, names: Sequence[TableNames], keys: Sequence[Any], *, staged: bool
+) -> dict[tuple[int, Any], tuple[int, int]]:
+    """``{(table index, key): (rows, sum of row hashes)}`` for ``keys``, in one query.
+
+    The hash is PostgreSQL's own text form of each row (``ROW(columns)::text``), so the live and
+    the staging table of one shard, and the same table on two shards, compare alike.
+    """
+    if not keys:
+        return {}
+    parts = [
+        f"SELECT {i} AS t, {n.key} AS k, count(*), sum(hashtextextended(ROW({n.columns})::text, 0)) "
+        f"FROM {n.stage if staged else n.live} WHERE {n.key_in} GROUP BY {n.key}"
+        for i, n in enumerate(names)
+    ]
+    result = conn.exec_driver_sql(" UNION ALL ".join(parts), tuple([list(keys)] * len(parts)))
+    return {(int(t), k): (int(c), int(h)) for t, k, c, h in result}
+
+
+def _differing(
+    expected: dict[tuple[int, Any], tuple[int, int]],
+    got: dict[tuple[int, Any], tuple[int, int]],
+    keys: list[Any],
+) -> list[Any]:
+    """Keys whose rows differ in any table between two :func:`key_checksums` results."""
+    wanted = set(keys)
+    bad = {k for (t, k), v in expected.items() if k in wanted and got.get((t, k)) != v}
+    bad |= {k for (t, k), v in got.items() if k in wanted and expected.get((t, k)) != v}
+    return [k for k in keys if k in bad]
+
+
+@dataclass(frozen=True)
+class TableNames:
+    """The quoted SQL names one sharded table needs: itself, its staging table, its key."""
+
+    live: str
+    stage: str
+    key: str
+    key_in: str
+    """``key = ANY(CAST(%s AS type[]))``: the rows of a list of keys."""
+    columns: str
+    upsert_from_stage: str
+
+    @classmethod
+    def of(cls, spec: ShardedTable) -> TableNames:
+        preparer = postgresql.dialect().identifier_preparer  # type: ignore[no-untyped-call]
+        quote = preparer.quote
+        live = preparer.format_table(spec.table)
+        stage = quote(f"shardkit_in_{spec.table.name}")
+        key = quote(spec.key.name)
+        key_in = f"{key} = ANY(CAST(%s AS {spec.key_sql_type}[]))"
+        columns = ", ".join(quote(c.name) for c in spec.table.c)
+        primary = ", ".join(quote(c.name) for c in spec.table.primary_key.columns)
+        changes = ", ".join(
+            f"{quote(c.name)} = EXCLUDED.{quote(c.name)}" for c in spec.table.c if not c.primary_key
+        )
+        conflict = f"DO UPDATE SET {changes}" if changes else "DO NOTHING"
+        upsert = (
+            f"INSERT INTO {live} ({columns}) SELECT {columns} FROM {stage} WHERE {key_in} "
+            f"ON CONFLICT ({primary}) {conflict}"
+        )
+        return cls(live, stage, key, key_in, columns, upsert)
+
+    def create_stage(self, conn: Connection) -> None:
+        """An unlogged table shaped like the live one (no constraints) where phase 1 copies to."""
+        conn.exec_driver_sql(f"CREATE UNLOGGED TABLE IF NOT EXISTS {self.stage} (LIKE {self.live})")
+        index = self.stage[:-1] + '_key"' if self.stage.endswith('"') else self.stage + "_key"
+        conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {index} ON {self.stage} ({self.key})")
+
+    def copy(self, source: Connection, target: Connection, keys: list[Any]) -> int:
+        """Stream the keys' rows from the source table into this staging table with COPY."""
+        src = source.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        dst = target.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        out_sql = f"COPY (SELECT {self.columns} FROM {self.live} WHERE {self.key_in}) TO STDOUT"
+        with (
+            src.copy(out_sql, (keys,)) as out,
+            dst.copy(f"COPY {self.stage} ({self.columns}) FROM STDIN") as into,
+        ):
+            for block in out:
+                into.write(block)
+        return int(src.rowcount)
+
+
+__all__ = [
+    "MOVER_LOCK",
+    "MoveOptions",
+    "SourceMover",
+    "TableNames",
+    "create_stages",
+    "drop_stages",
+    "key_checksums",
+    "keys_between",
+    "next_keys",
+]

@@ -24,7 +24,7 @@ from ..errors import RebalanceError, UnknownShardError
 from ..manager import ShardManager
 from ..ring import HashRing
 from .catalog import RingState, check_key_type, install_ring, load_ring_state, write_state
-from .mover import MoveOptions, SourceMover
+from .mover import MoveOptions, SourceMover, create_stages, drop_stages
 from .plan import RebalancePlan, plan_rebalance, range_moves
 from .progress import ProgressCallback, ProgressTracker
 from .tables import TableSet, TableSource, table_set
@@ -107,6 +107,7 @@ def rebalance(
         _copy_reference(manager, spec, state.ring.shard_ids[0], joining)
     final = RingState(state.version + 1, new_ring)
     write_state(manager, final, state.shard_ids)
+    drop_stages(manager, spec, new_ring.shard_ids)
     manager.set_ring(new_ring)
     tracker.phase("done")
     return _result(state.ring, new_ring, final.version, tracker)
@@ -233,6 +234,8 @@ def _drain(
     tracker: ProgressTracker,
 ) -> None:
     """Drain every source shard, in parallel; the first failure is raised after all stop."""
+    assert state.target is not None
+    create_stages(manager, spec, state.target.shard_ids)
     movers = [SourceMover(manager, state, spec, s, options, tracker) for s in sources]
     if len(movers) == 1:
         movers[0].run()

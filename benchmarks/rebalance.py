@@ -1,0 +1,195 @@
+"""Adding a 5th shard online: rows moved per second and the longest write stall, against the
+design's OFFSET-paged move-while-deleting loop on the same data (which also skips rows).
+
+Run: python benchmarks/rebalance.py [--customers 5000] [--orders 10] [--items 2] [--batch-size 200]
+
+Starts five throwaway local PostgreSQL servers (sa_shardkit.testing). Issue-sized by default:
+5,000 customers, 50,000 orders, 100,000 order items on 4 shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import threading
+import time
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import delete, insert, select, text, tuple_
+
+from sa_shardkit import HashRing, ShardConfig, ShardManager
+from sa_shardkit.demo.models import Base, Customer, Order, OrderItem, Product
+from sa_shardkit.rebalance import MoveOptions, RingRouter, add_shard, install_ring, misplaced_rows
+from sa_shardkit.testing import PostgresFleet
+
+FOUR = ["shard-1", "shard-2", "shard-3", "shard-4"]
+TABLES = [Customer.__table__, Order.__table__, OrderItem.__table__]
+
+
+def seed(manager: ShardManager, ring: HashRing, customers: int, orders: int, items: int) -> int:
+    placed: dict[str, list[list[dict[str, Any]]]] = {s: [[], [], []] for s in ring.shard_ids}
+    for c in range(1, customers + 1):
+        rows = placed[ring.get_shard(c)]
+        rows[0].append({"customer_id": c, "name": f"c{c}", "balance": Decimal(100)})
+        for n in range(orders):
+            oid = uuid.UUID(int=(c << 32) | n)
+            rows[1].append({"customer_id": c, "order_id": oid, "status": "new", "total": Decimal(10)})
+            for i in range(items):
+                rows[2].append(
+                    {
+                        "customer_id": c,
+                        "order_id": oid,
+                        "item_no": i,
+                        "sku": "SKU-1",
+                        "quantity": 1,
+                        "unit_price": Decimal(5),
+                    }
+                )
+    for shard_id in ring.shard_ids:
+        with manager.connect(shard_id) as conn, conn.begin():
+            conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        Base.metadata.create_all(manager.engine(shard_id))
+        with manager.connect(shard_id) as conn, conn.begin():
+            conn.execute(insert(Product.__table__), [{"sku": "SKU-1", "name": "p", "price": Decimal(5)}])
+            for table, rows in zip(TABLES, placed[shard_id], strict=True):
+                conn.execute(insert(table), rows)
+            conn.execute(text("ANALYZE"))
+    return sum(len(r) for rows in placed.values() for r in rows)
+
+
+class Writer(threading.Thread):
+    """Updates random customers' orders in a loop and records the longest single write."""
+
+    def __init__(self, write: Any, customers: int) -> None:
+        super().__init__(daemon=True)
+        self.write = write
+        self.customers = customers
+        self.stop = threading.Event()
+        self.max_stall = 0.0
+        self.writes = 0
+
+    def run(self) -> None:
+        rnd = random.Random(1)
+        orders = Order.__table__
+        while not self.stop.is_set():
+            c = rnd.randint(1, self.customers)
+            started = time.perf_counter()
+            self.write(c, orders.update().where(orders.c.customer_id == c).values(total=orders.c.total + 1))
+            self.max_stall = max(self.max_stall, time.perf_counter() - started)
+            self.writes += 1
+
+
+def reset_shard5(manager: ShardManager) -> None:
+    with manager.connect("shard-5") as conn, conn.begin():
+        conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+
+
+def ours(manager: ShardManager, args: argparse.Namespace, total: int) -> None:
+    router = RingRouter(manager)
+
+    def write(key: int, statement: Any) -> None:
+        with router.begin_write(key) as conn:
+            conn.execute(statement)
+
+    writer = Writer(write, args.customers)
+    writer.start()
+    time.sleep(1.0)
+    idle_stall, writer.max_stall = writer.max_stall, 0.0
+    result = add_shard(manager, "shard-5", Base, options=MoveOptions(batch_size=args.batch_size))
+    writer.stop.set()
+    writer.join()
+    wrong = misplaced_rows(manager, result.new, Base)
+    print(f"sa_shardkit rebalance (batch {args.batch_size} keys, sources in parallel):")
+    print(
+        f"  rows moved:              {result.rows_moved:>10,} of {total:,} ({result.rows_moved / total:.1%})"
+    )
+    print(f"  time:                    {result.seconds:>10.2f} s")
+    print(f"  rows/s:                  {result.rows_per_second:>10,.0f}")
+    print(
+        f"  longest write stall:     {writer.max_stall * 1000:>10.0f} ms (writer idle baseline {idle_stall * 1000:.0f} ms)"
+    )
+    print(f"  longest cut-over fence:  {result.max_fence_seconds * 1000:>10.0f} ms")
+    print(f"  writes during the move:  {writer.writes:>10,}")
+    print(f"  rows on the wrong shard: {sum(sum(t.values()) for t in wrong.values()):>10,}")
+    RESULTS["ours"] = result.rows_per_second
+
+
+def offset_loop(manager: ShardManager, new: HashRing, page: int) -> tuple[int, float]:
+    """The design's sketch: page each source table with OFFSET, copy the moving rows, delete them."""
+    moved = 0
+    started = time.perf_counter()
+    for source in FOUR:
+        for table in reversed(TABLES):  # children first, so deleting parents cannot cascade
+            key = table.c.customer_id
+            pk = list(table.primary_key.columns)
+            offset = 0
+            while True:
+                with manager.connect(source) as src, src.begin():
+                    rows = src.execute(select(table).order_by(*pk).limit(page).offset(offset)).all()
+                    if not rows:
+                        break
+                    moving = [r._asdict() for r in rows if new.get_shard(r.customer_id) != source]
+                    if moving:
+                        with manager.connect("shard-5") as dst, dst.begin():
+                            dst.execute(text("SET LOCAL session_replication_role = replica"))
+                            dst.execute(insert(table), moving)
+                        src.execute(
+                            delete(table).where(
+                                tuple_(*pk).in_([tuple(r[c.name] for c in pk) for r in moving])
+                            )
+                        )
+                        moved += len(moving)
+                    offset += page
+            del key
+    return moved, time.perf_counter() - started
+
+
+RESULTS: dict[str, float] = {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--customers", type=int, default=5000)
+    parser.add_argument("--orders", type=int, default=10)
+    parser.add_argument("--items", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=1000, help="shard keys per batch (ours)")
+    parser.add_argument("--page-size", type=int, default=1000, help="rows per OFFSET page (the sketch)")
+    args = parser.parse_args()
+    with PostgresFleet(5) as fleet:
+        urls = dict(zip([*FOUR, "shard-5"], fleet.urls, strict=True))
+        ring = HashRing(FOUR)
+        new = ring.add_shard("shard-5")
+        with ShardManager.from_urls({s: urls[s] for s in FOUR}) as manager:
+            manager.add_shard(ShardConfig(id="shard-5", url=urls["shard-5"]))
+            total = seed(manager, ring, args.customers, args.orders, args.items)
+            print(
+                f"data: {args.customers:,} customers, {args.customers * args.orders:,} orders, "
+                f"{args.customers * args.orders * args.items:,} items = {total:,} rows on 4 shards"
+            )
+            install_ring(manager, ring)
+            ours(manager, args, total)
+
+            total = seed(manager, ring, args.customers, args.orders, args.items)
+            reset_shard5(manager)
+            Base.metadata.create_all(manager.engine("shard-5"))
+            should_move = sum(
+                n for t in misplaced_rows(manager, new, Base, shard_ids=FOUR).values() for n in t.values()
+            )
+            moved, seconds = offset_loop(manager, new, args.page_size)
+            left = sum(
+                n for t in misplaced_rows(manager, new, Base, shard_ids=FOUR).values() for n in t.values()
+            )
+            print("OFFSET-paged move-while-deleting loop (the design's sketch, same data):")
+            print(f"  rows moved:              {moved:>10,} of {should_move:,} that should move")
+            print(f"  rows/s:                  {moved / seconds:>10,.0f}")
+            lost = should_move - moved - left
+            print(f"  rows SKIPPED by OFFSET:  {left + lost:>10,} ({(left + lost) / should_move:.1%})")
+            print(f"    left on the old shard: {left:>10,}")
+            print(f"    deleted, never copied: {lost:>10,} (a skipped child cascaded away with its parent)")
+            print(f"ratio rows/s sa_shardkit / OFFSET loop: {RESULTS['ours'] / (moved / seconds):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""`shardkit rebalance`: add or remove a shard online, with a dry run and a progress bar."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from ..config import ShardConfig
+from ..errors import ConfigError
+from ..manager import ShardManager
+from ..rebalance import (
+    MoveOptions,
+    RebalancePlan,
+    RebalanceProgress,
+    RebalanceResult,
+    RingState,
+    install_ring,
+    load_ring_state,
+    plan_rebalance,
+    read_fleet_state,
+    rebalance,
+    table_set,
+)
+from ..ring import HashRing
+from .options import config_options, load_manager
+
+
+def load_models(spec: str) -> Any:
+    """``package.module:Base`` (a declarative base or a MetaData) -> that object."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"--models must look like package.module:Base, got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"cannot load models {spec!r}: {error}") from None
+
+
+@click.command()
+@config_options
+@click.option("--add", "add", nargs=2, metavar="ID URL", default=None, help="Put this shard on the ring.")
+@click.option("--weight", type=float, default=None, help="Weight of the shard being added (default 1).")
+@click.option("--remove", "remove", metavar="ID", default=None, help="Drain this shard and take it off.")
+@click.option("--resume", is_flag=True, help="Finish the move in flight (after a crash or kill).")
+@click.option("--status", "show_status", is_flag=True, help="Show the stored ring state and exit.")
+@click.option("--dry-run", is_flag=True, help="Print what would move (ranges, keys, rows) and exit.")
+@click.option("--batch-size", default=500, show_default=True, help="Shard keys per batch.")
+@click.option("--sleep", default=0.0, show_default=True, help="Seconds to pause between batches.")
+@click.option(
+    "--models",
+    default="sa_shardkit.demo.models:Base",
+    show_default=True,
+    help="Declarative base (or MetaData) whose sharded tables move: package.module:Base.",
+)
+def rebalance_command(
+    config_path: str | None,
+    urls: tuple[str, ...],
+    add: tuple[str, str] | None,
+    weight: float | None,
+    remove: str | None,
+    resume: bool,
+    show_status: bool,
+    dry_run: bool,
+    batch_size: int,
+    sleep: float,
+    models: str,
+) -> None:
+    """Add (--add ID URL) or remove (--remove ID) a shard while the application keeps running.
+
+    Rows move one key batch at a time (copy, verify, cut over, delete); a killed run continues
+    where it stopped when run again (or with --resume).
+    """
+    if sum(bool(x) for x in (add, remove, resume, show_status)) != 1:
+        raise click.UsageError("give exactly one of --add ID URL, --remove ID, --resume, --status")
+    console = Console()
+    with load_manager(config_path, urls) as manager:
+        if show_status:
+            _print_status(console, manager)
+            return
+        tables = load_models(models)
+        new_ring = _target_ring(manager, add, weight, remove, resume, install=not dry_run)
+        if new_ring is None:
+            console.print("No move in flight; the fleet routes by the stored ring.")
+            return
+        old = _stored_state(manager, add[0] if add else None, install=False).ring
+        plan = plan_rebalance(manager, old, new_ring, table_set(tables))
+        _print_plan(console, plan)
+        if dry_run:
+            console.print("[bold]Dry run:[/] nothing was moved.")
+            return
+        result = _run_with_progress(console, manager, new_ring, tables, plan, batch_size, sleep)
+        _print_result(console, result)
+
+
+rebalance_command.name = "rebalance"
+
+
+def _target_ring(
+    manager: ShardManager,
+    add: tuple[str, str] | None,
+    weight: float | None,
+    remove: str | None,
+    resume: bool,
+    *,
+    install: bool,
+) -> HashRing | None:
+    if add is not None:
+        shard_id, url = add
+        if shard_id not in manager.shard_ids:
+            manager.add_shard(ShardConfig(id=shard_id, url=url, weight=weight or 1))
+    state = _stored_state(manager, add[0] if add is not None else None, install=install)
+    if state.target is not None:
+        if not resume and not _same_change(state.ring, state.target, add, remove):
+            raise ConfigError(f"a move to {state.target!r} is in flight: finish it with --resume first")
+        return state.target
+    if resume:
+        return None
+    if add is not None:
+        if add[0] in state.ring:
+            return state.ring
+        return state.ring.add_shard(add[0], weight or manager.config(add[0]).weight)
+    assert remove is not None
+    manager.config(remove)
+    return state.ring.remove_shard(remove) if remove in state.ring else state.ring
+
+
+def _stored_state(manager: ShardManager, joining: str | None, *, install: bool) -> RingState:
+    """The stored state; without one, the configured ring (minus a joining shard), stored if asked."""
+    stored = load_ring_state(manager)
+    if stored is not None:
+        return stored
+    ring = manager.ring
+    if joining is not None and joining in ring:
+        ring = ring.remove_shard(joining)
+    return install_ring(manager, ring) if install else RingState(0, ring)
+
+
+def _same_change(old: HashRing, target: HashRing, add: tuple[str, str] | None, remove: str | None) -> bool:
+    if add is not None:
+        return add[0] in target and add[0] not in old
+    return remove is not None and remove in old and remove not in target
+
+
+def _print_plan(console: Console, plan: RebalancePlan) -> None:
+    table = Table(title=f"Rebalance plan: {plan.share_moved:.1%} of the ring changes shard")
+    table.add_column("from")
+    table.add_column("to")
+    table.add_column("ring share", justify="right")
+    table.add_column("keys", justify="right")
+    names = sorted({t for (_, _, t) in plan.rows})
+    for name in names:
+        table.add_column(name, justify="right")
+    for (source, target), share in sorted(plan.flows().items()):
+        cells = [f"{plan.rows.get((source, target, n), 0):,}" for n in names]
+        table.add_row(source, target, f"{share:.2%}", f"{plan.keys.get((source, target), 0):,}", *cells)
+    console.print(table)
+    if plan.total_rows:
+        console.print(
+            f"{plan.rows_to_move:,} of {plan.total_rows:,} rows move "
+            f"({plan.rows_to_move / plan.total_rows:.1%}) in {len(plan.moves)} ring ranges."
+        )
+
+
+def _run_with_progress(
+    console: Console,
+    manager: ShardManager,
+    new_ring: HashRing,
+    tables: Any,
+    plan: RebalancePlan,
+    batch_size: int,
+    sleep: float,
+) -> RebalanceResult:
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rows  {task.fields[rate]:>10} rows/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("moving", total=plan.rows_to_move or None, rate="-")
+
+        def on_progress(p: RebalanceProgress) -> None:
+            bar.update(
+                task,
+                completed=p.rows_moved,
+                description=p.phase,
+                rate=f"{p.rows_per_second:,.0f}",
+            )
+
+        return rebalance(
+            manager,
+            new_ring,
+            tables,
+            options=MoveOptions(batch_size=batch_size, sleep=sleep),
+            progress=on_progress,
+            rows_expected=plan.rows_to_move,
+        )
+
+
+def _print_result(console: Console, result: RebalanceResult) -> None:
+    console.print(
+        f"[bold green]Done:[/] ring version {result.version} ({result.new!r}); moved "
+        f"{result.rows_moved:,} rows / {result.keys_moved:,} keys in {result.batches} batches, "
+        f"{result.seconds:.1f} s ({result.rows_per_second:,.0f} rows/s); longest cut-over "
+        f"{result.max_fence_seconds * 1000:.0f} ms."
+    )
+
+
+def _print_status(console: Console, manager: ShardManager) -> None:
+    rows = read_fleet_state(manager)
+    if not rows:
+        console.print("No ring stored yet (the first rebalance stores the configured ring).")
+        return
+    table = Table(title="Stored ring state per shard")
+    for name in ("shard", "version", "ring", "moving to", "watermark", "drained"):
+        table.add_column(name)
+    for shard_id, row in rows.items():
+        state = row.state
+        table.add_row(
+            shard_id,
+            str(state.version),
+            ", ".join(state.ring.shard_ids),
+            ", ".join(state.target.shard_ids) if state.target is not None else "-",
+            row.watermark or "-",
+            "yes" if row.drained else "no",
+        )
+    console.print(table)
