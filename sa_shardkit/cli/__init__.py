@@ -10,6 +10,7 @@ from ..errors import ShardKitError
 from .demo import demo
 from .locate import locate
 from .migrations import migrations
+from .rebalance import rebalance_command
 from .recover import recover
 from .ring import ring
 from .status import status
@@ -27,6 +28,7 @@ cli.add_command(locate)
 cli.add_command(ring)
 cli.add_command(migrations)
 cli.add_command(recover)
+cli.add_command(rebalance_command)
 
 
 def main(argv: list[str] | None = None) -> None:
