@@ -232,3 +232,21 @@ def test_malformed_shard_declaration_in_the_models_is_a_clear_error() -> None:
 
     with pytest.raises(NotShardedError, match="Account declares both __shard_key__ and __shard_reference__"):
         lint_files([UNSAFE / "rename_column.py"], models=Base)
+
+
+def test_a_binary_that_is_not_squawk_is_named_and_sharding_rules_still_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(SQUAWK_ENV, "/bin/true")
+    report = lint_files([UNSAFE / "rename_column.py"])
+    assert report.squawk.message is not None
+    assert report.squawk.message.startswith("'/bin/true' is not a working squawk")
+    assert [f.rule_id for f in report.findings] == ["shardkit:rename-outside-contract"]
+
+
+def test_strict_makes_warnings_fail() -> None:
+    project = ["--config", str(REPO / "alembic.ini"), "--lock-timeout", "5s"]
+    assert run_cli(*project).exit_code == 0  # the project's migrations: warnings only
+    strict = run_cli(*project, "--strict")
+    assert strict.exit_code == 1
+    assert strict.output.splitlines()[-1].startswith("FAILED:") and "(strict)" in strict.output

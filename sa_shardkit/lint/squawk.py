@@ -90,8 +90,16 @@ def squawk_status(path: str | None = None) -> tuple[str | None, SquawkStatus]:
         return None, SquawkStatus(available=False, message=missing)
     try:
         out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
-    except OSError as exc:
-        return None, SquawkStatus(available=False, message=f"squawk at {binary!r} cannot run: {exc}")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, SquawkStatus(
+            available=False, message=f"squawk at {binary!r} cannot run: {exc}; {INSTALL_HINT}"
+        )
+    said = ((out.stdout or out.stderr).strip().splitlines() or [""])[0][:120]
+    if out.returncode != 0 or not said.startswith("squawk"):
+        why = f"exit code {out.returncode}" if out.returncode else f"--version says {said!r}"
+        return None, SquawkStatus(
+            available=False, message=f"{binary!r} is not a working squawk ({why}); {INSTALL_HINT}"
+        )
     version = out.stdout.strip().removeprefix("squawk ").strip() or None
     return binary, SquawkStatus(available=True, version=version)
 
@@ -119,12 +127,15 @@ def run_squawk(
         if config:
             command += ["--config", config]
         result = subprocess.run(command + list(by_path), capture_output=True, text=True, timeout=300)
+    failed = MigrationError(
+        f"squawk failed (exit {result.returncode}): {(result.stderr or result.stdout).strip()[:500]}"
+    )
+    if result.returncode not in (0, 1) or not result.stdout.strip():  # 1: issues found, as JSON
+        raise failed
     try:
-        raw: Sequence[dict[str, object]] = json.loads(result.stdout or "[]")
+        raw: Sequence[dict[str, object]] = json.loads(result.stdout)
     except json.JSONDecodeError:
-        raise MigrationError(
-            f"squawk failed (exit {result.returncode}): {(result.stderr or result.stdout).strip()[:500]}"
-        ) from None
+        raise failed from None
     for item in raw:
         owner = by_path.get(str(item.get("file")))
         if owner is None:
