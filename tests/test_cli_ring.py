@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from sa_shardkit import HashRing, ShardManager
 from sa_shardkit.cli import cli
 from sa_shardkit.cli.ring import moved_shares, ring_fingerprint
+from sa_shardkit.rebalance import install_ring
 
 FOUR = [arg for i in range(1, 5) for arg in ("--url", f"postgresql+psycopg://app:s3cret@db{i}/app")]
 
@@ -31,25 +32,36 @@ def shardkit(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 
 def test_locate_names_the_shard_the_application_routes_to(four_shards: ShardManager) -> None:
     keys = [str(k) for k in range(1, 30)]
-    result = CliRunner().invoke(cli, ["locate", *FOUR, *keys])
+    result = CliRunner().invoke(cli, ["locate", "--offline", *FOUR, *keys])
     assert result.exit_code == 0, result.output
     located = dict(line.split("\t")[:2] for line in result.stdout.splitlines())
     assert located == {k: four_shards.shard_for(int(k)) for k in keys}
 
 
-def test_locate_prints_the_ring_it_looked_up(four_shards: ShardManager) -> None:
-    result = CliRunner().invoke(cli, ["locate", *FOUR, "alice"])
-    assert f"ring {ring_fingerprint(four_shards.ring)}" in result.stdout
+def test_locate_offline_prints_the_configured_ring(four_shards: ShardManager) -> None:
+    result = CliRunner().invoke(cli, ["locate", "--offline", *FOUR, "alice"])
+    assert f"configured ring {ring_fingerprint(four_shards.ring)}" in result.stdout
+
+
+def test_locate_uses_the_ring_version_the_shards_store(manager: ShardManager, shard_urls: list[str]) -> None:
+    stored = HashRing(manager.shard_ids, weights={"shard-1": 3})
+    install_ring(manager, stored)
+    keys = [str(k) for k in range(1, 30)]
+    result = CliRunner().invoke(cli, ["locate", *[a for u in shard_urls for a in ("--url", u)], *keys])
+    assert result.exit_code == 0, result.output
+    lines = [line.split("\t") for line in result.stdout.splitlines()]
+    assert {k: shard for k, shard, _ in lines} == {k: stored.get_shard(int(k)) for k in keys}
+    assert all("ring version 1" in where for _, _, where in lines)
 
 
 def test_locate_reads_uuid_keys(four_shards: ShardManager) -> None:
     key = uuid.UUID("12345678-1234-5678-1234-567812345678")
-    result = CliRunner().invoke(cli, ["locate", *FOUR, "--type", "uuid", str(key).upper()])
+    result = CliRunner().invoke(cli, ["locate", "--offline", *FOUR, "--type", "uuid", str(key).upper()])
     assert result.stdout.split("\t")[1] == four_shards.shard_for(key)
 
 
 def test_locate_rejects_a_malformed_uuid_in_one_line(tmp_path: Path) -> None:
-    result = shardkit("locate", *FOUR, "--type", "uuid", "not-a-uuid", cwd=tmp_path)
+    result = shardkit("locate", "--offline", *FOUR, "--type", "uuid", "not-a-uuid", cwd=tmp_path)
     assert result.returncode == 2 and "is not a UUID" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -6,6 +6,7 @@ import uuid
 
 import click
 
+from ..rebalance import load_ring_state
 from ..ring import ShardKey, key_hash
 from .options import config_options, load_manager
 from .ring import ring_fingerprint
@@ -32,11 +33,29 @@ def parse_key(raw: str, as_type: str) -> ShardKey:
     show_default=True,
     help="How to read KEY (ints and their text are the same key).",
 )
-def locate(config_path: str | None, urls: tuple[str, ...], keys: tuple[str, ...], as_type: str) -> None:
-    """Print the shard that owns each KEY, with the ring it was looked up on."""
+@click.option(
+    "--offline", is_flag=True, help="Use the configured ring; do not read the ring version the shards store."
+)
+def locate(
+    config_path: str | None, urls: tuple[str, ...], keys: tuple[str, ...], as_type: str, offline: bool
+) -> None:
+    """Print the shard that owns each KEY and the ring version it was looked up on.
+
+    The ring the shards store (``shardkit rebalance``) wins over the configured one: after a
+    rebalance that is the ring the application routes by. During a move, a moving key shows both
+    shards.
+    """
     with load_manager(config_path, urls) as manager:
-        fingerprint = ring_fingerprint(manager.ring)
+        state = None if offline else load_ring_state(manager)
         for raw in keys:
             key = parse_key(raw, as_type)
-            shard_id = manager.shard_for(key)
-            click.echo(f"{raw}\t{shard_id}\t(hash {key_hash(key):#018x}, ring {fingerprint})")
+            if state is None:
+                shard_id = manager.shard_for(key)
+                where = f"configured ring {ring_fingerprint(manager.ring)}, no stored ring version"
+            else:
+                shard_id = state.owner(key)
+                where = f"ring version {state.version}"
+                move = state.move_of(key)
+                if move is not None:
+                    shard_id = f"{move[0]} (moving to {move[1]})"
+            click.echo(f"{raw}\t{shard_id}\t({where}; hash {key_hash(key):#018x})")
