@@ -143,3 +143,24 @@ def test_current_still_reports_the_other_shards_when_one_is_down(
     assert lines_mentioning(out, ["shard-2", "unreachable"])
     for shard_id in ("shard-1", "shard-3", "shard-4"):
         assert lines_mentioning(out, [shard_id, project.head, "at head"])
+
+
+def test_shardkit_migrations_parallel_refuses_urls_the_child_processes_cannot_see(
+    project: AlembicProject, shard_map: dict[str, str]
+) -> None:
+    result = CliRunner().invoke(
+        cli,
+        [
+            "migrations",
+            "upgrade",
+            "--config",
+            str(project.ini),
+            "--parallel",
+            "2",
+            "--url",
+            shard_map["shard-1"],
+        ],
+    )
+    assert result.exit_code == 2
+    assert "--parallel needs the shards in --config" in result.output
+    assert revision_on(shard_map["shard-1"]) == ()

@@ -50,6 +50,26 @@ def alembic_config(
     return config
 
 
+parallel_option = click.option(
+    "--parallel",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Migrate up to N shards at once (one alembic process per shard; -x parallel=N).",
+)
+
+
+def _parallel_x(parallel: int, urls: tuple[str, ...]) -> tuple[str, ...]:
+    if parallel == 1:
+        return ()
+    if urls:  # the per-shard child processes read the shards from the config file, not from --url
+        raise click.UsageError(
+            "--parallel needs the shards in --config/alembic.ini or SHARD_<N>_URL, not --url"
+        )
+    return (f"parallel={parallel}",)
+
+
 def _run(fn: Callable[..., object], *args: object, **kw: object) -> None:
     """Run an Alembic command; its errors become one line and exit code 1."""
     try:
@@ -97,6 +117,7 @@ def status(config_path: str | None, urls: tuple[str, ...], shards: tuple[str, ..
 @click.option(
     "--allow-unsafe", is_flag=True, help="Apply revisions the lint finds unsafe (-x allow_unsafe=1)."
 )
+@parallel_option
 def upgrade(
     config_path: str | None,
     urls: tuple[str, ...],
@@ -106,9 +127,11 @@ def upgrade(
     sql_dir: str | None,
     lint_first: bool | None,
     allow_unsafe: bool,
+    parallel: int,
 ) -> None:
     """Upgrade every shard (or --shard ones) to REVISION (default: head), in configuration order."""
     x: tuple[str, ...] = (f"sql_dir={sql_dir}",) if sql_dir else ()
+    x += _parallel_x(parallel, urls)
     if lint_first is not None:
         x += (f"lint={int(lint_first)}",)
     if allow_unsafe:
@@ -121,11 +144,18 @@ def upgrade(
 @shard_option
 @click.argument("revision")
 @click.option("--sql", is_flag=True, help="Print the SQL per shard instead of running it (offline).")
+@parallel_option
 def downgrade(
-    config_path: str | None, urls: tuple[str, ...], shards: tuple[str, ...], revision: str, sql: bool
+    config_path: str | None,
+    urls: tuple[str, ...],
+    shards: tuple[str, ...],
+    revision: str,
+    sql: bool,
+    parallel: int,
 ) -> None:
     """Downgrade every shard (or --shard ones) to REVISION, in reverse configuration order."""
-    _run(command.downgrade, alembic_config(config_path, urls, shards), revision, sql=sql)
+    x = _parallel_x(parallel, urls)
+    _run(command.downgrade, alembic_config(config_path, urls, shards, x), revision, sql=sql)
 
 
 @migrations.command()
