@@ -19,7 +19,7 @@ def test_random_cross_shard_transfers_from_threads_conserve_money(manager: Shard
     def worker(seed: int) -> list[str]:
         rnd = random.Random(seed)
         statuses = []
-        for _ in range(50):
+        for _ in range(40):
             sender = rnd.choice(customers)
             receiver = rnd.choice([c for c in customers if manager.shard_for(c) != manager.shard_for(sender)])
             amount = Decimal(rnd.randint(1, 6000)) / 100
@@ -29,14 +29,14 @@ def test_random_cross_shard_transfers_from_threads_conserve_money(manager: Shard
     with ThreadPoolExecutor(max_workers=6) as pool:
         statuses = [s for batch in pool.map(worker, range(6)) for s in batch]
 
-    assert len(statuses) == 300
+    assert len(statuses) == 240
     assert set(statuses) <= {"complete", "failed_insufficient_funds"}
-    assert statuses.count("complete") > 100  # mostly successful, some refused: both paths ran
+    assert statuses.count("complete") > 80  # mostly successful, some refused: both paths ran
     after = balances(manager)
     assert sum(after.values()) == sum(initial.values())
     assert min(after.values()) >= 0
     assert after == expected_balances(manager, initial)  # each complete transfer applied exactly once
-    assert len(saga_rows(manager)) == 300
+    assert len(saga_rows(manager)) == 240
 
 
 def test_concurrent_duplicate_submissions_apply_once_and_agree(manager: ShardManager) -> None:
