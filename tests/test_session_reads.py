@@ -243,3 +243,16 @@ def test_text_statement_needs_an_explicit_shard(Session: sessionmaker[Any], fill
             session.execute(text("SELECT count(*) FROM orders"))
         count = session.execute(text("SELECT count(*) FROM orders"), bind_arguments={"shard_id": "shard-1"})
         assert count.scalar() == sum(2 for k in range(1, N_CUSTOMERS + 1) if filled.shard_for(k) == "shard-1")
+
+
+def test_get_with_an_identity_token_asks_only_that_shard(
+    Session: sessionmaker[Any],  # noqa: N803
+    filled: ShardManager,
+    sql_log: SqlLog,
+) -> None:
+    home = filled.shard_for(10)
+    other = next(s for s in filled.shard_ids if s != home)
+    with Session() as session:
+        assert session.get(Customer, 10, identity_token=other) is None
+        assert session.get(Customer, 10, identity_token=home) is not None
+    assert sql_log.shards("FROM customers") == {home, other}

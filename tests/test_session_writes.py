@@ -227,3 +227,17 @@ def _keys_on_two_shards(manager: ShardManager) -> tuple[int, int]:
     first = 1
     second = next(k for k in range(2, 1000) if manager.shard_for(k) != manager.shard_for(first))
     return first, second
+
+
+def test_flush_logs_where_each_row_went_and_why(
+    Session: sessionmaker[Any],  # noqa: N803
+    schema: ShardManager,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="sa_shardkit"), Session() as session, session.begin():
+        session.add(make_customer(12, orders=1, items=1))
+    home = schema.shard_for(12)
+    assert f"flush INSERT Customer(customer_id=12) -> {home}" in caplog.text
+    assert f"flush INSERT OrderItem(customer_id=None) -> {home}" in caplog.text
