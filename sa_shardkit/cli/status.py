@@ -88,7 +88,8 @@ def render_status(console: Console, report: FleetStatusReport) -> None:
         for name in tables:
             cells = [node.row_counts.get(name) for node in primaries]
             total = sum(c for c in cells if c is not None)
-            rows.add_row(name, *(f"{c:,}" if c is not None else "?" for c in cells), f"{total:,}")
+            partial = "+" if None in cells else ""  # a shard that did not answer: a lower bound
+            rows.add_row(name, *(f"{c:,}" if c is not None else "?" for c in cells), f"{total:,}{partial}")
         console.print(rows)
     if report.healthy:
         console.print(f"[green]OK[/]: {len(primaries)} shard(s), every server reachable and up to date")
