@@ -64,8 +64,13 @@ class Route:
 def shards_for_key(manager: ShardManager, key: Any, *, write: bool = False) -> tuple[str, ...]:
     """The shard(s) holding ``key``: one shard today; the write shard first if ever more.
 
-    The one function that maps a key to shards, for reads (``write=False``) and writes.
+    The one function that maps a key to shards, for reads (``write=False``) and writes. While a
+    :class:`~sa_shardkit.rebalance.RingRouter` follows the stored ring (``manager.placement``), it
+    answers: a key in a range that is mid-move lives on its old or its new shard.
     """
+    placement = getattr(manager, "placement", None)
+    if placement is not None:
+        return placement.shards_for_key(key, write=write)  # type: ignore[no-any-return]
     return (manager.shard_for(key),)
 
 

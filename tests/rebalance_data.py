@@ -245,3 +245,48 @@ def subprocess_mover(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     subprocess_mover(sys.argv[1:])
+
+
+class SessionWorkload(Workload):
+    """The same workload through ``ShardedSession`` (ORM objects, flushes fenced by the router)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.sessions = self.router.manager.sessionmaker()
+
+    def _insert(self, rnd: random.Random, index: int, seq: int) -> None:
+        new_customer = rnd.random() < 0.2
+        customer_id = 2_000_000 + index * 100_000 + seq if new_customer else rnd.randint(1, self.customers)
+        oid = uuid.uuid4()
+        with self.sessions() as session, session.begin():
+            if new_customer:
+                session.add(Customer(customer_id=customer_id, name="new", balance=Decimal(0)))
+            order = Order(customer_id=customer_id, order_id=oid, status="new", total=Decimal(10))
+            order.items = [
+                OrderItem(customer_id=customer_id, item_no=0, sku="SKU-0", quantity=1, unit_price=Decimal(10))
+            ]
+            session.add(order)
+        with self.lock:
+            self.committed[oid] = customer_id
+            if new_customer:
+                self.new_customers.add(customer_id)
+        self.ops["insert"] += 1
+
+    def _update(self, rnd: random.Random) -> None:
+        oid, customer_id = self._pick(rnd)
+        with self.sessions() as session, session.begin():
+            order = session.get(Order, (customer_id, oid))
+            if order is None:
+                self.errors.append(f"session update: order {oid} (customer {customer_id}) not found")
+                return
+            order.total += 1
+        with self.lock:
+            self.increments[oid] += 1
+        self.ops["update"] += 1
+
+    def _read(self, rnd: random.Random) -> None:
+        oid, customer_id = self._pick(rnd)
+        with self.sessions() as session:
+            if session.get(Order, (customer_id, oid)) is None:
+                self.errors.append(f"session reader missed order {oid} (customer {customer_id})")
+        self.ops["read"] += 1

@@ -27,7 +27,7 @@ from sa_shardkit.rebalance import (
     load_ring_state,
     remove_shard,
 )
-from tests.rebalance_data import Workload, check_fleet, seed
+from tests.rebalance_data import SessionWorkload, Workload, check_fleet, seed
 
 CUSTOMERS, ORDERS_EACH, ITEMS_EACH = 600, 5, 2
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +62,24 @@ def test_adding_a_shard_under_load_keeps_every_row_exactly_once(
     check_fleet(manager, new, workload, 0)
     total_rows = CUSTOMERS * (1 + ORDERS_EACH * (1 + ITEMS_EACH))
     assert 0.12 < result.rows_moved / total_rows < 0.28  # ~1/5 of the data moved
+
+
+def test_adding_a_shard_under_sharded_session_load_keeps_every_row_exactly_once(
+    manager: ShardManager, shard5_url: str
+) -> None:
+    old = _seeded(manager)
+    manager.add_shard(ShardConfig(id="shard-5", url=shard5_url))  # the application's config names it
+    workload = SessionWorkload(RingRouter(manager), CUSTOMERS, ORDERS_EACH)
+    workload.start()
+    time.sleep(0.3)
+    try:
+        result = add_shard(manager, "shard-5", Base, options=MoveOptions(batch_size=40))
+    finally:
+        workload.finish()
+    assert not workload.errors, workload.errors[:5]
+    assert workload.ops["insert"] and workload.ops["update"] and workload.ops["read"]
+    check_fleet(manager, old.add_shard("shard-5"), workload, 0)
+    assert result.rows_moved > 0
 
 
 def test_sigkilled_mover_resumes_and_converges(manager: ShardManager, shard5_url: str) -> None:

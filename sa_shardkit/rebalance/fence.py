@@ -91,6 +91,19 @@ class RingRouter:
         self._lock = threading.Lock()
         self._state = state or load_ring_state(manager) or RingState(0, manager.ring)
         manager.set_ring(self._state.ring)
+        from .session_fence import install
+
+        install()
+        manager.placement = self  # type: ignore[attr-defined]  # routing.shards_for_key asks us
+
+    def detach(self) -> None:
+        """Stop answering routing for the manager (it routes by its own ring again)."""
+        if getattr(self.manager, "placement", None) is self:
+            self.manager.placement = None  # type: ignore[attr-defined]
+
+    def shards_for_key(self, key: ShardKey, *, write: bool = False) -> tuple[str, ...]:
+        """For :func:`sa_shardkit.routing.shards_for_key`: where the key's rows are now."""
+        return (self.shard_for_write(key),)
 
     @property
     def state(self) -> RingState:
