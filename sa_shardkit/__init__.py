@@ -24,6 +24,7 @@ from .errors import (
     ShardKeyMissingError,
     ShardKitError,
     ShardUnavailableError,
+    StaleRingError,
     TwoPhaseAbortedError,
     UnknownShardError,
     UnsupportedScatterError,
@@ -31,6 +32,7 @@ from .errors import (
 from .events import QueryEvent, QueryListener, QueryMetrics, QueryStats
 from .lint import LintReport, lint_files, lint_hook, lint_script_directory
 from .manager import ShardHealth, ShardManager
+from .rebalance import MoveOptions, RingRouter, add_shard, remove_shard
 from .replicas import ReplicaStatus
 from .ring import DEFAULT_VNODES, HashRing, key_bytes, key_hash
 from .routing import Route, route_statement
@@ -50,6 +52,7 @@ __all__ = [
     "InvalidWeightError",
     "LintReport",
     "MigrationError",
+    "MoveOptions",
     "NotShardedError",
     "QueryEvent",
     "QueryListener",
@@ -59,6 +62,7 @@ __all__ = [
     "ReferenceTable",
     "ReplicaStatus",
     "RingError",
+    "RingRouter",
     "Route",
     "Saga",
     "SagaConflictError",
@@ -77,18 +81,21 @@ __all__ = [
     "ShardManager",
     "ShardSettings",
     "ShardUnavailableError",
+    "StaleRingError",
     "ShardedSession",
     "Sharding",
     "Step",
     "TwoPhaseAbortedError",
     "UnknownShardError",
     "UnsupportedScatterError",
+    "add_shard",
     "key_bytes",
     "key_hash",
     "lint_files",
     "lint_hook",
     "lint_script_directory",
     "recover",
+    "remove_shard",
     "route_statement",
     "run_saga",
     "settings_from_env",
