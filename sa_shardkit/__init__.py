@@ -37,6 +37,7 @@ from .replicas import ReplicaStatus
 from .ring import DEFAULT_VNODES, HashRing, key_bytes, key_hash
 from .routing import Route, route_statement
 from .saga import Saga, SagaOptions, SagaOutcome, Step, recover, run_saga
+from .scatter import ScatterResult
 from .session import ShardedSession, set_shard_id
 
 __version__ = "0.1.0"
@@ -72,6 +73,7 @@ __all__ = [
     "SagaOutcome",
     "SagaPendingError",
     "SagaStepFailed",
+    "ScatterResult",
     "ShardConfig",
     "ShardHealth",
     "ShardKeyChangeError",

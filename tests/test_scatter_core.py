@@ -11,6 +11,7 @@ from sqlalchemy import Column, Integer, MetaData, Numeric, String, Table, func, 
 from sqlalchemy.dialects.postgresql import distinct_on
 
 from sa_shardkit import ShardManager, errors
+from sa_shardkit.demo.models import Customer, Order, OrderItem, Product
 from sa_shardkit.scatter import RowPlan, plan_scatter
 from tests.fleet import TestFleet
 
@@ -223,3 +224,30 @@ def test_sql_error_on_one_shard_names_that_shard(manager: ShardManager) -> None:
     with pytest.raises(Exception, match="items") as info:
         manager.query_all_shards(select(c.item_id), allow_partial=True)  # a SQL error is never skipped
     assert getattr(info.value, "shard_id", None) == "shard-2"
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        select(Customer).join(Customer.orders),
+        select(Order).join(OrderItem),
+        select(Customer, Order).where(Customer.customer_id == Order.customer_id),
+        select(OrderItem, Product).join(Product, Product.sku == OrderItem.sku),
+    ],
+    ids=["relationship", "foreign-key", "where-equality", "reference-table"],
+)
+def test_joins_on_the_shard_key_or_with_reference_tables_are_merged(statement: Any) -> None:
+    plan_scatter(statement)  # co-located rows meet on their shard: no error
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        select(Order).join(Customer, Customer.name == Order.status),
+        select(Customer, Order),
+    ],
+    ids=["non-key-condition", "cross-product"],
+)
+def test_joins_of_sharded_tables_off_their_shard_keys_are_refused(statement: Any) -> None:
+    with pytest.raises(errors.UnsupportedScatterError, match="Customer and Order .* shard keys"):
+        plan_scatter(statement)

@@ -78,6 +78,17 @@ def data(pg_fleet: TestFleet) -> Iterator[tuple[ShardManager, Engine]]:
     oracle.dispose()
 
 
+def sharded_rows(manager: ShardManager, via: str, statement: Any) -> list[tuple[Any, ...]]:
+    """The scatter's answer, through ShardManager.query_all_shards or through a ShardedSession."""
+    if via == "manager":
+        return [tuple(r) for r in manager.query_all_shards(statement)]
+    with manager.sessionmaker()() as session:
+        return [tuple(r) for r in session.execute(statement)]
+
+
+VIA = pytest.mark.parametrize("via", ["manager", "session"])
+
+
 def oracle_rows(oracle: Engine, statement: Any) -> list[tuple[Any, ...]]:
     with oracle.connect() as conn:
         return [tuple(r) for r in conn.execute(statement)]
@@ -100,7 +111,8 @@ def ordered(term: tuple[str, bool, str | None], column: Any) -> Any:
     return expression
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@VIA
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     where=st.sampled_from(FILTERS),
     terms=order_terms,
@@ -109,7 +121,13 @@ def ordered(term: tuple[str, bool, str | None], column: Any) -> Any:
     offset=st.none() | st.integers(0, 30),
 )
 def test_row_queries_match_the_oracle(
-    data: tuple[ShardManager, Engine], where: Any, terms: list[Any], tiebreak: bool, limit: Any, offset: Any
+    via: str,
+    data: tuple[ShardManager, Engine],
+    where: Any,
+    terms: list[Any],
+    tiebreak: bool,
+    limit: Any,
+    offset: Any,
 ) -> None:
     manager, oracle = data
     statement = select(*COLUMNS.values())
@@ -119,7 +137,7 @@ def test_row_queries_match_the_oracle(
     if tiebreak:
         statement = statement.order_by(o.customer_id, o.order_id)
     statement = statement.limit(limit).offset(offset)
-    sharded = [tuple(r) for r in manager.query_all_shards(statement)]
+    sharded = sharded_rows(manager, via, statement)
     expected = oracle_rows(oracle, statement)
     names = list(COLUMNS)
     if tiebreak:
@@ -133,7 +151,8 @@ def test_row_queries_match_the_oracle(
         assert Counter(sharded) == Counter(expected)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@VIA
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     where=st.sampled_from(FILTERS),
     group=st.lists(st.sampled_from(["status", "qty", "note"]), max_size=2, unique=True),
@@ -145,6 +164,7 @@ def test_row_queries_match_the_oracle(
     offset=st.none() | st.integers(0, 5),
 )
 def test_aggregate_queries_match_the_oracle(
+    via: str,
     data: tuple[ShardManager, Engine],
     where: Any,
     group: list[str],
@@ -170,28 +190,30 @@ def test_aggregate_queries_match_the_oracle(
     # ordering by every group column as well makes the order total (groups are unique)
     statement = statement.order_by(*(COLUMNS[g].desc() if descending else COLUMNS[g] for g in group))
     statement = statement.limit(limit).offset(offset)
-    sharded = [tuple(r) for r in manager.query_all_shards(statement)]
+    sharded = sharded_rows(manager, via, statement)
     assert sharded == oracle_rows(oracle, statement)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@VIA
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     columns=st.lists(st.sampled_from(["status", "qty", "note"]), min_size=1, max_size=3, unique=True),
     where=st.sampled_from(FILTERS),
     limit=st.none() | st.integers(0, 20),
 )
 def test_distinct_queries_match_the_oracle(
-    data: tuple[ShardManager, Engine], columns: list[str], where: Any, limit: Any
+    via: str, data: tuple[ShardManager, Engine], columns: list[str], where: Any, limit: Any
 ) -> None:
     manager, oracle = data
     statement = select(*(COLUMNS[c] for c in columns)).distinct().order_by(*(COLUMNS[c] for c in columns))
     if where is not None:
         statement = statement.where(where)
     statement = statement.limit(limit)
-    assert [tuple(r) for r in manager.query_all_shards(statement)] == oracle_rows(oracle, statement)
+    assert sharded_rows(manager, via, statement) == oracle_rows(oracle, statement)
 
 
-def test_count_star_over_all_shards_matches_the_oracle(data: tuple[ShardManager, Engine]) -> None:
+@VIA
+def test_count_star_over_all_shards_matches_the_oracle(via: str, data: tuple[ShardManager, Engine]) -> None:
     manager, oracle = data
     statement = select(func.count()).select_from(orders)
-    assert manager.query_all_shards(statement).scalar() == oracle_rows(oracle, statement)[0][0] == 3000
+    assert sharded_rows(manager, via, statement) == oracle_rows(oracle, statement) == [(3000,)]

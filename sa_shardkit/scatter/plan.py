@@ -54,6 +54,7 @@ from .analysis import (
     unlabel,
     unsupported,
 )
+from .joins import check_joins
 from .ordering import SortTerm
 
 HIDDEN_PREFIX = "_shardkit_"
@@ -116,6 +117,7 @@ def plan_scatter(statement: Select[Any]) -> ScatterPlan:
     if statement._for_update_arg is not None and statement._limit_clause is not None:
         raise unsupported("FOR UPDATE with LIMIT would lock up to LIMIT rows on every shard")
     _check_from_subqueries(statement)
+    check_joins(statement)
     has_aggregate = False
     for column in statement.selected_columns:
         has_aggregate |= check_mergeable(column, "the SELECT list")
