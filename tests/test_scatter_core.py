@@ -148,6 +148,7 @@ def test_count_of_empty_tables_is_zero(manager: ShardManager) -> None:
         (select(func.sum(c.price) / func.count()), "aggregate"),
         (select(c.kind).group_by(c.kind).having(func.sum(c.price) + 1 > 2), "HAVING"),
         (select(select(c.item_id).order_by(c.item_id).limit(3).subquery()), "subquery"),
+        (select(c.item_id).order_by(text("item_id DESC")), "ORDER BY"),
     ],
     ids=[
         "window",
@@ -157,6 +158,7 @@ def test_count_of_empty_tables_is_zero(manager: ShardManager) -> None:
         "agg-expression",
         "having-expr",
         "subquery",
+        "text-order-by",
     ],
 )
 def test_unmergeable_queries_raise_with_reason(statement: Any, reason: str) -> None:

@@ -173,6 +173,8 @@ def order_terms(statement: Select[Any]) -> list[OrderTerm]:
                 element = element.element
                 continue
             break
+        if not isinstance(element, ColumnElement):
+            raise unsupported(f"ORDER BY {element} is not a column expression whose values can be compared")
         if isinstance(element, Label):
             label_name = label_name or element.name
         terms.append(OrderTerm(element, descending, nulls_first, label_name))
