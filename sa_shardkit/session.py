@@ -193,13 +193,39 @@ class ShardedSession(_StockShardedSession):
         if self.pinned_shard_id is not None:
             return self.pinned_shard_id
         if instance is not None:
-            return shard_for_instance(self.manager, instance, mapper)
+            try:
+                return shard_for_instance(self.manager, instance, mapper)
+            except ShardKeyMissingError:
+                parent = self._collection_parent(instance)
+                if parent is None:
+                    raise
+                parent_state = inspect(parent)
+                if parent_state.key is not None:
+                    return str(parent_state.key[2])  # a stored parent: the shard it came from
+                return self._choose_shard(None, parent)
         if clause is not None:
             route = route_statement(self.manager, clause)
             if len(route.shard_ids) == 1:
                 return route.shard_ids[0]
             raise ShardKeyMissingError(f"statement targets {len(route.shard_ids)} shards ({route.reason})")
         raise ShardKeyMissingError("no instance or statement to choose a shard from; pass shard_id")
+
+    def _collection_parent(self, instance: object) -> Any:
+        """An object in this session holding ``instance`` in a one-to-many collection.
+
+        Covers relationships without a many-to-one back reference (the child cannot name its
+        parent itself); only searched when a new object has no shard key.
+        """
+        for candidate in [*self.new, *self.identity_map.values()]:
+            state = inspect(candidate)
+            for rel in state.mapper.relationships:
+                if rel.direction.name != "ONETOMANY" or rel.key not in state.dict:
+                    continue
+                value = state.dict[rel.key]
+                children = value if rel.uselist else [value]
+                if any(child is instance for child in children):
+                    return candidate
+        return None
 
     def _choose_identity_shards(
         self,

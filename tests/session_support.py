@@ -11,8 +11,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import BigInteger, Integer, String, UniqueConstraint, event, text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy import BigInteger, ForeignKeyConstraint, Integer, String, UniqueConstraint, event, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 from sa_shardkit import ShardManager
 from sa_shardkit.demo.models import Base, Customer, Order, OrderItem
@@ -32,6 +32,29 @@ class Ticket(ExtraBase):
     ticket_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     customer_id: Mapped[int] = mapped_column(BigInteger)
     subject: Mapped[str] = mapped_column(String(100), default="")
+
+
+class Invoice(ExtraBase):
+    """A one-to-many without a back reference: its lines cannot name their parent themselves."""
+
+    __tablename__ = "invoices"
+    __shard_key__ = "customer_id"
+
+    customer_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    invoice_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    lines: Mapped[list[InvoiceLine]] = relationship(cascade="all, delete-orphan")
+
+
+class InvoiceLine(ExtraBase):
+    __tablename__ = "invoice_lines"
+    __shard_key__ = "customer_id"
+    __table_args__ = (
+        ForeignKeyConstraint(["customer_id", "invoice_id"], ["invoices.customer_id", "invoices.invoice_id"]),
+    )
+
+    customer_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    invoice_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    line_no: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
 
 
 class AuditNote(ExtraBase):

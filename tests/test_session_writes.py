@@ -17,6 +17,8 @@ from sa_shardkit import HashRing, ShardManager, errors
 from sa_shardkit.demo.models import Customer, Order, OrderItem
 from tests.session_support import (  # noqa: F401 - fixtures
     AuditNote,
+    Invoice,
+    InvoiceLine,
     make_customer,
     rows_by_shard,
     schema_fixture,
@@ -67,6 +69,33 @@ def test_child_added_later_to_a_loaded_parent_goes_to_the_parents_shard(
         assert customer is not None
         customer.orders.append(Order(order_id=uuid.uuid4()))
     assert shards_holding(schema, "SELECT 1 FROM orders WHERE customer_id = 8") == {schema.shard_for(8)}
+
+
+def test_children_of_a_one_way_collection_go_to_the_parents_shard(
+    Session: sessionmaker[Any],  # noqa: N803
+    schema: ShardManager,
+) -> None:
+    with Session() as session, session.begin():
+        session.add(Invoice(customer_id=13, invoice_id=1, lines=[InvoiceLine(line_no=i) for i in range(3)]))
+    assert shards_holding(schema, "SELECT 1 FROM invoice_lines WHERE customer_id = 13") == {
+        schema.shard_for(13)
+    }
+
+
+def test_line_appended_to_a_stored_one_way_parent_goes_to_its_shard(
+    Session: sessionmaker[Any],  # noqa: N803
+    schema: ShardManager,
+) -> None:
+    with Session() as session, session.begin():
+        session.add(Invoice(customer_id=14, invoice_id=1))
+    with Session() as session, session.begin():
+        invoice = session.get(Invoice, (14, 1))
+        assert invoice is not None
+        session.expire(invoice, ["customer_id"])
+        invoice.lines.append(InvoiceLine(line_no=1))
+    assert shards_holding(schema, "SELECT 1 FROM invoice_lines WHERE customer_id = 14") == {
+        schema.shard_for(14)
+    }
 
 
 def test_missing_shard_key_raises_before_anything_is_written(
@@ -241,3 +270,12 @@ def test_flush_logs_where_each_row_went_and_why(
     home = schema.shard_for(12)
     assert f"flush INSERT Customer(customer_id=12) -> {home}" in caplog.text
     assert f"flush INSERT OrderItem(customer_id=None) -> {home}" in caplog.text
+
+
+def test_cross_shard_opt_in_with_twophase_commits_both_shards(schema: ShardManager) -> None:
+    a, b = _keys_on_two_shards(schema)
+    with schema.sessionmaker(allow_cross_shard=True, twophase=True)() as session, session.begin():
+        session.add(Customer(customer_id=a, name="a"))
+        session.add(Customer(customer_id=b, name="b"))
+    assert shards_holding(schema, "SELECT 1 FROM customers") == {schema.shard_for(a), schema.shard_for(b)}
+    assert shards_holding(schema, "SELECT gid FROM pg_prepared_xacts") == set()
