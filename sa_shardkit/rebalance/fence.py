@@ -18,6 +18,7 @@ committed row exactly once, on the shard that holds it at that moment.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ from .catalog import (
 T = TypeVar("T")
 
 MAX_REROUTES = 20
+STICKY_SECONDS = 0.5
+"""How long a session write keeps a moving key's routing answer (see ``shard_for_write``)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class RingRouter:
     def __init__(self, manager: ShardManager, state: RingState | None = None) -> None:
         self.manager = manager
         self._lock = threading.Lock()
+        self._sticky: dict[Any, tuple[int, str, float]] = {}
         self._state = state or load_ring_state(manager) or RingState(0, manager.ring)
         manager.set_ring(self._state.ring)
         from .session_fence import install
@@ -103,7 +107,7 @@ class RingRouter:
 
     def shards_for_key(self, key: ShardKey, *, write: bool = False) -> tuple[str, ...]:
         """For :func:`sa_shardkit.routing.shards_for_key`: where the key's rows are now."""
-        return (self.shard_for_write(key),)
+        return (self.shard_for_write(key, sticky=write),)
 
     @property
     def state(self) -> RingState:
@@ -138,17 +142,33 @@ class RingRouter:
             raise _Reroute
         return row.moved and row.state is not None and row.state.version == state.version
 
-    def shard_for_write(self, key: ShardKey) -> str:
-        """Where a write of ``key`` goes now (the fence in the transaction confirms it)."""
+    def shard_for_write(self, key: ShardKey, *, sticky: bool = False) -> str:
+        """Where a write of ``key`` goes now (the fence in the transaction confirms it).
+
+        ``sticky=True`` (writes routed by the session) repeats the answer for a moving key for
+        :data:`STICKY_SECONDS`, so the rows of one flush (an order and its items) cannot be split
+        between the old and the new shard by a cut-over that lands between them. A stale answer
+        is caught by the fence (:class:`StaleRingError`), which also forgets it.
+        """
         for _ in range(MAX_REROUTES):
             state = self._state
             move = state.move_of(key)
             if move is None:
                 return state.owner(key)
+            now = time.monotonic()
+            if sticky:
+                hit = self._sticky.get(key)
+                if hit is not None and hit[0] == state.version and hit[2] > now:
+                    return hit[1]
             try:
-                return move[1] if self._moved(move[0], key, state) else move[0]
+                shard = move[1] if self._moved(move[0], key, state) else move[0]
             except _Reroute:
                 continue
+            if sticky:
+                if len(self._sticky) > 10_000:
+                    self._sticky.clear()
+                self._sticky[key] = (state.version, shard, now + STICKY_SECONDS)
+            return shard
         raise StaleRingError(f"the ring kept changing while routing key {key!r}; retry")
 
     def fence_write(self, conn: Connection, shard_id: str, key: ShardKey) -> None:
@@ -158,6 +178,13 @@ class RingRouter:
         (naming the right shard) when ``key`` does not belong on ``shard_id``; the transaction must
         then be rolled back and retried there.
         """
+        try:
+            self._fence_write(conn, shard_id, key)
+        except StaleRingError:
+            self._sticky.pop(key, None)
+            raise
+
+    def _fence_write(self, conn: Connection, shard_id: str, key: ShardKey) -> None:
         for _ in range(MAX_REROUTES):
             state = self._state
             move = state.move_of(key)

@@ -1,7 +1,7 @@
 """Moving one source shard's keys: copy, verify, cut over and delete, one key batch at a time.
 
 A batch is the next ``batch_size`` shard keys of the source above its watermark (keyset pagination
-over every sharded table's key column, in the column's SQL order; never OFFSET). Each batch runs in
+over the key column of the tables that hold every key, in the column's SQL order; never OFFSET). Each batch runs in
 two phases:
 
 1. **copy** (no fence; writers keep writing the keys on the source): per target shard, one target
@@ -85,13 +85,14 @@ def _keys_param(spec: ShardedTable) -> Any:
 
 
 def next_keys(conn: Connection, tables: TableSet, after: str | None, limit: int) -> list[Any]:
-    """The ``limit`` smallest shard keys above ``after`` in any sharded table (keyset, SQL order).
+    """The ``limit`` smallest shard keys above ``after`` (keyset, SQL order), from the tables that
+    hold every key (:attr:`TableSet.key_sources`: children whose key is a foreign key are skipped).
 
     The n smallest keys of a union are among the n smallest of each part, so each part is an index
     scan that stops after ``limit`` distinct keys.
     """
     parts = []
-    for spec in tables.sharded:
+    for spec in tables.key_sources:
         part = select(spec.key.label("k")).distinct().order_by(spec.key).limit(bindparam("n"))
         if after is not None:
             part = part.where(spec.key > _key_param(spec, "after"))
@@ -344,9 +345,9 @@ def drop_stages(manager: ShardManager, tables: TableSet, targets: Sequence[str])
 
 
 def keys_between(conn: Connection, tables: TableSet, after: str | None, upto: str) -> list[Any]:
-    """Every shard key in ``(after, upto]`` in any sharded table (the range one batch covers)."""
+    """Every shard key in ``(after, upto]`` (the range one batch covers), from the key sources."""
     parts = []
-    for spec in tables.sharded:
+    for spec in tables.key_sources:
         part = select(spec.key.label("k")).distinct().where(spec.key <= _key_param(spec, "upto"))
         if after is not None:
             part = part.where(spec.key > _key_param(spec, "after"))

@@ -59,6 +59,26 @@ class TableSet:
         return self.sharded[0].key_sql_type
 
     @property
+    def key_sources(self) -> tuple[ShardedTable, ...]:
+        """The tables whose keys are all the keys: a table whose key column is a declared foreign
+        key to another sharded table's key holds no key its parent lacks, so it is not scanned."""
+        by_table = {s.table: s for s in self.sharded}
+        roots = []
+        for spec in self.sharded:
+            covered = any(
+                element.parent is spec.key
+                and parent is not None
+                and parent is not spec
+                and element.column is parent.key
+                for fk in spec.table.foreign_key_constraints
+                for parent in [by_table.get(fk.referred_table)]
+                for element in fk.elements
+            )
+            if not covered:
+                roots.append(spec)
+        return tuple(roots)
+
+    @property
     def tables(self) -> list[Table]:
         """Every table a new shard needs (sharded and reference)."""
         return [*(t.table for t in self.sharded), *self.reference]
