@@ -253,3 +253,22 @@ def test_joins_on_the_shard_key_or_with_reference_tables_are_merged(statement: A
 def test_joins_of_sharded_tables_off_their_shard_keys_are_refused(statement: Any) -> None:
     with pytest.raises(errors.UnsupportedScatterError, match="Customer and Order .* shard keys"):
         plan_scatter(statement)
+
+
+def test_frozen_shard_fails_within_the_connect_timeout(
+    pg_fleet: TestFleet, shard_map: dict[str, str]
+) -> None:
+    with ShardManager.from_urls(shard_map, connect_timeout=1) as fast:
+        spread(fast, 12)
+        fast.query_all_shards(select(c.item_id))  # every pool now holds a connection to ping
+        pg_fleet.server(1).pause()  # SIGSTOP: connections hang instead of failing
+        try:
+            started = time.perf_counter()
+            with pytest.raises(errors.ShardUnavailableError, match="shard-2") as info:
+                fast.query_all_shards(select(c.item_id))
+            assert info.value.shard_id == "shard-2"
+            assert time.perf_counter() - started < 3
+            partial = fast.query_all_shards(select(c.item_id), allow_partial=True)
+            assert partial.missing_shards == ("shard-2",) and len(partial.all()) > 0
+        finally:
+            pg_fleet.server(1).resume()

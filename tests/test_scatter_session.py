@@ -209,3 +209,22 @@ def test_limit_scatter_loads_only_the_returned_entities(filled: sessionmaker[Ses
         event.remove(Order, "load", count)
     # each shard sent up to 7 rows; only the 7 the merge used became entities (not 4 x 7)
     assert len(loaded) == 7
+
+
+def test_frozen_shard_is_reported_missing_within_the_connect_timeout(
+    pg_fleet: TestFleet, manager: ShardManager, filled: sessionmaker[Session]
+) -> None:
+    with filled() as session:
+        session.scalars(select(Customer)).all()  # pooled connections everywhere
+    pg_fleet.server(2).pause()
+    try:
+        with filled() as session:
+            started = time.perf_counter()
+            stmt = select(Customer).order_by(Customer.customer_id).execution_options(allow_partial=True)
+            result = session.execute(stmt)
+            assert time.perf_counter() - started < manager.config("shard-3").connect_timeout + 2
+            assert result.missing_shards == ("shard-3",)  # type: ignore[attr-defined]
+            ids = [c.customer_id for c in result.scalars()]
+        assert ids == [c for c in range(1, N + 1) if manager.shard_for(c) != "shard-3"]
+    finally:
+        pg_fleet.server(2).resume()

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Result
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.selectable import Select
 
-from .fanout import fan_out, raise_for_errors
+from .fanout import fan_out, probe, raise_for_errors
 from .gather import gather
 from .plan import AggregatePlan, ScatterPlan, plan_scatter
 from .result import ScatterResult
@@ -50,11 +50,16 @@ def query_all_shards(
         with manager.connect(shard_id, write=write) as conn, conn.begin():
             return conn.execute(shard_statement, dict(params or {})).freeze()()
 
-    outcome = fan_out({s: functools.partial(run, s) for s in targets})
+    errors = probe(
+        {s: manager.engine(s, write=write) for s in targets},
+        {s: manager.config(s).connect_timeout for s in targets},
+    )
+    outcome = fan_out({s: functools.partial(run, s) for s in targets if s not in errors})
+    errors = {s: e for s in targets if (e := errors.get(s) or outcome.errors.get(s)) is not None}
     raise_for_errors(
-        outcome.errors,
+        errors,
         allow_partial=allow_partial,
         any_result=bool(outcome.results),
         describe=lambda shard, error: unavailable(shard, manager.safe_url(shard), error),
     )
-    return gather(plan, outcome.results, targets, outcome.errors, with_shard_id=with_shard_id)
+    return gather(plan, outcome.results, targets, errors, with_shard_id=with_shard_id)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.util.concurrency import await_only, greenlet_spawn, in_greenlet
@@ -123,3 +126,42 @@ def raise_for_errors(
         if is_unavailable(error) and not isinstance(error, ShardUnavailableError):
             raise describe(shard, error) from error
         raise name_shard(error, shard)
+
+
+_probes: dict[int, Future[None]] = {}  # id(engine) -> the last reachability probe
+
+
+def _check_out(engine: Engine) -> None:
+    with engine.connect():  # a pool checkout pre-pings a pooled connection, or connects anew
+        pass
+
+
+def probe(engines: Mapping[str, Engine], timeouts: Mapping[str, float]) -> dict[str, BaseException]:
+    """Check every shard answers within its connect timeout, all at once; the failures by shard.
+
+    A stopped server refuses at once, but a frozen one never answers a pooled connection's ping,
+    and no socket timeout would end that wait. The probe runs in a worker, so the caller stops
+    waiting after the connect timeout; a probe still stuck is reused (at most one thread per shard).
+    """
+    pool = scatter_pool()
+    errors: dict[str, BaseException] = {}
+    futures: dict[str, Future[None]] = {}
+    with _lock:
+        for shard, engine in engines.items():
+            running = _probes.get(id(engine))
+            if running is None or running.done():
+                running = _probes[id(engine)] = pool.submit(_check_out, engine)
+            futures[shard] = running
+    started = time.monotonic()
+    for shard, future in futures.items():
+        limit = timeouts.get(shard, 3.0) + 1.0
+        try:
+            future.result(timeout=max(0.0, started + limit - time.monotonic()))
+        except FutureTimeoutError:
+            errors[shard] = ShardUnavailableError(
+                f"shard {shard!r} did not answer within {limit:g}s (server frozen or unreachable)",
+                shard_id=shard,
+            )
+        except Exception as error:  # noqa: BLE001 - reported by shard, the policy decides
+            errors[shard] = error
+    return errors

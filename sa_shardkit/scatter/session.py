@@ -21,14 +21,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import inspect
-from sqlalchemy.engine import Connection, Result
+from sqlalchemy.engine import Connection, Engine, Result
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.sql.selectable import Select
 
 from ..errors import ShardUnavailableError
-from .fanout import fan_out, is_unavailable, raise_for_errors
+from .fanout import fan_out, is_unavailable, probe, raise_for_errors
 from .gather import ALLOW_PARTIAL, PER_SHARD_RESULTS, gather
 from .plan import RowPlan, ScatterPlan, plan_scatter
 from .prefix import trim_to_merged_prefix
@@ -81,7 +81,10 @@ class _ScatterRun:
         errors: dict[str, BaseException] = {}
         if self.compile_state_cls is None:
             self.session._autoflush()
+        errors.update(self._probe_unheld())
         for position, shard_id in enumerate(self.shard_ids):
+            if shard_id in errors:
+                continue
             try:
                 prepared[shard_id] = self._prepare(shard_id, autoflush=position == 0)
             except (OperationalError, PoolTimeoutError, DBAPIError, ShardUnavailableError) as error:
@@ -104,6 +107,22 @@ class _ScatterRun:
         self._restore_result_attributes(merged, results)
         yield_per = self.context.execution_options.get("yield_per")
         return merged.yield_per(yield_per) if yield_per else merged
+
+    def _probe_unheld(self) -> dict[str, BaseException]:
+        """Probe the shards this session holds no connection to yet (see :func:`fanout.probe`)."""
+        held: set[Any] = set()
+        transaction = self.session.get_transaction()
+        while transaction is not None:
+            held.update(transaction._connections)
+            transaction = transaction.parent
+        engines = {}
+        for shard_id in self.shard_ids:
+            bind = self.session.get_bind(**dict(self.context.bind_arguments, shard_id=shard_id))
+            if isinstance(bind, Engine) and bind not in held:
+                engines[shard_id] = bind
+        manager = getattr(self.session, "manager", None)
+        timeouts = {s: manager.config(s).connect_timeout for s in engines} if manager is not None else {}
+        return probe(engines, timeouts)
 
     def _prepare(self, shard_id: str, *, autoflush: bool) -> tuple[Any, Any, Any, dict[str, Any], Connection]:
         """Statement, options and params as Session.execute would use them, and the shard's connection."""
