@@ -37,8 +37,12 @@ _LAG_SQL = text(
     "SELECT pg_is_in_recovery(), "
     "pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() "
     "AND EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming'), "
-    "EXTRACT(EPOCH FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8"
+    "EXTRACT(EPOCH FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8, "
+    "pg_last_wal_receive_lsn()::text"
 )
+_REPLAYED_SQL = text("SELECT pg_last_wal_replay_lsn() >= CAST(:received AS pg_lsn)")
+_REPLAY_RECHECKS = 5
+_REPLAY_RECHECK_DELAY = 0.01
 
 
 @dataclass(frozen=True)
@@ -55,11 +59,18 @@ class ReplicaStatus:
 
 def measure_lag(conn: Connection) -> tuple[bool, float]:
     """``(in_recovery, lag_seconds)`` of the server behind ``conn``; ``inf`` when nothing was replayed."""
-    in_recovery, caught_up, age = conn.execute(_LAG_SQL).one()
+    in_recovery, caught_up, age, received = conn.execute(_LAG_SQL).one()
     if not in_recovery:
         return False, 0.0
     if caught_up:
         return True, 0.0
+    # WAL received but not replayed: usually a record being applied right now (an idle primary
+    # still sends checkpoint records, and the last *transaction* may be hours old), so give replay
+    # a moment to reach what had arrived before calling the replica behind.
+    for _ in range(_REPLAY_RECHECKS):
+        time.sleep(_REPLAY_RECHECK_DELAY)
+        if conn.execute(_REPLAYED_SQL, {"received": received}).scalar():
+            return True, 0.0
     return True, math.inf if age is None else max(0.0, float(age))
 
 
