@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
 
 from .alembic.status import RevisionState, classify
 from .manager import ShardHealth, ShardManager
@@ -64,6 +65,8 @@ class FleetStatusReport:
     nodes: tuple[NodeStatus, ...]
     script_heads: tuple[str, ...] | None = None
     exact_counts: bool = True
+    ring_version: int | None = None
+    """The ring version the shards store (``shardkit rebalance``); None: the configured ring."""
 
     @property
     def healthy(self) -> bool:
@@ -84,7 +87,7 @@ def collect_status(
 ) -> FleetStatusReport:
     """Ask every primary and replica of ``manager`` how it is (in parallel; never raises for a dead shard)."""
     health = manager.health()
-    shares = manager.ring.shares()
+    ring_version, shares = _ring_shares(manager)
     jobs = list(health.values())
 
     def one(h: ShardHealth) -> NodeStatus:
@@ -121,7 +124,20 @@ def collect_status(
     order = {shard_id: i for i, shard_id in enumerate(manager.shard_ids)}
     nodes.sort(key=lambda n: (order.get(n.shard_id, len(order)), n.role != "primary"))
     heads = tuple(sorted(script.get_heads())) if script is not None else None
-    return FleetStatusReport(tuple(_judge_revisions(nodes, script)), heads, exact_counts)
+    return FleetStatusReport(tuple(_judge_revisions(nodes, script)), heads, exact_counts, ring_version)
+
+
+def _ring_shares(manager: ShardManager) -> tuple[int | None, dict[str, float]]:
+    """Shares of the ring the application routes by: the stored version when the shards have one."""
+    from .rebalance import load_ring_state
+
+    try:
+        state = load_ring_state(manager)
+    except SQLAlchemyError:  # a shard is down: that is reported per node; fall back to the config
+        state = None
+    if state is None:
+        return None, manager.ring.shares()
+    return state.version, state.ring.shares()
 
 
 def _judge_revisions(nodes: list[NodeStatus], script: ScriptDirectory | None) -> list[NodeStatus]:

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from sa_shardkit import ShardManager
+from sa_shardkit import HashRing, ShardManager
 from sa_shardkit.cli import cli
+from sa_shardkit.rebalance import install_ring
 from sa_shardkit.testing import LocalPostgres
 from tests.fleet import TestFleet
 
@@ -178,3 +179,14 @@ def test_status_without_configuration_is_one_clear_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("shardkit: error: no shards configured")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_status_reports_the_ring_version_the_shards_store(
+    shard_urls: list[str], manager: ShardManager
+) -> None:
+    stored = HashRing(manager.shard_ids, weights={"shard-1": 3})
+    install_ring(manager, stored)
+    report = json_report(run_status("--json", *url_args(shard_urls)))
+    assert report["ring_version"] == 1
+    shares = {n["shard_id"]: n["ring_share"] for n in report["nodes"]}
+    assert shares == pytest.approx(stored.shares())

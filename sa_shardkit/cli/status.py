@@ -43,7 +43,8 @@ def _revision(node: NodeStatus) -> str:
 
 
 def render_status(console: Console, report: FleetStatusReport) -> None:
-    table = Table(title="Shards", title_justify="left", box=box.SIMPLE_HEAD)
+    ring = f"ring version {report.ring_version}" if report.ring_version is not None else "configured ring"
+    table = Table(title=f"Shards ({ring})", title_justify="left", box=box.SIMPLE_HEAD)
     for name, justify in [
         ("shard", "left"),
         ("role", "left"),
@@ -115,6 +116,7 @@ def status(config_path: str | None, urls: tuple[str, ...], estimate: bool, as_js
         payload = {
             "healthy": report.healthy,
             "script_heads": report.script_heads,
+            "ring_version": report.ring_version,
             "nodes": [asdict(node) for node in report.nodes],
         }
         click.echo(json.dumps(payload, indent=2, default=str))
