@@ -147,9 +147,7 @@ class ShardedSession(_StockShardedSession):
         self.shard_chooser = shard_chooser
         self.identity_chooser = identity_chooser
         self.execute_chooser = execute_chooser
-        self._ShardedSession__shards: dict[str, Any] = {}
-        for shard_id, bind in (shards or {}).items():
-            self.bind_shard(shard_id, bind)
+        self._ShardedSession__shards: dict[str, Any] = dict(shards or {})  # what bind_shard() fills
 
     # -- binds -----------------------------------------------------------------------------------
 
@@ -184,6 +182,39 @@ class ShardedSession(_StockShardedSession):
             raise UnknownShardError(
                 f"unknown shard {shard_id!r}; this session's shards: {', '.join(self._shard_ids())}"
             ) from None
+
+    def get(self, entity: Any, ident: Any, **kw: Any) -> Any:  # type: ignore[override]
+        """``Session.get``; when the primary key holds the shard key, straight to that shard.
+
+        Passing the shard as ``identity_token`` spares the identity chooser and the analysis of
+        the primary-key SELECT; every other case takes the stock path.
+        """
+        shard = self._get_shard(entity, ident, kw) if self.manager is not None else None
+        if shard is not None:
+            kw["identity_token"] = shard
+        return super().get(entity, ident, **kw)
+
+    def _get_shard(self, entity: Any, ident: Any, kw: dict[str, Any]) -> str | None:
+        if kw.get("identity_token") is not None or self.pinned_shard_id is not None:
+            return None
+        if "shard_id" in (kw.get("bind_arguments") or {}) or "shard_id" in (
+            kw.get("execution_options") or {}
+        ):
+            return None
+        if isinstance(ident, dict):
+            return None
+        mapper = getattr(inspect(entity, raiseerr=False), "mapper", None)
+        if mapper is None:
+            return None
+        assert self.manager is not None
+        route = route_identity(self.manager, mapper, ident if isinstance(ident, (tuple, list)) else (ident,))
+        if len(route.shard_ids) != 1 or route.reference:
+            return None
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "get(%s, %r) -> %s (%s)", mapper.class_.__name__, ident, route.shard_ids[0], route.reason
+            )
+        return route.shard_ids[0]
 
     # -- the hooks derived from the manager ------------------------------------------------------
 
@@ -503,6 +534,8 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
         session.manager is not None and orm_context.is_insert and isinstance(orm_context.parameters, list)
     )
     if shard_id is not None:
+        if session._affinity is None:
+            session._affinity = shard_id
         if debug:
             log.debug("%s -> %s (%s)", _statement_name(orm_context), shard_id, why)
         if bulk_insert:
@@ -529,7 +562,7 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
         log.debug("%s -> %s (%s)", _statement_name(orm_context), ", ".join(route.shard_ids), route.reason)
     shards = route.shard_ids
     is_write = orm_context.is_insert or orm_context.is_update or orm_context.is_delete
-    replicated = session.manager is not None and _replicated(orm_context)
+    replicated = is_write and session.manager is not None and _replicated(orm_context)
     if len(shards) == 1:
         if is_write and session.manager is not None and not replicated:
             session._note_writes({shards[0]: _statement_name(orm_context)})
