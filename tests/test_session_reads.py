@@ -256,3 +256,17 @@ def test_get_with_an_identity_token_asks_only_that_shard(
         assert session.get(Customer, 10, identity_token=other) is None
         assert session.get(Customer, 10, identity_token=home) is not None
     assert sql_log.shards("FROM customers") == {home, other}
+
+
+def test_legacy_query_api_is_routed_like_select(
+    Session: sessionmaker[Any],  # noqa: N803
+    filled: ShardManager,
+    sql_log: SqlLog,
+) -> None:
+    with Session() as session:
+        orders = session.query(Order).filter(Order.customer_id == 8).all()
+        assert {o.customer_id for o in orders} == {8} and len(orders) == 2
+        on_shard_1 = sum(2 for k in range(1, N_CUSTOMERS + 1) if filled.shard_for(k) == "shard-1")
+        assert session.query(Order).set_shard("shard-1").count() == on_shard_1
+    assert sql_log.shards("WHERE orders.customer_id") == {filled.shard_for(8)}
+    assert sql_log.shards("count(*)") == {"shard-1"}
