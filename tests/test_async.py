@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, text
 
-from sa_shardkit import ShardManager
+from sa_shardkit import ShardManager, ShardUnavailableError
 from sa_shardkit.aio import AsyncShardManager
 from sa_shardkit.demo.models import Base, Customer, Order
+from tests.fleet import TestFleet
 
 CUSTOMERS = range(1, 21)
 
@@ -148,3 +149,17 @@ def test_async_example_runs_against_shard_url_env_vars(shard_urls: list[str]) ->
     assert result.returncode == 0, result.stderr
     assert "customer 1 (" in result.stdout and "spent 60" in result.stdout
     assert sum(int(line.split()[1]) for line in result.stdout.splitlines() if "customers" in line) == 20
+
+
+def test_async_scatter_with_a_stopped_shard_raises_shard_unavailable(
+    schema: ShardManager, pg_fleet: TestFleet
+) -> None:
+    async def main() -> None:
+        async with AsyncShardManager(schema) as shards:
+            await add_customers(shards, CUSTOMERS)
+            pg_fleet.server(2).stop()
+            async with shards.sessionmaker()() as session:
+                await session.scalar(select(func.count()).select_from(Customer))
+
+    with pytest.raises(ShardUnavailableError, match="shard-3"):
+        asyncio.run(main())

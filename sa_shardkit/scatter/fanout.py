@@ -143,6 +143,8 @@ def probe(engines: Mapping[str, Engine], timeouts: Mapping[str, float]) -> dict[
     and no socket timeout would end that wait. The probe runs in a worker, so the caller stops
     waiting after the connect timeout; a probe still stuck is reused (at most one thread per shard).
     """
+    if in_greenlet():  # under an AsyncSession: worker threads cannot use its connections
+        return _probe_on_event_loop(engines, timeouts)
     pool = scatter_pool()
     errors: dict[str, BaseException] = {}
     futures: dict[str, Future[None]] = {}
@@ -165,3 +167,28 @@ def probe(engines: Mapping[str, Engine], timeouts: Mapping[str, float]) -> dict[
         except Exception as error:  # noqa: BLE001 - reported by shard, the policy decides
             errors[shard] = error
     return errors
+
+
+def _probe_on_event_loop(
+    engines: Mapping[str, Engine], timeouts: Mapping[str, float]
+) -> dict[str, BaseException]:
+    """:func:`probe` for an AsyncSession: every check-out in its own greenlet, bounded by asyncio."""
+
+    async def one(shard: str, engine: Engine) -> BaseException | None:
+        limit = timeouts.get(shard, 3.0) + 1.0
+        try:
+            await asyncio.wait_for(greenlet_spawn(_check_out, engine), limit)
+        except asyncio.TimeoutError:
+            return ShardUnavailableError(
+                f"shard {shard!r} did not answer within {limit:g}s (server frozen or unreachable)",
+                shard_id=shard,
+            )
+        except Exception as error:  # noqa: BLE001 - reported by shard, the policy decides
+            return error
+        return None
+
+    async def all_probes() -> list[BaseException | None]:
+        return await asyncio.gather(*(one(shard, engine) for shard, engine in engines.items()))
+
+    outcomes = await_only(all_probes())
+    return {shard: error for shard, error in zip(engines, outcomes, strict=True) if error is not None}
