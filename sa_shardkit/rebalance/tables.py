@@ -14,10 +14,8 @@ from sqlalchemy import Column, MetaData, Table
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, registry
 
+from ..declarative import REFERENCE_ATTR, SHARD_KEY_ATTR, sharding_of, table_sharding
 from ..errors import RebalanceError
-
-SHARD_KEY_ATTR = "__shard_key__"
-REFERENCE_ATTR = "__shard_reference__"
 
 
 @dataclass(frozen=True)
@@ -115,31 +113,40 @@ def _fk_order(specs: Iterable[ShardedTable]) -> list[ShardedTable]:
 
 
 def _from_registry(reg: registry) -> TableSet:
+    """Every mapped table, as :mod:`sa_shardkit.declarative` reads its model (undeclared ones are
+    not moved; a sub-table without the key column cannot be)."""
     sharded: list[ShardedTable] = []
     reference: list[Table] = []
     for mapper in reg.mappers:
-        cls = mapper.class_
         table = mapper.local_table
-        if not isinstance(table, Table):
+        seen = [*reference, *(s.table for s in sharded)]
+        if not isinstance(table, Table) or any(t is table for t in seen) or not _declares(mapper.class_):
             continue
-        attr = cls.__dict__.get(SHARD_KEY_ATTR) or getattr(cls, SHARD_KEY_ATTR, None)
-        if attr:
-            columns = mapper.get_property(attr).columns  # type: ignore[attr-defined]
-            sharded.append(ShardedTable(table, columns[0]))
-        elif getattr(cls, REFERENCE_ATTR, False):
+        declared = sharding_of(mapper)  # a malformed declaration raises NotShardedError naming the model
+        if declared.reference:
             reference.append(table)
+        elif declared.column_name is not None and declared.column_name in table.c:
+            sharded.append(ShardedTable(table, table.c[declared.column_name]))
     return TableSet(tuple(_fk_order(sharded)), tuple(_sorted_reference(reference)))
 
 
+def _declares(cls: type) -> bool:
+    return any(hasattr(cls, name) for name in (SHARD_KEY_ATTR, REFERENCE_ATTR))
+
+
 def _from_metadata(metadata: MetaData) -> TableSet:
+    """Every table of ``metadata``, as :func:`sa_shardkit.declarative.table_sharding` reads it
+    (``Table.info``, or the model mapping it)."""
     sharded: list[ShardedTable] = []
     reference: list[Table] = []
     for table in metadata.sorted_tables:
-        key = table.info.get("shard_key")
-        if key:
-            sharded.append(ShardedTable(table, table.c[key]))
-        elif table.info.get("shard_reference"):
+        declared = table_sharding(table)
+        if declared is None:
+            continue
+        if declared.reference:
             reference.append(table)
+        elif declared.column_name is not None:
+            sharded.append(ShardedTable(table, table.c[declared.column_name]))
     return TableSet(tuple(sharded), tuple(reference))
 
 
