@@ -74,6 +74,19 @@ def test_offline_sql_is_one_delimited_script_per_shard_and_touches_nothing(
     assert all(revision_on(url) == () for url in shard_map.values())
 
 
+def test_offline_sql_sets_the_configured_timeouts_before_the_first_transaction(
+    project: AlembicProject,
+) -> None:
+    command.upgrade(
+        project.config("shard=shard-2", "lock_timeout=2s", "statement_timeout=1min"), "head", sql=True
+    )
+    block = project.output().split("BEGIN shard shard-2")[1]
+    lock, statement, begin = (
+        block.index(s) for s in ("SET lock_timeout = '2s';", "SET statement_timeout = '1min';", "BEGIN;")
+    )
+    assert lock < statement < begin
+
+
 def test_offline_sql_dir_writes_one_file_per_selected_shard(project: AlembicProject, tmp_path: Path) -> None:
     out = tmp_path / "sql"
     command.upgrade(project.config(f"sql_dir={out}", "shards=shard-1,shard-3"), "head", sql=True)

@@ -212,15 +212,16 @@ def test_revision_with_an_autocommit_block_creates_its_index_concurrently_on_eve
             op.create_index(
                 "ix_customers_email", "customers", ["email"], postgresql_concurrently=True, if_not_exists=True
             )
-        # after the block's commits, the run still holds the shard's migration lock and lock_timeout
+        # after the block's commits, the run still holds the shard's migration lock and timeouts
         op.execute(
             "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
             "AND objid = {MIGRATION_LOCK_ID} AND pid = pg_backend_pid()) "
-            "OR current_setting('lock_timeout') <> '5s' THEN RAISE EXCEPTION 'lock lost'; END IF; END $$"
+            "OR current_setting('lock_timeout') <> '4s' OR current_setting('statement_timeout') <> '7min' "
+            "THEN RAISE EXCEPTION 'lock lost'; END IF; END $$"
         )
         """.replace("{MIGRATION_LOCK_ID}", str(MIGRATION_LOCK_ID)),
     )
-    command.upgrade(project.config("lock_timeout=5s"), "head")
+    command.upgrade(project.config("lock_timeout=4s", "statement_timeout=7min"), "head")
     for url in shard_map.values():
         assert revision_on(url) == ("t_concurrent",)
         assert "email" in columns_on(url, "customers")

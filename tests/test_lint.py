@@ -7,6 +7,7 @@ No database is needed here: revisions are rendered offline (as `alembic upgrade 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -197,12 +198,29 @@ def test_without_models_the_contract_rules_still_run() -> None:
     assert any("no models given" in note for note in report.notes)
 
 
-def test_lock_timeout_set_by_the_env_is_rendered_and_satisfies_squawk() -> None:
+def test_timeouts_set_by_the_env_are_rendered_and_satisfy_squawk() -> None:
+    timeout_rules = {"squawk:require-lock-timeout", "squawk:require-statement-timeout"}
     without = lint_script_directory(REPO / "migrations", models=DEMO_MODELS)
-    with_env = lint_script_directory(REPO / "migrations", models=DEMO_MODELS, lock_timeout="5s")
-    assert "squawk:require-lock-timeout" in {f.rule_id for f in without.findings}
-    assert "squawk:require-lock-timeout" not in {f.rule_id for f in with_env.findings}
-    assert all(r.sql.startswith("BEGIN;\n\nSET LOCAL lock_timeout = '5s';") for r in with_env.revisions)
+    with_env = lint_script_directory(
+        REPO / "migrations", models=DEMO_MODELS, lock_timeout="5s", statement_timeout="15min"
+    )
+    assert timeout_rules <= {f.rule_id for f in without.findings}
+    assert not timeout_rules & {f.rule_id for f in with_env.findings}
+    assert all(
+        r.sql.startswith("BEGIN;\n\nSET LOCAL lock_timeout = '5s';\n\nSET LOCAL statement_timeout = '15min';")
+        for r in with_env.revisions
+    )
+
+
+def test_the_projects_own_migrations_print_that_they_are_clean() -> None:
+    # The timeouts come from alembic.ini (shardkit_lock_timeout / shardkit_statement_timeout), as the env's.
+    for strict in ([], ["--strict"]):
+        result = run_cli("--config", str(REPO / "alembic.ini"), *strict)
+        assert result.exit_code == 0, result.output
+        assert re.fullmatch(
+            r"clean: \d+ revisions checked, no errors or warnings \[sharding rules \+ squawk [\d.]+\]",
+            result.output.strip(),
+        )
 
 
 def test_new_table_no_model_maps_is_a_warning(tmp_path: Path) -> None:
@@ -244,9 +262,17 @@ def test_a_binary_that_is_not_squawk_is_named_and_sharding_rules_still_run(
     assert [f.rule_id for f in report.findings] == ["shardkit:rename-outside-contract"]
 
 
-def test_strict_makes_warnings_fail() -> None:
-    project = ["--config", str(REPO / "alembic.ini"), "--lock-timeout", "5s"]
-    assert run_cli(*project).exit_code == 0  # the project's migrations: warnings only
-    strict = run_cli(*project, "--strict")
+def test_strict_makes_warnings_fail(tmp_path: Path) -> None:
+    revision = tmp_path / "r5_undeclared_table.py"
+    revision.write_text(
+        'import sqlalchemy as sa\nfrom alembic import op\n\nrevision = "r5"\ndown_revision = None\n\n\n'
+        "def upgrade():\n"
+        '    op.create_table("invoices", sa.Column("invoice_id", sa.BigInteger(), primary_key=True))\n'
+    )
+    args = ["--models", DEMO_MODELS, str(revision)]  # a table no model maps: warnings only
+    relaxed = run_cli(*args)
+    assert relaxed.exit_code == 0 and relaxed.output.splitlines()[-1].startswith("ok:")
+    assert "warning r5" in relaxed.output
+    strict = run_cli(*args, "--strict")
     assert strict.exit_code == 1
     assert strict.output.splitlines()[-1].startswith("FAILED:") and "(strict)" in strict.output

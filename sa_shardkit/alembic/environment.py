@@ -40,6 +40,7 @@ from .plan import MigrationPlan, PreMigrateHook
 from .report import MigrationReport, ShardMigrationError, ShardOutcome, ShardState
 from .status import FleetStatus, RevisionState, ShardRevision, classify, fleet_status, read_heads
 from .targets import SECTION, requested_shards, select_shards, settings_from_alembic_config
+from .timeouts import apply_timeouts, migration_timeouts, set_statement
 
 log = logging.getLogger("sa_shardkit.alembic")
 
@@ -133,6 +134,7 @@ class _FleetRun:
         self.settings = select_shards(self.all_shards, requested_shards(self.x_args))
         self.child_report = self.x_args.get(CHILD_ARG)
         self.parallel = _workers(self.x_args.get("parallel"))
+        self.timeouts = migration_timeouts(self.config, self.x_args)
 
     # -- dispatch ----------------------------------------------------------------------------------
 
@@ -263,17 +265,13 @@ class _FleetRun:
             try:
                 with self.env.begin_transaction():
                     _lock_shard(conn, shard_id)
-                    _set_lock_timeout(conn, self._lock_timeout())
+                    apply_timeouts(conn, self.timeouts)
                     self.env.run_migrations()
                     return tuple(sorted(self.env.get_context().get_current_heads()))
             finally:
-                # The lock and lock_timeout are session-level, so that they survive the commits of an
-                # autocommit_block() (CREATE INDEX CONCURRENTLY); closing the session ends both.
+                # The lock and the timeouts are session-level, so that they survive the commits of an
+                # autocommit_block() (CREATE INDEX CONCURRENTLY); closing the session ends them.
                 conn.invalidate()
-
-    def _lock_timeout(self) -> str | None:
-        """``-x lock_timeout=5s`` / ``shardkit_lock_timeout`` in ``[alembic]``: how long DDL may queue."""
-        return self.x_args.get("lock_timeout") or self.config.get_main_option("shardkit_lock_timeout") or None
 
     def _fail(self, outcomes: list[ShardOutcome], cause: BaseException | None) -> MigrationReport:
         report = MigrationReport(self.command, self._destination(), tuple(outcomes))
@@ -335,6 +333,8 @@ class _FleetRun:
                     options["output_buffer"] = buffer
                 self._configure(**options)
                 self.env.static_output(f"-- ===== shardkit: BEGIN shard {banner} =====\n")
+                for name, value in self.timeouts.items():  # session-level, as online
+                    self.env.static_output(f"{set_statement(name, value)};\n\n")
                 with self.env.begin_transaction():
                     self.env.run_migrations()
                 self.env.static_output(f"-- ===== shardkit: END shard {shard.id} =====\n\n")
@@ -465,16 +465,6 @@ def _lock_shard(conn: Connection, shard_id: str) -> None:
     got = conn.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": MIGRATION_LOCK_ID}).scalar()
     if not got:
         raise MigrationError(f"shard {shard_id!r}: another migration run holds the migration lock")
-
-
-def _set_lock_timeout(conn: Connection, value: str | None) -> None:
-    """Bound how long a DDL statement waits behind application transactions (then the shard fails).
-
-    Without it, an ``ALTER TABLE`` queued behind one long transaction blocks every later query on
-    that table for as long as it waits.
-    """
-    if value and conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT set_config('lock_timeout', :value, false)"), {"value": value})
 
 
 def _reason(error: BaseException) -> str:

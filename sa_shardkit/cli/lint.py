@@ -55,6 +55,11 @@ SECTION = "shardkit"
     metavar="VALUE",
     help="The lock_timeout the env sets per shard (default: shardkit_lock_timeout in alembic.ini).",
 )
+@click.option(
+    "--statement-timeout",
+    metavar="VALUE",
+    help="The statement_timeout the env sets per shard (default: shardkit_statement_timeout in alembic.ini).",
+)
 def lint(
     files: tuple[str, ...],
     config_path: str | None,
@@ -68,6 +73,7 @@ def lint(
     strict: bool,
     no_squawk: bool,
     lock_timeout: str | None,
+    statement_timeout: str | None,
 ) -> None:
     """Lint revision FILES, or the revisions of the migrations directory (all, --from/--to, --pending).
 
@@ -76,6 +82,7 @@ def lint(
     ini = _ini(config_path)
     models = models or _ini_option(ini, SECTION, "lint_models")
     lock_timeout = lock_timeout or _ini_option(ini, "alembic", "shardkit_lock_timeout")
+    statement_timeout = statement_timeout or _ini_option(ini, "alembic", "shardkit_statement_timeout")
     if files:
         if pending or lower:
             raise click.UsageError("give revision FILES or --from/--pending, not both")
@@ -84,7 +91,12 @@ def lint(
         script = _script(ini, location)
         targets = _pending(ini, urls, script, upper) if pending else _range(script, lower, upper)
     report = lint_targets(
-        targets, models=models, squawk=not no_squawk, strict=strict, lock_timeout=lock_timeout
+        targets,
+        models=models,
+        squawk=not no_squawk,
+        strict=strict,
+        lock_timeout=lock_timeout,
+        statement_timeout=statement_timeout,
     )
     _emit(report, fmt)
 

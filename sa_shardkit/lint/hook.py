@@ -18,6 +18,7 @@ from typing import Any
 from alembic.util import CommandError
 
 from ..alembic import MigrationPlan, PreMigrateHook, fleet_status, settings_from_alembic_config
+from ..alembic.timeouts import migration_timeouts
 from ..config import with_shards
 from ..manager import ShardManager
 from .findings import LintReport
@@ -41,11 +42,6 @@ def lint_enabled(plan: MigrationPlan, default: bool = False) -> bool:
         if flag is not None:
             return flag
     return default
-
-
-def env_lock_timeout(plan: MigrationPlan) -> str | None:
-    """The ``lock_timeout`` the sharded env sets per shard (``-x lock_timeout=`` / ``shardkit_lock_timeout``)."""
-    return plan.x_args.get("lock_timeout") or plan.config.get_main_option("shardkit_lock_timeout") or None
 
 
 def planned_targets(plan: MigrationPlan) -> list[LintTarget]:
@@ -78,8 +74,8 @@ def lint_hook(models: ModelsSpec = None, *, default: bool = False, **options: An
             plan.config.print_stdout("shardkit lint: downgrades are not linted -> downgrade proceeds")
             return
         spec = models if models is not None else plan.config.get_section_option(SECTION, "lint_models")
-        # Online, the env sets lock_timeout on each shard's transaction; the lint renders that too.
-        env = {} if plan.offline else {"lock_timeout": env_lock_timeout(plan)}
+        # The env sets these timeouts on every shard (online, and at the top of each --sql script).
+        env = migration_timeouts(plan.config, plan.x_args)
         report = lint_targets(planned_targets(plan), models=spec or None, **{**env, **options})
         decide(plan, report)
 

@@ -20,6 +20,8 @@ from alembic import op as alembic_op
 from alembic.operations import BatchOperations, MigrateOperation, Operations
 from alembic.runtime.migration import MigrationContext
 
+from ..alembic.timeouts import set_statement
+
 
 @dataclass(frozen=True)
 class RecordedOperation:
@@ -107,12 +109,14 @@ def _op_proxy(operations: Operations) -> Iterator[None]:
             previous._install_proxy()
 
 
-def render_upgrade(module: ModuleType, *, lock_timeout: str | None = None) -> RenderedRevision:
+def render_upgrade(
+    module: ModuleType, *, lock_timeout: str | None = None, statement_timeout: str | None = None
+) -> RenderedRevision:
     """Run ``module.upgrade()`` offline against PostgreSQL and return its SQL and operations.
 
-    ``lock_timeout``: the value the sharded env sets at the start of each shard's migration
-    transaction (``shardkit_lock_timeout`` / ``-x lock_timeout=``); rendered as that ``SET LOCAL`` so
-    squawk sees what really runs.
+    ``lock_timeout`` / ``statement_timeout``: the values the sharded env sets on each shard before
+    its migrations (``shardkit_lock_timeout`` / ``-x lock_timeout=``, see
+    :mod:`sa_shardkit.alembic.timeouts`); rendered as ``SET LOCAL`` so squawk sees what really runs.
     """
     buffer = io.StringIO()
     context = MigrationContext.configure(
@@ -124,9 +128,11 @@ def render_upgrade(module: ModuleType, *, lock_timeout: str | None = None) -> Re
     upgrade: Callable[[], None] | None = getattr(module, "upgrade", None)
     error: str | None = None
     context.impl.emit_begin()
-    if lock_timeout:
-        quoted = lock_timeout.replace("'", "''")
-        context.impl.static_output(f"SET LOCAL lock_timeout = '{quoted}'{context.impl.command_terminator}")
+    for name, value in (("lock_timeout", lock_timeout), ("statement_timeout", statement_timeout)):
+        if value:
+            context.impl.static_output(
+                set_statement(name, value, local=True) + context.impl.command_terminator
+            )
     try:
         if upgrade is None:
             error = "the revision has no upgrade() function"

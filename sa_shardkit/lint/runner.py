@@ -44,18 +44,21 @@ def lint_targets(
     squawk_config: str | None = None,
     strict: bool = False,
     lock_timeout: str | None = None,
+    statement_timeout: str | None = None,
 ) -> LintReport:
     """Lint revisions (oldest first) against the models of the code being deployed.
 
-    ``lock_timeout``: what the sharded env sets per shard transaction (``shardkit_lock_timeout``),
-    so squawk does not ask for it in every revision.
+    ``lock_timeout`` / ``statement_timeout``: what the sharded env sets on each shard
+    (``shardkit_lock_timeout`` / ``shardkit_statement_timeout``), so squawk does not ask for them in
+    every revision.
     """
     schema = models if isinstance(models, ShardSchema) or models is None else ShardSchema.load(models)
     notes = [] if schema is not None else [NO_MODELS_NOTE]
     binary, status = squawk_status(squawk_path) if squawk else (None, _disabled())
     if binary is None and status.message:
         notes.append(status.message)
-    rendered = {t.revision: render_upgrade(t.module, lock_timeout=lock_timeout) for t in targets}
+    timeouts = {"lock_timeout": lock_timeout, "statement_timeout": statement_timeout}
+    rendered = {t.revision: render_upgrade(t.module, **timeouts) for t in targets}
     issues = (
         run_squawk(
             binary,
