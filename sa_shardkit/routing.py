@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +73,27 @@ def shards_for_key(manager: ShardManager, key: Any, *, write: bool = False) -> t
     if placement is not None:
         return placement.shards_for_key(key, write=write)  # type: ignore[no-any-return]
     return (manager.shard_for(key),)
+
+
+@contextmanager
+def watch_moving_reads(manager: ShardManager | None) -> Iterator[list[Any]]:
+    """Collect the read answers of :func:`shards_for_key` that a concurrent rebalance cut-over may
+    invalidate (keys read from their old shard while their range moves); empty without a move.
+
+    After running the read, :func:`moving_reads_valid` says whether it must be routed and run again.
+    """
+    placement = getattr(manager, "placement", None)
+    if placement is None:
+        yield []
+        return
+    with placement.watch_reads() as watched:
+        yield watched
+
+
+def moving_reads_valid(manager: ShardManager | None, reads: list[Any]) -> bool:
+    """Whether every watched read answer still holds after the read ran (see :func:`watch_moving_reads`)."""
+    placement = getattr(manager, "placement", None)
+    return not reads or placement is None or bool(placement.reads_still_valid(reads))
 
 
 def shard_for_key(manager: ShardManager, key: Any) -> str:

@@ -41,6 +41,7 @@ from .errors import (
     CrossShardTransactionError,
     ShardKeyChangeError,
     ShardKeyMissingError,
+    StaleRingError,
     UnknownShardError,
     UnsupportedScatterError,
 )
@@ -49,13 +50,18 @@ from .routing import (
     Route,
     group_insert_rows,
     insert_reason,
+    moving_reads_valid,
     reference_write_shards,
     route_identity,
     route_statement,
     shard_for_instance,
     shard_for_key,
+    watch_moving_reads,
 )
 from .scatter import execute_scatter
+
+MAX_MOVING_READS = 20
+"""Reads of a key range that is mid-move re-run at most this often when cut-overs keep landing."""
 
 if TYPE_CHECKING:
     from .manager import ShardManager
@@ -189,10 +195,15 @@ class ShardedSession(_StockShardedSession):
         Passing the shard as ``identity_token`` spares the identity chooser and the analysis of
         the primary-key SELECT; every other case takes the stock path.
         """
-        shard = self._get_shard(entity, ident, kw) if self.manager is not None else None
-        if shard is not None:
-            kw["identity_token"] = shard
-        return super().get(entity, ident, **kw)
+        if self.manager is None:
+            return super().get(entity, ident, **kw)
+        for _ in range(MAX_MOVING_READS):
+            with watch_moving_reads(self.manager) as moving:
+                shard = self._get_shard(entity, ident, kw)
+            found = super().get(entity, ident, **(kw if shard is None else {**kw, "identity_token": shard}))
+            if found is not None or moving_reads_valid(self.manager, moving):
+                return found  # else the key was cut over while we read its old shard: again
+        raise StaleRingError(f"the ring kept changing while reading {ident!r}; retry")
 
     def _get_shard(self, entity: Any, ident: Any, kw: dict[str, Any]) -> str | None:
         if kw.get("identity_token") is not None or self.pinned_shard_id is not None:
@@ -551,7 +562,10 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
             log.debug("%s -> %s", _statement_name(orm_context), insert_reason(groups))
         return _bulk_insert(orm_context, session, groups)
     if session._routed_execute:
-        route = session.route(orm_context)
+        with watch_moving_reads(session.manager) as moving:
+            route = session.route(orm_context)
+        if moving and orm_context.is_select:
+            return _read_moving(orm_context, session, route, moving)
     else:
         route = Route(tuple(session.execute_chooser(orm_context)), "execute_chooser")
     if route.reference and orm_context.is_select and session._affinity is not None:
@@ -577,6 +591,25 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
         )
     results = [_invoke(orm_context, s) for s in shards]
     return _combine_writes(results, replicated=replicated)
+
+
+def _read_moving(
+    orm_context: ORMExecuteState, session: ShardedSession, route: Route, moving: list[Any]
+) -> Result[Any]:
+    """A SELECT of keys whose range is mid-move, read from their old shard: run it, then check
+    that none was cut over meanwhile (its rows may have left before the query saw them); if one
+    was, route again (now to the new shard) and re-run. Readers never miss a committed row."""
+    for _ in range(MAX_MOVING_READS):
+        if len(route.shard_ids) == 1:
+            result = _invoke(orm_context, route.shard_ids[0])
+        else:
+            result = execute_scatter(orm_context, route.shard_ids)
+        rows = result.freeze()
+        if moving_reads_valid(session.manager, moving):
+            return rows()
+        with watch_moving_reads(session.manager) as moving:
+            route = session.route(orm_context)
+    raise StaleRingError(f"the ring kept changing while running {_statement_name(orm_context)}; retry")
 
 
 def _replicated(orm_context: ORMExecuteState) -> bool:

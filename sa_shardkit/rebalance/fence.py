@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -40,6 +41,11 @@ from .catalog import (
 )
 
 T = TypeVar("T")
+
+MovingRead = tuple[ShardKey, str, "RingState"]
+"""A read routing answer that a cut-over may invalidate: (key, shard answered, state it was under)."""
+
+_watched_reads: ContextVar[list[MovingRead] | None] = ContextVar("shardkit_watched_reads", default=None)
 
 MAX_REROUTES = 20
 STICKY_SECONDS = 0.5
@@ -106,8 +112,47 @@ class RingRouter:
             self.manager.placement = None  # type: ignore[attr-defined]
 
     def shards_for_key(self, key: ShardKey, *, write: bool = False) -> tuple[str, ...]:
-        """For :func:`sa_shardkit.routing.shards_for_key`: where the key's rows are now."""
-        return (self.shard_for_write(key, sticky=write),)
+        """For :func:`sa_shardkit.routing.shards_for_key`: where the key's rows are now.
+
+        A read answer that a cut-over can invalidate (the key's old shard, or any answer given
+        while the ring version changed) is recorded for the :meth:`watch_reads` in progress.
+        """
+        state = self._state
+        shard = self.shard_for_write(key, sticky=write)
+        if not write:
+            watched = _watched_reads.get()
+            if watched is not None:
+                move = state.move_of(key)
+                if self._state is not state or (move is not None and shard == move[0]):
+                    watched.append((key, shard, state))
+        return (shard,)
+
+    @contextmanager
+    def watch_reads(self) -> Iterator[list[MovingRead]]:
+        """Collect the read routing answers a concurrent cut-over may invalidate (this context
+        only); check them with :meth:`reads_still_valid` after the read ran."""
+        watched: list[MovingRead] = []
+        token = _watched_reads.set(watched)
+        try:
+            yield watched
+        finally:
+            _watched_reads.reset(token)
+
+    def reads_still_valid(self, reads: list[MovingRead]) -> bool:
+        """After a read: are the rows of every watched key still on the shard it was read from?
+
+        False when a key was cut over meanwhile (its rows left the old shard, maybe before the
+        read) or the ring version changed: route and read again.
+        """
+        for key, shard, state in reads:
+            if self._state is not state:
+                return False
+            try:
+                if self._moved(shard, key, state) or self._state is not state:
+                    return False
+            except _Reroute:
+                return False
+        return True
 
     @property
     def state(self) -> RingState:
