@@ -12,13 +12,12 @@ starts four throwaway local PostgreSQL servers::
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import os
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -27,6 +26,7 @@ from sqlalchemy.orm import selectinload
 
 from sa_shardkit import ShardManager
 from sa_shardkit.demo.models import Base, Customer, Order, OrderItem, Product
+from sa_shardkit.testing import manager_from_env_or_local_fleet
 
 
 class InsufficientFundsError(Exception):
@@ -157,22 +157,9 @@ def run(manager: ShardManager, out: Any = sys.stdout) -> dict[str, Any]:
     return {"placed": placed, "refused": refused, "overdue": overdue}
 
 
-@contextlib.contextmanager
-def _manager_from_env_or_local() -> Iterator[ShardManager]:
-    if any(k.startswith("SHARD_") and k.endswith("_URL") for k in os.environ):
-        with ShardManager.from_env() as manager:
-            yield manager
-        return
-    from sa_shardkit.testing import PostgresFleet
-
-    print("no SHARD_<N>_URL set: starting 4 local PostgreSQL servers", file=sys.stderr)
-    with PostgresFleet(4) as fleet, ShardManager.from_urls(fleet.urls) as manager:
-        yield manager
-
-
 def main() -> None:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"))
-    with _manager_from_env_or_local() as manager:
+    with manager_from_env_or_local_fleet() as manager:
         run(manager)
 
 

@@ -16,10 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from decimal import Decimal
 
 from sqlalchemy.orm import Session
@@ -27,6 +25,7 @@ from sqlalchemy.orm import Session
 from sa_shardkit import ShardManager
 from sa_shardkit.demo.models import Base, Customer
 from sa_shardkit.saga import CREDIT_TRANSFER, SagaOptions, create_saga_tables, recover, transfer
+from sa_shardkit.testing import manager_from_env_or_local_fleet
 
 
 class ProcessDied(BaseException):
@@ -83,22 +82,9 @@ def run(manager: ShardManager) -> None:
     show(manager, f"recover(): {len(report.completed)} completed", alice, bob)
 
 
-@contextlib.contextmanager
-def _manager_from_env_or_local() -> Iterator[ShardManager]:
-    if any(k.startswith("SHARD_") and k.endswith("_URL") for k in os.environ):
-        with ShardManager.from_env() as manager:
-            yield manager
-        return
-    from sa_shardkit.testing import PostgresFleet
-
-    print("no SHARD_<N>_URL set: starting 4 local PostgreSQL servers", file=sys.stderr)
-    with PostgresFleet(4) as fleet, ShardManager.from_urls(fleet.urls) as manager:
-        yield manager
-
-
 def main() -> None:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"))
-    with _manager_from_env_or_local() as manager:
+    with manager_from_env_or_local_fleet() as manager:
         run(manager)
 
 

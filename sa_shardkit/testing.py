@@ -14,11 +14,16 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .manager import ShardManager
 
 _SETTINGS = {
     "fsync": "off",
@@ -293,6 +298,23 @@ def local_fleet(count: int = 4) -> Iterator[PostgresFleet]:
         yield fleet
     finally:
         fleet.close()
+
+
+@contextmanager
+def manager_from_env_or_local_fleet(count: int = 4) -> Iterator[ShardManager]:
+    """The shards of ``SHARD_<N>_URL`` if any is set, else ``count`` local servers removed afterwards.
+
+    The examples' bootstrapping: run against your own shards, or try them with nothing set up.
+    """
+    from .manager import ShardManager
+
+    if any(k.startswith("SHARD_") and k.endswith("_URL") for k in os.environ):
+        with ShardManager.from_env() as manager:
+            yield manager
+        return
+    print(f"no SHARD_<N>_URL set: starting {count} local PostgreSQL servers", file=sys.stderr)
+    with local_fleet(count) as fleet, ShardManager.from_urls(fleet.urls) as manager:
+        yield manager
 
 
 def wait_until_accepting(url: str, timeout: float = 30.0) -> None:

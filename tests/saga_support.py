@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -11,6 +12,20 @@ from sqlalchemy.orm import Session
 from sa_shardkit import ShardManager
 from sa_shardkit.demo.models import Base, Customer
 from sa_shardkit.saga import create_saga_tables, receipts_table, sagas_table
+
+
+class SimulatedCrash(BaseException):
+    """The process "dies" right after a commit: no cleanup code of the runner runs."""
+
+
+def crash_at(point: str) -> Callable[[str, str], None]:
+    """An ``on_checkpoint`` hook that "kills" the runner right after the commit named ``point``."""
+
+    def hook(saga_id: str, checkpoint: str) -> None:
+        if checkpoint == point:
+            raise SimulatedCrash(checkpoint)
+
+    return hook
 
 
 def open_accounts(

@@ -42,8 +42,23 @@ EXPECTED = {
 }
 
 
+UNDECLARED_TABLE = 'op.create_table("invoices", sa.Column("invoice_id", sa.BigInteger(), primary_key=True))'
+"""A new table that no model maps: warnings only."""
+
+
 def run_cli(*args: str) -> Result:
     return CliRunner().invoke(lint, list(args), catch_exceptions=False)
+
+
+def write_revision(directory: Path, rev: str, *upgrade: str, doc: str = "") -> Path:
+    """A revision file ``<rev>_test.py`` (no parent) whose ``upgrade()`` runs the given lines."""
+    path = directory / f"{rev}_test.py"
+    header = f'"""{doc}"""\n' if doc else ""
+    path.write_text(
+        f'{header}import sqlalchemy as sa\nfrom alembic import op\n\nrevision = "{rev}"\ndown_revision = None\n\n\n'
+        "def upgrade():\n" + "".join(f"    {line}\n" for line in upgrade)
+    )
+    return path
 
 
 def test_every_unsafe_revision_has_an_expectation() -> None:
@@ -152,13 +167,13 @@ def test_squawk_path_that_does_not_exist_is_named(monkeypatch: pytest.MonkeyPatc
 
 
 def test_reference_table_write_is_noted_as_going_to_every_shard(tmp_path: Path) -> None:
-    revision = tmp_path / "r1_products.py"
-    revision.write_text(
-        '"""Seed a product."""\nfrom alembic import op\n\nrevision = "r1"\ndown_revision = None\n\n\n'
-        "def upgrade():\n"
-        "    op.execute(\"SET LOCAL lock_timeout = '2s'\")\n"
-        "    op.execute(\"SET LOCAL statement_timeout = '1min'\")\n"
-        "    op.execute(\"INSERT INTO products (sku, name, price) VALUES ('A-1', 'Anvil', 9.50)\")\n"
+    revision = write_revision(
+        tmp_path,
+        "r1",
+        "op.execute(\"SET LOCAL lock_timeout = '2s'\")",
+        "op.execute(\"SET LOCAL statement_timeout = '1min'\")",
+        "op.execute(\"INSERT INTO products (sku, name, price) VALUES ('A-1', 'Anvil', 9.50)\")",
+        doc="Seed a product.",
     )
     report = lint_files([revision], models=DEMO_MODELS)
     assert [(f.rule_id, f.severity) for f in report.findings] == [
@@ -168,25 +183,19 @@ def test_reference_table_write_is_noted_as_going_to_every_shard(tmp_path: Path) 
 
 
 def test_drop_in_raw_sql_outside_a_contract_step_is_an_error(tmp_path: Path) -> None:
-    revision = tmp_path / "r2_raw.py"
-    revision.write_text(
-        'from alembic import op\n\nrevision = "r2"\ndown_revision = None\n\n\n'
-        "def upgrade():\n"
-        "    op.execute(\"SET LOCAL lock_timeout = '2s'\")\n"
-        "    op.execute(\"SET LOCAL statement_timeout = '1min'\")\n"
-        '    op.execute("ALTER TABLE orders DROP COLUMN status")\n'
+    revision = write_revision(
+        tmp_path,
+        "r2",
+        "op.execute(\"SET LOCAL lock_timeout = '2s'\")",
+        "op.execute(\"SET LOCAL statement_timeout = '1min'\")",
+        'op.execute("ALTER TABLE orders DROP COLUMN status")',
     )
     report = lint_files([revision], models=DEMO_MODELS)
     assert [(f.rule_id, f.severity) for f in report.findings] == [("squawk:ban-drop-column", Severity.ERROR)]
 
 
 def test_revision_that_cannot_render_offline_is_an_error(tmp_path: Path) -> None:
-    revision = tmp_path / "r3_bind.py"
-    revision.write_text(
-        'from alembic import op\n\nrevision = "r3"\ndown_revision = None\n\n\n'
-        "def upgrade():\n"
-        '    raise RuntimeError("needs a live connection")\n'
-    )
+    revision = write_revision(tmp_path, "r3", 'raise RuntimeError("needs a live connection")')
     report = lint_files([revision], models=DEMO_MODELS)
     assert [f.rule_id for f in report.findings] == ["shardkit:offline-render"]
     assert "needs a live connection" in report.findings[0].why
@@ -224,12 +233,7 @@ def test_the_projects_own_migrations_print_that_they_are_clean() -> None:
 
 
 def test_new_table_no_model_maps_is_a_warning(tmp_path: Path) -> None:
-    revision = tmp_path / "r4_table.py"
-    revision.write_text(
-        'import sqlalchemy as sa\nfrom alembic import op\n\nrevision = "r4"\ndown_revision = None\n\n\n'
-        "def upgrade():\n"
-        '    op.create_table("invoices", sa.Column("invoice_id", sa.BigInteger(), primary_key=True))\n'
-    )
+    revision = write_revision(tmp_path, "r4", UNDECLARED_TABLE)
     # autoincrement=True by default: squawk's prefer-identity comes too, as a warning
     report = lint_files([revision], models=DEMO_MODELS)
     assert [(f.rule_id, f.severity) for f in report.findings if f.source.value == "shardkit"] == [
@@ -263,12 +267,7 @@ def test_a_binary_that_is_not_squawk_is_named_and_sharding_rules_still_run(
 
 
 def test_strict_makes_warnings_fail(tmp_path: Path) -> None:
-    revision = tmp_path / "r5_undeclared_table.py"
-    revision.write_text(
-        'import sqlalchemy as sa\nfrom alembic import op\n\nrevision = "r5"\ndown_revision = None\n\n\n'
-        "def upgrade():\n"
-        '    op.create_table("invoices", sa.Column("invoice_id", sa.BigInteger(), primary_key=True))\n'
-    )
+    revision = write_revision(tmp_path, "r5", UNDECLARED_TABLE)
     args = ["--models", DEMO_MODELS, str(revision)]  # a table no model maps: warnings only
     relaxed = run_cli(*args)
     assert relaxed.exit_code == 0 and relaxed.output.splitlines()[-1].startswith("ok:")

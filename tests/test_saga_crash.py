@@ -15,7 +15,9 @@ import pytest
 from sa_shardkit import ShardManager
 from sa_shardkit.saga import CREDIT_TRANSFER, SagaOptions, recover, transfer
 from tests.saga_support import (
+    SimulatedCrash,
     balances,
+    crash_at,
     cross_shard_pair,
     expected_balances,
     open_accounts,
@@ -33,23 +35,15 @@ REFUND_PATH = ["created", "do:debit", "log:debit", "do:credit", "log:credit"]
 """Every commit of a transfer whose credit is refused, before the refund makes it final."""
 
 
-class SimulatedCrash(BaseException):
-    """The process "dies" right after a commit: no cleanup code of the runner runs."""
-
-
-def crash_at(point: str) -> SagaOptions:
-    def hook(saga_id: str, checkpoint: str) -> None:
-        if checkpoint == point:
-            raise SimulatedCrash(checkpoint)
-
-    return SagaOptions(lease_seconds=LEASE, on_checkpoint=hook, retry_delay=0.05)
+def crashing_at(point: str) -> SagaOptions:
+    return SagaOptions(lease_seconds=LEASE, on_checkpoint=crash_at(point), retry_delay=0.05)
 
 
 def crash_everywhere(manager: ShardManager, points: list[str], receiver_of: dict[str, int]) -> None:
     for point in points:
         sender = cross_shard_pair(manager)[0]
         with pytest.raises(SimulatedCrash):
-            transfer(manager, sender, receiver_of[point], 5, transfer_id=point, options=crash_at(point))
+            transfer(manager, sender, receiver_of[point], 5, transfer_id=point, options=crashing_at(point))
     stuck = {sid for sid, row in saga_rows(manager).items() if row["finished_at"] is None}
     assert stuck == set(points)  # the crash really left every saga half-done
     time.sleep(LEASE + 0.2)  # the dead runners' leases run out

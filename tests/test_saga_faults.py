@@ -11,7 +11,9 @@ from sa_shardkit.errors import SagaPendingError
 from sa_shardkit.saga import CREDIT_TRANSFER, SagaOptions, recover, transfer
 from tests.fleet import TestFleet
 from tests.saga_support import (
+    SimulatedCrash,
     balances,
+    crash_at,
     cross_shard_pair,
     expected_balances,
     open_accounts,
@@ -80,16 +82,9 @@ def test_recovery_leaves_sagas_pending_while_their_shard_is_down_and_finishes_th
     sender, receiver = cross_shard_pair(manager)
     receiver_server = pg_fleet.server(server_index(manager.shard_for(receiver)))
 
-    class Crash(BaseException):
-        pass
-
-    def crash_after_debit(saga_id: str, checkpoint: str) -> None:
-        if checkpoint == "log:debit":
-            raise Crash
-
-    crashing = SagaOptions(lease_seconds=1, on_checkpoint=crash_after_debit)
+    crashing = SagaOptions(lease_seconds=1, on_checkpoint=crash_at("log:debit"))
     for n in range(3):
-        with pytest.raises(Crash):
+        with pytest.raises(SimulatedCrash):
             transfer(manager, sender, receiver, 10, transfer_id=f"t-{n}", options=crashing)
     receiver_server.stop()
     time.sleep(1.1)

@@ -23,18 +23,17 @@ from sa_shardkit.saga import (
     recover,
     transfer,
 )
-from tests.saga_support import balances, cross_shard_pair, expected_balances, open_accounts, saga_rows
+from tests.saga_support import (
+    SimulatedCrash,
+    balances,
+    crash_at,
+    cross_shard_pair,
+    expected_balances,
+    open_accounts,
+    saga_rows,
+)
 
 LEASE = 0.5
-
-
-class Crash(BaseException):
-    pass
-
-
-def crash_after_debit(saga_id: str, checkpoint: str) -> None:
-    if checkpoint == "log:debit":
-        raise Crash
 
 
 def leave_stuck(manager: ShardManager, count: int, saga: object = CREDIT_TRANSFER) -> list[str]:
@@ -42,7 +41,7 @@ def leave_stuck(manager: ShardManager, count: int, saga: object = CREDIT_TRANSFE
     ids = []
     for n in range(count):
         sender, receiver = cross_shard_pair(manager, start=1 + n % 8)
-        with pytest.raises(Crash):
+        with pytest.raises(SimulatedCrash):
             transfer(
                 manager,
                 sender,
@@ -50,7 +49,7 @@ def leave_stuck(manager: ShardManager, count: int, saga: object = CREDIT_TRANSFE
                 1,
                 transfer_id=f"stuck-{n}",
                 saga=saga,  # type: ignore[arg-type]
-                options=SagaOptions(lease_seconds=LEASE, on_checkpoint=crash_after_debit),
+                options=SagaOptions(lease_seconds=LEASE, on_checkpoint=crash_at("log:debit")),
             )
         ids.append(f"stuck-{n}")
     time.sleep(LEASE + 0.2)

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.sql.expression import Update
 
 from .definition import SagaOutcome
 from .tables import sagas_table
@@ -59,6 +60,15 @@ def _lease(seconds: float) -> Any:
     return func.clock_timestamp() + timedelta(seconds=seconds)
 
 
+def _update_owned(saga_id: str, owner: str) -> Update:
+    """An UPDATE of the saga's row that matches only while ``owner`` holds the open saga (the fence)."""
+    return update(sagas_table).where(
+        sagas_table.c.saga_id == saga_id,
+        sagas_table.c.owner == owner,
+        sagas_table.c.finished_at.is_(None),
+    )
+
+
 def create(
     conn: Connection, saga_id: str, saga_type: str, payload: Mapping[str, Any], owner: str, lease: float
 ) -> bool:
@@ -96,15 +106,7 @@ def write(conn: Connection, saga_id: str, owner: str, lease: float, values: Mapp
         extra.update(finished_at=func.clock_timestamp(), lease_until=None)
     else:
         extra["lease_until"] = _lease(lease)
-    result = conn.execute(
-        update(sagas_table)
-        .where(
-            sagas_table.c.saga_id == saga_id,
-            sagas_table.c.owner == owner,
-            sagas_table.c.finished_at.is_(None),
-        )
-        .values(**values, **extra)
-    )
+    result = conn.execute(_update_owned(saga_id, owner).values(**values, **extra))
     if result.rowcount != 1:
         raise LeaseLost(saga_id)
 
@@ -112,13 +114,9 @@ def write(conn: Connection, saga_id: str, owner: str, lease: float, values: Mapp
 def release(conn: Connection, saga_id: str, owner: str, error: str | None) -> None:
     """Give the saga back to recovery at once (its lease ends now), noting why it is unfinished."""
     conn.execute(
-        update(sagas_table)
-        .where(
-            sagas_table.c.saga_id == saga_id,
-            sagas_table.c.owner == owner,
-            sagas_table.c.finished_at.is_(None),
+        _update_owned(saga_id, owner).values(
+            lease_until=func.clock_timestamp(), error=error, updated_at=func.clock_timestamp()
         )
-        .values(lease_until=func.clock_timestamp(), error=error, updated_at=func.clock_timestamp())
     )
 
 
@@ -126,15 +124,7 @@ def renew(conn: Connection, leases: Iterable[tuple[str, str]], lease: float) -> 
     """Heartbeat: extend the leases of (saga_id, owner) pairs still owned; returns rows renewed."""
     renewed = 0
     for saga_id, owner in leases:
-        result = conn.execute(
-            update(sagas_table)
-            .where(
-                sagas_table.c.saga_id == saga_id,
-                sagas_table.c.owner == owner,
-                sagas_table.c.finished_at.is_(None),
-            )
-            .values(lease_until=_lease(lease))
-        )
+        result = conn.execute(_update_owned(saga_id, owner).values(lease_until=_lease(lease)))
         renewed += result.rowcount
     return renewed
 
