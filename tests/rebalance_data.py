@@ -279,7 +279,9 @@ class SessionWorkload(Workload):
             if order is None:
                 self.errors.append(f"session update: order {oid} (customer {customer_id}) not found")
                 return
-            order.total += 1
+            # an SQL increment: two threads may pick the same order, and a Python read-modify-write
+            # (order.total += 1) loses one of the increments under READ COMMITTED, rebalance or not
+            order.total = Order.total + 1  # type: ignore[assignment]
         with self.lock:
             self.increments[oid] += 1
         self.ops["update"] += 1
