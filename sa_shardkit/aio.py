@@ -15,8 +15,11 @@ A SELECT that targets several shards fans out on the event loop (one greenlet pe
 together), with the same global merge (ORDER BY, LIMIT, aggregates) as the sync session.
 :meth:`AsyncShardManager.query_all_shards` is the session-less form.
 
-Limits: async sessions read from the primaries (replica routing is sync-only for now), and query
-listeners (``manager.events``) see the sync engines only.
+Shards with a ``replica_url`` get an async replica engine too, and async sessions route reads
+like the sync session (:mod:`sa_shardkit.replica_reads`): outside a transaction that used the
+primary, without ``use_primary``/``primary_reads()``/``FOR UPDATE``, to a usable replica. Usable is
+the manager's verdict (:mod:`sa_shardkit.replicas`); a due measurement runs in a worker thread, so
+it never blocks the event loop. Query listeners (``manager.events``) see the async engines as well.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.engine import Result
+from sqlalchemy.engine import Engine, Result
+from sqlalchemy.engine.url import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.selectable import Select
+from sqlalchemy.util.concurrency import await_only, in_greenlet
 
 from .config import ShardConfig
 from .manager import ShardManager, require_shards, unavailable
@@ -40,7 +45,7 @@ from .scatter.result import ScatterResult
 from .session import ShardedSession
 
 
-def _async_engine(config: ShardConfig) -> AsyncEngine:
+def _async_engine(config: ShardConfig, url: URL) -> AsyncEngine:
     options: dict[str, Any] = dict(config.engine_options)
     connect_args = dict(options.pop("connect_args", {}))
     connect_args.setdefault("connect_timeout", max(1, round(config.connect_timeout)))
@@ -49,7 +54,7 @@ def _async_engine(config: ShardConfig) -> AsyncEngine:
     options.setdefault("pool_timeout", config.pool_timeout)
     options.setdefault("pool_recycle", config.pool_recycle)
     options.setdefault("pool_pre_ping", config.pool_pre_ping)
-    return create_async_engine(config.primary_url, connect_args=connect_args, **options)
+    return create_async_engine(url, connect_args=connect_args, **options)
 
 
 class AsyncShardManager:
@@ -57,12 +62,43 @@ class AsyncShardManager:
 
     def __init__(self, manager: ShardManager) -> None:
         self.manager = manager
-        self._engines = {shard_id: _async_engine(manager.config(shard_id)) for shard_id in manager.shard_ids}
+        configs = [manager.config(shard_id) for shard_id in manager.shard_ids]
+        self._engines = {c.id: _async_engine(c, c.primary_url) for c in configs}
+        self._replicas = {c.id: _async_engine(c, c.replica) for c in configs if c.replica is not None}
+        manager.events.include(self._sync_engines)
+
+    def _sync_engines(self) -> list[tuple[str, str, Engine]]:
+        """``(shard_id, role, engine)`` for the query listeners: they hook the sync side of each."""
+        primaries = [(s, "primary", e.sync_engine) for s, e in self._engines.items()]
+        return primaries + [(s, "replica", e.sync_engine) for s, e in self._replicas.items()]
 
     def engine(self, shard_id: str) -> AsyncEngine:
         """The shard's primary as an ``AsyncEngine`` (:class:`UnknownShardError` for a bad id)."""
         self.manager.config(shard_id)
         return self._engines[shard_id]
+
+    def replica_engine(self, shard_id: str) -> AsyncEngine | None:
+        """The shard's replica as an ``AsyncEngine``, None when it has none."""
+        self.manager.config(shard_id)
+        return self._replicas.get(shard_id)
+
+    def usable_replica(self, shard_id: str) -> Engine | None:
+        """The sync side of the shard's async replica while the manager calls it usable, else None.
+
+        Called by the session inside SQLAlchemy's greenlet: a measurement that is due runs in a
+        worker thread (awaited), so a dead replica's connect timeout never stalls the event loop.
+        """
+        replica = self._replicas.get(shard_id)
+        if replica is None:
+            return None
+        router = self.manager.replicas
+        status = router.cached_status(shard_id)
+        if status is None:
+            if in_greenlet():
+                status = await_only(asyncio.to_thread(router.status, shard_id))
+            else:
+                status = router.status(shard_id)
+        return replica.sync_engine if status.usable else None
 
     def sessionmaker(self, **kw: Any) -> async_sessionmaker[AsyncSession]:
         """An ``async_sessionmaker`` whose sessions route like ``ShardedSession(manager=...)``.
@@ -73,7 +109,11 @@ class AsyncShardManager:
         shards = {shard_id: engine.sync_engine for shard_id, engine in self._engines.items()}
         kw.setdefault("expire_on_commit", False)  # attribute access after commit cannot await
         return async_sessionmaker(
-            sync_session_class=ShardedSession, manager=self.manager, shards=shards, **kw
+            sync_session_class=ShardedSession,
+            manager=self.manager,
+            shards=shards,
+            choose_replica=self.usable_replica,
+            **kw,
         )
 
     async def query_all_shards(
@@ -126,7 +166,9 @@ class AsyncShardManager:
 
     async def dispose(self) -> None:
         """Close every pooled async connection (the sync manager is left to its owner)."""
-        await asyncio.gather(*(engine.dispose() for engine in self._engines.values()))
+        self.manager.events.exclude(self._sync_engines)
+        engines = [*self._engines.values(), *self._replicas.values()]
+        await asyncio.gather(*(engine.dispose() for engine in engines))
 
     async def __aenter__(self) -> AsyncShardManager:
         return self

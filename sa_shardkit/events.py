@@ -59,7 +59,7 @@ class QueryEvents:
     """The listeners of one :class:`~sa_shardkit.manager.ShardManager` (``manager.events``)."""
 
     def __init__(self, engines: EngineSource) -> None:
-        self._engines = engines
+        self._sources: tuple[EngineSource, ...] = (engines,)
         self._listeners: tuple[QueryListener, ...] = ()
         self._attached: set[int] = set()
         self._lock = threading.Lock()
@@ -74,12 +74,23 @@ class QueryEvents:
         with self._lock:
             self._listeners = tuple(x for x in self._listeners if x != listener)  # bound methods: ==
 
+    def include(self, engines: EngineSource) -> None:
+        """Report the statements of more engines too (``AsyncShardManager`` adds its async engines)."""
+        with self._lock:
+            self._sources = (*self._sources, engines)
+        self.attach_new_engines()
+
+    def exclude(self, engines: EngineSource) -> None:
+        """Forget a source given to :meth:`include` (its engines were disposed)."""
+        with self._lock:
+            self._sources = tuple(s for s in self._sources if s != engines)
+
     def attach_new_engines(self) -> None:
         """Install the engine hooks on engines added since (``ShardManager.add_shard`` calls this)."""
         if not self._listeners:
             return
         with self._lock:
-            for shard_id, role, engine in self._engines():
+            for shard_id, role, engine in (e for source in self._sources for e in source()):
                 if id(engine) not in self._attached:
                     self._attach(engine, shard_id, role)
                     self._attached.add(id(engine))

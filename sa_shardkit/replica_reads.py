@@ -18,6 +18,7 @@ replayed the commit: use ``use_primary=True`` or ``primary_reads()`` to read you
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
@@ -34,6 +35,13 @@ USE_PRIMARY = "use_primary"
 REPLICA_OK = "shardkit_replica_ok"
 """Bind argument the session's execute hook sets for a read that may use a replica."""
 
+ReplicaChooser = Callable[[str], "Engine | None"]
+"""The engine a read of the shard may use now (its usable replica), or None for "the primary".
+
+The default is the manager's (``manager.replicas.usable_replica``); ``AsyncShardManager`` passes one
+that answers with its async replica engines, judged by the same verdicts.
+"""
+
 
 def may_read_from_replica(orm_context: ORMExecuteState) -> bool:
     """Is this execution a read that the replica may serve (before looking at the transaction)?"""
@@ -45,15 +53,23 @@ def may_read_from_replica(orm_context: ORMExecuteState) -> bool:
     return getattr(orm_context.statement, "_for_update_arg", None) is None
 
 
-def replica_bind(session: Session, manager: ShardManager, shard_id: str, primary: Any) -> Engine | None:
+def replica_bind(
+    session: Session,
+    manager: ShardManager,
+    shard_id: str,
+    primary: Any,
+    choose_replica: ReplicaChooser | None = None,
+) -> Engine | None:
     """The replica engine for this read of ``shard_id``, or None when it must use ``primary``."""
-    if primary is not manager.engine(shard_id):
-        return None  # the session binds this shard elsewhere (an explicit ``shards=`` override)
+    if choose_replica is None:
+        if primary is not manager.engine(shard_id):
+            return None  # the session binds this shard elsewhere (an explicit ``shards=`` override)
+        choose_replica = manager.replicas.usable_replica
     transaction = session.get_transaction()
     if transaction is not None and primary in transaction._connections:
         return None  # this transaction already works on the primary: read its own writes
-    replica = manager.engine(shard_id, write=False)
-    if replica is primary:
+    replica = choose_replica(shard_id)
+    if replica is None or replica is primary:
         return None
     try:
         session.connection(bind_arguments={"bind": replica})

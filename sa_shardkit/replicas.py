@@ -103,6 +103,16 @@ class ReplicaRouter:
             return None
         return replica
 
+    def cached_status(self, shard_id: str) -> ReplicaStatus | None:
+        """The last verdict while younger than ``check_interval``; None when a measurement is due.
+
+        Lets an event loop use the verdict without blocking, and measure in a thread only when due.
+        """
+        current = self._status.get(shard_id)
+        if current is None or time.monotonic() - current.checked_at >= self.check_interval:
+            return None
+        return current
+
     def status(self, shard_id: str, *, refresh: bool = False) -> ReplicaStatus:
         """The replica's last verdict, measured again when older than ``check_interval`` (or ``refresh``)."""
         replica = self._replica_for(shard_id)

@@ -45,7 +45,7 @@ from .errors import (
     UnknownShardError,
     UnsupportedScatterError,
 )
-from .replica_reads import REPLICA_OK, may_read_from_replica, replica_bind
+from .replica_reads import REPLICA_OK, ReplicaChooser, may_read_from_replica, replica_bind
 from .routing import (
     Route,
     group_insert_rows,
@@ -82,6 +82,8 @@ class ShardedSession(_StockShardedSession):
         NOT atomic across shards unless the session is created with ``twophase=True``.
     :param replica_reads: let reads outside a transaction that used the primary go to the
         shard's replica when one is configured and fresh (see :mod:`sa_shardkit.replica_reads`).
+    :param choose_replica: which replica engine a read of a shard may use now (None: the
+        primary); the default asks the manager. ``AsyncShardManager`` passes its async replicas.
     """
 
     manager: ShardManager | None
@@ -101,12 +103,14 @@ class ShardedSession(_StockShardedSession):
         shard_id: str | None = None,
         allow_cross_shard: bool = False,
         replica_reads: bool = True,
+        choose_replica: ReplicaChooser | None = None,
         **kwargs: Any,
     ) -> None:
         self.manager = manager
         self.pinned_shard_id = shard_id
         self.allow_cross_shard = allow_cross_shard
         self.replica_reads = replica_reads
+        self._choose_replica = choose_replica
         self._primary_reads = 0
         self._routed_execute = manager is not None and execute_chooser is None
         self._written_shards: dict[str, str] = {}
@@ -179,7 +183,7 @@ class ShardedSession(_StockShardedSession):
             shard_id = self._choose_shard(None, None, clause)
         if kw.pop(REPLICA_OK, False) and shard_id is not None and self.manager is not None:
             primary = self._ShardedSession__shards.get(shard_id)  # type: ignore[attr-defined]
-            replica = replica_bind(self, self.manager, shard_id, primary)
+            replica = replica_bind(self, self.manager, shard_id, primary, self._choose_replica)
             if replica is not None:
                 return replica
         try:
