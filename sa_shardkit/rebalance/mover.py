@@ -44,6 +44,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from ..errors import RebalanceError
 from ..manager import ShardManager
 from .catalog import STATE_TABLE, RingState, ShardState, read_shard_state
+from .plan import range_moves
 from .progress import BatchReport, ProgressTracker
 from .tables import ShardedTable, TableSet
 
@@ -127,7 +128,8 @@ class SourceMover:
         self.source = source
         self.options = options
         self.tracker = tracker
-        self.targets = sorted(m for m in self.new.shard_ids if m != source)
+        # only the shards this source's ranges move to can hold its copies (clean_targets scans them)
+        self.targets = sorted({m.target for m in range_moves(self.old, self.new) if m.source == source})
         self.names = [TableNames.of(spec) for spec in tables.sharded]
 
     # -- the run -------------------------------------------------------------------------------
@@ -204,9 +206,10 @@ class SourceMover:
                 return False
             watermark = row.watermark
             keys = next_keys(conn, self.tables, watermark, self.options.batch_size)
-            precopied = self._by_target(keys)
-            for target, target_keys in precopied.items():
-                self._replace(conn, target, target_keys)
+            precopied = {
+                target: self._replace(conn, target, target_keys)
+                for target, target_keys in self._by_target(keys).items()
+            }
         if not keys:
             return self._finish_drain(watermark)
         return self._cut_over(watermark, str(keys[-1]), precopied, len(keys))
@@ -249,7 +252,7 @@ class SourceMover:
             return False
 
     def _cut_over(
-        self, watermark: str | None, last: str, precopied: dict[str, list[Any]], scanned: int
+        self, watermark: str | None, last: str, precopied: dict[str, Checksums], scanned: int
     ) -> bool:
         with self.manager.connect(self.source) as conn, conn.begin():
             fenced_at = time.perf_counter()
@@ -259,7 +262,7 @@ class SourceMover:
             moving = self._by_target(keys_between(conn, self.tables, watermark, last))
             rows_by_table: dict[str, int] = {}
             for target in sorted(set(precopied) | set(moving)):
-                copied = self._catch_up(conn, target, precopied.get(target, []), moving.get(target, []))
+                copied = self._catch_up(conn, target, precopied.get(target, {}), moving.get(target, []))
                 for table, n in copied.items():
                     rows_by_table[table] = rows_by_table.get(table, 0) + n
             keys = [k for ks in moving.values() for k in ks]
@@ -281,31 +284,37 @@ class SourceMover:
         self.tracker.batch(report)
         return True
 
-    def _replace(self, source: Connection, target: str, keys: list[Any]) -> None:
-        """Phase 1: stage the keys' rows on ``target`` (committed, unverified, invisible)."""
+    def _replace(self, source: Connection, target: str, keys: list[Any]) -> Checksums:
+        """Phase 1: stage the keys' rows on ``target`` (committed, unverified, invisible).
+
+        Returns the staged rows' per-key checksums, so the cut-over (which compares them with the
+        source's) does not compute them under the fence; only this mover writes these keys' stage.
+        """
         with self.manager.connect(target) as tconn, tconn.begin():
             tconn.execute(_CANONICAL)
             for names in self.names:
                 tconn.exec_driver_sql(f"DELETE FROM {names.stage} WHERE {names.key_in}", (keys,))
                 names.copy(source, tconn, keys)
+            return key_checksums(tconn, self.names, keys, staged=True)
 
     def _catch_up(
-        self, source: Connection, target: str, precopied: list[Any], keys: list[Any]
+        self, source: Connection, target: str, staged: Checksums, keys: list[Any]
     ) -> dict[str, int]:
         """Phase 2, under the fence: make ``target``'s tables hold exactly the source's rows of ``keys``.
 
-        Staged keys deleted since phase 1 are dropped, keys whose per-key checksum differs (changed
-        or new since phase 1) are staged again, then the staged rows are upserted into the tables
-        (parents first) and every key is verified. Commits the target.
+        ``staged``: the per-key checksums of what phase 1 staged. Staged keys deleted since phase 1
+        are dropped, keys whose per-key checksum differs (changed or new since phase 1) are staged
+        again, then the staged rows are inserted into the tables (parents first) and every key is
+        verified against the source. Commits the target.
         """
         with self.manager.connect(target) as tconn, tconn.begin():
             tconn.execute(_CANONICAL)
-            gone = list(set(precopied) - set(keys))
+            gone = list({k for _, k in staged} - set(keys))
             if gone:
                 for names in self.names:
                     tconn.exec_driver_sql(f"DELETE FROM {names.stage} WHERE {names.key_in}", (gone,))
             expected = key_checksums(source, self.names, keys, staged=False)
-            stale = _differing(expected, key_checksums(tconn, self.names, keys, staged=True), keys)
+            stale = _differing(expected, staged, keys)
             for names in self.names if stale else ():
                 tconn.exec_driver_sql(f"DELETE FROM {names.stage} WHERE {names.key_in}", (stale,))
                 names.copy(source, tconn, stale)
@@ -359,9 +368,13 @@ def keys_between(conn: Connection, tables: TableSet, after: str | None, upto: st
     return list(conn.execute(select(merged.c.k).order_by(merged.c.k), params).scalars())
 
 
+Checksums = dict[tuple[int, Any], tuple[int, int]]
+"""``{(table index, key): (rows, sum of row hashes)}``: see :func:`key_checksums`."""
+
+
 def key_checksums(
     conn: Connection, names: Sequence[TableNames], keys: Sequence[Any], *, staged: bool
-) -> dict[tuple[int, Any], tuple[int, int]]:
+) -> Checksums:
     """``{(table index, key): (rows, sum of row hashes)}`` for ``keys``, in one query.
 
     The hash is PostgreSQL's own text form of each row (``ROW(columns)::text``), so the live and
