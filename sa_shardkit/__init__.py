@@ -34,7 +34,7 @@ from .lint import LintReport, lint_files, lint_hook, lint_script_directory
 from .manager import ShardHealth, ShardManager
 from .rebalance import MoveOptions, RingRouter, add_shard, remove_shard
 from .replicas import ReplicaStatus
-from .ring import DEFAULT_VNODES, HashRing, key_bytes, key_hash
+from .ring import DEFAULT_VNODES, HashRing, key_bytes, key_hash, moved_share
 from .routing import Route, route_statement
 from .saga import Saga, SagaOptions, SagaOutcome, Step, recover, run_saga
 from .scatter import ScatterResult
@@ -93,6 +93,7 @@ __all__ = [
     "add_shard",
     "key_bytes",
     "key_hash",
+    "moved_share",
     "lint_files",
     "lint_hook",
     "lint_script_directory",

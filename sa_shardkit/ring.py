@@ -255,6 +255,61 @@ class HashRing:
         return f"HashRing([{members}], vnodes={self._vnodes})"
 
 
+@dataclass(frozen=True)
+class MovedArc:
+    """Keys whose ring position is in ``[start, end)`` (wrapping when ``start >= end``) move from
+    ``source`` on one ring to ``target`` on another."""
+
+    start: int
+    end: int
+    source: str
+    target: str
+
+    @property
+    def share(self) -> float:
+        """Fraction of the ring (and so, on average, of the keys) in this arc."""
+        return ((self.end - self.start) % RING_SPACE) / RING_SPACE
+
+
+def moved_arcs(old: HashRing, new: HashRing) -> list[MovedArc]:
+    """The arcs whose owner differs between ``old`` and ``new``, adjacent arcs of one move merged.
+
+    The one computation of "what a ring change moves": rebalance plans and ``shardkit ring`` use it.
+    """
+    bounds = sorted({s.end for s in old.segments()} | {s.end for s in new.segments()})
+    arcs: list[MovedArc] = []
+    for i, start in enumerate(bounds):
+        end = bounds[(i + 1) % len(bounds)]
+        # every position in [start, end) has the same first vnode point above it in both rings
+        source, target = old.shard_for_point(start), new.shard_for_point(start)
+        if source == target:
+            continue
+        last = arcs[-1] if arcs else None
+        if last is not None and last.end == start and (last.source, last.target) == (source, target):
+            arcs[-1] = MovedArc(last.start, end, source, target)
+        else:
+            arcs.append(MovedArc(start, end, source, target))
+    if len(arcs) > 1:
+        first, last = arcs[0], arcs[-1]
+        if last.end == first.start and (last.source, last.target) == (first.source, first.target):
+            arcs[0] = MovedArc(last.start, first.end, first.source, first.target)
+            arcs.pop()
+    return arcs
+
+
+def share_by_move(arcs: Iterable[MovedArc]) -> dict[tuple[str, str], float]:
+    """Ring share per ``(source, target)`` pair of some arcs."""
+    shares: dict[tuple[str, str], float] = {}
+    for arc in arcs:
+        shares[arc.source, arc.target] = shares.get((arc.source, arc.target), 0.0) + arc.share
+    return shares
+
+
+def moved_share(old: HashRing, new: HashRing) -> dict[tuple[str, str], float]:
+    """``(source, target) -> fraction of the hash space`` that changes shard between two rings."""
+    return share_by_move(moved_arcs(old, new))
+
+
 def _check_weight(shard_id: str, weight: object) -> None:
     if (
         isinstance(weight, bool)

@@ -12,8 +12,9 @@ from click.testing import CliRunner
 
 from sa_shardkit import HashRing, ShardManager
 from sa_shardkit.cli import cli
-from sa_shardkit.cli.ring import moved_shares, ring_fingerprint
-from sa_shardkit.rebalance import install_ring
+from sa_shardkit.cli.ring import ring_fingerprint
+from sa_shardkit.rebalance import RebalancePlan, install_ring, range_moves
+from sa_shardkit.ring import moved_share
 
 FOUR = [arg for i in range(1, 5) for arg in ("--url", f"postgresql+psycopg://app:s3cret@db{i}/app")]
 
@@ -88,7 +89,7 @@ def test_ring_plan_shows_the_new_shard_and_the_keys_that_move() -> None:
     planned = HashRing([f"shard-{i}" for i in range(1, 6)])
     line = next(line for line in result.stdout.splitlines() if line.strip().startswith("shard-5"))
     assert f"{planned.shares()['shard-5']:.2%}" in line
-    moved = sum(moved_shares(HashRing([f"shard-{i}" for i in range(1, 5)]), planned).values())
+    moved = sum(moved_share(HashRing([f"shard-{i}" for i in range(1, 5)]), planned).values())
     assert f"Keys that change shard: {moved:.2%}" in result.stdout
 
 
@@ -108,7 +109,7 @@ def test_ring_plan_naming_an_unknown_shard_is_one_clear_line(tmp_path: Path) -> 
 
 def test_moved_shares_of_an_added_shard_all_go_to_it() -> None:
     old = HashRing(["a", "b", "c"])
-    moves = moved_shares(old, old.add_shard("d"))
+    moves = moved_share(old, old.add_shard("d"))
     assert {target for _, target in moves} == {"d"}
     assert sum(moves.values()) == pytest.approx(old.add_shard("d").shares()["d"])
 
@@ -117,4 +118,13 @@ def test_moved_shares_match_the_keys_that_actually_move() -> None:
     old, new = HashRing(["a", "b", "c", "d"]), HashRing(["a", "b", "c"], weights={"a": 2})
     keys = [f"customer-{i}" for i in range(20_000)]
     moved = sum(old.get_shard(k) != new.get_shard(k) for k in keys) / len(keys)
-    assert moved == pytest.approx(sum(moved_shares(old, new).values()), abs=0.01)
+    assert moved == pytest.approx(sum(moved_share(old, new).values()), abs=0.01)
+
+
+def test_rebalance_plan_and_ring_command_agree_on_the_moved_share() -> None:
+    old = HashRing(["a", "b", "c", "d"])
+    new = old.add_shard("e").remove_shard("b")
+    plan_flows = RebalancePlan(old, new, tuple(range_moves(old, new))).flows()
+    assert plan_flows == moved_share(old, new)
+    from_b = sum(share for (source, _), share in plan_flows.items() if source == "b")
+    assert from_b == pytest.approx(old.shares()["b"])  # all of the removed shard's keys move

@@ -6,8 +6,6 @@ configuration alone: no server is contacted, so a change can be planned before a
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import click
 from rich import box
 from rich.console import Console
@@ -15,7 +13,7 @@ from rich.table import Table
 from xxhash import xxh3_64_hexdigest
 
 from ..errors import ConfigError
-from ..ring import RING_SPACE, HashRing
+from ..ring import HashRing, moved_share
 from .options import config_options, load_manager
 
 BAR_WIDTH = 24
@@ -24,21 +22,6 @@ BAR_WIDTH = 24
 def ring_fingerprint(ring: HashRing) -> str:
     """A short id of a ring's exact layout (members, weights, vnodes): equal rings, equal id."""
     return xxh3_64_hexdigest(ring.to_json().encode())[:12]
-
-
-def moved_shares(old: HashRing, new: HashRing) -> dict[tuple[str, str], float]:
-    """``(source, target) -> fraction of the hash space`` that changes shard between two rings."""
-    boundaries = sorted({s.end for s in old.segments()} | {s.end for s in new.segments()})
-    moved: dict[tuple[str, str], float] = defaultdict(float)
-    previous = boundaries[-1]
-    for point in boundaries:
-        # a key at h goes to the first vnode point > h, so every h in [previous, point) has the
-        # owners of h = previous on both rings (no segment of either ring ends in between)
-        source, target = old.shard_for_point(previous), new.shard_for_point(previous)
-        if source != target:
-            moved[(source, target)] += ((point - previous) % RING_SPACE) / RING_SPACE
-        previous = point
-    return dict(moved)
 
 
 def _pair(value: str, option: str) -> tuple[str, float]:
@@ -102,7 +85,7 @@ def render_ring(console: Console, current: HashRing, planned: HashRing | None) -
         table.add_row(*row)
     console.print(table)
     if planned is not None:
-        moves = moved_shares(current, planned)
+        moves = moved_share(current, planned)
         console.print(f"Keys that change shard: {sum(moves.values()):.2%} of the hash space")
         for (source, target), share in sorted(moves.items(), key=lambda m: -m[1]):
             console.print(f"  {source} -> {target}: {share:.2%}")

@@ -15,23 +15,11 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from ..manager import ShardManager
-from ..ring import RING_SPACE, HashRing
+from ..ring import HashRing, MovedArc, moved_arcs, share_by_move
 from .tables import TableSet
 
-
-@dataclass(frozen=True)
-class RangeMove:
-    """Keys whose ring position is in ``[start, end)`` move from ``source`` to ``target``."""
-
-    start: int
-    end: int
-    source: str
-    target: str
-
-    @property
-    def share(self) -> float:
-        """Fraction of the ring (and so, on average, of the keys) in this range."""
-        return ((self.end - self.start) % RING_SPACE) / RING_SPACE
+RangeMove = MovedArc
+"""Keys whose ring position is in ``[start, end)`` move from ``source`` to ``target`` (the ring's arcs)."""
 
 
 @dataclass(frozen=True)
@@ -67,33 +55,12 @@ class RebalancePlan:
 
     def flows(self) -> dict[tuple[str, str], float]:
         """Ring share per ``(source, target)`` pair."""
-        shares: dict[tuple[str, str], float] = {}
-        for m in self.moves:
-            shares[m.source, m.target] = shares.get((m.source, m.target), 0.0) + m.share
-        return shares
+        return share_by_move(self.moves)
 
 
 def range_moves(old: HashRing, new: HashRing) -> list[RangeMove]:
     """The arcs whose owner differs between ``old`` and ``new``, adjacent arcs merged."""
-    bounds = sorted({s.end for s in old.segments()} | {s.end for s in new.segments()})
-    moves: list[RangeMove] = []
-    for i, start in enumerate(bounds):
-        end = bounds[(i + 1) % len(bounds)]
-        # every position in [start, end) has the same first vnode point above it in both rings
-        source, target = old.shard_for_point(start), new.shard_for_point(start)
-        if source == target:
-            continue
-        last = moves[-1] if moves else None
-        if last is not None and last.end == start and (last.source, last.target) == (source, target):
-            moves[-1] = RangeMove(last.start, end, source, target)
-        else:
-            moves.append(RangeMove(start, end, source, target))
-    if len(moves) > 1:
-        first, last = moves[0], moves[-1]
-        if last.end == first.start and (last.source, last.target) == (first.source, first.target):
-            moves[0] = RangeMove(last.start, first.end, first.source, first.target)
-            moves.pop()
-    return moves
+    return moved_arcs(old, new)
 
 
 def plan_rebalance(
