@@ -10,10 +10,6 @@ cross-shard SELECT whose shards are queried at once on the event loop and merged
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import sys
-from collections.abc import Iterator
 from decimal import Decimal
 
 from sqlalchemy import func, select
@@ -21,6 +17,7 @@ from sqlalchemy import func, select
 from sa_shardkit import ShardManager
 from sa_shardkit.aio import AsyncShardManager
 from sa_shardkit.demo.models import Base, Customer, Order
+from sa_shardkit.testing import manager_from_env_or_local_fleet
 
 
 async def place_orders(shards: AsyncShardManager, customers: int) -> None:
@@ -61,21 +58,8 @@ async def run(manager: ShardManager, customers: int = 20) -> list[tuple[int, Dec
     return top
 
 
-@contextlib.contextmanager
-def _manager_from_env_or_local() -> Iterator[ShardManager]:
-    if any(k.startswith("SHARD_") and k.endswith("_URL") for k in os.environ):
-        with ShardManager.from_env() as manager:
-            yield manager
-        return
-    from sa_shardkit.testing import PostgresFleet
-
-    print("no SHARD_<N>_URL set: starting 4 local PostgreSQL servers", file=sys.stderr)
-    with PostgresFleet(4) as fleet, ShardManager.from_urls(fleet.urls) as manager:
-        yield manager
-
-
 def main() -> None:
-    with _manager_from_env_or_local() as manager:
+    with manager_from_env_or_local_fleet() as manager:
         asyncio.run(run(manager))
 
 
