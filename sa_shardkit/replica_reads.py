@@ -62,6 +62,8 @@ def replica_bind(
 ) -> Engine | None:
     """The replica engine for this read of ``shard_id``, or None when it must use ``primary``."""
     if choose_replica is None:
+        if manager.replica_engine(shard_id) is None:
+            return None  # no replica configured: skip the transaction and freshness checks
         if primary is not manager.engine(shard_id):
             return None  # the session binds this shard elsewhere (an explicit ``shards=`` override)
         choose_replica = manager.replicas.usable_replica

@@ -75,6 +75,15 @@ def shards_for_key(manager: ShardManager, key: Any, *, write: bool = False) -> t
     return (manager.shard_for(key),)
 
 
+def follows_placement(manager: ShardManager | None) -> bool:
+    """Whether a rebalance placement answers for the ring now (reads may need re-checking).
+
+    Lets the session skip :func:`watch_moving_reads` and :func:`moving_reads_valid` entirely
+    when no move is in flight, the common case.
+    """
+    return getattr(manager, "placement", None) is not None
+
+
 @contextmanager
 def watch_moving_reads(manager: ShardManager | None) -> Iterator[list[Any]]:
     """Collect the read answers of :func:`shards_for_key` that a concurrent rebalance cut-over may
@@ -196,23 +205,22 @@ def route_identity(manager: ShardManager, mapper: Mapper[Any], primary_key: Sequ
     sharding = sharding_of(mapper)
     if sharding.reference:
         return Route((reference_read_shard(manager),), f"reference table {sharding.name}", True)
-    index = _key_index_in_pk.get(mapper, -1)
-    if index == -1:
+    cached = _key_index_in_pk.get(mapper)
+    if cached is None:
         names = [c.name for c in mapper.primary_key]
         index = names.index(sharding.column_name) if sharding.column_name in names else None
-        _key_index_in_pk[mapper] = index
+        cached = _key_index_in_pk[mapper] = (index, f"primary key holds {sharding.describe_key()}")
+    index, reason = cached
     if index is not None and index < len(primary_key) and primary_key[index] is not None:
-        return Route(
-            shards_for_key(manager, primary_key[index]), f"primary key holds {sharding.describe_key()}"
-        )
+        return Route(shards_for_key(manager, primary_key[index]), reason)
     return Route(
         ring_shards(manager),
         f"primary key of {sharding.name} lacks the shard key {sharding.attribute}: searching every shard",
     )
 
 
-_key_index_in_pk: weakref.WeakKeyDictionary[Mapper[Any], int | None] = weakref.WeakKeyDictionary()
-"""mapper -> position of the shard key in its primary key (None: not in it)."""
+_key_index_in_pk: weakref.WeakKeyDictionary[Mapper[Any], tuple[int | None, str]] = weakref.WeakKeyDictionary()
+"""mapper -> (position of the shard key in its primary key (None: not in it), route reason)."""
 
 
 # -- statements --------------------------------------------------------------------------------

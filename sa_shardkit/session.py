@@ -48,6 +48,7 @@ from .errors import (
 from .replica_reads import REPLICA_OK, ReplicaChooser, may_read_from_replica, replica_bind
 from .routing import (
     Route,
+    follows_placement,
     group_insert_rows,
     insert_reason,
     moving_reads_valid,
@@ -201,6 +202,9 @@ class ShardedSession(_StockShardedSession):
         """
         if self.manager is None:
             return super().get(entity, ident, **kw)
+        if not follows_placement(self.manager):  # no move in flight: nothing to re-check
+            shard = self._get_shard(entity, ident, kw)
+            return super().get(entity, ident, **(kw if shard is None else {**kw, "identity_token": shard}))
         for _ in range(MAX_MOVING_READS):
             with watch_moving_reads(self.manager) as moving:
                 shard = self._get_shard(entity, ident, kw)
@@ -565,7 +569,9 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
         if debug:
             log.debug("%s -> %s", _statement_name(orm_context), insert_reason(groups))
         return _bulk_insert(orm_context, session, groups)
-    if session._routed_execute:
+    if session._routed_execute and not follows_placement(session.manager):
+        route = session.route(orm_context)  # no move in flight: no read to re-check
+    elif session._routed_execute:
         with watch_moving_reads(session.manager) as moving:
             route = session.route(orm_context)
         if moving and orm_context.is_select:
