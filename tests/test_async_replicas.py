@@ -6,6 +6,7 @@ Each read selects ``pg_is_in_recovery()`` next to the row, so the answer says wh
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from decimal import Decimal
 
@@ -18,7 +19,7 @@ from sa_shardkit.aio import AsyncShardManager
 from sa_shardkit.demo.models import Base, Customer
 from sa_shardkit.testing import LocalPostgres
 from tests.fleet import TestFleet
-from tests.replica_support import wait_for_replay
+from tests.replica_support import manager_with_replica, pause_replay, wait_for_replay
 from tests.test_session_replicas import shard1_key
 
 Check = Callable[[AsyncSession], Awaitable[bool]]
@@ -108,6 +109,19 @@ def test_async_read_falls_back_when_the_replica_stopped_after_its_last_check(
     pg_replica.stop()
     assert run_in_session(fleet, in_recovery_of(fleet)) is False
     assert not fleet.replicas.status("shard-1").usable
+
+
+def test_async_read_falls_back_to_the_primary_when_the_replica_lags(
+    fleet: ShardManager, shard_map: dict[str, str], pg_replica: LocalPostgres
+) -> None:
+    pause_replay(pg_replica)
+    with fleet.connect("shard-1") as conn, conn.begin():
+        conn.execute(Customer.__table__.insert().values(customer_id=shard1_key(fleet, 1), name="fresh"))
+    time.sleep(0.6)  # the replica received the insert but has not applied it for > 0.3 s
+    with manager_with_replica(shard_map, pg_replica, max_replica_lag=0.3) as strict:
+        assert run_in_session(strict, in_recovery_of(strict)) is False
+        status = strict.replicas.status("shard-1")
+    assert not status.usable and status.reason is not None and "lagging" in status.reason
 
 
 def test_query_listeners_see_async_statements_with_their_role(fleet: ShardManager) -> None:
