@@ -1,7 +1,7 @@
 """Adding a 5th shard online: rows moved per second and the longest write stall, against the
 design's OFFSET-paged move-while-deleting loop on the same data (which also skips rows).
 
-Run: python benchmarks/rebalance.py [--customers 5000] [--orders 10] [--items 2] [--batch-size 200]
+Run: python benchmarks/rebalance.py [--customers 5000] [--orders 10] [--items 2] [--batch-size 500]
 
 Starts five throwaway local PostgreSQL servers (sa_shardkit.testing). Issue-sized by default:
 5,000 customers, 50,000 orders, 100,000 order items on 4 shards.
@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=5000)
     parser.add_argument("--orders", type=int, default=10)
     parser.add_argument("--items", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=1000, help="shard keys per batch (ours)")
+    parser.add_argument("--batch-size", type=int, default=500, help="shard keys per batch (ours)")
     parser.add_argument("--page-size", type=int, default=1000, help="rows per OFFSET page (the sketch)")
     args = parser.parse_args()
     with PostgresFleet(5) as fleet:
