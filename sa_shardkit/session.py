@@ -500,6 +500,9 @@ def _upsert(conn: Connection, table: Table, values: dict[str, Any]) -> None:
 # -- execution -----------------------------------------------------------------------------------
 
 
+IDENTITY_TOKEN = "identity token"
+
+
 def _explicit_shard(orm_context: ORMExecuteState, session: ShardedSession) -> tuple[str | None, str]:
     """An override the statement or session carries, in the stock order of precedence."""
     for option in orm_context._non_compile_orm_options:
@@ -512,7 +515,7 @@ def _explicit_shard(orm_context: ORMExecuteState, session: ShardedSession) -> tu
     else:
         active = None
     if active is not None and active._identity_token is not None:
-        return active._identity_token, "identity token"
+        return active._identity_token, IDENTITY_TOKEN
     options = orm_context.execution_options
     if "_sa_shard_id" in options:
         return options["_sa_shard_id"], "set_shard()"
@@ -560,6 +563,9 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
         if bulk_insert:
             rows = range(len(orm_context.parameters))  # type: ignore[arg-type]
             return _bulk_insert(orm_context, session, {shard_id: list(rows)})
+        if why == IDENTITY_TOKEN:  # e.g. get(): the load options already carry the token
+            orm_context.bind_arguments["shard_id"] = shard_id
+            return None
         _continue_on(orm_context, shard_id)
         return None
     if bulk_insert:
