@@ -105,6 +105,14 @@ def moving_reads_valid(manager: ShardManager | None, reads: list[Any]) -> bool:
     return not reads or placement is None or bool(placement.reads_still_valid(reads))
 
 
+def ring_moved_on(manager: ShardManager | None, shard_ids: Sequence[str]) -> bool:
+    """After a keyed read found nothing on ``shard_ids``: did the stored ring change there since
+    this process routed by it (a move started or finished)? Then the new state is adopted: route
+    and read again. Without a rebalance placement: False, no query."""
+    placement = getattr(manager, "placement", None)
+    return placement is not None and bool(placement.ring_changed(shard_ids))
+
+
 def shard_for_key(manager: ShardManager, key: Any) -> str:
     """The shard a new row with ``key`` is written to."""
     return shards_for_key(manager, key, write=True)[0]

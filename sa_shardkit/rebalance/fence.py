@@ -17,9 +17,10 @@ committed row exactly once, on the shard that holds it at that moment.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import StaleRingError
 from ..manager import ShardManager
@@ -41,6 +43,7 @@ from .catalog import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("sa_shardkit.rebalance")
 
 MovingRead = tuple[ShardKey, str, "RingState"]
 """A read routing answer that a cut-over may invalidate: (key, shard answered, state it was under)."""
@@ -48,6 +51,8 @@ MovingRead = tuple[ShardKey, str, "RingState"]
 _watched_reads: ContextVar[list[MovingRead] | None] = ContextVar("shardkit_watched_reads", default=None)
 
 MAX_REROUTES = 20
+REFRESH_SECONDS = 5.0
+"""How often (at most) session reads re-read the stored ring before routing (see ``maybe_refresh``)."""
 STICKY_SECONDS = 0.5
 """How long a session write keeps a moving key's routing answer (see ``shard_for_write``)."""
 
@@ -95,11 +100,20 @@ class RingRouter:
     readers use :meth:`read`.
     """
 
-    def __init__(self, manager: ShardManager, state: RingState | None = None) -> None:
+    def __init__(
+        self,
+        manager: ShardManager,
+        state: RingState | None = None,
+        *,
+        refresh_seconds: float = REFRESH_SECONDS,
+    ) -> None:
         self.manager = manager
+        self.refresh_seconds = refresh_seconds
+        """At most this often a session read re-reads the stored ring first (:meth:`maybe_refresh`)."""
         self._lock = threading.Lock()
         self._sticky: dict[Any, tuple[int, str, float]] = {}
         self._state = state or load_ring_state(manager) or RingState(0, manager.ring)
+        self._refresh_at = time.monotonic() + refresh_seconds
         manager.set_ring(self._state.ring)
         from .session_fence import install
 
@@ -130,7 +144,9 @@ class RingRouter:
     @contextmanager
     def watch_reads(self) -> Iterator[list[MovingRead]]:
         """Collect the read routing answers a concurrent cut-over may invalidate (this context
-        only); check them with :meth:`reads_still_valid` after the read ran."""
+        only); check them with :meth:`reads_still_valid` after the read ran. Also the moment a
+        due :meth:`maybe_refresh` runs, before the read is routed."""
+        self.maybe_refresh()
         watched: list[MovingRead] = []
         token = _watched_reads.set(watched)
         try:
@@ -164,6 +180,39 @@ class RingRouter:
         if newest is not None:
             self._adopt(newest)
         return self._state
+
+    def maybe_refresh(self) -> None:
+        """:meth:`refresh` at most every ``refresh_seconds`` (session reads call it), so a
+        process that only reads follows a completed move even for reads that find rows (scatters too).
+
+        When a shard cannot be reached, this refresh is skipped (logged): reads that need it fail on their own.
+        """
+        now = time.monotonic()
+        if now < self._refresh_at:
+            return
+        self._refresh_at = now + self.refresh_seconds
+        try:
+            self.refresh()
+        except SQLAlchemyError as exc:
+            log.warning(
+                "could not re-read the stored ring (%s); routing by version %s", exc, self._state.version
+            )
+
+    def ring_changed(self, shard_ids: Iterable[str]) -> bool:
+        """After a keyed read found nothing: does one of ``shard_ids`` store a newer ring version?
+
+        One small query per shard (its state row), adopting what it finds; True means the rows may
+        have moved under a version this process had not seen yet: route and read again. Every
+        source shard of a move stores the new version before any row leaves it, so asking the
+        shard that was read is enough.
+        """
+        state = self._state
+        for shard_id in shard_ids:
+            with self.manager.connect(shard_id) as conn:
+                row = read_fence(conn, None, None, installed=state.version > 0)
+                conn.rollback()
+            self._adopt(row.state)
+        return self._state is not state
 
     def _adopt(self, state: RingState | None) -> bool:
         """Switch to ``state`` when it is newer; True when it was."""
