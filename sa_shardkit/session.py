@@ -17,7 +17,8 @@ Reference-table rows are copied to every shard in the same session transaction.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,7 @@ from .routing import (
     insert_reason,
     moving_reads_valid,
     reference_write_shards,
+    ring_moved_on,
     route_identity,
     route_statement,
     shard_for_instance,
@@ -70,6 +72,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("sa_shardkit.session")
 
 __all__ = ["ShardedSession", "set_shard_id"]
+
+
+class _WeakHook:
+    """A hook derived from the session's own method, holding the session weakly.
+
+    A bound method stored on the session would make every session a reference cycle that only
+    the cyclic garbage collector frees: short-lived sessions would pile up between its runs.
+    """
+
+    __slots__ = ("_function", "_session")
+
+    def __init__(self, session: ShardedSession, function: Callable[..., Any]) -> None:
+        self._session = weakref.ref(session)
+        self._function = function
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        return self._function(self._session(), *args, **kw)
 
 
 class ShardedSession(_StockShardedSession):
@@ -120,11 +139,11 @@ class ShardedSession(_StockShardedSession):
         self._reference_writes: list[tuple[object, str, tuple[Any, ...] | None]] = []
         if manager is not None:
             shards = {**manager.engines, **(shards or {})}
-            shard_chooser = shard_chooser or self._choose_shard
+            shard_chooser = shard_chooser or _WeakHook(self, type(self)._choose_shard)
             if identity_chooser is None and "id_chooser" not in kwargs:
-                identity_chooser = self._choose_identity_shards
+                identity_chooser = _WeakHook(self, type(self)._choose_identity_shards)
             if execute_chooser is None and "query_chooser" not in kwargs:
-                execute_chooser = self._choose_execute_shards
+                execute_chooser = _WeakHook(self, type(self)._choose_execute_shards)
         elif shard_chooser is None:
             raise ArgumentError("ShardedSession needs shard_chooser (and the other hooks) or manager=")
         if "id_chooser" in kwargs or "query_chooser" in kwargs:  # deprecated stock arguments
@@ -202,15 +221,19 @@ class ShardedSession(_StockShardedSession):
         """
         if self.manager is None:
             return super().get(entity, ident, **kw)
-        if not follows_placement(self.manager):  # no move in flight: nothing to re-check
+        if not follows_placement(self.manager):  # no rebalance router: nothing to re-check
             shard = self._get_shard(entity, ident, kw)
             return super().get(entity, ident, **(kw if shard is None else {**kw, "identity_token": shard}))
         for _ in range(MAX_MOVING_READS):
             with watch_moving_reads(self.manager) as moving:
                 shard = self._get_shard(entity, ident, kw)
             found = super().get(entity, ident, **(kw if shard is None else {**kw, "identity_token": shard}))
-            if found is not None or moving_reads_valid(self.manager, moving):
-                return found  # else the key was cut over while we read its old shard: again
+            if found is not None:
+                return found
+            if not moving_reads_valid(self.manager, moving):
+                continue  # the key was cut over while we read its old shard: again
+            if shard is None or not ring_moved_on(self.manager, (shard,)):
+                return None  # else a move this process had not seen yet: route by it, again
         raise StaleRingError(f"the ring kept changing while reading {ident!r}; retry")
 
     def _get_shard(self, entity: Any, ident: Any, kw: dict[str, Any]) -> str | None:
@@ -582,6 +605,8 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
             route = session.route(orm_context)
         if moving and orm_context.is_select:
             return _read_moving(orm_context, session, route, moving)
+        if _keyed_read(orm_context, route):
+            return _read_keyed(orm_context, session, route)
     else:
         route = Route(tuple(session.execute_chooser(orm_context)), "execute_chooser")
     if route.reference and orm_context.is_select and session._affinity is not None:
@@ -625,6 +650,33 @@ def _read_moving(
             return rows()
         with watch_moving_reads(session.manager) as moving:
             route = session.route(orm_context)
+    raise StaleRingError(f"the ring kept changing while running {_statement_name(orm_context)}; retry")
+
+
+def _keyed_read(orm_context: ORMExecuteState, route: Route) -> bool:
+    """A buffered SELECT routed by its shard keys to one shard (streamed results are left alone)."""
+    if not orm_context.is_select or route.reference or len(route.shard_ids) != 1:
+        return False
+    options = orm_context.execution_options
+    return not options.get("yield_per") and not options.get("stream_results")
+
+
+def _read_keyed(orm_context: ORMExecuteState, session: ShardedSession, route: Route) -> Result[Any]:
+    """A keyed SELECT while a rebalance placement is followed: an empty answer may only mean the
+    rows moved under a ring version this process has not seen (it only reads, say). Then the
+    version stored on that shard is checked (one small query); if it changed, the new one is
+    adopted and the SELECT routed and run again. Found rows cost nothing extra."""
+    for _ in range(MAX_MOVING_READS):
+        shard_id = route.shard_ids[0]
+        if session._affinity is None:
+            session._affinity = shard_id
+        rows = _invoke(orm_context, shard_id).freeze()
+        if rows.data or not ring_moved_on(session.manager, route.shard_ids):
+            return rows()
+        with watch_moving_reads(session.manager) as moving:
+            route = session.route(orm_context)
+        if moving or not _keyed_read(orm_context, route):
+            return _read_moving(orm_context, session, route, moving)
     raise StaleRingError(f"the ring kept changing while running {_statement_name(orm_context)}; retry")
 
 
