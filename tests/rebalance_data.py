@@ -17,7 +17,10 @@ from sqlalchemy import insert, select
 from sa_shardkit import HashRing, ShardConfig, ShardManager
 from sa_shardkit.demo.models import Base, Customer, Order, OrderItem, Product
 from sa_shardkit.errors import StaleRingError
-from sa_shardkit.rebalance import RingRouter
+from sa_shardkit.rebalance import RingRouter, RingState, install_ring, table_set
+from sa_shardkit.rebalance.catalog import write_state
+from sa_shardkit.rebalance.mover import create_stages
+from sa_shardkit.rebalance.rebalancer import _prepare
 
 ORDERS = Order.__table__
 CUSTOMERS = Customer.__table__
@@ -59,6 +62,20 @@ def seed(manager: ShardManager, ring: HashRing, customers: int, orders_each: int
                     conn.execute(insert(table), rows[key])
                     total += len(rows[key])
     return total
+
+
+def start_move(manager: ShardManager, shard5_url: str, customers: int = 100) -> RingState:
+    """Seed, store the 4-shard ring, and put the fleet into the in-flight state (no rows moved)."""
+    four = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
+    seed(manager, four, customers, 2, 1)
+    install_ring(manager, four)
+    manager.add_shard(ShardConfig(id="shard-5", url=shard5_url))
+    tables = table_set(Base)
+    _prepare(manager, tables, four, ["shard-5"])
+    state = RingState(2, four, four.add_shard("shard-5"), tables.key_sql_type)
+    write_state(manager, state, state.shard_ids)
+    create_stages(manager, tables, ["shard-5"])
+    return state
 
 
 def rows_everywhere(manager: ShardManager, shard_ids: list[str]) -> dict[str, Counter[tuple[Any, ...]]]:

@@ -16,18 +16,16 @@ from sa_shardkit.errors import RebalanceError, StaleRingError
 from sa_shardkit.rebalance import (
     MoveOptions,
     RingRouter,
-    RingState,
     add_shard,
     install_ring,
     load_ring_state,
     resume,
     table_set,
 )
-from sa_shardkit.rebalance.catalog import STATE_TABLE, write_state
-from sa_shardkit.rebalance.mover import SourceMover, create_stages
+from sa_shardkit.rebalance.catalog import STATE_TABLE
+from sa_shardkit.rebalance.mover import SourceMover
 from sa_shardkit.rebalance.progress import ProgressTracker
-from sa_shardkit.rebalance.rebalancer import _prepare
-from tests.rebalance_data import check_fleet, seed
+from tests.rebalance_data import check_fleet, seed, start_move
 
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
 FIVE = FOUR.add_shard("shard-5")
@@ -42,19 +40,6 @@ def _staying_key(source: str) -> int:
     return next(k for k in range(1, 10_000) if FOUR.get_shard(k) == source and FIVE.get_shard(k) == source)
 
 
-def _start_move(manager: ShardManager, shard5_url: str) -> RingState:
-    """Seed, store the 4-shard ring, and put the fleet into the in-flight state (no rows moved)."""
-    seed(manager, FOUR, 100, 2, 1)
-    install_ring(manager, FOUR)
-    manager.add_shard(ShardConfig(id="shard-5", url=shard5_url))
-    tables = table_set(Base)
-    _prepare(manager, tables, FOUR, ["shard-5"])
-    state = RingState(2, FOUR, FIVE, tables.key_sql_type)
-    write_state(manager, state, state.shard_ids)
-    create_stages(manager, tables, ["shard-5"])
-    return state
-
-
 def test_install_stores_version_one_on_every_shard(manager: ShardManager) -> None:
     install_ring(manager, FOUR)
     install_ring(manager, FOUR)  # idempotent
@@ -67,7 +52,7 @@ def test_install_stores_version_one_on_every_shard(manager: ShardManager) -> Non
 def test_a_cut_over_waits_for_an_in_flight_writer_of_a_moving_key(
     manager: ShardManager, shard5_url: str
 ) -> None:
-    state = _start_move(manager, shard5_url)
+    state = start_move(manager, shard5_url)
     key = _moving_key("shard-1")
     router = RingRouter(manager)
     new_order = uuid.uuid4()
@@ -91,7 +76,7 @@ def test_a_cut_over_waits_for_an_in_flight_writer_of_a_moving_key(
 def test_writers_of_keys_that_stay_are_not_blocked_by_a_cut_over(
     manager: ShardManager, shard5_url: str
 ) -> None:
-    _start_move(manager, shard5_url)
+    start_move(manager, shard5_url)
     router = RingRouter(manager)
     with manager.connect("shard-1") as mover_conn:  # what a batch holds while it cuts over
         mover_conn.execute(text(f"SELECT 1 FROM {STATE_TABLE} FOR NO KEY UPDATE"))

@@ -17,31 +17,17 @@ from typing import Any
 
 from sqlalchemy import event, func, select, text
 
-from sa_shardkit import HashRing, ShardConfig, ShardManager
+from sa_shardkit import HashRing, ShardManager
 from sa_shardkit.demo.models import Base, Customer, Order
-from sa_shardkit.rebalance import MoveOptions, RingRouter, RingState, install_ring, table_set
-from sa_shardkit.rebalance.catalog import STATE_TABLE, write_state
-from sa_shardkit.rebalance.mover import SourceMover, create_stages
+from sa_shardkit.rebalance import MoveOptions, RingRouter, RingState, table_set
+from sa_shardkit.rebalance.catalog import STATE_TABLE
+from sa_shardkit.rebalance.mover import SourceMover
 from sa_shardkit.rebalance.progress import ProgressTracker
-from sa_shardkit.rebalance.rebalancer import _prepare
-from tests.rebalance_data import seed
+from tests.rebalance_data import start_move
 
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
 FIVE = FOUR.add_shard("shard-5")
 ORDERS_EACH = 2
-
-
-def _start_move(manager: ShardManager, shard5_url: str, customers: int = 100) -> RingState:
-    """Seed, store the 4-shard ring, and put the fleet into the in-flight state (no rows moved)."""
-    seed(manager, FOUR, customers, ORDERS_EACH, 1)
-    install_ring(manager, FOUR)
-    manager.add_shard(ShardConfig(id="shard-5", url=shard5_url))
-    tables = table_set(Base)
-    _prepare(manager, tables, FOUR, ["shard-5"])
-    state = RingState(2, FOUR, FIVE, tables.key_sql_type)
-    write_state(manager, state, state.shard_ids)
-    create_stages(manager, tables, ["shard-5"])
-    return state
 
 
 def _moving_keys(source: str, customers: int = 100) -> list[int]:
@@ -83,7 +69,7 @@ def _rows_of(manager: ShardManager, shard_id: str, key: int) -> int:
 def test_get_finds_a_row_cut_over_between_routing_and_the_read(
     manager: ShardManager, shard5_url: str
 ) -> None:
-    state = _start_move(manager, shard5_url)
+    state = start_move(manager, shard5_url)
     key = _moving_keys("shard-1")[0]
     RingRouter(manager)
     with _cut_over_before_read_of(manager, _mover(manager, state, "shard-1", 10_000), "customers") as cut:
@@ -97,7 +83,7 @@ def test_get_finds_a_row_cut_over_between_routing_and_the_read(
 def test_a_keyed_select_finds_rows_cut_over_between_routing_and_the_read(
     manager: ShardManager, shard5_url: str
 ) -> None:
-    state = _start_move(manager, shard5_url)
+    state = start_move(manager, shard5_url)
     key = _moving_keys("shard-2")[0]
     RingRouter(manager)
     with _cut_over_before_read_of(manager, _mover(manager, state, "shard-2", 10_000), "orders") as cut:
@@ -112,7 +98,7 @@ def test_readers_hammering_moving_keys_never_miss_a_row_during_a_move(
     manager: ShardManager, shard5_url: str
 ) -> None:
     customers = 2000
-    state = _start_move(manager, shard5_url, customers)
+    state = start_move(manager, shard5_url, customers)
     keys = _moving_keys("shard-3", customers)
     RingRouter(manager)
     mover = _mover(manager, state, "shard-3", 2)  # many small cut-overs: many chances to race
