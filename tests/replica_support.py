@@ -9,7 +9,8 @@ import psycopg
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, make_url
 
-from sa_shardkit import ShardConfig, ShardManager
+from sa_shardkit import ShardConfig, ShardedSession, ShardManager
+from sa_shardkit.demo.models import Base, Customer
 from sa_shardkit.testing import LocalPostgres, wait_until_accepting
 from tests.fleet import TestFleet
 
@@ -91,4 +92,19 @@ def manager_with_replica(
     ]
     manager = ShardManager(configs)
     manager.replicas.check_interval = 0
+    return manager
+
+
+def shard1_key(manager: ShardManager, n: int) -> int:
+    """The n-th customer id (0-based) that lives on shard-1."""
+    return [k for k in range(1, 200) if manager.shard_for(k) == "shard-1"][n]
+
+
+def seed_replicated(manager: ShardManager, primary: LocalPostgres, replica: LocalPostgres) -> ShardManager:
+    """The demo schema on every shard (and so on the replica), one customer on shard-1, replayed."""
+    for shard_id in manager.shard_ids:
+        Base.metadata.create_all(manager.engine(shard_id))
+    with ShardedSession(manager=manager) as session, session.begin():
+        session.add(Customer(customer_id=shard1_key(manager, 0), name="replicated"))
+    wait_for_replay(primary, replica)
     return manager

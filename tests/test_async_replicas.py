@@ -14,13 +14,17 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from sa_shardkit import QueryEvent, ShardedSession, ShardManager
+from sa_shardkit import QueryEvent, ShardManager
 from sa_shardkit.aio import AsyncShardManager
-from sa_shardkit.demo.models import Base, Customer
+from sa_shardkit.demo.models import Customer
 from sa_shardkit.testing import LocalPostgres
 from tests.fleet import TestFleet
-from tests.replica_support import manager_with_replica, pause_replay, wait_for_replay
-from tests.test_session_replicas import shard1_key
+from tests.replica_support import (
+    manager_with_replica,
+    pause_replay,
+    seed_replicated,
+    shard1_key,
+)
 
 Check = Callable[[AsyncSession], Awaitable[bool]]
 
@@ -30,12 +34,7 @@ def fleet(
     replicated_manager: ShardManager, pg_fleet: TestFleet, pg_replica: LocalPostgres
 ) -> Iterator[ShardManager]:
     """The demo schema on every shard (and so on the replica), one customer on shard-1."""
-    for shard_id in replicated_manager.shard_ids:
-        Base.metadata.create_all(replicated_manager.engine(shard_id))
-    with ShardedSession(manager=replicated_manager) as session, session.begin():
-        session.add(Customer(customer_id=shard1_key(replicated_manager, 0), name="replicated"))
-    wait_for_replay(pg_fleet.server(0), pg_replica)
-    yield replicated_manager
+    yield seed_replicated(replicated_manager, pg_fleet.server(0), pg_replica)
 
 
 def in_recovery_of(manager: ShardManager, **execution_options: bool) -> Check:

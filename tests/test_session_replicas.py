@@ -13,10 +13,10 @@ import pytest
 from sqlalchemy import func, select, text
 
 from sa_shardkit import QueryEvent, ShardedSession, ShardManager
-from sa_shardkit.demo.models import Base, Customer
+from sa_shardkit.demo.models import Customer
 from sa_shardkit.testing import LocalPostgres
 from tests.fleet import TestFleet
-from tests.replica_support import pause_replay, wait_for_replay
+from tests.replica_support import pause_replay, seed_replicated, shard1_key
 
 
 @pytest.fixture
@@ -24,12 +24,7 @@ def fleet(
     replicated_manager: ShardManager, pg_fleet: TestFleet, pg_replica: LocalPostgres
 ) -> Iterator[ShardManager]:
     """The demo schema on every shard (and so on the replica), customer 1 on each shard-1 copy."""
-    for shard_id in replicated_manager.shard_ids:
-        Base.metadata.create_all(replicated_manager.engine(shard_id))
-    with ShardedSession(manager=replicated_manager) as session, session.begin():
-        session.add(Customer(customer_id=shard1_key(replicated_manager, 0), name="replicated"))
-    wait_for_replay(pg_fleet.server(0), pg_replica)
-    yield replicated_manager
+    yield seed_replicated(replicated_manager, pg_fleet.server(0), pg_replica)
 
 
 @pytest.fixture
@@ -43,11 +38,6 @@ def roles(fleet: ShardManager) -> Iterator[list[tuple[str, str]]]:
     fleet.events.add(record)
     yield seen
     fleet.events.remove(record)
-
-
-def shard1_key(manager: ShardManager, n: int) -> int:
-    """The n-th customer id (0-based) that lives on shard-1."""
-    return [k for k in range(1, 200) if manager.shard_for(k) == "shard-1"][n]
 
 
 def insert_on_primary_only(manager: ShardManager, replica: LocalPostgres, customer_id: int) -> None:
