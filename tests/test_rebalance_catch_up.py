@@ -11,7 +11,8 @@ from sqlalchemy import delete, event, insert, select, update
 from sa_shardkit import ShardManager
 from sa_shardkit.demo.models import Order
 from sa_shardkit.rebalance import RingRouter
-from tests.test_rebalance_reads import _mover, _moving_keys, _start_move
+from tests.rebalance_data import start_move
+from tests.test_rebalance_reads import _mover, _moving_keys
 
 ORDERS = Order.__table__
 
@@ -25,7 +26,7 @@ def _orders(manager: ShardManager, shard_id: str, keys: list[int]) -> set[tuple[
 def test_rows_changed_after_staging_move_as_they_are_at_the_cut_over(
     manager: ShardManager, shard5_url: str
 ) -> None:
-    state = _start_move(manager, shard5_url)
+    state = start_move(manager, shard5_url)
     changed, emptied, grown = _moving_keys("shard-1")[:3]
     router = RingRouter(manager)
     mover = _mover(manager, state, "shard-1", 10_000)
