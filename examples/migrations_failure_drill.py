@@ -8,7 +8,7 @@
 3. the stray table is removed; the same command continues where it stopped;
 4. ``shardkit migrations status`` confirms every shard is at head.
 
-Needs the PostgreSQL server binaries (see README "Tests"); takes a few seconds.
+Needs the PostgreSQL server binaries (see docs/development.md); takes a few seconds.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Two rule sets over each revision's offline SQL and Alembic operations: squawk's general PostgreSQL
 migration-safety rules (optional ``lint`` extra) and sa_shardkit's sharding rules (expand/contract
-discipline, shard keys in keys and foreign keys, reference-table writes). See the README section
-"Safe migrations".
+discipline, shard keys in keys and foreign keys, reference-table writes). See
+docs/concepts/migration-lint.md.
 """
 
 from __future__ import annotations

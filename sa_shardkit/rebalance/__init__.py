@@ -1,4 +1,4 @@
-"""Adding and removing shards online, with no row lost (see the README section "Rebalancing").
+"""Adding and removing shards online, with no row lost (see docs/concepts/rebalancing.md).
 
 The fleet's ring lives in the shards themselves (:mod:`.catalog`); a move copies, verifies and
 deletes one key batch at a time under a fence that only writers of the moving keys wait for

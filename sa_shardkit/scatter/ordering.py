@@ -3,7 +3,7 @@
 Each shard returns its rows already sorted; the k-way merge only has to compare rows from different
 shards, so the key must agree with the server: ``NULLS LAST`` for ascending and ``NULLS FIRST`` for
 descending unless stated, ``NaN`` above every number, enum labels in declaration order. Text compares
-by code point, which is PostgreSQL's ``C`` collation (see the README for other collations).
+by code point, which is PostgreSQL's ``C`` collation (see docs/concepts/scatter.md for other collations).
 """
 
 from __future__ import annotations
