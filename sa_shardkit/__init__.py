@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from . import session_hooks as _session_hooks  # noqa: F401 - registers the flush hooks
 from .config import ShardConfig, ShardSettings, settings_from_env, settings_from_file
 from .declarative import ReferenceTable, Sharding, ShardKeyWarning, sharding_of
 from .errors import (
     ConfigError,
     CrossShardTransactionError,
+    DuplicateKeyError,
     DuplicateShardError,
     EmptyRingError,
     InvalidShardKeyError,
     InvalidWeightError,
+    LookupIndexError,
     MigrationError,
     NotShardedError,
     RebalanceError,
@@ -20,6 +23,7 @@ from .errors import (
     SagaInputError,
     SagaPendingError,
     SagaStepFailed,
+    SequenceError,
     ShardKeyChangeError,
     ShardKeyMissingError,
     ShardKitError,
@@ -38,6 +42,7 @@ from .ring import DEFAULT_VNODES, HashRing, key_bytes, key_hash, moved_share
 from .routing import Route, route_statement
 from .saga import Saga, SagaOptions, SagaOutcome, Step, recover, run_saga
 from .scatter import ScatterResult
+from .sequences import SequenceAllocator, ShardSequence, create_sequence_tables, sequence_metadata
 from .session import ShardedSession, set_shard_id
 
 __version__ = "0.1.0"
@@ -46,12 +51,14 @@ __all__ = [
     "DEFAULT_VNODES",
     "ConfigError",
     "CrossShardTransactionError",
+    "DuplicateKeyError",
     "DuplicateShardError",
     "EmptyRingError",
     "HashRing",
     "InvalidShardKeyError",
     "InvalidWeightError",
     "LintReport",
+    "LookupIndexError",
     "MigrationError",
     "MoveOptions",
     "NotShardedError",
@@ -74,6 +81,9 @@ __all__ = [
     "SagaPendingError",
     "SagaStepFailed",
     "ScatterResult",
+    "SequenceAllocator",
+    "SequenceError",
+    "ShardSequence",
     "ShardConfig",
     "ShardHealth",
     "ShardKeyChangeError",
@@ -91,6 +101,7 @@ __all__ = [
     "UnknownShardError",
     "UnsupportedScatterError",
     "add_shard",
+    "create_sequence_tables",
     "key_bytes",
     "key_hash",
     "moved_share",
@@ -102,6 +113,7 @@ __all__ = [
     "route_statement",
     "run_saga",
     "settings_from_env",
+    "sequence_metadata",
     "set_shard_id",
     "settings_from_file",
     "sharding_of",

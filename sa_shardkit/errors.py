@@ -68,6 +68,23 @@ class ShardKeyChangeError(CrossShardTransactionError):
     """A stored row's shard key was changed to a key that lives on another shard."""
 
 
+class SequenceError(ShardKitError):
+    """A fleet-wide id sequence could not hand out an id (missing table, misuse)."""
+
+
+class DuplicateKeyError(ShardKitError, sa_exc.InvalidRequestError):
+    """A value of a fleet-wide unique column (a unique lookup) is already taken by another row."""
+
+    def __init__(self, message: str, *, column: str, value: object) -> None:
+        super().__init__(message)
+        self.column = column
+        self.value = value
+
+
+class LookupIndexError(ShardKitError):
+    """A lookup index (value -> shard key) could not be maintained, built or repaired."""
+
+
 class UnsupportedScatterError(ShardKitError, sa_exc.InvalidRequestError):
     """A cross-shard query whose merged result could not be made globally correct."""
 

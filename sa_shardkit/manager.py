@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from sqlalchemy.sql import Executable
 
     from .scatter.result import ScatterResult
+    from .sequences import SequenceAllocator
 
 log = logging.getLogger("sa_shardkit.manager")
 
@@ -164,6 +165,25 @@ class ShardManager:
         from .routing import route_statement
 
         return route_statement(self, statement, params).shard_ids
+
+    def next_id(self, name: str) -> int:
+        """The next id of the fleet-wide sequence ``name`` (see :mod:`sa_shardkit.sequences`)."""
+        return self.sequences.next_id(name)
+
+    @property
+    def sequences(self) -> SequenceAllocator:
+        """This process's allocator of fleet-wide ids; replace it to pick the shard or block size."""
+        allocator = self.__dict__.get("_sequences")
+        if allocator is None:
+            from .sequences import SequenceAllocator
+
+            with self._lock:
+                allocator = self.__dict__.setdefault("_sequences", SequenceAllocator(self))
+        return allocator  # type: ignore[no-any-return]
+
+    @sequences.setter
+    def sequences(self, allocator: SequenceAllocator) -> None:
+        self.__dict__["_sequences"] = allocator
 
     def add_shard(self, config: ShardConfig) -> None:
         """Open engines for one more shard at run time; the ring is unchanged (see rebalance)."""

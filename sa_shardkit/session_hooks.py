@@ -1,0 +1,26 @@
+"""Flush-time work added to :class:`~sa_shardkit.session.ShardedSession` by features above it.
+
+Kept apart from session.py so the session's own routing stays one readable module: fleet-wide ids
+(:mod:`sa_shardkit.sequences`) are assigned here before the session routes the new rows (a
+sequence can feed the shard key itself).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from .sequences import assign_sequence_ids
+from .session import ShardedSession
+
+
+def _assign_ids(session: Session, flush_context: Any, instances: Any) -> None:
+    manager = getattr(session, "manager", None)
+    if manager is not None and session.new:
+        assign_sequence_ids(manager.sequences, session.new)
+
+
+# insert=True: before the session's own before_flush, which routes rows by their (now set) keys
+event.listen(ShardedSession, "before_flush", _assign_ids, insert=True)
