@@ -117,9 +117,29 @@ def _parse_url(shard_id: str, name: str, value: str | URL) -> URL:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"shard {shard_id!r}: {name} is missing")
     try:
-        return make_url(value.strip())
+        url = make_url(value.strip())
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ConfigError(f"shard {shard_id!r}: {name} is not a database URL") from None
+    _check_backend(shard_id, name, url)
+    return url
+
+
+SUPPORTED_BACKENDS = ("postgresql", "sqlite")
+"""PostgreSQL is the product; SQLite only backs ``shardkit demo``'s embedded shards."""
+
+
+def _check_backend(shard_id: str, name: str, url: URL) -> None:
+    """Refuse a URL SQLAlchemy could not use here, in one line, before any engine exists."""
+    scheme = url.drivername
+    where = f"shard {shard_id!r}: {name} scheme {scheme + '://'!r}"
+    if url.get_backend_name() == "postgres":
+        raise ConfigError(f"{where} is not a SQLAlchemy dialect: use postgresql+psycopg://")
+    if url.get_backend_name() not in SUPPORTED_BACKENDS:
+        raise ConfigError(f"{where}: sa_shardkit supports PostgreSQL only (postgresql+psycopg://...)")
+    try:
+        url.get_dialect().import_dbapi()
+    except (ArgumentError, ImportError) as error:  # NoSuchModuleError is an ArgumentError
+        raise ConfigError(f"{where}: driver not available ({error})") from None
 
 
 def _flag(value: str) -> bool:
@@ -161,6 +181,12 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> ShardSettings
     numbers = sorted(int(m.group(1)) for name in env if (m := _ENV_URL.match(name)))
     if not numbers:
         raise ConfigError("no SHARD_<N>_URL environment variables are set (e.g. SHARD_1_URL)")
+    missing = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))
+    if missing:  # a forgotten variable would silently build a smaller ring and misroute every key
+        names = ", ".join(f"SHARD_{n}_URL" for n in missing)
+        raise ConfigError(
+            f"{names} is not set but SHARD_{numbers[-1]}_URL is: shards are numbered 1..N without gaps"
+        )
     defaults = _pool_options(
         {k[len("SHARDKIT_") :].lower(): v for k, v in env.items() if k.startswith("SHARDKIT_")},
         "environment",
@@ -192,7 +218,23 @@ def settings_from_file(path: str | os.PathLike[str], section: str = "shardkit") 
     parser.read(file)
     if not parser.has_section(section):
         raise ConfigError(f"{file}: no [{section}] section")
-    return settings_from_mapping(dict(parser.items(section)), where=f"{file} [{section}]")
+    values = dict(parser.items(section))
+    if not values.get("shards", "").strip():
+        return _env_instead_of(f"{file} [{section}]")
+    return settings_from_mapping(values, where=f"{file} [{section}]")
+
+
+def _env_instead_of(where: str) -> ShardSettings:
+    """A ``[shardkit]`` section that lists no shards defers to ``SHARD_<N>_URL``, as Alembic's env does."""
+    try:
+        return settings_from_env()
+    except ConfigError as error:
+        if "no SHARD_<N>_URL" not in str(error):
+            raise  # a gap or a bad URL in the variables: say that, not "no shards"
+        raise ConfigError(
+            f"{where} lists no shards (shards = shard-1, ... and shard-1.url = ...) "
+            "and no SHARD_<N>_URL environment variable is set"
+        ) from None
 
 
 def settings_from_mapping(values: Mapping[str, str], *, where: str = "config") -> ShardSettings:

@@ -86,7 +86,7 @@ def test_shardkit_migrations_upgrade_targets_shards_and_exits_non_zero_on_failur
     assert ok.exit_code == 0, ok.output
     assert [s for s, u in shard_map.items() if revision_on(u)] == ["shard-3"]
     bad = runner.invoke(cli, ["migrations", "upgrade", "--config", str(project.ini), "--shard", "nope"])
-    assert bad.exit_code == 1
+    assert bad.exit_code == 2  # bad input: the exit-code contract (sa_shardkit/cli/exits.py)
     assert "unknown shard(s) 'nope'" in bad.output
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import click
 
-from ..errors import ShardKitError
 from .demo import demo
+from .exits import EXIT_FAILED, EXIT_OK, report
 from .locate import locate
 from .migrations import migrations
 from .rebalance import rebalance_command
@@ -16,7 +18,47 @@ from .ring import ring
 from .status import status
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class ShardkitGroup(click.Group):
+    """Every failure of every subcommand ends in the exit-code contract of :mod:`.exits`.
+
+    Done in the group (not only in :func:`main`), so ``CliRunner().invoke(cli, ...)`` in the tests
+    sees exactly what the console script does.
+    """
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            value = super().main(argv, prog_name or "shardkit", complete_var, standalone_mode=False, **extra)
+        except SystemExit as done:
+            raise SystemExit(_own_code(done.code)) from None
+        except BaseException as error:  # noqa: BLE001 - the contract: one line and a documented code
+            raise SystemExit(report(error)) from None
+        if isinstance(value, int) and value != 0:  # click.exceptions.Exit(n) under standalone_mode=False
+            raise SystemExit(_own_code(value))
+        if not standalone_mode:
+            return value
+        raise SystemExit(EXIT_OK)
+
+
+def _own_code(code: object) -> int:
+    """A command's own exit code, kept; never Alembic's 255 (``sys.exit(-1)``) from a wrapped call."""
+    if code is None or code == 0:
+        return EXIT_OK
+    if isinstance(code, int) and 0 < code < 255:
+        return code
+    if not isinstance(code, int):  # sys.exit("message")
+        click.echo(f"shardkit: error: {code}", err=True)
+    return EXIT_FAILED
+
+
+@click.group(cls=ShardkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sa_shardkit")
 def cli() -> None:
     """Horizontal sharding for SQLAlchemy on PostgreSQL."""
@@ -32,15 +74,5 @@ cli.add_command(rebalance_command)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: configuration and shard errors are one clear line, never a traceback."""
-    try:
-        cli.main(args=argv, prog_name="shardkit", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(1)
-    except click.ClickException as error:
-        error.show()
-        sys.exit(error.exit_code)
-    except ShardKitError as error:
-        click.echo(f"shardkit: error: {error}", err=True)
-        sys.exit(2)
+    """Entry point of the ``shardkit`` console script (exit codes: :mod:`sa_shardkit.cli.exits`)."""
+    cli.main(args=argv, prog_name="shardkit")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import configparser
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,6 +15,7 @@ from ..errors import ConfigError
 from ..manager import ShardManager
 
 F = TypeVar("F", bound=Callable[..., Any])
+_ENV_URL = re.compile(r"^SHARD_\d+_URL$")
 
 
 def config_options(fn: F) -> F:
@@ -35,18 +38,22 @@ def config_options(fn: F) -> F:
 
 
 def load_manager(config_path: str | None, urls: tuple[str, ...] = ()) -> ShardManager:
-    """URLs given on the command line, else the config file, else ``SHARD_<N>_URL`` env vars."""
+    """URLs given on the command line, else the config file (``--config``, default ``./alembic.ini``),
+    else ``SHARD_<N>_URL`` env vars; a config whose ``[shardkit]`` lists no shards defers to them too."""
     if urls:
         return ShardManager.from_urls(list(urls))
     if config_path:
         return ShardManager.from_config(config_path)
-    if any(k.startswith("SHARD_") and k.endswith("_URL") for k in os.environ):
+    if Path("alembic.ini").exists() and _has_section(Path("alembic.ini")):
+        return ShardManager.from_config("alembic.ini")
+    if any(_ENV_URL.match(name) for name in os.environ):
         return ShardManager.from_env()
-    if Path("alembic.ini").exists():
-        try:
-            return ShardManager.from_config("alembic.ini")
-        except ConfigError:
-            pass
     raise ConfigError(
         "no shards configured: pass --url/--config, set SHARD_1_URL..., or add [shardkit] to alembic.ini"
     )
+
+
+def _has_section(path: Path) -> bool:
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(path)
+    return parser.has_section("shardkit")
