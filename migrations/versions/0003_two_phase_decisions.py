@@ -24,7 +24,7 @@ def upgrade() -> None:
         "shardkit_2pc_decisions",
         sa.Column("txid", sa.String(length=64), nullable=False),
         sa.Column("outcome", sa.String(length=8), nullable=False),
-        sa.Column("decided_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.Column("decided_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
         sa.PrimaryKeyConstraint("txid"),
         comment="sa_shardkit two-phase commit decisions, on the coordinator shard",
         if_not_exists=True,

@@ -1,97 +1,95 @@
-"""`shardkit demo`: the sharding story on SQLite file shards (no server) or on given URLs."""
+"""`shardkit demo`: the product's story through its public API, on SQLite files or on given servers."""
 
 from __future__ import annotations
 
-import random
 import tempfile
-from collections import Counter
-from decimal import Decimal
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from ..manager import ShardManager
-from .models import Base, Customer, Order, Product
+from .fleets import DEMO_SHARDS, DemoFleet, LocalPostgresStarter, reset_demo_schema, sqlite_manager
+from .story import STEPS, DemoReport, FleetChooser, run_steps
 
-DEMO_SHARDS = 4
-
-
-def sqlite_manager(directory: Path, count: int = DEMO_SHARDS) -> ShardManager:
-    """SQLite files as shards: the embedded default for the demo (not for correctness claims)."""
-    return ShardManager.from_urls(
-        {f"shard-{i}": f"sqlite:///{directory / f'shard-{i}.db'}" for i in range(1, count + 1)}
-    )
+__all__ = ["DEMO_SHARDS", "STEPS", "DemoReport", "run_demo", "sqlite_manager"]
 
 
 def run_demo(
-    manager: ShardManager | None = None, *, customers: int = 200, console: Console | None = None
-) -> dict[str, int]:
-    """Create the schema, place customers and orders by the ring, and print where they landed."""
-    console = console or Console()
-    owned = manager is None
-    tmp = tempfile.TemporaryDirectory(prefix="shardkit-demo-") if owned else None
-    if manager is None:
-        assert tmp is not None
-        manager = sqlite_manager(Path(tmp.name))
-        console.print(f"[bold]Embedded demo:[/] {DEMO_SHARDS} SQLite shards in {tmp.name}")
-    try:
-        for shard_id in manager.shard_ids:
-            Base.metadata.create_all(manager.engine(shard_id))
-        rnd = random.Random(2026)
-        products = [
-            Product(sku=f"SKU-{i}", name=f"Product {i}", price=Decimal(rnd.randint(1, 99))) for i in range(5)
-        ]
-        for shard_id in manager.shard_ids:  # reference table: same rows on every shard
-            with Session(manager.engine(shard_id)) as session, session.begin():
-                for p in products:
-                    session.merge(Product(sku=p.sku, name=p.name, price=p.price))
-        placed: dict[str, list[int]] = {s: [] for s in manager.shard_ids}
-        for customer_id in range(1, customers + 1):
-            placed[manager.shard_for(customer_id)].append(customer_id)
-        for shard_id, ids in placed.items():
-            with Session(manager.engine(shard_id)) as session, session.begin():
-                for customer_id in ids:
-                    customer = Customer(
-                        customer_id=customer_id, name=f"Customer {customer_id}", balance=Decimal(100)
-                    )
-                    customer.orders = [
-                        Order(
-                            status=rnd.choice(["pending", "paid", "shipped"]),
-                            total=Decimal(rnd.randint(5, 500)),
-                        )
-                        for _ in range(rnd.randint(0, 4))
-                    ]
-                    session.add(customer)
-        table = Table(title="Where the first customers live")
-        table.add_column("customer_id", justify="right")
-        table.add_column("shard")
-        for customer_id in range(1, 9):
-            table.add_row(str(customer_id), manager.shard_for(customer_id))
-        console.print(table)
+    urls: Sequence[str] = (),
+    *,
+    steps: Sequence[int] | None = None,
+    customers: int = 200,
+    add_url: str | None = None,
+    console: Console | None = None,
+) -> DemoReport:
+    """Run the story (all steps, or ``steps``) and return each step's figures.
 
-        counts: dict[str, int] = {}
-        orders: Counter[str] = Counter()
-        for shard_id in manager.shard_ids:
-            with Session(manager.engine(shard_id)) as session:
-                counts[shard_id] = session.scalar(select(func.count()).select_from(Customer)) or 0
-                orders[shard_id] = session.scalar(select(func.count()).select_from(Order)) or 0
-        dist = Table(title=f"Key distribution ({customers} customers)")
-        for column in ("shard", "customers", "orders", "ring share", ""):
-            dist.add_column(column)
-        shares = manager.ring.shares()
-        widest = max(counts.values()) or 1
-        for shard_id in manager.shard_ids:
-            bar = "█" * round(30 * counts[shard_id] / widest)
-            dist.add_row(
-                shard_id, str(counts[shard_id]), str(orders[shard_id]), f"{shares.get(shard_id, 0):.1%}", bar
-            )
-        console.print(dist)
-        return counts
+    Without ``urls``: four SQLite files in a temporary directory (no server); the steps that need
+    PostgreSQL run on throwaway local servers when the binaries are installed, else are skipped with
+    the reason. With ``urls`` (``--url``): those shards, reset first (the demo refuses databases
+    holding tables it does not own), so a re-run tells the same story; ``add_url`` is the server
+    step 6 adds as the next shard.
+    """
+    console = console or Console()
+    numbers = sorted(set(steps)) if steps else sorted(STEPS)
+    unknown = [n for n in numbers if n not in STEPS]
+    if unknown:
+        raise ValueError(f"no demo step {unknown[0]}: steps are 1-{len(STEPS)}")
+    started = time.perf_counter()
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    starter: LocalPostgresStarter | None = None
+    manager = ShardManager.from_urls(list(urls), connect_timeout=5) if urls else None
+    if manager is None:
+        tmp = tempfile.TemporaryDirectory(prefix="shardkit-demo-")
+        main = DemoFleet(sqlite_manager(Path(tmp.name)), f"{DEMO_SHARDS} SQLite files", postgres=False)
+        console.print(
+            f"[bold]sa_shardkit demo[/]: {DEMO_SHARDS} SQLite files in {tmp.name} act as shards (no server)."
+        )
+        if any(STEPS[n].needs_postgres for n in numbers):
+            starter = LocalPostgresStarter()
+            if starter.error is None:
+                console.print(
+                    "[dim]Steps 5-6 need PostgreSQL: starting 5 throwaway local servers in the background.[/]"
+                )
+    else:
+        reset_demo_schema(manager, [add_url] if add_url else [])
+        postgres = manager.engine(manager.shard_ids[0]).dialect.name == "postgresql"
+        main = DemoFleet(
+            manager, f"{len(manager.shard_ids)} servers (--url)", postgres=postgres, spare_url=add_url
+        )
+        console.print(
+            f"[bold]sa_shardkit demo[/] on {', '.join(manager.safe_url(s) for s in manager.shard_ids)}"
+        )
+
+    def postgres_fleet() -> tuple[DemoFleet | None, str]:
+        if starter is None:
+            return None, "needs PostgreSQL, and the shards given are not PostgreSQL servers"
+        fleet = starter.demo_fleet()
+        return fleet, starter.error or ""
+
+    chooser = FleetChooser(main, postgres_fleet)
+    try:
+        report = run_steps(chooser, numbers, customers, console)
     finally:
-        if owned:
-            manager.dispose()
-            if tmp is not None:
-                tmp.cleanup()
+        for fleet in chooser.fleets:
+            fleet.manager.dispose()
+        if starter is not None:
+            starter.close()
+        if tmp is not None:
+            tmp.cleanup()
+    _summary(console, report, time.perf_counter() - started)
+    return report
+
+
+def _summary(console: Console, report: DemoReport, seconds: float) -> None:
+    ran = [n for n in report.steps if n not in report.skipped]
+    line = f"{len(ran)} step(s) in {seconds:.1f} s"
+    if report.skipped:
+        line += f", skipped: {', '.join(map(str, report.skipped))}"
+    failed = report.failed_checks
+    if failed:
+        console.print(f"[bold red]FAILED[/] {line}:\n  " + "\n  ".join(failed))
+    else:
+        console.print(f"[bold green]OK[/] {line}; every figure checked.")
