@@ -74,5 +74,13 @@ cli.add_command(rebalance_command)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``shardkit`` console script (exit codes: :mod:`sa_shardkit.cli.exits`)."""
-    cli.main(args=argv, prog_name="shardkit")
+    """Entry point of the ``shardkit`` console script (exit codes: :mod:`sa_shardkit.cli.exits`).
+
+    Returns on success (so ``main([...])`` can be called from Python); any other outcome raises
+    ``SystemExit`` with its documented code.
+    """
+    try:
+        cli.main(args=argv, prog_name="shardkit")
+    except SystemExit as done:
+        if done.code not in (0, None):
+            raise
