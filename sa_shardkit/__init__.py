@@ -36,6 +36,7 @@ from .errors import (
 from .events import QueryEvent, QueryListener, QueryMetrics, QueryStats
 from .lint import LintReport, lint_files, lint_hook, lint_script_directory
 from .manager import ShardHealth, ShardManager
+from .prometheus import prometheus_text
 from .rebalance import MoveOptions, RingRouter, add_shard, remove_shard
 from .replicas import ReplicaStatus
 from .ring import DEFAULT_VNODES, HashRing, key_bytes, key_hash, moved_share
@@ -105,6 +106,7 @@ __all__ = [
     "key_bytes",
     "key_hash",
     "moved_share",
+    "prometheus_text",
     "lint_files",
     "lint_hook",
     "lint_script_directory",

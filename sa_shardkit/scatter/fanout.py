@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
+from contextvars import copy_context
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -77,7 +78,10 @@ def fan_out(tasks: Mapping[str, Callable[[], T]]) -> FanOut[T]:
     if in_greenlet():  # under an AsyncSession: the connections only work on its event loop
         return _fan_out_on_event_loop(items)
     pool = scatter_pool()
-    futures: list[tuple[str, Future[T]]] = [(shard, pool.submit(task)) for shard, task in items[1:]]
+    # each task runs in a copy of the caller's context (contextvars: tracing spans, request-scoped state)
+    futures: list[tuple[str, Future[T]]] = [
+        (shard, pool.submit(copy_context().run, task)) for shard, task in items[1:]
+    ]
     first_shard, first_task = items[0]
     try:
         outcome.results[first_shard] = first_task()
