@@ -1,15 +1,16 @@
 """Routing overhead: ShardedSession (routed by the ring) vs a plain Session on the same database.
 
-The same workload runs through both in one process: insert N orders (one transaction each), get
-each by primary key, select each customer's orders by shard key. The sharded session has four
-shards configured; every key used routes to ``shard-1``, whose engine is the plain Session's bind,
-so the only difference is the routing work.
+The same workload runs through each in one process: insert N orders (one transaction each), get
+each by primary key, select each customer's orders by shard key. Each sharded session has
+``--shards`` shards configured (default: one with 4 and one with 64, to show the cost per keyed
+statement does not grow with the fleet); every key used routes to ``shard-1``, whose engine is
+the plain Session's bind, so the only difference is the routing work.
 
-The two sessions take turns in small chunks (who goes first alternates), each on its own
-customers, and the time of every chunk is summed per session: both see the same machine load,
-which matters on a shared machine where a best-of-N of whole passes is mostly noise.
+The sessions take turns in small chunks (who goes first rotates), each on its own customers, and
+the time of every chunk is summed per session: all see the same machine load, which matters on a
+shared machine where a best-of-N of whole passes is mostly noise.
 
-Run: python benchmarks/session_overhead.py [--n 1000] [--rounds 3] [--chunk 25]
+Run: python benchmarks/session_overhead.py [--n 1000] [--rounds 3] [--chunk 25] [--shards 4,64]
 (uses SHARD_1_URL when set, else starts one throwaway local PostgreSQL server)
 """
 
@@ -30,7 +31,7 @@ from sa_shardkit import ShardManager
 from sa_shardkit.demo.models import Base, Customer, Order
 
 PHASES = ("insert", "get", "select")
-KINDS = ("plain Session", "ShardedSession")
+PLAIN = "plain Session"
 
 
 @contextlib.contextmanager
@@ -70,10 +71,12 @@ def run_round(
 ) -> None:
     """One pass of every phase, the sessions alternating chunk by chunk."""
     n = len(next(iter(work.values())))
+    kinds = list(factories)
     for phase in PHASES:
         operation = OPERATIONS[phase]
         for number, start in enumerate(range(0, n, chunk)):
-            for kind in KINDS if number % 2 else KINDS[::-1]:
+            turn = number % len(kinds)
+            for kind in kinds[turn:] + kinds[:turn]:
                 factory = factories[kind]
                 started = time.perf_counter()
                 for key, order_id in work[kind][start : start + chunk]:
@@ -82,46 +85,71 @@ def run_round(
                     totals[kind][phase] += time.perf_counter() - started
 
 
+def sharded_name(shards: int) -> str:
+    return f"ShardedSession, {shards} shards"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--n", type=int, default=1000, help="orders per session kind and round")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up)")
     parser.add_argument("--chunk", type=int, default=25, help="operations per turn")
+    parser.add_argument(
+        "--shards", default="4,64", help="configured shard counts to compare, comma-separated (default 4,64)"
+    )
     args = parser.parse_args()
-    with database_url() as url:
-        shard_urls = {f"shard-{i}": url for i in range(1, 5)}  # four shards, all keys on shard-1
-        with ShardManager.from_urls(shard_urls) as manager:
-            engine = manager.engine("shard-1")
-            Base.metadata.drop_all(engine)
-            Base.metadata.create_all(engine)
-            keys = [k for k in range(1, 200 * args.n) if manager.shard_for(k) == "shard-1"][: 2 * args.n]
+    counts = [int(c) for c in args.shards.split(",") if c.strip()]
+    with database_url() as url, contextlib.ExitStack() as stack:
+        # every configured shard points at the one database; all keys used route to shard-1
+        managers = {
+            count: stack.enter_context(
+                ShardManager.from_urls({f"shard-{i}": url for i in range(1, count + 1)})
+            )
+            for count in counts
+        }
+        engine = managers[counts[0]].engine("shard-1")
+        Base.metadata.drop_all(engine)
+        Base.metadata.create_all(engine)
+        kinds = [PLAIN, *(sharded_name(c) for c in counts)]
+        keys = [
+            k for k in range(1, 400 * args.n) if all(m.shard_for(k) == "shard-1" for m in managers.values())
+        ][: len(kinds) * args.n]
+        with engine.begin() as conn:
+            conn.execute(insert(Customer), [{"customer_id": k, "name": f"c{k}"} for k in keys])
+        factories: dict[str, Callable[[], Session]] = {PLAIN: sessionmaker(engine)}
+        for count, manager in managers.items():
+            factories[sharded_name(count)] = manager.sessionmaker()
+        totals: dict[str, dict[str, float]] = {kind: dict.fromkeys(PHASES, 0.0) for kind in kinds}
+        for round_no in range(args.rounds + 1):  # round 0 warms pools and caches
             with engine.begin() as conn:
-                conn.execute(insert(Customer), [{"customer_id": k, "name": f"c{k}"} for k in keys])
-            factories: dict[str, Callable[[], Session]] = {
-                "plain Session": sessionmaker(engine),
-                "ShardedSession": manager.sessionmaker(),
-            }
-            totals: dict[str, dict[str, float]] = {kind: dict.fromkeys(PHASES, 0.0) for kind in KINDS}
-            for round_no in range(args.rounds + 1):  # round 0 warms pools and caches
-                with engine.begin() as conn:
-                    conn.execute(text("TRUNCATE order_items, orders"))
-                work = {
-                    kind: [(k, uuid.uuid4()) for k in keys[i :: len(KINDS)]] for i, kind in enumerate(KINDS)
-                }
-                run_round(factories, work, args.chunk, totals if round_no else None)
-            report(totals, args.n * args.rounds)
+                conn.execute(text("TRUNCATE order_items, orders"))
+            work = {kind: [(k, uuid.uuid4()) for k in keys[i :: len(kinds)]] for i, kind in enumerate(kinds)}
+            run_round(factories, work, args.chunk, totals if round_no else None)
+        report(totals, args.n * args.rounds)
+
+
+def phase_seconds(times: dict[str, float], phase: str) -> float:
+    return sum(times.values()) if phase == "all" else times[phase]
 
 
 def report(totals: dict[str, dict[str, float]], ops: int) -> None:
-    plain, sharded = totals["plain Session"], totals["ShardedSession"]
-    print(
-        f"{'phase':<8}{'plain Session':>16}{'ShardedSession':>17}{'ratio':>8}   (ops/s over {ops} ops each)"
-    )
-    for phase in PHASES:
-        p, s = ops / plain[phase], ops / sharded[phase]
-        print(f"{phase:<8}{p:>16,.0f}{s:>17,.0f}{s / p:>7.2f}x")
-    p_all, s_all = 3 * ops / sum(plain.values()), 3 * ops / sum(sharded.values())
-    print(f"{'all':<8}{p_all:>16,.0f}{s_all:>17,.0f}{s_all / p_all:>7.2f}x")
+    plain = totals[PLAIN]
+    sharded = [kind for kind in totals if kind != PLAIN]
+    print(f"ops/s over {ops} ops each; ratio = ShardedSession / plain Session")
+    print(f"{'phase':<8}{PLAIN:>16}" + "".join(f"{kind:>28}{'ratio':>8}" for kind in sharded))
+    ratios: dict[str, float] = {}
+    for phase in (*PHASES, "all"):
+        count = ops * (len(PHASES) if phase == "all" else 1)
+        p = count / phase_seconds(plain, phase)
+        line = f"{phase:<8}{p:>16,.0f}"
+        for kind in sharded:
+            s = count / phase_seconds(totals[kind], phase)
+            line += f"{s:>28,.0f}{s / p:>7.2f}x"
+            ratios[kind] = s / p
+        print(line)
+    if len(sharded) > 1:
+        spread = max(ratios.values()) - min(ratios.values())
+        print(f"all-phase ratio spread across shard counts: {spread:.3f} (O(1) in N when within 0.02)")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from . import session_hooks as _session_hooks  # noqa: F401 - registers the flush hooks
+from .budget import ConnectionBudget, PoolStats
 from .config import ShardConfig, ShardSettings, settings_from_env, settings_from_file
 from .declarative import ReferenceTable, Sharding, ShardKeyWarning, sharding_of
 from .errors import (
     ConfigError,
+    ConnectionBudgetError,
     CrossShardTransactionError,
     DuplicateKeyError,
     DuplicateShardError,
@@ -49,6 +51,9 @@ from .session import ShardedSession, set_shard_id
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConnectionBudget",
+    "ConnectionBudgetError",
+    "PoolStats",
     "DEFAULT_VNODES",
     "ConfigError",
     "CrossShardTransactionError",

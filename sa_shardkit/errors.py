@@ -52,6 +52,14 @@ class ShardUnavailableError(ShardKitError):
         self.shard_id = shard_id
 
 
+class ConnectionBudgetError(ShardKitError):
+    """The process's connection budget (``max_connections``) stayed spent for ``pool_timeout``."""
+
+    def __init__(self, message: str, *, shard_id: str | None = None) -> None:
+        super().__init__(message)
+        self.shard_id = shard_id
+
+
 class ShardKeyMissingError(ShardKitError, sa_exc.InvalidRequestError):
     """A sharded object or statement has no value for its shard key."""
 

@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from .budget import ConnectionBudget, PoolStats
 from .config import ShardConfig, ShardSettings, settings_from_env, settings_from_file
 from .errors import ConfigError, DuplicateShardError, ShardUnavailableError, UnknownShardError
 from .events import QueryEvents
@@ -75,7 +76,9 @@ class ShardManager:
     """Owns one engine (and pool) per shard and replica, and the ring that maps keys to shards.
 
     The ring reference can be swapped at run time (:meth:`set_ring`); lookups never see a
-    half-changed ring because rings are immutable.
+    half-changed ring because rings are immutable. ``max_connections`` caps the connections this
+    process opens across every shard and replica; connections idle for ``idle_timeout`` seconds
+    are closed (:mod:`sa_shardkit.budget`).
     """
 
     def __init__(
@@ -84,7 +87,11 @@ class ShardManager:
         *,
         ring: HashRing | None = None,
         vnodes: int | None = None,
+        max_connections: int | None = None,
+        idle_timeout: float | None = 60.0,
     ) -> None:
+        self.budget = ConnectionBudget(max_connections, idle_timeout=idle_timeout)
+        """The per-process connection cap and idle-connection reaper (:mod:`sa_shardkit.budget`)."""
         settings = shards if isinstance(shards, ShardSettings) else ShardSettings(tuple(shards))
         if vnodes is not None:
             settings = ShardSettings(settings.shards, vnodes=vnodes)
@@ -93,9 +100,9 @@ class ShardManager:
         self._engines: dict[str, Engine] = {}
         self._replicas: dict[str, Engine] = {}
         for config in settings.shards:
-            self._engines[config.id] = _engine_for(config, config.primary_url)
+            self._engines[config.id] = self._budgeted(config, "primary", config.primary_url)
             if config.replica is not None:
-                self._replicas[config.id] = _engine_for(config, config.replica)
+                self._replicas[config.id] = self._budgeted(config, "replica", config.replica)
         if ring is None:
             ring = HashRing(
                 self._configs, vnodes=settings.vnodes, weights={c.id: c.weight for c in settings.shards}
@@ -190,8 +197,10 @@ class ShardManager:
         with self._lock:
             if config.id in self._configs:
                 raise DuplicateShardError(f"shard id {config.id!r} is already configured")
-            engine = _engine_for(config, config.primary_url)
-            replica = _engine_for(config, config.replica) if config.replica is not None else None
+            engine = self._budgeted(config, "primary", config.primary_url)
+            replica = (
+                self._budgeted(config, "replica", config.replica) if config.replica is not None else None
+            )
             self.settings = ShardSettings((*self.settings.shards, config), vnodes=self.settings.vnodes)
             # copy-on-write: threads iterating the old dicts are not disturbed
             self._engines = {**self._engines, config.id: engine}
@@ -199,6 +208,23 @@ class ShardManager:
                 self._replicas = {**self._replicas, config.id: replica}
             self._configs = {**self._configs, config.id: config}
         self.events.attach_new_engines()
+
+    def _budgeted(self, config: ShardConfig, role: str, url: Any) -> Engine:
+        engine = _engine_for(config, url)
+        self.budget.attach(config.id, role, engine, config.pool_timeout)
+        return engine
+
+    def connection_stats(self) -> list[PoolStats]:
+        """This process's open and in-use connections per shard and role (see ``max_connections``)."""
+        return self.budget.stats()
+
+    def scatter_timeouts(self, shard_ids: Iterable[str]) -> dict[str, float]:
+        """How long a scatter waits for each shard's checkout before calling it unavailable."""
+        queued = self.budget.limit is not None
+        return {
+            s: self._configs[s].connect_timeout + 1.0 + (self._configs[s].pool_timeout if queued else 0.0)
+            for s in shard_ids
+        }
 
     def _all_engines(self) -> list[tuple[str, str, Engine]]:
         primaries = [(shard_id, "primary", engine) for shard_id, engine in self._engines.items()]
@@ -261,22 +287,41 @@ class ShardManager:
     ) -> dict[str, Any]:
         """Run ``work`` on every shard in parallel; results keyed by shard id.
 
-        ``work`` is either SQL text (its rows are returned, and the transaction committed) or a
-        callable taking a :class:`Connection` inside a transaction that commits when it returns.
-        The first failure is raised after every shard has finished (no half-run threads remain).
+        ``work`` is either SQL text (its rows are returned; it runs as one autocommitted
+        statement, or an implicit transaction when it holds several) or a callable taking a
+        :class:`Connection` inside a transaction that commits when it returns. The first failure
+        is raised after every shard has finished (no half-run threads remain); a shard whose
+        checkout does not finish within its connect timeout is reported unavailable.
         """
+        from .scatter.connected import fan_out_connected
+        from .scatter.fanout import raise_for_errors
+
         targets = list(self.shard_ids if shard_ids is None else shard_ids)
         for shard_id in targets:
             self.config(shard_id)
 
-        def one(shard_id: str) -> Any:
-            with self.connect(shard_id, write=write) as conn, conn.begin():
-                if isinstance(work, str):
-                    result = conn.execute(text(work), dict(params or {}))
-                    return list(result) if result.returns_rows else result.rowcount
+        def one(shard_id: str, conn: Connection) -> Any:
+            if isinstance(work, str):  # one round trip: autocommit is atomic for one SQL string
+                result = conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+                    text(work), dict(params or {})
+                )
+                return list(result) if result.returns_rows else result.rowcount
+            with conn.begin():
                 return work(conn)
 
-        return self._parallel(one, targets)
+        outcome = fan_out_connected(
+            {s: self.engine(s, write=write) for s in targets},
+            self.scatter_timeouts(targets),
+            one,
+            limit=self.budget.limit,
+        )
+        raise_for_errors(
+            {s: outcome.errors[s] for s in targets if s in outcome.errors},
+            allow_partial=False,
+            any_result=bool(outcome.results),
+            describe=lambda shard, error: unavailable(shard, self.safe_url(shard), error),
+        )
+        return {s: outcome.results[s] for s in targets}
 
     def query_all_shards(
         self,
@@ -307,22 +352,6 @@ class ShardManager:
             per_shard_results=per_shard_results,
             write=write,
         )
-
-    def _parallel(self, fn: Callable[[str], T], shard_ids: list[str]) -> dict[str, T]:
-        if len(shard_ids) <= 1:
-            return {s: fn(s) for s in shard_ids}
-        with ThreadPoolExecutor(max_workers=len(shard_ids), thread_name_prefix="shardkit") as pool:
-            futures = {s: pool.submit(fn, s) for s in shard_ids}
-            results: dict[str, T] = {}
-            first_error: BaseException | None = None
-            for shard_id, future in futures.items():
-                try:
-                    results[shard_id] = future.result()
-                except BaseException as error:  # noqa: BLE001 - re-raised below
-                    first_error = first_error or error
-            if first_error is not None:
-                raise first_error
-            return results
 
     def health(self, *, timeout: float | None = None) -> dict[str, ShardHealth]:
         """Reachability and latency of every shard (and replica); bounded by the connect timeout."""
@@ -375,6 +404,7 @@ class ShardManager:
             for engine in [*self._engines.values(), *self._replicas.values()]:
                 engine.dispose()
             self._disposed = True
+        self.budget.close()
 
     def __enter__(self) -> ShardManager:
         return self

@@ -7,16 +7,20 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
-from sqlalchemy.engine import Result
+from sqlalchemy.engine import Connection, Result
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.selectable import Select
+from sqlalchemy.util.concurrency import in_greenlet
 
+from .connected import fan_out_connected
 from .fanout import fan_out, probe, raise_for_errors
 from .gather import gather
 from .plan import AggregatePlan, ScatterPlan, plan_scatter
 from .result import ScatterResult
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..manager import ShardManager
 
 
@@ -46,15 +50,26 @@ def query_all_shards(
             raise unsupported("with_shard_id=True on an aggregate query, whose rows combine shards")
     shard_statement = statement if plan is None else plan.statement
 
-    def run(shard_id: str) -> Result[Any]:
-        with manager.connect(shard_id, write=write) as conn, conn.begin():
-            return conn.execute(shard_statement, dict(params or {})).freeze()()
+    def run(shard_id: str, conn: Connection) -> Result[Any]:
+        # one statement: autocommit is as atomic as BEGIN/COMMIT and saves two round trips
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        return conn.execute(shard_statement, dict(params or {})).freeze()()
 
-    errors = probe(
-        {s: manager.engine(s, write=write) for s in targets},
-        {s: manager.config(s).connect_timeout for s in targets},
-    )
-    outcome = fan_out({s: functools.partial(run, s) for s in targets if s not in errors})
+    engines = {s: manager.engine(s, write=write) for s in targets}
+    if in_greenlet():  # under an AsyncSession's greenlet: its connections only work on its loop
+        errors = probe(engines, {s: manager.config(s).connect_timeout for s in targets})
+        outcome = fan_out(
+            {
+                s: functools.partial(_connect_and_run, manager, s, write, run)
+                for s in targets
+                if s not in errors
+            }
+        )
+    else:
+        errors = {}
+        outcome = fan_out_connected(
+            engines, manager.scatter_timeouts(targets), run, limit=manager.budget.limit
+        )
     errors = {s: e for s in targets if (e := errors.get(s) or outcome.errors.get(s)) is not None}
     raise_for_errors(
         errors,
@@ -63,3 +78,10 @@ def query_all_shards(
         describe=lambda shard, error: unavailable(shard, manager.safe_url(shard), error),
     )
     return gather(plan, outcome.results, targets, errors, with_shard_id=with_shard_id)
+
+
+def _connect_and_run(
+    manager: ShardManager, shard_id: str, write: bool, run: Callable[[str, Connection], Result[Any]]
+) -> Result[Any]:
+    with manager.connect(shard_id, write=write) as conn:
+        return run(shard_id, conn)

@@ -1,7 +1,8 @@
 """Running one piece of work per shard concurrently, and the failure policy.
 
-A process-wide pool (``SHARDKIT_SCATTER_WORKERS`` threads, default 32) bounds the threads that
-scatters use. Every task is waited for before anything is raised, so no worker is still using a
+A process-wide pool (``SHARDKIT_SCATTER_WORKERS`` threads, default 256, started as needed) bounds
+the threads that scatters use: enough for one thread per shard, so a latency-bound scatter over N
+shards costs about one shard's latency. Every task is waited for before anything is raised, so no worker is still using a
 connection when the caller sees the error (a Session and its connections are not thread-safe).
 """
 
@@ -36,7 +37,7 @@ def scatter_pool() -> ThreadPoolExecutor:
     global _pool
     with _lock:
         if _pool is None:
-            workers = int(os.environ.get("SHARDKIT_SCATTER_WORKERS", "32"))
+            workers = int(os.environ.get("SHARDKIT_SCATTER_WORKERS", "256"))
             _pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="shardkit-scatter")
         return _pool
 

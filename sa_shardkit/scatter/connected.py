@@ -1,0 +1,158 @@
+"""The flat fan-out: one checkout per shard, bounded by the connect timeout, then the work on it.
+
+``manager.query_all_shards`` and ``manager.run_on_all`` use this. Each shard's task checks out a
+connection (the pool's pre-ping is the reachability check) and runs the work on that same
+connection, so a latency-bound scatter costs one round trip per shard besides the query itself; with
+one thread per shard in flight (the shared scatter pool grows to the fan-out, up to
+``SHARDKIT_SCATTER_WORKERS``, default 256) N shards cost about one shard's latency.
+
+A frozen server never answers a pooled connection's ping and no socket timeout ends that wait, so
+the caller stops waiting for a checkout after the given timeout (the manager passes the connect
+timeout, plus ``pool_timeout`` when a connection budget may make it wait for a slot) and reports the shard unavailable; the stuck task later closes
+its connection without running anything, and at most one such task per engine is kept.
+With ``limit`` (the connection budget) at most that many shards are in flight at once: the rest
+queue for a connection instead of failing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import SingletonThreadPool, StaticPool
+
+from ..errors import ShardUnavailableError
+from .fanout import FanOut, scatter_pool
+
+T = TypeVar("T")
+
+
+class _Attempt:
+    """One shard's task: ``connected`` is set once its checkout ended (either way)."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()  # set once the task holds its place (``limit``)
+        self.connected = threading.Event()
+        self.started_at = 0.0
+        self.abandoned = False
+        self.lock = threading.Lock()
+
+    def abandon(self) -> bool:
+        """Give up waiting; False when the checkout finished meanwhile (its result counts)."""
+        with self.lock:
+            if self.connected.is_set():
+                return False
+            self.abandoned = True
+            return True
+
+
+_stuck_lock = threading.Lock()
+_stuck: dict[int, _Attempt] = {}  # id(engine) -> an abandoned checkout that has not returned yet
+
+
+def thread_safe(engine: Engine) -> bool:
+    """Whether the engine's connections may be used from worker threads (not SQLite's one-per-thread)."""
+    return not isinstance(engine.pool, (SingletonThreadPool, StaticPool))
+
+
+def fan_out_connected(
+    engines: Mapping[str, Engine],
+    timeouts: Mapping[str, float],
+    work: Callable[[str, Connection], T],
+    *,
+    limit: int | None = None,
+) -> FanOut[T]:
+    """Run ``work(shard, connection)`` on every shard concurrently; wait for all, collect errors."""
+    outcome: FanOut[T] = FanOut()
+    if not engines:
+        return outcome
+    if not all(thread_safe(e) for e in engines.values()):
+        for shard, engine in engines.items():  # one thread's connections: one shard after another
+            try:
+                with engine.connect() as conn:
+                    outcome.results[shard] = work(shard, conn)
+            except Exception as error:  # noqa: BLE001 - collected, the policy decides
+                outcome.errors[shard] = error
+        return outcome
+    slots = threading.BoundedSemaphore(limit) if limit is not None else None
+    pool = scatter_pool()
+    attempts: dict[str, tuple[_Attempt, float]] = {}
+    futures = {}
+    for shard, engine in engines.items():
+        waited = _wait_for_stuck(engine, timeouts.get(shard, 4.0))
+        if waited is not None:
+            outcome.errors[shard] = _frozen(shard, waited)
+            continue
+        attempt = _Attempt()
+        attempts[shard] = (attempt, timeouts.get(shard, 4.0))
+        futures[shard] = pool.submit(_run, shard, engine, work, attempt, slots)
+    for shard, (attempt, wait) in attempts.items():
+        attempt.started.wait()  # queued behind ``limit``: not the shard's fault
+        if not attempt.connected.wait(max(0.0, attempt.started_at + wait - time.monotonic())) and (
+            attempt.abandon()
+        ):
+            with _stuck_lock:
+                _stuck[id(engines[shard])] = attempt
+            if slots is not None:
+                slots.release()  # the stuck task gives its place to the others
+            outcome.errors[shard] = _frozen(shard, wait)
+            del futures[shard]
+    for shard, future in futures.items():
+        try:
+            outcome.results[shard] = future.result()
+        except Exception as error:  # noqa: BLE001 - collected, the policy decides
+            outcome.errors[shard] = error
+    return outcome
+
+
+def _run(
+    shard: str,
+    engine: Engine,
+    work: Callable[[str, Connection], T],
+    attempt: _Attempt,
+    slots: threading.BoundedSemaphore | None,
+) -> T:
+    if slots is not None:
+        slots.acquire()
+    attempt.started_at = time.monotonic()
+    attempt.started.set()
+    try:
+        try:
+            conn = engine.connect()
+        except BaseException:
+            with attempt.lock:
+                attempt.connected.set()
+                abandoned = attempt.abandoned
+            raise
+        with attempt.lock:
+            attempt.connected.set()
+            abandoned = attempt.abandoned
+        with conn:
+            if abandoned:  # the caller gave up on this shard: run nothing
+                raise ShardUnavailableError(f"shard {shard!r}: checkout finished after the caller gave up")
+            return work(shard, conn)
+    finally:
+        if slots is not None and not attempt.abandoned:
+            slots.release()
+        if attempt.abandoned:
+            with _stuck_lock:
+                if _stuck.get(id(engine)) is attempt:
+                    del _stuck[id(engine)]
+
+
+def _wait_for_stuck(engine: Engine, wait: float) -> float | None:
+    """Wait for an earlier abandoned checkout of ``engine``; the seconds waited if it is still stuck."""
+    with _stuck_lock:
+        stuck = _stuck.get(id(engine))
+    if stuck is None or stuck.connected.wait(wait):
+        return None
+    return wait
+
+
+def _frozen(shard: str, wait: float) -> ShardUnavailableError:
+    return ShardUnavailableError(
+        f"shard {shard!r} did not answer within {wait:g}s (server frozen or unreachable)", shard_id=shard
+    )

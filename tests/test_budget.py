@@ -1,0 +1,112 @@
+"""The connection budget on real servers: a cap across shards, queued scatters, idle pools to zero."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from sa_shardkit import ConnectionBudgetError, ShardConfig, ShardManager
+from tests.fleet import TestFleet
+from tests.many_shards import backends, many_databases
+
+APP = "shardkit-budget-test"
+
+
+@pytest.fixture(scope="module")
+def sixteen(pg_fleet: TestFleet) -> Iterator[dict[str, str]]:
+    with many_databases(pg_fleet, 16, "budget") as shards:
+        yield shards
+
+
+def budgeted(shards: dict[str, str], limit: int | None, **options: Any) -> ShardManager:
+    configs = [
+        ShardConfig(id=s, url=u, engine_options={"connect_args": {"application_name": APP}}, **options)
+        for s, u in shards.items()
+    ]
+    return ShardManager(configs, max_connections=limit)
+
+
+class Sampler:
+    """Counts our backends on every server, over and over, until stopped; keeps the maximum."""
+
+    def __init__(self, fleet: TestFleet) -> None:
+        self.fleet = fleet
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, backends(self.fleet, APP))
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_scatter_over_16_shards_with_a_budget_of_4_queues_and_completes(
+    pg_fleet: TestFleet, sixteen: dict[str, str]
+) -> None:
+    with budgeted(sixteen, 4) as manager, Sampler(pg_fleet) as sampler:
+        result = manager.query_all_shards("SELECT current_database() AS db, pg_sleep(0.2)")
+        ran = manager.run_on_all("SELECT current_database(), pg_sleep(0.2)")
+        assert manager.budget.open_connections <= 4
+    assert sorted(row.db for row in result) == sorted(u.rsplit("/", 1)[1] for u in sixteen.values())
+    assert {s: rows[0][0] for s, rows in ran.items()} == {s: u.rsplit("/", 1)[1] for s, u in sixteen.items()}
+    assert sampler.peak == 4  # the budget was used in full, and never exceeded
+
+
+def test_without_a_budget_the_same_scatter_opens_a_connection_per_shard(
+    pg_fleet: TestFleet, sixteen: dict[str, str]
+) -> None:
+    with budgeted(sixteen, None) as manager, Sampler(pg_fleet) as sampler:
+        manager.query_all_shards("SELECT pg_sleep(0.5)")
+        stats = manager.connection_stats()
+    assert sampler.peak == 16  # so the sampler does see every connection of a scatter
+    assert {(s.shard_id, s.open, s.in_use) for s in stats} == {(s, 1, 0) for s in sixteen}
+
+
+def test_a_spent_budget_raises_a_clear_error_after_pool_timeout(sixteen: dict[str, str]) -> None:
+    with budgeted(sixteen, 1, pool_timeout=0.5) as manager, manager.connect("shard-1") as held:
+        held.execute(text("SELECT 1"))
+        with pytest.raises(ConnectionBudgetError, match="shard 'shard-2'.*all 1 connections") as info:
+            manager.connect("shard-2")
+        assert info.value.shard_id == "shard-2"
+
+
+def test_an_idle_connection_of_another_shard_is_closed_to_make_room(
+    pg_fleet: TestFleet, sixteen: dict[str, str]
+) -> None:
+    with budgeted(sixteen, 2) as manager:
+        for shard in ("shard-1", "shard-2", "shard-3", "shard-4"):
+            with manager.connect(shard) as conn:
+                assert conn.execute(text("SELECT 1")).scalar() == 1
+        assert manager.budget.open_connections == 2
+        assert backends(pg_fleet, APP) == 2
+        open_shards = {s.shard_id for s in manager.connection_stats() if s.open}
+        assert len(open_shards) == 2 and "shard-4" in open_shards
+
+
+def test_idle_pools_shrink_to_zero(pg_fleet: TestFleet, sixteen: dict[str, str]) -> None:
+    configs = [
+        ShardConfig(id=s, url=u, engine_options={"connect_args": {"application_name": APP}})
+        for s, u in sixteen.items()
+    ]
+    with ShardManager(configs, idle_timeout=0.2) as manager:
+        manager.run_on_all("SELECT 1")
+        assert backends(pg_fleet, APP) == 16
+        deadline = time.monotonic() + 30
+        while manager.budget.open_connections and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert manager.budget.open_connections == 0
+        assert backends(pg_fleet, APP) == 0
+        assert manager.run_on_all("SELECT 1", shard_ids=["shard-3"]) == {"shard-3": [(1,)]}  # reconnects
