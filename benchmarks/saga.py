@@ -3,7 +3,13 @@
 Baseline: debit and credit of two customers on the SAME shard in one ordinary transaction (what a
 single database would do). Saga: the same transfer between customers on DIFFERENT shards, durable
 log + receipts + two shard transactions. Same process, same servers (4 throwaway local PostgreSQL
-servers unless SHARD_<N>_URL is set), sequential then 4 threads.
+servers unless SHARD_<N>_URL is set), sequential then 4 threads. Each timed run includes writing
+the completion marks that sagas defer to the background (``flush_completion_marks``).
+
+Two kinds of saga ids: *generated* (``transfer_id=None``: the id is placed on the sender's shard, so
+the log row commits with the debit) and *caller's* (a random id, whose log lands on any shard: one
+more commit when that is not the sender's). Round trips and commits per transfer are counted with
+engine events (a round trip: each statement, BEGIN, COMMIT/ROLLBACK and pool pre-ping checkout).
 
 Run: python benchmarks/saga.py
 """
@@ -14,16 +20,18 @@ import contextlib
 import os
 import random
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.orm import Session
 
 from sa_shardkit import ShardManager
 from sa_shardkit.demo.models import Base, Customer
-from sa_shardkit.saga import create_saga_tables, transfer
+from sa_shardkit.saga import create_saga_tables, flush_completion_marks, transfer
 
 CUSTOMERS = 400
 TRANSFERS = 400
@@ -48,7 +56,7 @@ def same_shard_transfer(manager: ShardManager, sender: int, receiver: int, amoun
         conn.execute(text(update), {"delta": amount, "id": receiver})
 
 
-def rate(work: Callable[[int], None], threads: int) -> float:
+def rate(manager: ShardManager, work: Callable[[int], None], threads: int) -> float:
     started = time.perf_counter()
     if threads == 1:
         for n in range(TRANSFERS):
@@ -56,7 +64,43 @@ def rate(work: Callable[[int], None], threads: int) -> float:
     else:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(work, range(TRANSFERS)))
+    assert flush_completion_marks(manager)
     return TRANSFERS / (time.perf_counter() - started)
+
+
+def count_round_trips(manager: ShardManager, work: Callable[[int], None], n: int = 50) -> tuple[float, float]:
+    """(round trips, commits) per call of ``work``, averaged over ``n`` sequential calls."""
+    counts: Counter[str] = Counter()
+
+    def statement(*args: object) -> None:
+        counts["trips"] += 1
+
+    def begin(conn: object) -> None:
+        counts["trips"] += 1
+
+    def commit(conn: object) -> None:
+        counts["trips"] += 1
+        counts["commits"] += 1
+
+    def checkout(*args: object) -> None:
+        counts["trips"] += 1  # pool_pre_ping
+
+    hooks = [("before_cursor_execute", statement), ("begin", begin), ("commit", commit), ("rollback", begin)]
+    engines = list(manager.engines.values())
+    for engine in engines:
+        for name, fn in hooks:
+            event.listen(engine, name, fn)
+        event.listen(engine.pool, "checkout", checkout)
+    try:
+        for i in range(n):
+            work(i)
+        assert flush_completion_marks(manager)
+    finally:
+        for engine in engines:
+            for name, fn in hooks:
+                event.remove(engine, name, fn)
+            event.remove(engine.pool, "checkout", checkout)
+    return counts["trips"] / n, counts["commits"] / n
 
 
 def main() -> None:
@@ -82,11 +126,28 @@ def main() -> None:
             a, b = rnd.choice(cross)
             assert transfer(manager, a, b, 1).status == "complete"
 
+        def saga_caller_id(n: int) -> None:
+            a, b = rnd.choice(cross)
+            assert transfer(manager, a, b, 1, transfer_id=str(uuid.uuid4())).status == "complete"
+
+        for label, work in (
+            ("same-shard transaction", baseline),
+            ("saga, generated ids", saga),
+            ("saga, caller's ids", saga_caller_id),
+        ):
+            trips, commits = count_round_trips(manager, work)
+            print(f"per transfer: {label:<24} {trips:5.1f} round trips, {commits:4.2f} commits")
         for threads in (1, 4):
-            base, sagas = rate(baseline, threads), rate(saga, threads)
-            print(f"{threads} thread(s): same-shard transaction {base:8.0f} transfers/s")
-            print(f"{threads} thread(s): cross-shard saga       {sagas:8.0f} transfers/s")
-            print(f"{threads} thread(s): saga / baseline        {sagas / base:8.2f}x")
+            base = rate(manager, baseline, threads)
+            sagas = rate(manager, saga, threads)
+            callers = rate(manager, saga_caller_id, threads)
+            print(f"{threads} thread(s): same-shard transaction  {base:8.0f} transfers/s")
+            print(
+                f"{threads} thread(s): saga, generated ids     {sagas:8.0f} transfers/s  {sagas / base:5.2f}x"
+            )
+            print(
+                f"{threads} thread(s): saga, caller's ids      {callers:8.0f} transfers/s  {callers / base:5.2f}x"
+            )
 
 
 if __name__ == "__main__":

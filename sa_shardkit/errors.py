@@ -126,12 +126,30 @@ class TwoPhaseAbortedError(SagaError):
 
 
 class SagaPendingError(SagaError):
-    """A saga could not be brought to a final state now; recovery will finish it (same id is safe)."""
+    """A saga could not be brought to a final state now; recovery will finish it (same id is safe).
 
-    def __init__(self, message: str, *, saga_id: str, status: str | None = None) -> None:
+    ``recorded`` is True when the saga is in its log (recovery will finish it), None when the commit
+    that records it may or may not have happened (submitting the same id again settles it).
+    """
+
+    def __init__(
+        self, message: str, *, saga_id: str, status: str | None = None, recorded: bool | None = True
+    ) -> None:
         super().__init__(message)
         self.saga_id = saga_id
         self.status = status
+        self.recorded = recorded
+
+
+class SagaNotStartedError(ShardUnavailableError, SagaError):
+    """A shard the saga starts on was unreachable: nothing was recorded or moved (``recorded`` is
+    False), so it is safe to retry with the same id."""
+
+    recorded = False
+
+    def __init__(self, message: str, *, saga_id: str, shard_id: str | None = None) -> None:
+        super().__init__(message, shard_id=shard_id)
+        self.saga_id = saga_id
 
 
 class RebalanceError(ShardKitError):

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from sa_shardkit import ShardManager
 from sa_shardkit.demo.models import Base, Customer
-from sa_shardkit.saga import create_saga_tables, receipts_table, sagas_table
+from sa_shardkit.saga import create_saga_tables, flush_completion_marks, receipts_table, sagas_table
 
 
 class SimulatedCrash(BaseException):
@@ -63,7 +63,9 @@ def cross_shard_pair(manager: ShardManager, start: int = 1) -> tuple[int, int]:
 
 
 def saga_rows(manager: ShardManager) -> dict[str, dict[str, Any]]:
-    """Every saga log row on every shard, with the shard it was found on."""
+    """Every saga log row on every shard, with the shard it was found on (completion marks that
+    runners write in the background are flushed first)."""
+    assert flush_completion_marks(manager)
     rows: dict[str, dict[str, Any]] = {}
     for shard_id in manager.shard_ids:
         with manager.engine(shard_id).connect() as conn:

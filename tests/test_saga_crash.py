@@ -126,3 +126,50 @@ def test_sigkilled_worker_is_finished_by_recovery_exactly_once(
     assert balances(manager)[receiver] == initial[receiver] + Decimal(5)
     assert balances(manager) == expected_balances(manager, initial)
     assert receipt_count(manager, point, "credit") == 1
+
+
+def test_a_retry_right_after_a_sigkill_takes_the_saga_over_once_the_lease_ran_out(
+    manager: ShardManager, shard_urls: list[str]
+) -> None:
+    """Defaults only (no lease or wait options): the retry waits out the dead runner's lease,
+    takes the saga over and finishes it, instead of failing with SagaPendingError."""
+    initial = open_accounts(manager)
+    sender, receiver = cross_shard_pair(manager)
+    worker = subprocess.run(
+        [sys.executable, "-c", DEFAULT_WORKER, ",".join(shard_urls), str(sender), str(receiver)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert worker.returncode == -signal.SIGKILL, worker.stderr
+    row = saga_rows(manager)["retry-me"]
+    assert row["finished_at"] is None and row["lease_until"] is not None  # open, under a lease
+
+    outcome = transfer(manager, sender, receiver, 5, transfer_id="retry-me")  # right away, defaults
+
+    assert outcome.status == "complete"
+    row = saga_rows(manager)["retry-me"]
+    assert row["status"] == "complete" and row["attempts"] == 1  # taken over exactly once
+    assert SagaOptions().wait_seconds > SagaOptions().lease_seconds  # the default retry outwaits a lease
+    assert balances(manager)[receiver] == initial[receiver] + Decimal(5)
+    assert balances(manager) == expected_balances(manager, initial)
+    assert receipt_count(manager, "retry-me", "credit") == 1
+
+
+DEFAULT_WORKER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from sa_shardkit import ShardManager
+    from sa_shardkit.saga import SagaOptions, transfer
+
+    urls, sender, receiver = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3])
+
+    def die(saga_id, checkpoint):
+        if checkpoint == "do:credit":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    manager = ShardManager.from_urls(urls)
+    transfer(manager, sender, receiver, 5, transfer_id="retry-me", options=SagaOptions(on_checkpoint=die))
+    """
+)

@@ -72,7 +72,16 @@ def test_each_step_runs_on_the_shard_its_key_routes_to_and_the_log_on_the_home_s
 
     assert outcome.status == "complete"
     assert trail(manager) == [(manager.shard_for(keys[s]), s, "do") for s in "abc"]
-    assert saga_rows(manager)["s-1"]["shard"] == manager.shard_for(keys["home"]) == outcome.home_shard
+    assert saga_rows(manager)["s-1"]["shard"] == manager.shard_for("s-1") == outcome.home_shard
+
+
+def test_a_generated_saga_id_lives_on_the_home_keys_shard(manager: ShardManager) -> None:
+    keys = setup(manager)
+
+    outcome = run_saga(manager, THREE_SHARDS, {**keys, "id": "generated"})
+
+    assert outcome.status == "complete"
+    assert saga_rows(manager)[outcome.saga_id]["shard"] == manager.shard_for(keys["home"])
 
 
 def test_a_refused_step_compensates_the_completed_ones_in_reverse_order(manager: ShardManager) -> None:

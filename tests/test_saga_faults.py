@@ -8,7 +8,7 @@ import pytest
 
 from sa_shardkit import ShardManager
 from sa_shardkit.errors import SagaPendingError
-from sa_shardkit.saga import CREDIT_TRANSFER, SagaOptions, recover, transfer
+from sa_shardkit.saga import CREDIT_TRANSFER, SagaOptions, home_of, new_saga_id, recover, transfer
 from tests.fleet import TestFleet
 from tests.saga_support import (
     SimulatedCrash,
@@ -44,12 +44,13 @@ def test_receiver_shard_down_refunds_the_sender(manager: ShardManager, pg_fleet:
     assert receipt_count(manager, "t-down", "credit") == 0  # the credit never happened
 
 
-def test_home_shard_stopped_mid_saga_is_completed_by_recovery_after_restart(
+def test_home_shard_stopped_before_the_last_step_leaves_it_pending_for_recovery(
     manager: ShardManager, pg_fleet: TestFleet
 ) -> None:
     initial = open_accounts(manager)
     sender, receiver = cross_shard_pair(manager)
-    home = pg_fleet.server(server_index(manager.shard_for(sender)))
+    saga_id = new_saga_id(manager, near=receiver)  # the log lives with the credit
+    home = pg_fleet.server(server_index(home_of(manager, saga_id)))
 
     def stop_home_after_debit(saga_id: str, checkpoint: str) -> None:
         if checkpoint == "log:debit":
@@ -59,20 +60,49 @@ def test_home_shard_stopped_mid_saga_is_completed_by_recovery_after_restart(
         lease_seconds=1, step_attempts=2, retry_delay=0.05, on_checkpoint=stop_home_after_debit
     )
     with pytest.raises(SagaPendingError) as pending:
-        transfer(manager, sender, receiver, 15, transfer_id="t-mid", options=options)
-    assert pending.value.saga_id == "t-mid" and pending.value.status == "debit_complete"
-    receiver_shard = [manager.shard_for(receiver)]
-    assert receipt_count(manager, "t-mid", "credit", shard_ids=receiver_shard) == 1  # credited, unlogged
+        transfer(manager, sender, receiver, 15, transfer_id=saga_id, options=options)
+    assert pending.value.saga_id == saga_id and pending.value.status == "debit_complete"
+    assert pending.value.recorded is True
+    sender_shard = [manager.shard_for(sender)]
+    assert receipt_count(manager, saga_id, "debit", shard_ids=sender_shard) == 1  # debited, not credited
 
     home.start()
     time.sleep(1.1)
     report = recover(manager, [CREDIT_TRANSFER], options=FAST)
 
-    assert report.completed == ["t-mid"]
-    assert saga_rows(manager)["t-mid"]["status"] == "complete"
+    assert report.completed == [saga_id]
+    assert saga_rows(manager)[saga_id]["status"] == "complete"
     assert balances(manager) == expected_balances(manager, initial)
     assert balances(manager)[receiver] == initial[receiver] + 15
-    assert receipt_count(manager, "t-mid", "credit") == 1
+    assert receipt_count(manager, saga_id, "credit") == 1
+
+
+def test_home_shard_stopped_after_the_last_step_still_returns_complete_and_is_marked_later(
+    manager: ShardManager, pg_fleet: TestFleet
+) -> None:
+    initial = open_accounts(manager)
+    sender, receiver = cross_shard_pair(manager)
+    saga_id = new_saga_id(manager, near=sender)  # the log lives with the debit
+    home = pg_fleet.server(server_index(home_of(manager, saga_id)))
+
+    def stop_home_after_debit(saga_id: str, checkpoint: str) -> None:
+        if checkpoint == "log:debit":
+            home.stop()
+
+    options = SagaOptions(
+        lease_seconds=1, step_attempts=2, retry_delay=0.05, on_checkpoint=stop_home_after_debit
+    )
+    outcome = transfer(manager, sender, receiver, 15, transfer_id=saga_id, options=options)
+    assert outcome.status == "complete"  # every step committed: the outcome is decided
+
+    home.start()
+    time.sleep(1.1)
+    recover(manager, [CREDIT_TRANSFER], options=FAST)  # finishes the mark if the runner could not
+
+    assert saga_rows(manager)[saga_id]["status"] == "complete"
+    assert balances(manager) == expected_balances(manager, initial)
+    assert balances(manager)[receiver] == initial[receiver] + 15
+    assert receipt_count(manager, saga_id, "credit") == 1 and receipt_count(manager, saga_id, "debit") == 1
 
 
 def test_recovery_leaves_sagas_pending_while_their_shard_is_down_and_finishes_them_later(
@@ -83,21 +113,22 @@ def test_recovery_leaves_sagas_pending_while_their_shard_is_down_and_finishes_th
     receiver_server = pg_fleet.server(server_index(manager.shard_for(receiver)))
 
     crashing = SagaOptions(lease_seconds=1, on_checkpoint=crash_at("log:debit"))
-    for n in range(3):
+    ids = sorted(new_saga_id(manager, near=sender) for _ in range(3))  # logged with the debit
+    for saga_id in ids:
         with pytest.raises(SimulatedCrash):
-            transfer(manager, sender, receiver, 10, transfer_id=f"t-{n}", options=crashing)
+            transfer(manager, sender, receiver, 10, transfer_id=saga_id, options=crashing)
     receiver_server.stop()
     time.sleep(1.1)
 
     # A recovery worker cannot know whether the dead runner's credit committed: it must not refund.
     first = recover(manager, [CREDIT_TRANSFER], options=FAST)
-    assert sorted(first.pending) == ["t-0", "t-1", "t-2"] and first.finished == 0
+    assert sorted(first.pending) == ids and first.finished == 0
     assert {row["status"] for row in saga_rows_on(manager, manager.shard_for(sender))} == {"debit_complete"}
 
     receiver_server.start()
     second = recover(manager, [CREDIT_TRANSFER], options=FAST)
 
-    assert sorted(second.completed) == ["t-0", "t-1", "t-2"]
+    assert sorted(second.completed) == ids
     assert balances(manager) == expected_balances(manager, initial)
     assert balances(manager)[receiver] == initial[receiver] + 30
 

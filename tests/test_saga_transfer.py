@@ -24,10 +24,22 @@ def test_transfer_between_shards_debits_one_shard_and_credits_the_other(manager:
     assert after[sender] == initial[sender] - Decimal("30.50")
     assert after[receiver] == initial[receiver] + Decimal("30.50")
     row = saga_rows(manager)["t-1"]
-    assert row["shard"] == manager.shard_for(sender) == outcome.home_shard  # the log lives with the sender
-    with manager.engine(manager.shard_for(receiver)).connect() as conn:  # the credit's receipt: receiver side
-        steps = conn.execute(select(receipts_table.c.step).where(receipts_table.c.saga_id == "t-1")).all()
-    assert steps == [("credit",)]
+    assert row["shard"] == manager.shard_for("t-1") == outcome.home_shard  # the id decides the log's shard
+    assert row["shards"] == [manager.shard_for(sender), manager.shard_for(receiver)]
+    for customer, step in ((sender, "debit"), (receiver, "credit")):  # each receipt beside its effect
+        with manager.engine(manager.shard_for(customer)).connect() as conn:
+            steps = conn.execute(select(receipts_table.c.step).where(receipts_table.c.saga_id == "t-1")).all()
+        assert steps == [(step,)]
+
+
+def test_a_generated_transfer_id_puts_the_log_on_the_senders_shard(manager: ShardManager) -> None:
+    open_accounts(manager)
+    sender, receiver = cross_shard_pair(manager)
+
+    outcome = transfer(manager, sender, receiver, 5)
+
+    assert outcome.status == "complete"
+    assert saga_rows(manager)[outcome.saga_id]["shard"] == manager.shard_for(sender) == outcome.home_shard
 
 
 def test_insufficient_funds_fails_without_moving_money(manager: ShardManager) -> None:

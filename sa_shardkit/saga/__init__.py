@@ -17,8 +17,9 @@ from .definition import (
     Step,
     StepFunction,
 )
+from .heartbeat import flush_completion_marks
 from .recovery import RecoveryReport, recover, recovery_worker
-from .runner import run_saga
+from .runner import home_of, new_saga_id, run_saga
 from .tables import create_saga_tables, receipts_table, saga_metadata, sagas_table
 from .transfer import CREDIT_TRANSFER, credit_transfer_saga, transfer, transfer_payload
 from .twophase import InDoubtReport, commit_across_shards, decisions_table, resolve_in_doubt
@@ -39,6 +40,9 @@ __all__ = [
     "create_saga_tables",
     "credit_transfer_saga",
     "decisions_table",
+    "flush_completion_marks",
+    "home_of",
+    "new_saga_id",
     "receipts_table",
     "recover",
     "recovery_worker",

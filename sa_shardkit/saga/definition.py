@@ -52,7 +52,12 @@ class Step:
 
 @dataclass(frozen=True)
 class Saga:
-    """A named sequence of steps; its log lives on ``home_key``'s shard (default: the first step's)."""
+    """A named sequence of steps.
+
+    Its log lives on the shard its saga *id* hashes to. ``home_key`` (default: the first step's key)
+    only steers ids that the runner makes up itself (``saga_id=None``) onto that key's shard, where
+    the first step then commits together with the log row.
+    """
 
     name: str
     steps: Sequence[Step]
@@ -70,7 +75,7 @@ class Saga:
             raise SagaError(f"saga {self.name!r}: step names must be unique, repeated: {duplicates}")
 
     def home(self, payload: Payload) -> ShardKey:
-        """The shard key whose shard holds this saga's log row."""
+        """The shard key a generated saga id is placed next to."""
         return (self.home_key or self.steps[0].key)(payload)
 
 
@@ -107,15 +112,22 @@ class CheckpointHook(Protocol):
 class SagaOptions:
     """How a runner or recovery worker behaves; the defaults suit production."""
 
-    lease_seconds: float = 30.0
-    """A saga is "live" while its runner renews this lease (every third of it); recovery waits it out."""
+    lease_seconds: float = 5.0
+    """A saga is "live" while its runner renews this lease (every third of it, from a background
+    thread); when a runner dies, a retry of the same id or recovery takes the saga over this long
+    after its last renewal. Longer leases tolerate longer stalls (a frozen process, a GC pause)
+    without a takeover; shorter ones finish a dead runner's saga sooner. Takeover is always safe."""
     step_attempts: int = 3
     """Tries per step when its shard is unreachable or the transaction hits a transient error."""
     retry_delay: float = 0.2
     """Seconds before the first retry; doubles on each further one."""
     wait_seconds: float = 10.0
-    """How long a duplicate submission waits for the live runner of the same saga id to finish."""
+    """How long a duplicate submission waits for the live runner of the same saga id to finish; it
+    takes the saga over as soon as that runner's lease has run out (keep it above ``lease_seconds``)."""
     on_checkpoint: CheckpointHook | None = field(default=None, compare=False)
+    """Called as ``on_checkpoint(saga_id, checkpoint)`` right after each durable commit (see
+    :class:`CheckpointHook`): tracing, and fault injection -- raising a ``BaseException`` from it
+    stops the runner exactly there, as a crash would."""
 
 
 def normalized_payload(payload: Payload) -> dict[str, Any]:

@@ -1,71 +1,184 @@
-"""Lease renewal: one background thread per manager keeps the leases of the sagas this process runs.
+"""Lease renewal and deferred completion marks: one background thread per manager.
 
 A saga is "live" exactly while its lease is unexpired. A runner that is slow (a long lock wait, a
 retry back-off) keeps its lease through this heartbeat, so recovery leaves it alone; a process that
-dies stops renewing, and after ``lease_seconds`` recovery may take the saga over.
+dies stops renewing, and after ``lease_seconds`` recovery (or a retry of the same id) takes it over.
+
+The same thread writes *completion marks* off the caller's critical path: once a saga's last step
+has committed (its receipt with it), the outcome is decided, and marking the log row finished can
+wait a few milliseconds. Until the mark is written the lease stays renewed, so nobody else drives the
+saga; if the process dies first, the saga is taken over after its lease and the replay finds every
+step's receipt (nothing is applied twice) and writes the mark.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from ..manager import ShardManager
 from . import log as saga_log
+from .definition import CheckpointHook
 
 logger = logging.getLogger("sa_shardkit.saga")
 
+IDLE_SECONDS = 30.0
+"""How long the thread lingers without sagas before it exits (a new saga starts it again)."""
+
+Held = tuple[str, str]
+"""(saga_id, owner)"""
+
 
 class LeaseKeeper:
-    """Renews, every third of its lease, the lease of each saga held through :meth:`hold`."""
+    """Renews the leases of sagas held through :meth:`hold`; writes marks given to :meth:`finish_later`."""
 
     def __init__(self, manager: ShardManager) -> None:
         self._manager = weakref.ref(manager)
-        self._held: dict[tuple[str, str], tuple[str, float]] = {}  # (saga_id, owner) -> (home, lease)
+        self._held: dict[Held, tuple[str, float]] = {}  # -> (home, lease)
+        self._holds: dict[Held, int] = {}
+        self._marks: dict[Held, tuple[str, float, dict[str, Any], CheckpointHook | None, str]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
 
     @contextmanager
     def hold(self, saga_id: str, owner: str, home: str, lease: float) -> Iterator[None]:
+        key = (saga_id, owner)
         with self._lock:
             shortest = min((held for _, held in self._held.values()), default=None)
-            self._held[(saga_id, owner)] = (home, lease)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="shardkit-saga-lease", daemon=True)
-                self._thread.start()
-            elif shortest is not None and lease < shortest:
+            self._held[key] = (home, lease)
+            self._holds[key] = self._holds.get(key, 0) + 1
+            if not self._start() and (shortest is None or lease < shortest):
                 self._wake.notify()  # renew on the shorter schedule from now on
         try:
             yield
         finally:
             with self._lock:
-                self._held.pop((saga_id, owner), None)
+                self._holds[key] -= 1
+                if not self._holds[key]:
+                    del self._holds[key]
+                    if key not in self._marks:
+                        self._held.pop(key, None)
+
+    def finish_later(
+        self,
+        saga_id: str,
+        owner: str,
+        home: str,
+        lease: float,
+        values: Mapping[str, Any],
+        *,
+        on_checkpoint: CheckpointHook | None = None,
+        checkpoint: str = "",
+    ) -> None:
+        """Write ``values`` to the saga's log row soon, fenced by ``owner``; renew its lease until then."""
+        key = (saga_id, owner)
+        with self._lock:
+            self._held[key] = (home, lease)
+            self._marks[key] = (home, lease, dict(values), on_checkpoint, checkpoint)
+            self._start()
+            self._wake.notify()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every deferred mark is written (or given up); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._marks:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    def _start(self) -> bool:
+        """Start the thread if it is not running; True if it was started now."""
+        if self._thread is not None:
+            return False
+        self._thread = threading.Thread(target=self._run, name="shardkit-saga-lease", daemon=True)
+        self._thread.start()
+        return True
 
     def _run(self) -> None:
+        renewed_at = time.monotonic()
         while True:
             with self._lock:
-                if not self._held:
-                    self._thread = None
-                    return
+                if not self._held and not self._marks:
+                    # Idle: linger a while (starting a thread per saga would cost more than waiting).
+                    self._idle.notify_all()
+                    self._wake.wait(IDLE_SECONDS)
+                    if not self._held and not self._marks:
+                        self._thread = None
+                        return
+                    renewed_at = time.monotonic()
+                    continue
                 interval = min(lease for _, lease in self._held.values()) / 3
-                self._wake.wait(interval)
-                held = dict(self._held)
+                if not self._marks:
+                    self._wake.wait(max(0.0, renewed_at + interval - time.monotonic()))
+                marks, self._marks = self._marks, {}
+                due = time.monotonic() >= renewed_at + interval
+                held = dict(self._held) if due else {}
             manager = self._manager()
             if manager is None:
                 return
-            by_shard: dict[tuple[str, float], list[tuple[str, str]]] = {}
-            for key, (home, lease) in held.items():
-                by_shard.setdefault((home, lease), []).append(key)
-            for (home, lease), keys in by_shard.items():
-                try:
-                    with manager.engine(home).begin() as conn:
-                        saga_log.renew(conn, keys, lease)
-                except Exception as error:  # noqa: BLE001 - the runner itself will hit and report it
-                    logger.warning("could not renew saga leases on shard %s: %s", home, error)
+            failed = self._write_marks(manager, marks) if marks else {}
+            if due:
+                renewed_at = time.monotonic()
+                self._renew(manager, held)
+            with self._lock:
+                for key in marks:
+                    if key in failed:
+                        self._marks.setdefault(key, failed[key])
+                    elif key not in self._holds:
+                        self._held.pop(key, None)
+                if not self._marks:
+                    self._idle.notify_all()
+            if failed:
+                time.sleep(min(1.0, interval))  # the home shard is down: retry later, lease still kept
+
+    def _write_marks(
+        self,
+        manager: ShardManager,
+        marks: dict[Held, tuple[str, float, dict[str, Any], CheckpointHook | None, str]],
+    ) -> dict[Held, tuple[str, float, dict[str, Any], CheckpointHook | None, str]]:
+        """One transaction per home shard; returns the marks to retry (their shard failed)."""
+        by_home: dict[str, list[Held]] = {}
+        for key, (home, *_) in marks.items():
+            by_home.setdefault(home, []).append(key)
+        failed = {}
+        for home, keys in by_home.items():
+            try:
+                with manager.engine(home).begin() as conn:
+                    saga_log.finish_many(conn, [(k[0], k[1], marks[k][2]) for k in keys])
+            except Exception as error:  # noqa: BLE001 - kept and retried; recovery is the backstop
+                logger.warning("could not write saga completion marks on shard %s: %s", home, error)
+                failed.update({k: marks[k] for k in keys})
+                continue
+            for key in keys:
+                hook, checkpoint = marks[key][3], marks[key][4]
+                if hook is not None and checkpoint:
+                    try:
+                        hook(key[0], checkpoint)
+                    except BaseException:  # noqa: BLE001 - a hook cannot stop the background thread
+                        logger.debug("checkpoint hook raised for %s", key[0], exc_info=True)
+        return failed
+
+    def _renew(self, manager: ShardManager, held: dict[Held, tuple[str, float]]) -> None:
+        by_shard: dict[tuple[str, float], list[Held]] = {}
+        for key, (home, lease) in held.items():
+            by_shard.setdefault((home, lease), []).append(key)
+        for (home, lease), keys in by_shard.items():
+            try:
+                with manager.engine(home).begin() as conn:
+                    saga_log.renew(conn, keys, lease)
+            except Exception as error:  # noqa: BLE001 - the runner itself will hit and report it
+                logger.warning("could not renew saga leases on shard %s: %s", home, error)
 
 
 _keepers: weakref.WeakKeyDictionary[ShardManager, LeaseKeeper] = weakref.WeakKeyDictionary()
@@ -79,3 +192,19 @@ def lease_keeper(manager: ShardManager) -> LeaseKeeper:
         if keeper is None:
             keeper = _keepers[manager] = LeaseKeeper(manager)
         return keeper
+
+
+def flush_completion_marks(manager: ShardManager, timeout: float = 10.0) -> bool:
+    """Write every deferred completion mark of ``manager``'s sagas now; False if some could not be
+    written within ``timeout`` (their sagas are finished by a later retry or recovery)."""
+    with _keepers_lock:
+        keeper = _keepers.get(manager)
+    return keeper.flush(timeout) if keeper is not None else True
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    with _keepers_lock:
+        keepers = list(_keepers.values())
+    for keeper in keepers:
+        keeper.flush(timeout=5.0)

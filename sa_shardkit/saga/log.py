@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.sql.expression import Update
@@ -40,6 +40,8 @@ class SagaRecord:
     attempts: int
     created_at: datetime | None
     finished_at: datetime | None
+    lease_until: datetime | None = None
+    shards: list[str] | None = None
 
     @classmethod
     def from_row(cls, row: RowMapping) -> SagaRecord:
@@ -70,7 +72,13 @@ def _update_owned(saga_id: str, owner: str) -> Update:
 
 
 def create(
-    conn: Connection, saga_id: str, saga_type: str, payload: Mapping[str, Any], owner: str, lease: float
+    conn: Connection,
+    saga_id: str,
+    saga_type: str,
+    payload: Mapping[str, Any],
+    owner: str,
+    lease: float,
+    shards: Sequence[str] = (),
 ) -> bool:
     """Insert a new saga owned by ``owner``; False when the id already exists."""
     statement = (
@@ -85,11 +93,78 @@ def create(
             owner=owner,
             lease_until=_lease(lease),
             attempts=0,
+            shards=list(shards),
         )
         .on_conflict_do_nothing(index_elements=[sagas_table.c.saga_id])
         .returning(sagas_table.c.saga_id)
     )
     return conn.execute(statement).first() is not None
+
+
+_CREATE_WITH_RECEIPT = text(
+    """
+    WITH log AS (
+        INSERT INTO shardkit_sagas (saga_id, saga_type, payload, status, step, compensating, owner,
+                                    lease_until, attempts, shards, created_at, updated_at)
+        VALUES (:saga_id, :saga_type, CAST(:payload AS jsonb), :status, :step, false, :owner,
+                clock_timestamp() + make_interval(secs => :lease), 0, CAST(:shards AS jsonb), now(), now())
+        ON CONFLICT (saga_id) DO NOTHING
+        RETURNING saga_id
+    ), receipt AS (
+        INSERT INTO shardkit_saga_receipts (saga_id, step, phase, outcome, digest)
+        SELECT :saga_id, :step_name, 'do', 'applied', :digest WHERE EXISTS (SELECT 1 FROM log)
+        ON CONFLICT DO NOTHING
+        RETURNING saga_id
+    )
+    SELECT (SELECT count(*) FROM log) AS created, (SELECT count(*) FROM receipt) AS reserved
+    """
+)
+
+
+def create_with_receipt(
+    conn: Connection,
+    saga_id: str,
+    saga_type: str,
+    payload_json: str,
+    owner: str,
+    lease: float,
+    shards_json: str,
+    first: Mapping[str, Any],
+) -> tuple[bool, bool]:
+    """The fast start, one statement: insert the log row (already at the state after its first step)
+    and that step's receipt. Returns (log row created, receipt reserved); the caller runs the step's
+    action in the same transaction, or rolls back unless both are True."""
+    row = conn.execute(
+        _CREATE_WITH_RECEIPT,
+        {
+            "saga_id": saga_id,
+            "saga_type": saga_type,
+            "payload": payload_json,
+            "status": first["status"],
+            "step": first["step"],
+            "owner": owner,
+            "lease": lease,
+            "shards": shards_json,
+            "step_name": first["step_name"],
+            "digest": first["digest"],
+        },
+    ).one()
+    return bool(row.created), bool(row.reserved)
+
+
+def forget(conn: Connection, saga_id: str, owner: str) -> bool:
+    """Delete a saga that never applied a step (its first step's shard was unreachable), so the id
+    is free again; only while ``owner`` holds it. True if deleted."""
+    result = conn.execute(
+        delete(sagas_table).where(
+            sagas_table.c.saga_id == saga_id,
+            sagas_table.c.owner == owner,
+            sagas_table.c.step == 0,
+            sagas_table.c.compensating.is_(False),
+            sagas_table.c.finished_at.is_(None),
+        )
+    )
+    return result.rowcount == 1
 
 
 def load(conn: Connection, saga_id: str) -> SagaRecord | None:
@@ -109,6 +184,34 @@ def write(conn: Connection, saga_id: str, owner: str, lease: float, values: Mapp
     result = conn.execute(_update_owned(saga_id, owner).values(**values, **extra))
     if result.rowcount != 1:
         raise LeaseLost(saga_id)
+
+
+_FINISH_MANY = text(
+    """
+    UPDATE shardkit_sagas AS s
+    SET status = v.status, step = v.step, error = NULL, lease_until = NULL,
+        finished_at = clock_timestamp(), updated_at = clock_timestamp()
+    FROM unnest(CAST(:ids AS varchar[]), CAST(:owners AS varchar[]), CAST(:statuses AS varchar[]),
+                CAST(:steps AS integer[])) AS v(saga_id, owner, status, step)
+    WHERE s.saga_id = v.saga_id AND s.owner = v.owner AND s.finished_at IS NULL
+    """
+)
+
+
+def finish_many(conn: Connection, items: Sequence[tuple[str, str, Mapping[str, Any]]]) -> int:
+    """Deferred completion marks (saga_id, owner, values with ``status`` and ``step``) in one
+    statement, each fenced like :func:`write`; returns how many applied (a saga taken over
+    meanwhile is skipped: its new owner finishes it)."""
+    result = conn.execute(
+        _FINISH_MANY,
+        {
+            "ids": [saga_id for saga_id, _, _ in items],
+            "owners": [owner for _, owner, _ in items],
+            "statuses": [values["status"] for _, _, values in items],
+            "steps": [values["step"] for _, _, values in items],
+        },
+    )
+    return result.rowcount
 
 
 def release(conn: Connection, saga_id: str, owner: str, error: str | None) -> None:

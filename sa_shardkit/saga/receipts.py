@@ -4,16 +4,22 @@ The ``do`` receipt's primary key serialises every runner of one step: a second a
 recovery worker, a stalled runner waking up) finds the first one's receipt and does nothing. A
 compensation first *fences* the step (inserts a ``fenced`` receipt if none exists), so a forward
 attempt still in flight can never apply after the saga decided to undo it.
+
+Every receipt carries a digest of the step's input (saga type, step name, payload): a receipt found
+under the same saga id but with another digest belongs to another operation, and the step raises
+:class:`~sa_shardkit.errors.SagaConflictError` instead of trusting it.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection
 
+from ..errors import SagaConflictError
 from .tables import receipts_table
 
 APPLIED = "applied"
@@ -21,71 +27,108 @@ FAILED = "failed"
 FENCED = "fenced"
 SKIPPED = "skipped"
 
+_c = receipts_table.c
+_INSERT = (
+    insert(receipts_table)
+    .values(
+        saga_id=bindparam("saga_id"),
+        step=bindparam("step"),
+        phase=bindparam("phase"),
+        outcome=bindparam("outcome"),
+        reason=bindparam("reason"),
+        digest=bindparam("digest"),
+    )
+    .on_conflict_do_nothing()
+    .returning(_c.saga_id)
+)
+_GET = select(_c.outcome, _c.reason, _c.digest).where(
+    _c.saga_id == bindparam("saga_id"), _c.step == bindparam("step"), _c.phase == bindparam("phase")
+)
+_SKIP_UNDO = (
+    update(receipts_table)
+    .where(_c.saga_id == bindparam("saga_id"), _c.step == bindparam("step"), _c.phase == "undo")
+    .values(outcome=SKIPPED)
+)
+
+
+def digest(saga_type: str, step: str, canonical_payload: str) -> str:
+    """What a step's receipt is checked against: a hash of the saga type, step and payload JSON."""
+    data = f"{saga_type}\0{step}\0{canonical_payload}".encode()
+    return hashlib.sha256(data).hexdigest()[:32]
+
 
 @dataclass(frozen=True)
 class Receipt:
     outcome: str
     reason: str | None = None
+    digest: str | None = None
 
 
-def _insert(conn: Connection, saga_id: str, step: str, phase: str, outcome: str) -> bool:
-    statement = (
-        insert(receipts_table)
-        .values(saga_id=saga_id, step=step, phase=phase, outcome=outcome)
-        .on_conflict_do_nothing()
-        .returning(receipts_table.c.saga_id)
-    )
-    return conn.execute(statement).first() is not None
+@dataclass(frozen=True)
+class StepInput:
+    """Which step of which saga, and the digest its receipts carry."""
+
+    saga_id: str
+    step: str
+    digest: str
 
 
-def _get(conn: Connection, saga_id: str, step: str, phase: str) -> Receipt:
-    row = conn.execute(
-        select(receipts_table.c.outcome, receipts_table.c.reason).where(
-            receipts_table.c.saga_id == saga_id,
-            receipts_table.c.step == step,
-            receipts_table.c.phase == phase,
+def _insert(conn: Connection, key: StepInput, phase: str, outcome: str, reason: str | None = None) -> bool:
+    params = {
+        "saga_id": key.saga_id,
+        "step": key.step,
+        "phase": phase,
+        "outcome": outcome,
+        "reason": reason,
+        "digest": key.digest,
+    }
+    return conn.execute(_INSERT, params).first() is not None
+
+
+def _get(conn: Connection, key: StepInput, phase: str) -> Receipt:
+    row = conn.execute(_GET, {"saga_id": key.saga_id, "step": key.step, "phase": phase}).one()
+    return Receipt(row.outcome, row.reason, row.digest)
+
+
+def _checked(receipt: Receipt, key: StepInput) -> Receipt:
+    if receipt.digest is not None and receipt.digest != key.digest:
+        raise SagaConflictError(
+            f"saga id {key.saga_id!r}: step {key.step!r} already has a receipt for other input "
+            "(the id was used for another operation); nothing was applied"
         )
-    ).one()
-    return Receipt(row.outcome, row.reason)
+    return receipt
 
 
-def begin_do(conn: Connection, saga_id: str, step: str) -> Receipt | None:
-    """Reserve the forward step: None means "run the action now"; else the earlier attempt's receipt."""
-    if _insert(conn, saga_id, step, "do", APPLIED):
+def begin_do(conn: Connection, key: StepInput) -> Receipt | None:
+    """Reserve the forward step: None means "run the action now"; else the earlier attempt's receipt.
+
+    Raises :class:`SagaConflictError` when that receipt was written for other input.
+    """
+    if _insert(conn, key, "do", APPLIED):
         return None
-    return _get(conn, saga_id, step, "do")
+    return _checked(_get(conn, key, "do"), key)
 
 
-def refuse(conn: Connection, saga_id: str, step: str, reason: str) -> Receipt:
+def refuse(conn: Connection, key: StepInput, reason: str) -> Receipt:
     """Record that the action refused, so every retry gives the same answer; returns the receipt
     that stands (an earlier attempt's, if one got there first)."""
-    statement = (
-        insert(receipts_table)
-        .values(saga_id=saga_id, step=step, phase="do", outcome=FAILED, reason=reason)
-        .on_conflict_do_nothing()
-        .returning(receipts_table.c.saga_id)
-    )
-    if conn.execute(statement).first() is not None:
-        return Receipt(FAILED, reason)
-    return _get(conn, saga_id, step, "do")
+    if _insert(conn, key, "do", FAILED, reason):
+        return Receipt(FAILED, reason, key.digest)
+    return _checked(_get(conn, key, "do"), key)
 
 
-def begin_undo(conn: Connection, saga_id: str, step: str) -> bool:
-    """Decide a compensation: True means "run it now" (the step applied and was not undone yet)."""
-    if not _insert(conn, saga_id, step, "undo", APPLIED):
+def begin_undo(conn: Connection, key: StepInput) -> bool:
+    """Decide a compensation: True means "run it now" (the step applied and was not undone yet).
+
+    A forward receipt written for other input is not ours to undo: the compensation is skipped.
+    """
+    if not _insert(conn, key, "undo", APPLIED):
         return False  # already compensated (or found not to need it)
-    if _insert(conn, saga_id, step, "do", FENCED):
+    if _insert(conn, key, "do", FENCED):
         applied = False  # the step never ran, and now it never will
     else:
-        applied = _get(conn, saga_id, step, "do").outcome == APPLIED
+        forward = _get(conn, key, "do")
+        applied = forward.outcome == APPLIED and forward.digest in (None, key.digest)
     if not applied:
-        conn.execute(
-            update(receipts_table)
-            .where(
-                receipts_table.c.saga_id == saga_id,
-                receipts_table.c.step == step,
-                receipts_table.c.phase == "undo",
-            )
-            .values(outcome=SKIPPED)
-        )
+        conn.execute(_SKIP_UNDO, {"saga_id": key.saga_id, "step": key.step})
     return applied

@@ -1,13 +1,22 @@
 """Drives one saga to a final state: forward steps, then (if one fails) compensations in reverse.
 
-Each step runs in ONE transaction on its own shard: the step's receipt, its effect and, when the step
-lives on the saga's home shard, the log update commit together. A step on another shard commits its
-receipt with its effect; the log is updated right after, and a crash in between is harmless because
-the retried step finds its receipt and does nothing.
+Where the log lives: the saga's *id* alone decides it (the id's shard on the ring, :func:`home_of`),
+so one id means one operation fleet-wide: a second submission with another payload finds the first
+one's row and raises :class:`SagaConflictError` before anything moves.
+
+Each step runs in ONE transaction on its own shard, committing its receipt with its effect. The log
+row is written only when it must be: at creation (in the same transaction as the first step when
+that step lives on the home shard, already showing that step's outcome), when the saga turns to
+compensating, and when it is final. Forward progress in between is not logged: the receipts are the
+record, and a runner taking over replays from the last logged step (each replayed step finds its
+receipt and does nothing). The completion mark of a successful saga is written in the background
+(:mod:`.heartbeat`), off the caller's critical path, unless the last step lives on the home shard.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import socket
 import time
@@ -22,11 +31,13 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from ..errors import (
     SagaConflictError,
     SagaInputError,
+    SagaNotStartedError,
     SagaPendingError,
     SagaStepFailed,
     ShardUnavailableError,
 )
 from ..manager import ShardManager
+from ..ring import ShardKey
 from . import log as saga_log
 from . import receipts
 from .definition import (
@@ -40,6 +51,9 @@ from .definition import (
 )
 from .heartbeat import lease_keeper
 from .log import LeaseLost, SagaRecord
+
+ID_CONFLICT = "id_conflict"
+"""The failure of a saga stopped because a step's receipt was written for another operation."""
 
 
 class _Fenced(Exception):
@@ -71,6 +85,15 @@ class _Stuck(Exception):
         self.cause = cause
 
 
+class _Forgotten(Exception):
+    """The first step's shard was unreachable and the saga's log row was deleted: nothing happened."""
+
+    def __init__(self, cause: BaseException, shard_id: str) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.shard_id = shard_id
+
+
 def is_transient(error: BaseException) -> bool:
     """A shard unreachable, a connection lost, a deadlock or serialization failure: worth a retry."""
     if isinstance(error, (ShardUnavailableError, OperationalError, InterfaceError, PoolTimeoutError)):
@@ -85,9 +108,44 @@ def describe(error: BaseException) -> str:
     return f"{type(reason).__name__}: {text.splitlines()[0] if text else ''}"[:1000]
 
 
+_process: tuple[int, str] = (0, "")
+_runs = itertools.count()
+
+
 def new_owner(role: str = "runner") -> str:
-    """A lease owner id unique to one run: host, process, role and a random suffix."""
-    return f"{socket.gethostname()}:{os.getpid()}:{role}:{uuid.uuid4().hex[:12]}"
+    """A lease owner id unique to one run: host, process, role, a random per-process token and a
+    counter (one random draw per process, not per saga)."""
+    global _process
+    pid = os.getpid()
+    if _process[0] != pid:  # first call, or a forked child
+        _process = (pid, f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:8]}")
+    return f"{_process[1]}:{role}:{next(_runs)}"
+
+
+def home_of(manager: ShardManager, saga_id: str) -> str:
+    """The shard holding saga ``saga_id``'s log row: the id's own shard on the ring (the one place
+    that decides it, so every process and every payload agree)."""
+    return manager.shard_for(saga_id)
+
+
+def new_saga_id(manager: ShardManager, near: ShardKey | None = None) -> str:
+    """A fresh saga id (a UUID); with ``near``, one whose log lives on ``near``'s shard, so a saga
+    whose first step works on ``near`` records itself in that step's transaction (one commit less)."""
+    if near is None:
+        return str(uuid.uuid4())
+    wanted = manager.shard_for(near)
+    # One random UUID, then its last 16 bits (part of the random node field) counted up: still a
+    # valid version-4 UUID with 106 random bits, and one random draw instead of one per try.
+    base = uuid.uuid4().int & ~0xFFFF
+    for low in range(0x10000):
+        candidate = str(uuid.UUID(int=base | low))
+        if home_of(manager, candidate) == wanted:
+            return candidate
+    return str(uuid.UUID(int=base))  # ``near``'s shard is not on the ring: any shard will do
+
+
+def _canonical(data: Mapping[str, Any]) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 class SagaDriver:
@@ -112,15 +170,24 @@ class SagaDriver:
         self.home = home
         self.owner = owner
         self.options = options
+        self.origin = origin
         self.wait_seconds = options.wait_seconds if wait_seconds is None else wait_seconds
         self.status = record.status
         self.step = record.step
         self.compensating = record.compensating
         self.failure = record.failure
         self.error = record.error
+        canonical = _canonical(record.payload)
+        self.inputs = [
+            receipts.StepInput(self.saga_id, s.name, receipts.digest(saga.name, s.name, canonical))
+            for s in saga.steps
+        ]
+        self.shards = [manager.shard_for(s.key(self.payload)) for s in saga.steps]
         # Steps whose forward attempt may have committed without us knowing. The first runner knows
-        # its own attempts; a runner taking over from a dead one must assume the worst.
-        self.doubt: set[int] = set() if origin else {record.step}
+        # its own attempts; a runner taking over from a dead one must assume the worst of every step
+        # from the last logged one on (forward progress is not logged).
+        self.doubt: set[int] = set() if origin else set(range(record.step, len(saga.steps)))
+        self.applied_by_us: set[int] = set()
 
     # -- public --------------------------------------------------------------------------------
 
@@ -135,10 +202,11 @@ class SagaDriver:
                 if created:
                     self.checkpoint("created")
                 if first_step is not None:
+                    self.applied_by_us.add(0)
                     self.after_forward(0, first_step, local=True)
                 self._drive()
             except (LeaseLost, _Fenced):
-                return wait_final(self.manager, self.saga_id, self.home, self.wait_seconds)
+                return join(self.manager, self.saga, self.saga_id, self.home, self.options, self.wait_seconds)
             except _Stuck as stuck:
                 self._release(describe(stuck.cause))
                 raise SagaPendingError(
@@ -147,6 +215,11 @@ class SagaDriver:
                     saga_id=self.saga_id,
                     status=self.status,
                 ) from stuck.cause
+        if self.failure == ID_CONFLICT and self.origin:
+            raise SagaConflictError(
+                f"saga id {self.saga_id!r}: a step found a receipt written for another operation under "
+                f"this id ({self.error}); the steps already applied were compensated, nothing moved"
+            )
         return self.outcome()
 
     def outcome(self) -> SagaOutcome:
@@ -160,9 +233,15 @@ class SagaDriver:
             i = self.step
             try:
                 self._forward(i)
+            except SagaConflictError as conflict:
+                if self.origin and not self.applied_by_us and self._forget(conflict):
+                    raise
+                self._start_compensation(i, i - 1, ID_CONFLICT, str(conflict))
             except _StepError as error:
                 if error.transient and i in self.doubt:
                     raise _Stuck(error.cause) from error
+                if error.transient and not self.applied_by_us and self.origin and self._forget(error.cause):
+                    raise _Forgotten(error.cause, self.shards[i]) from error
                 # Unreachable and never committed by us: step i did not happen, undo from i - 1.
                 # Any other error: the shard answered, so compensating step i itself (fence-or-undo)
                 # settles whether it happened.
@@ -170,6 +249,14 @@ class SagaDriver:
                 self._start_compensation(i, start, f"{steps[i].name}_error", describe(error.cause))
         while self.compensating and self.step >= 0:
             self._backward(self.step)
+
+    def _forget(self, error: BaseException) -> bool:
+        """Nothing was applied: delete our log row so the id is free again (True if done)."""
+        try:
+            with self.manager.connect(self.home) as conn, conn.begin():
+                return saga_log.forget(conn, self.saga_id, self.owner)
+        except Exception:  # noqa: BLE001 - the row stays: the saga compensates (or recovery does)
+            return False
 
     def _start_compensation(self, failed: int, start: int, reason: str, error: str) -> None:
         values = self._compensating_values(start, reason) | {"error": error}
@@ -187,14 +274,15 @@ class SagaDriver:
             }
         return {"status": "compensating", "compensating": True, "step": start, "failure": reason}
 
-    def _after_do(self, i: int, receipt: receipts.Receipt) -> dict[str, Any]:
+    def after_do(self, i: int, outcome: str, reason: str | None) -> dict[str, Any]:
+        """The log values once step ``i`` has the receipt ``outcome``."""
         step = self.saga.steps[i]
-        if receipt.outcome == receipts.APPLIED:
+        if outcome == receipts.APPLIED:
             if i + 1 == len(self.saga.steps):
                 return {"status": FINAL_COMPLETE, "step": i + 1, "error": None, "finished": True}
             return {"status": f"{step.name}_complete", "step": i + 1, "error": None}
         # The action refused: its effect rolled back, so only the steps before it are undone.
-        return self._compensating_values(i - 1, receipt.reason or f"{step.name}_refused")
+        return self._compensating_values(i - 1, reason or f"{step.name}_refused")
 
     def _after_undo(self, j: int) -> dict[str, Any]:
         if j - 1 < 0:
@@ -208,21 +296,18 @@ class SagaDriver:
 
     # -- one step --------------------------------------------------------------------------------
 
-    def shard_of(self, i: int) -> str:
-        """The shard step ``i`` runs on (asked of the manager: the one place that routes)."""
-        return self.manager.shard_for(self.saga.steps[i].key(self.payload))
-
-    def forward_work(self, i: int) -> Callable[[Connection], dict[str, Any]]:
+    def forward_work(self, i: int, *, reserved: bool = False) -> Callable[[Connection], dict[str, Any]]:
         """Step ``i``'s transaction body: receipt, action and (on the home shard) the log update.
 
-        A refusal (:class:`SagaStepFailed`) propagates as :class:`_Refused` so the caller rolls the
-        transaction back and records the refusal in a new one (no savepoint on the happy path).
+        ``reserved``: the receipt is already inserted in this transaction (the fast start). A refusal
+        (:class:`SagaStepFailed`) propagates as :class:`_Refused` so the caller rolls the transaction
+        back and records the refusal in a new one (no savepoint on the happy path).
         """
         step = self.saga.steps[i]
-        local = self.shard_of(i) == self.home
+        local = self.shards[i] == self.home
 
         def work(conn: Connection) -> dict[str, Any]:
-            prior = receipts.begin_do(conn, self.saga_id, step.name)
+            prior = None if reserved else receipts.begin_do(conn, self.inputs[i])
             if prior is None:
                 try:
                     step.action(conn, self.payload)
@@ -231,51 +316,76 @@ class SagaDriver:
                 receipt = receipts.Receipt(receipts.APPLIED)
             else:
                 receipt = prior  # an earlier attempt already decided this step
-            return self._record_do(conn, i, receipt, local)
+            # The fast start inserted the log row already showing this step's outcome.
+            return self._record_do(conn, i, receipt, local, logged=reserved)
 
         return work
 
     def _refusal_work(self, i: int, reason: str) -> Callable[[Connection], dict[str, Any]]:
-        step = self.saga.steps[i]
-        local = self.shard_of(i) == self.home
+        local = self.shards[i] == self.home
 
         def work(conn: Connection) -> dict[str, Any]:
-            return self._record_do(conn, i, receipts.refuse(conn, self.saga_id, step.name, reason), local)
+            return self._record_do(conn, i, receipts.refuse(conn, self.inputs[i], reason), local)
 
         return work
 
-    def _record_do(self, conn: Connection, i: int, receipt: receipts.Receipt, local: bool) -> dict[str, Any]:
+    def _record_do(
+        self, conn: Connection, i: int, receipt: receipts.Receipt, local: bool, *, logged: bool = False
+    ) -> dict[str, Any]:
         if receipt.outcome == receipts.FENCED:
             raise _Fenced(self.saga_id)
-        values = self._after_do(i, receipt)
-        if local:
+        values = self.after_do(i, receipt.outcome, receipt.reason)
+        if local and (not logged or values.get("finished")):
             saga_log.write(conn, self.saga_id, self.owner, self.options.lease_seconds, values)
         return values
 
     def _forward(self, i: int) -> None:
-        shard = self.shard_of(i)
+        shard = self.shards[i]
         try:
             values = self._in_shard(shard, self.forward_work(i), doubt_step=i)
         except _Refused as refusal:
             values = self._in_shard(shard, self._refusal_work(i, refusal.reason), doubt_step=i)
+        if values.get("status") != "compensating" and not values.get("compensating"):
+            self.applied_by_us.add(i)
         self.after_forward(i, values, local=shard == self.home)
 
     def after_forward(self, i: int, values: Mapping[str, Any], *, local: bool) -> None:
-        """Step ``i`` committed: record it in the log (if not done in the same transaction)."""
+        """Step ``i`` committed: log it if it must be (compensation starts now, or the saga is done).
+
+        Plain forward progress is not logged (the receipt is the record); a successful end is marked
+        in the background, with the lease kept until the mark is written.
+        """
         name = self.saga.steps[i].name
         self.checkpoint(f"do:{name}")
-        if not local:
+        if local:
+            self._apply(values)
+            self.checkpoint(f"log:{name}")
+        elif values.get("finished") and self.origin and not values.get("compensating"):
+            # The caller's critical path: the outcome is decided, the mark can follow.
+            lease_keeper(self.manager).finish_later(
+                self.saga_id,
+                self.owner,
+                self.home,
+                self.options.lease_seconds,
+                values,
+                on_checkpoint=self.options.on_checkpoint,
+                checkpoint=f"log:{name}",
+            )
+            self._apply(values)
+        elif values.get("compensating") or values.get("finished"):
             self._write_home(values)
-        self._apply(values)
-        self.checkpoint(f"log:{name}")
+            self.checkpoint(f"log:{name}")
+        else:
+            self._apply(values)
+            self.checkpoint(f"log:{name}")
 
     def _backward(self, j: int) -> None:
         step = self.saga.steps[j]
-        shard = self.manager.shard_for(step.key(self.payload))
+        shard = self.shards[j]
         local = shard == self.home
 
         def attempt(conn: Connection) -> dict[str, Any]:
-            if receipts.begin_undo(conn, self.saga_id, step.name) and step.compensation is not None:
+            if receipts.begin_undo(conn, self.inputs[j]) and step.compensation is not None:
                 step.compensation(conn, self.payload)
             values = self._after_undo(j)
             if local:
@@ -308,7 +418,7 @@ class SagaDriver:
                     commit_sent = True
                     transaction.commit()
                     return values
-            except (LeaseLost, _Fenced, _Refused):
+            except (LeaseLost, _Fenced, _Refused, SagaConflictError):
                 raise  # rolled back by leaving the block
             except Exception as error:  # noqa: BLE001 - classified below
                 if commit_sent and doubt_step is not None:
@@ -344,31 +454,55 @@ class SagaDriver:
             self.options.on_checkpoint(self.saga_id, name)
 
 
-def wait_final(manager: ShardManager, saga_id: str, home: str, timeout: float) -> SagaOutcome:
-    """Poll the log until another runner finishes the saga; :class:`SagaPendingError` on timeout."""
+def join(
+    manager: ShardManager, saga: Saga | None, saga_id: str, home: str, options: SagaOptions, timeout: float
+) -> SagaOutcome:
+    """Wait for the saga's live runner to finish it, taking it over the moment its lease runs out.
+
+    ``saga`` None: only wait (the caller cannot drive it). :class:`SagaPendingError` on timeout;
+    :class:`_Gone` when the row disappeared (its runner found nothing applied and freed the id).
+    """
     deadline = time.monotonic() + timeout
-    delay = 0.02
+    delay = 0.01
     status: str | None = None
+    owner = new_owner("retry")
     while True:
         try:
-            with manager.connect(home) as conn:
-                record = saga_log.load(conn, saga_id)
+            with manager.connect(home) as conn, conn.begin():
+                taken = saga_log.take_over(conn, saga_id, owner, options.lease_seconds) if saga else None
+                record = taken or saga_log.load(conn, saga_id)
+            answered = True
         except Exception as error:  # noqa: BLE001 - reported as pending below
             if not is_transient(error):
                 raise
-            record = None
+            record = taken = None
+            answered = False
+        if taken is not None and saga is not None:
+            return SagaDriver(manager, saga, taken, home, owner, options, origin=False).run()
         if record is not None:
             status = record.status
             if record.finished_at is not None:
                 return record.outcome(home)
+        elif answered:
+            raise _Gone(saga_id)  # never recorded, or freed by its runner: the caller may start it
         if time.monotonic() >= deadline:
             raise SagaPendingError(
-                f"saga {saga_id!r} is still being run by another worker (status {status!r})",
+                f"saga {saga_id!r} is still being run by another worker (status {status!r}); "
+                "submit the same id again later, or let recovery finish it",
                 saga_id=saga_id,
                 status=status,
             )
-        time.sleep(delay)
-        delay = min(delay * 2, 0.5)
+        time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+        delay = min(delay * 2, 0.25)
+
+
+class _Gone(Exception):
+    """The saga's row vanished while we waited: its runner freed the id (nothing was applied)."""
+
+
+def wait_final(manager: ShardManager, saga_id: str, home: str, timeout: float) -> SagaOutcome:
+    """Poll the log until another runner finishes the saga; :class:`SagaPendingError` on timeout."""
+    return join(manager, None, saga_id, home, SagaOptions(), timeout)
 
 
 def run_saga(
@@ -379,75 +513,130 @@ def run_saga(
     saga_id: str | None = None,
     options: SagaOptions | None = None,
 ) -> SagaOutcome:
-    """Run ``saga`` once per ``saga_id`` and return its final outcome.
+    """Run ``saga`` once per ``saga_id`` (fleet-wide) and return its final outcome.
 
-    Submitting the same id again returns the first run's outcome (waiting for it if another process
-    is running it, taking it over if that process died). Raises :class:`SagaConflictError` if the id
-    was used with another payload, :class:`SagaPendingError` if a shard outage stops the saga half-way
-    (recovery finishes it; resubmitting the same id is safe).
+    Submitting the same id again returns the first run's outcome (waiting for it while another
+    process runs it, taking it over as soon as that process's lease ran out). Raises
+    :class:`SagaConflictError` if the id was used with another saga type or payload (nothing moves),
+    :class:`SagaNotStartedError` (``recorded=False``) if a shard it starts on is unreachable (nothing
+    was written: retry with the same id), and :class:`SagaPendingError` if an outage stops it
+    half-way (recovery finishes it; resubmitting the same id is safe). Without ``saga_id`` a new id
+    is made whose log lives on the saga's home key's shard (see :func:`new_saga_id`).
     """
     options = options or SagaOptions()
-    saga_id = str(uuid.uuid4()) if saga_id is None else saga_id
+    data = normalized_payload(payload)
+    if saga_id is None:
+        saga_id = new_saga_id(manager, saga.home(data))
     if not isinstance(saga_id, str) or not 0 < len(saga_id) <= 100:
         raise SagaInputError(f"saga id must be a string of 1-100 characters, got {saga_id!r}")
-    data = normalized_payload(payload)
-    home = manager.shard_for(saga.home(data))
+    for _ in range(3):  # a saga freed by its runner (nothing applied) is started again
+        try:
+            return _run_once(manager, saga, saga_id, data, options)
+        except _Gone:
+            continue
+    raise SagaPendingError(
+        f"saga {saga_id!r} keeps being started and abandoned by other workers; submit it again later",
+        saga_id=saga_id,
+        recorded=None,
+    )
+
+
+def _run_once(
+    manager: ShardManager, saga: Saga, saga_id: str, data: dict[str, Any], options: SagaOptions
+) -> SagaOutcome:
+    home = home_of(manager, saga_id)
     owner = new_owner()
     fresh = SagaRecord(saga_id, saga.name, data, "pending", 0, False, None, None, owner, 0, None, None)
     driver = SagaDriver(manager, saga, fresh, home, owner, options, origin=True)
     try:
         existing, first = _begin(manager, driver, data)
-    except ShardUnavailableError:
-        raise
+    except _NotRecorded as failure:
+        raise SagaNotStartedError(
+            f"saga {saga_id!r} was not recorded: its home shard {home!r} is unreachable "
+            f"({describe(failure.cause)}); nothing was written, safe to retry with the same id",
+            saga_id=saga_id,
+            shard_id=home,
+        ) from failure.cause
     except Exception as error:
         if is_transient(error):
             raise SagaPendingError(
                 f"saga {saga_id!r}: home shard {home!r} failed while recording it ({describe(error)}); "
                 "it may or may not have been recorded: submit the same id again",
                 saga_id=saga_id,
+                recorded=None,
             ) from error
         raise
     if existing is None:
-        return driver.run(created=True, first_step=first)
-    assert existing is not None
+        try:
+            return driver.run(created=True, first_step=first)
+        except _Forgotten as forgotten:
+            raise SagaNotStartedError(
+                f"saga {saga_id!r} did not start: shard {forgotten.shard_id!r} of its first step is "
+                f"unreachable ({describe(forgotten.cause)}); nothing was moved or recorded, safe to "
+                "retry with the same id",
+                saga_id=saga_id,
+                shard_id=forgotten.shard_id,
+            ) from forgotten.cause
     if existing.saga_type != saga.name or existing.payload != data:
         raise SagaConflictError(
             f"saga id {saga_id!r} was already used for {existing.saga_type} with payload "
-            f"{existing.payload!r}; got {saga.name} with {data!r}"
+            f"{existing.payload!r}; got {saga.name} with {data!r} (nothing was moved)"
         )
     if existing.finished_at is not None:
         return existing.outcome(home)
-    with manager.connect(home) as conn, conn.begin():
-        taken = saga_log.take_over(conn, saga_id, owner, options.lease_seconds)
-    if taken is None:
-        return wait_final(manager, saga_id, home, options.wait_seconds)
-    return SagaDriver(manager, saga, taken, home, owner, options, origin=False).run()
+    return join(manager, saga, saga_id, home, options, options.wait_seconds)
+
+
+class _NotRecorded(Exception):
+    """The home shard failed before the commit that records the saga was sent."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def _begin(
     manager: ShardManager, driver: SagaDriver, data: dict[str, Any]
 ) -> tuple[SagaRecord | None, dict[str, Any] | None]:
     """Record a new saga; when its first step lives on the home shard, run that step in the same
-    transaction (one commit instead of two). Returns (the existing record if the id was taken,
-    the first step's log values if it ran)."""
+    transaction, with the log row and the receipt inserted by one statement (one commit instead of
+    two). Returns (the existing record if the id was taken, the first step's log values if it ran)."""
     saga, saga_id, owner, lease = driver.saga, driver.saga_id, driver.owner, driver.options.lease_seconds
-    with manager.connect(driver.home) as conn:
-        if driver.shard_of(0) == driver.home:
-            transaction = conn.begin()
-            try:
-                if not saga_log.create(conn, saga_id, saga.name, data, owner, lease):
-                    existing = saga_log.load(conn, saga_id)
-                    transaction.commit()
-                    return existing, None
-                values = driver.forward_work(0)(conn)
-            except Exception as error:  # noqa: BLE001 - a refusal or error: let the driver record it
-                transaction.rollback()
-                if is_transient(error):
-                    raise
-            else:
-                transaction.commit()
-                return None, values
-        with conn.begin():
-            if saga_log.create(conn, saga_id, saga.name, data, owner, lease):
-                return None, None
-            return saga_log.load(conn, saga_id), None
+    shards = list(dict.fromkeys(driver.shards))
+    commit_sent = False
+    try:
+        with manager.connect(driver.home) as conn:
+            if driver.shards[0] == driver.home:
+                values = driver.after_do(0, receipts.APPLIED, None)
+                first = {**values, "step_name": saga.steps[0].name, "digest": driver.inputs[0].digest}
+                transaction = conn.begin()
+                try:
+                    created, reserved = saga_log.create_with_receipt(
+                        conn, saga_id, saga.name, _canonical(data), owner, lease, json.dumps(shards), first
+                    )
+                    if created and reserved:
+                        done = driver.forward_work(0, reserved=True)(conn)
+                        commit_sent = True
+                        transaction.commit()
+                        return None, done
+                    if not created:
+                        existing = saga_log.load(conn, saga_id)
+                        transaction.rollback()
+                        if existing is not None:
+                            return existing, None
+                except Exception as error:  # noqa: BLE001 - a refusal or error: let the driver record it
+                    transaction.rollback()
+                    if is_transient(error) or isinstance(error, (LeaseLost, _Fenced)):
+                        raise
+                else:
+                    transaction.rollback()  # a stale receipt: the driver's own step decides
+            with conn.begin():
+                created = saga_log.create(conn, saga_id, saga.name, data, owner, lease, shards)
+                commit_sent = True
+                if created:
+                    return None, None
+                return saga_log.load(conn, saga_id), None
+    except Exception as error:
+        if is_transient(error) and not commit_sent:
+            raise _NotRecorded(error) from error
+        raise

@@ -1,5 +1,8 @@
 """The saga's durable tables: the log (one row per saga, on its home shard) and the step receipts.
 
+A saga's home shard is the one its *id* hashes to on the ring (:func:`sa_shardkit.saga.runner.home_of`),
+so one id has one log row fleet-wide, whatever payload it is submitted with.
+
 A receipt is written in the same transaction as the step's effect, on the step's own shard; it is what
 makes a retried step a no-op and lets a compensation know whether the forward step really happened.
 Create them with :func:`create_saga_tables` (or the Alembic revision in ``migrations/versions``).
@@ -45,6 +48,7 @@ sagas_table = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("finished_at", DateTime(timezone=True)),
+    Column("shards", JSON().with_variant(JSONB(), "postgresql")),  # the steps' shards, for operators
     comment="sa_shardkit saga log: one row per saga on its home shard",
 )
 # Recovery's scan: open sagas whose lease ran out.
@@ -52,6 +56,12 @@ Index(
     "ix_shardkit_sagas_open_lease",
     sagas_table.c.lease_until,
     postgresql_where=text("finished_at IS NULL"),
+)
+# Purge's scan: finished sagas, oldest first.
+Index(
+    "ix_shardkit_sagas_finished",
+    sagas_table.c.finished_at,
+    postgresql_where=text("finished_at IS NOT NULL"),
 )
 
 receipts_table = Table(
@@ -62,10 +72,13 @@ receipts_table = Table(
     Column("phase", String(4), nullable=False),  # 'do' | 'undo'
     Column("outcome", String(16), nullable=False),  # 'applied' | 'failed' | 'fenced' | 'skipped'
     Column("reason", String(100)),
+    Column("digest", String(32)),  # of (saga type, step, payload): the same id with other input conflicts
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("saga_id", "step", "phase", name="pk_shardkit_saga_receipts"),
     comment="sa_shardkit saga step receipts: idempotency records written with each step's effect",
 )
+# Purge's scan: receipts oldest first.
+Index("ix_shardkit_saga_receipts_created", receipts_table.c.created_at)
 
 
 def create_saga_tables(manager: ShardManager) -> None:

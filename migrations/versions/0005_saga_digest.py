@@ -1,0 +1,40 @@
+"""Saga ids fleet-wide: receipt digests, the steps' shards in the log, indexes for purging.
+
+Revision ID: 0005_saga_digest
+Revises: 0004_sequences
+Create Date: 2026-12-01 21:40:00
+
+``shardkit_saga_receipts.digest`` holds a hash of (saga type, step, payload): a step retried under
+the same saga id with other input is refused (``SagaConflictError``) instead of trusted.
+``shardkit_sagas.shards`` lists the shards a saga's steps run on (``shardkit sagas`` shows it).
+The two indexes serve ``shardkit sagas purge``. Additive and idempotent (IF NOT EXISTS); old rows
+keep NULLs, which mean "recorded before digests" and are trusted as before.
+"""
+
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = "0005_saga_digest"
+down_revision: str | Sequence[str] | None = "0004_sequences"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.execute("ALTER TABLE shardkit_saga_receipts ADD COLUMN IF NOT EXISTS digest varchar(32)")
+    op.execute("ALTER TABLE shardkit_sagas ADD COLUMN IF NOT EXISTS shards jsonb")
+    op.execute(
+        "CREATE INDEX IF NOT EXISTS ix_shardkit_sagas_finished ON shardkit_sagas (finished_at)"
+        " WHERE finished_at IS NOT NULL"
+    )
+    op.execute(
+        "CREATE INDEX IF NOT EXISTS ix_shardkit_saga_receipts_created ON shardkit_saga_receipts (created_at)"
+    )
+
+
+def downgrade() -> None:
+    op.execute("DROP INDEX IF EXISTS ix_shardkit_saga_receipts_created")
+    op.execute("DROP INDEX IF EXISTS ix_shardkit_sagas_finished")
+    op.execute("ALTER TABLE shardkit_sagas DROP COLUMN IF EXISTS shards")
+    op.execute("ALTER TABLE shardkit_saga_receipts DROP COLUMN IF EXISTS digest")
