@@ -89,7 +89,9 @@ def test_a_receipt_for_other_input_is_refused_even_without_the_log_row(manager: 
     with manager.engine(home_of(manager, ID)).begin() as conn:
         conn.execute(delete(sagas_table).where(sagas_table.c.saga_id == ID))
     other_sender = next(
-        c for c in range(1, 17) if manager.shard_for(c) not in {manager.shard_for(sender), manager.shard_for(receiver)}
+        c
+        for c in range(1, 17)
+        if manager.shard_for(c) not in {manager.shard_for(sender), manager.shard_for(receiver)}
     )
 
     with pytest.raises(SagaConflictError, match="receipt"):
