@@ -24,17 +24,21 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.execute("ALTER TABLE shardkit_saga_receipts ADD COLUMN IF NOT EXISTS digest varchar(32)")
     op.execute("ALTER TABLE shardkit_sagas ADD COLUMN IF NOT EXISTS shards jsonb")
-    op.execute(
-        "CREATE INDEX IF NOT EXISTS ix_shardkit_sagas_finished ON shardkit_sagas (finished_at)"
-        " WHERE finished_at IS NOT NULL"
-    )
-    op.execute(
-        "CREATE INDEX IF NOT EXISTS ix_shardkit_saga_receipts_created ON shardkit_saga_receipts (created_at)"
-    )
+    # CONCURRENTLY: live sagas keep writing both tables while the indexes build.
+    with op.get_context().autocommit_block():
+        op.execute(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS ix_shardkit_sagas_finished ON shardkit_sagas (finished_at)"
+            " WHERE finished_at IS NOT NULL"
+        )
+        op.execute(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS ix_shardkit_saga_receipts_created"
+            " ON shardkit_saga_receipts (created_at)"
+        )
 
 
 def downgrade() -> None:
-    op.execute("DROP INDEX IF EXISTS ix_shardkit_saga_receipts_created")
-    op.execute("DROP INDEX IF EXISTS ix_shardkit_sagas_finished")
+    with op.get_context().autocommit_block():
+        op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_shardkit_saga_receipts_created")
+        op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_shardkit_sagas_finished")
     op.execute("ALTER TABLE shardkit_sagas DROP COLUMN IF EXISTS shards")
     op.execute("ALTER TABLE shardkit_saga_receipts DROP COLUMN IF EXISTS digest")
