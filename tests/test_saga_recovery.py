@@ -132,10 +132,8 @@ def test_cli_recover_one_pass_finishes_stuck_sagas(
     leave_stuck(manager, 2)
     args = ["recover", "--lease", "1", *[arg for url in shard_urls for arg in ("--url", url)]]
 
-    with pytest.raises(SystemExit) as done:
-        main(args)
+    main(args)
 
-    assert done.value.code == 0
     assert "2 completed, 0 compensated, 0 still pending" in capsys.readouterr().out
     assert {row["status"] for row in saga_rows(manager).values()} == {"complete"}
     assert balances(manager) == expected_balances(manager, initial)
