@@ -22,6 +22,7 @@ from typing import Generic, TypeVar
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, QueuePool
 from sqlalchemy.util.concurrency import await_only, greenlet_spawn, in_greenlet
 
 from ..errors import ShardUnavailableError
@@ -40,6 +41,28 @@ def scatter_pool() -> ThreadPoolExecutor:
             workers = int(os.environ.get("SHARDKIT_SCATTER_WORKERS", "256"))
             _pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="shardkit-scatter")
         return _pool
+
+
+THREAD_SAFE_POOLS = (QueuePool, AsyncAdaptedQueuePool, NullPool)
+"""Pools that hand each checkout its own DBAPI connection, usable from whichever thread holds it."""
+
+
+def runs_in_threads(bind: object) -> bool:
+    """Whether a scatter may use ``bind``'s connections from other threads (or greenlets).
+
+    Only an Engine whose pool is one of :data:`THREAD_SAFE_POOLS` (exactly: a subclass may pin
+    connections to threads) over a driver declaring DB-API ``threadsafety >= 1``; never SQLite
+    (its connections refuse other threads), a Connection, ``SingletonThreadPool``, ``StaticPool``
+    or anything unknown. Those run shard after shard in the calling thread, as stock does.
+    """
+    if not isinstance(bind, Engine) or type(bind.pool) not in THREAD_SAFE_POOLS:
+        return False
+    dialect = bind.dialect
+    if dialect.name == "sqlite":
+        return False
+    if dialect.is_async:  # an AsyncEngine's sync side: fanned out on its event loop, not threads
+        return in_greenlet()
+    return int(getattr(dialect.loaded_dbapi, "threadsafety", 0)) >= 1
 
 
 def is_unavailable(error: BaseException) -> bool:

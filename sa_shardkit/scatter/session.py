@@ -1,6 +1,14 @@
 """The Session side of a scatter: ``execute_scatter(orm_context, shard_ids)``.
 
-A Session is not thread-safe, so the work is split by thread:
+Shards run concurrently only when every engine involved may be used from another thread
+(:func:`fanout.runs_in_threads`: a ``QueuePool``/``NullPool`` over a thread-safe driver such as
+psycopg) and no other ``do_orm_execute`` listener needs to see each shard's execution. Otherwise
+(SQLite, ``SingletonThreadPool``, ``StaticPool``, a Connection bind, anything unknown, or a listener
+registered after ours) each shard runs in turn in the calling thread through
+``ORMExecuteState.invoke_statement``, exactly as the stock ShardedSession does: BEGIN and SELECT on
+one shard, then the next, every event and listener seeing each shard's execution.
+
+A Session is not thread-safe, so a concurrent scatter is split by thread:
 
 1. calling thread -- plan the statement, autoflush once, and take each shard's connection from the
    session (``session.connection(bind_arguments={"shard_id": ...})``), so each shard's part runs in the
@@ -28,7 +36,7 @@ from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.sql.selectable import Select
 
 from ..errors import ShardUnavailableError
-from .fanout import fan_out, is_unavailable, probe, raise_for_errors
+from .fanout import fan_out, is_unavailable, probe, raise_for_errors, runs_in_threads
 from .gather import ALLOW_PARTIAL, PER_SHARD_RESULTS, gather
 from .plan import RowPlan, ScatterPlan, plan_scatter
 from .prefix import trim_to_merged_prefix
@@ -36,7 +44,7 @@ from .result import ScatterResult
 
 
 def execute_scatter(orm_context: ORMExecuteState, shard_ids: Sequence[str]) -> Result[Any]:
-    """Run ``orm_context``'s statement on ``shard_ids`` in parallel and merge into one result.
+    """Run ``orm_context``'s statement on ``shard_ids`` and merge into one result.
 
     SELECTs are merged globally (ORDER BY, LIMIT/OFFSET, aggregates, DISTINCT); other statements
     run on each shard in turn, as SQLAlchemy's stock ShardedSession does.
@@ -46,16 +54,20 @@ def execute_scatter(orm_context: ORMExecuteState, shard_ids: Sequence[str]) -> R
     if not isinstance(statement, Select) or not orm_context.is_select or len(shard_ids) < 2:
         return _sequential(orm_context, shard_ids)
     plan = None if options.get(PER_SHARD_RESULTS) else plan_scatter(statement)
-    return _ScatterRun(orm_context, list(shard_ids), plan, bool(options.get(ALLOW_PARTIAL))).run()
+    run = _ScatterRun(orm_context, list(shard_ids), plan, bool(options.get(ALLOW_PARTIAL)))
+    return run.run() if run.concurrent() else run.run_in_turn()
 
 
 def _sequential(orm_context: ORMExecuteState, shard_ids: Sequence[str]) -> Result[Any]:
-    partial = []
-    for shard_id in shard_ids:
-        bind_arguments = dict(orm_context.bind_arguments, shard_id=shard_id)
-        orm_context.update_execution_options(identity_token=shard_id)
-        partial.append(orm_context.invoke_statement(bind_arguments=bind_arguments))
+    partial = [_invoke(orm_context, shard_id, orm_context.statement) for shard_id in shard_ids]
     return partial[0].merge(*partial[1:])
+
+
+def _invoke(orm_context: ORMExecuteState, shard_id: str, statement: Any) -> Result[Any]:
+    """What the stock session does per shard: the rest of the listeners, then Session.execute."""
+    bind_arguments = dict(orm_context.bind_arguments, shard_id=shard_id)
+    orm_context.update_execution_options(identity_token=shard_id)
+    return orm_context.invoke_statement(statement=statement, bind_arguments=bind_arguments)
 
 
 class _ScatterRun:
@@ -76,6 +88,42 @@ class _ScatterRun:
         self.compile_state_cls = orm_context._compile_state_cls
         self.statement = orm_context.statement if plan is None else plan.statement
 
+    def concurrent(self) -> bool:
+        """Whether the shards may run at once: thread-safe engines, no later listener to honour."""
+        later = list(self.session.dispatch.do_orm_execute)[self.context._starting_event_idx + 1 :]
+        if later:
+            return False
+        binds = (self.session.get_bind(**self._bind_arguments(s)) for s in self.shard_ids)
+        return all(runs_in_threads(bind) for bind in binds)
+
+    def _bind_arguments(self, shard_id: str) -> dict[str, Any]:
+        return dict(self.context.bind_arguments, shard_id=shard_id)
+
+    def run_in_turn(self) -> ScatterResult:
+        """Shard after shard in the calling thread, through the stock per-shard path."""
+        results: dict[str, Result[Any]] = {}
+        errors = self._probe_unheld()
+        for shard_id in self.shard_ids:
+            if shard_id in errors:
+                continue
+            try:
+                results[shard_id] = _invoke(self.context, shard_id, self.statement)
+            except Exception as error:  # noqa: BLE001 - the policy decides (and names the shard)
+                if not (self.allow_partial and is_unavailable(error)):
+                    raise_for_errors({shard_id: error}, allow_partial=False, any_result=False, describe=self._describe)
+                errors[shard_id] = error
+        return self._merge(results, errors)
+
+    def _merge(self, results: dict[str, Result[Any]], errors: dict[str, BaseException]) -> ScatterResult:
+        errors = {s: errors[s] for s in self.shard_ids if s in errors}
+        raise_for_errors(
+            errors, allow_partial=self.allow_partial, any_result=bool(results), describe=self._describe
+        )
+        merged = gather(self.plan, results, self.shard_ids, errors)
+        self._restore_result_attributes(merged, results)
+        yield_per = self.context.execution_options.get("yield_per")
+        return merged.yield_per(yield_per) if yield_per else merged
+
     def run(self) -> ScatterResult:
         prepared: dict[str, tuple[Any, Any, Any, dict[str, Any], Connection]] = {}
         errors: dict[str, BaseException] = {}
@@ -93,20 +141,10 @@ class _ScatterRun:
             {s: functools.partial(_execute, p[4], p[0], p[1], p[2]) for s, p in prepared.items()}
         )
         errors.update(outcome.errors)
-        errors = {s: errors[s] for s in self.shard_ids if s in errors}
-        raise_for_errors(
-            errors,
-            allow_partial=self.allow_partial,
-            any_result=bool(outcome.results),
-            describe=self._describe,
-        )
         if self.compile_state_cls is not None and isinstance(self.plan, RowPlan):
             trim_to_merged_prefix(self.plan, outcome.results, self.shard_ids)
         results = {s: self._load(s, prepared[s], r) for s, r in outcome.results.items()}
-        merged = gather(self.plan, results, self.shard_ids, errors)
-        self._restore_result_attributes(merged, results)
-        yield_per = self.context.execution_options.get("yield_per")
-        return merged.yield_per(yield_per) if yield_per else merged
+        return self._merge(results, errors)
 
     def _probe_unheld(self) -> dict[str, BaseException]:
         """Probe the shards this session holds no connection to yet (see :func:`fanout.probe`)."""
@@ -118,7 +156,7 @@ class _ScatterRun:
         engines = {}
         for shard_id in self.shard_ids:
             bind = self.session.get_bind(**dict(self.context.bind_arguments, shard_id=shard_id))
-            if isinstance(bind, Engine) and bind not in held:
+            if isinstance(bind, Engine) and bind not in held and runs_in_threads(bind):
                 engines[shard_id] = bind
         manager = getattr(self.session, "manager", None)
         timeouts = {s: manager.config(s).connect_timeout for s in engines} if manager is not None else {}
