@@ -37,7 +37,7 @@ MEMBERS = (
     "setup.cfg",
     "pyproject.toml",
 )
-SUBSTITUTION_CHECK = '''\
+SUBSTITUTION_CHECK = """\
 import sa_shardkit
 from sqlalchemy.testing import fixtures
 from test.ext import test_horizontal_shard
@@ -46,7 +46,7 @@ from test.ext import test_horizontal_shard
 class SubstitutionTest(fixtures.TestBase):
     def test_suite_uses_sa_shardkit(self):
         assert test_horizontal_shard.ShardedSession is sa_shardkit.ShardedSession
-'''
+"""
 SUBSTITUTION_TEST = "test.ext.test_zz_substituted.SubstitutionTest::test_suite_uses_sa_shardkit"
 PROJECT_ROOT = Path(sa_shardkit.__file__).resolve().parents[1]
 
@@ -81,9 +81,7 @@ def suite_tree(root: Path, *, ours: bool) -> Path:
     with tarfile.open(sdist()) as archive:
         prefix = archive.getnames()[0].split("/")[0] + "/"
         wanted = [
-            m
-            for m in archive.getmembers()
-            if m.isfile() and m.name.removeprefix(prefix).startswith(MEMBERS)
+            m for m in archive.getmembers() if m.isfile() and m.name.removeprefix(prefix).startswith(MEMBERS)
         ]
         for member in wanted:
             member.name = member.name.removeprefix(prefix)
@@ -107,7 +105,12 @@ def run_suite(root: Path, dburi: str | None = None) -> dict[str, str]:
     command += [f"--junitxml={report}", *(["--dburi", dburi] if dburi else [])]
     path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
     done = subprocess.run(
-        command, cwd=root, env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=1500
+        command,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     if not report.exists():
         raise AssertionError(f"the suite did not run:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")

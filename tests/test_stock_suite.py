@@ -24,7 +24,7 @@ SUITE_DATABASE = "sa_stock_suite"
 
 
 def _stock_outcomes(tmp_path: Path, backend: str, dburi: str | None) -> dict[str, str]:
-    python = "%d.%d" % sys.version_info[:2]
+    python = f"{sys.version_info[0]}.{sys.version_info[1]}"
     cached = cache_dir() / f"stock-outcomes-{sqlalchemy.__version__}-py{python}-{backend}.json"
     if cached.exists():
         outcomes: dict[str, str] = json.loads(cached.read_text())
@@ -38,9 +38,7 @@ def _stock_outcomes(tmp_path: Path, backend: str, dburi: str | None) -> dict[str
 def _compare(stock: dict[str, str], ours: dict[str, str]) -> None:
     stock_passed = sorted(name for name, outcome in stock.items() if outcome == "passed")
     assert len(stock_passed) > 100, f"the stock suite passed only {len(stock_passed)} tests: {stock}"
-    assert ours.get(SUBSTITUTION_TEST) == "passed", (
-        "the suite did not run with sa_shardkit.ShardedSession"
-    )
+    assert ours.get(SUBSTITUTION_TEST) == "passed", "the suite did not run with sa_shardkit.ShardedSession"
     regressions = {name: ours.get(name, "not run") for name in stock_passed if ours.get(name) != "passed"}
     assert not regressions, f"{len(regressions)} tests pass with stock but not with ours: {regressions}"
 
