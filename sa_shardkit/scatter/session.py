@@ -110,7 +110,9 @@ class _ScatterRun:
                 results[shard_id] = _invoke(self.context, shard_id, self.statement)
             except Exception as error:  # noqa: BLE001 - the policy decides (and names the shard)
                 if not (self.allow_partial and is_unavailable(error)):
-                    raise_for_errors({shard_id: error}, allow_partial=False, any_result=False, describe=self._describe)
+                    raise_for_errors(
+                        {shard_id: error}, allow_partial=False, any_result=False, describe=self._describe
+                    )
                 errors[shard_id] = error
         return self._merge(results, errors)
 
