@@ -14,6 +14,7 @@ from sqlalchemy.engine import make_url
 
 from sa_shardkit.testing import LocalPostgres
 
+REPO = Path(__file__).resolve().parent.parent
 PASSWORD_USER = "shardkit_pw"
 PASSWORD = "s3cret-pw"
 
@@ -35,6 +36,26 @@ def shardkit(
         text=True,
         cwd=cwd,
         env=clean_env(env),
+        timeout=timeout,
+    )
+
+
+def shardkit_script(
+    *args: str, cwd: Path, env: Mapping[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """The installed ``shardkit`` console script (unlike ``python -m``, it does not put the working
+    directory on sys.path), with only this checkout's package importable from PYTHONPATH."""
+    shim = cwd.parent / f"{cwd.name}-pythonpath"
+    shim.mkdir(exist_ok=True)
+    if not (shim / "sa_shardkit").exists():
+        (shim / "sa_shardkit").symlink_to(REPO / "sa_shardkit")
+    script = Path(sys.executable).with_name("shardkit")
+    return subprocess.run(
+        [str(script), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=clean_env({**(env or {}), "PYTHONPATH": str(shim)}),
         timeout=timeout,
     )
 

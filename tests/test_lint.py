@@ -202,14 +202,16 @@ def test_revision_that_cannot_render_offline_is_an_error(tmp_path: Path) -> None
 
 
 def test_without_models_the_contract_rules_still_run() -> None:
-    report = lint_files([UNSAFE / "drop_without_contract.py", UNSAFE / "pk_without_shard_key.py"])
+    report = lint_files(  # config=None: not even alembic.ini's lint_models
+        [UNSAFE / "drop_without_contract.py", UNSAFE / "pk_without_shard_key.py"], config=None
+    )
     assert [f.rule_id for f in report.findings] == ["shardkit:drop-outside-contract"]
     assert any("no models given" in note for note in report.notes)
 
 
 def test_timeouts_set_by_the_env_are_rendered_and_satisfy_squawk() -> None:
     timeout_rules = {"squawk:require-lock-timeout", "squawk:require-statement-timeout"}
-    without = lint_script_directory(REPO / "migrations", models=DEMO_MODELS)
+    without = lint_script_directory(REPO / "migrations", models=DEMO_MODELS, config=None)  # no alembic.ini
     with_env = lint_script_directory(
         REPO / "migrations", models=DEMO_MODELS, lock_timeout="5s", statement_timeout="15min"
     )

@@ -8,13 +8,19 @@
 
     run_migrations(Base.metadata)
 
+From Python, ``upgrade("alembic.ini", "head")`` (and ``downgrade``/``stamp``/``current``) runs the
+same env and returns the per-shard :class:`MigrationReport`; ``run_on_every_shard(manager, ddl)``
+runs one ad-hoc statement shard by shard with the same stop-at-the-first-failure report.
+
 Shards come from the ``[shardkit]`` section of ``alembic.ini`` or ``SHARD_<N>_URL`` env vars;
 ``-x shard=ID`` / ``-x shards=ID,ID`` narrow a run. See :mod:`sa_shardkit.alembic.environment`.
 """
 
 from __future__ import annotations
 
+from .api import alembic_config, current, downgrade, run_on_every_shard, stamp, upgrade
 from .environment import MIGRATION_LOCK_ID, run_migrations
+from .library import library_table_filter
 from .plan import MigrationPlan, PreMigrateHook
 from .report import MigrationReport, ShardMigrationError, ShardOutcome, ShardState
 from .status import FleetStatus, RevisionState, ShardRevision, fleet_status
@@ -22,6 +28,13 @@ from .targets import requested_shards, select_shards, settings_from_alembic_conf
 
 __all__ = [
     "MIGRATION_LOCK_ID",
+    "alembic_config",
+    "current",
+    "downgrade",
+    "library_table_filter",
+    "run_on_every_shard",
+    "stamp",
+    "upgrade",
     "FleetStatus",
     "MigrationPlan",
     "MigrationReport",

@@ -35,6 +35,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..config import ShardConfig
 from ..errors import ConfigError, MigrationError, ShardKitError
 from ..manager import ShardManager
+from .api_keys import REPORT_ATTRIBUTE
+from .library import library_table_filter, with_library_filter
 from .parallel import CHILD_ARG, child_argv, migrate_in_parallel, write_outcome
 from .plan import MigrationPlan, PreMigrateHook
 from .report import MigrationReport, ShardMigrationError, ShardOutcome, ShardState
@@ -124,7 +126,7 @@ class _FleetRun:
         self.env = env
         self.config = env.config
         self.metadata = target_metadata
-        self.options = configure_options
+        self.options = with_library_filter(target_metadata, configure_options)
         self.x_args: dict[str, str] = env.get_x_argument(as_dictionary=True)
         fn = env.context_opts.get("fn")
         name = getattr(fn, "__name__", "") if fn is not None else ""
@@ -168,8 +170,13 @@ class _FleetRun:
                 self._report_to_parent(error.report)
                 raise
             self._report_to_parent(report)
-            return report
-        return self._run_read_only(order)
+            return self._keep(report)
+        return self._keep(self._run_read_only(order))
+
+    def _keep(self, report: MigrationReport) -> MigrationReport:
+        """Leave the report where :mod:`sa_shardkit.alembic.api` (``upgrade(config)``...) finds it."""
+        self.config.attributes[REPORT_ATTRIBUTE] = report
+        return report
 
     def _order(self) -> list[ShardConfig]:
         shards = list(self.settings.shards)
@@ -214,6 +221,15 @@ class _FleetRun:
                     for i in ids
                 ]
                 return self._fail(outcomes, cause=None)
+            unknown = self._unknown_revisions(before.values())
+            if unknown:  # Alembic would fail there anyway, after the shards before it had migrated
+                outcomes = [
+                    ShardOutcome(i, ShardState.FAILED, before[i].heads, before[i].heads, unknown[i])
+                    if i in unknown
+                    else _not_attempted([i], before)[0]
+                    for i in ids
+                ]
+                return self._fail(outcomes, cause=None)
             if self.parallel > 1 and self.command != "ensure_version" and len(ids) > 1:
                 return self._run_parallel(ids, before)
             outcomes = []
@@ -230,7 +246,9 @@ class _FleetRun:
                     raise
                 except Exception as error:  # noqa: BLE001 - recorded, then raised as ShardMigrationError
                     now = _heads_after_failure(manager, shard_id, heads)
-                    outcomes.append(ShardOutcome(shard_id, ShardState.FAILED, heads, now, _reason(error)))
+                    outcomes.append(
+                        ShardOutcome(shard_id, ShardState.FAILED, heads, now, one_line_reason(error))
+                    )
                     outcomes += _not_attempted(ids[position + 1 :], before)
                     return self._fail(outcomes, cause=error)
                 state = ShardState.UP_TO_DATE if after == heads else ShardState.MIGRATED
@@ -255,6 +273,34 @@ class _FleetRun:
         self._print(report.summary())
         return report
 
+    def _unknown_revisions(self, shards: Iterable[ShardRevision]) -> dict[str, str]:
+        """Shards whose ``alembic_version`` names a revision the scripts lack: ``{shard: reason}``.
+
+        Checked before any shard is touched, like stock Alembic's "Can't locate revision"; only
+        ``stamp --purge`` (which replaces the version rows) may go on.
+        """
+        if self.command == "stamp" and self.env.context_opts.get("purge"):
+            return {}
+        return {
+            s.shard_id: f"Can't locate revision identified by {','.join(s.heads)!r}: the migrations folder "
+            "does not have it (deploy the code that has it, or `alembic stamp --purge` that shard)"
+            for s in shards
+            if s.state is RevisionState.UNKNOWN
+        }
+
+    def _refuse_unknown_offline(self, order: list[ShardConfig]) -> None:
+        """``--sql`` renders from a given start, but a shard at an unknown revision could run none of
+        it: refuse, as online. Shards that cannot be reached are not an error offline."""
+        if self.command not in ("upgrade", "downgrade", "stamp"):
+            return
+        with ShardManager(self.settings) as manager:
+            unknown = self._unknown_revisions(fleet_status(manager, self.env.script).shards)
+        if unknown:
+            raise MigrationError(
+                f"shardkit: {self.command} --sql refused, nothing was written: "
+                + "; ".join(f"shard {shard_id}: {reason}" for shard_id, reason in unknown.items())
+            )
+
     def _report_to_parent(self, report: MigrationReport) -> None:
         if self.child_report and len(report.outcomes) == 1:
             write_outcome(self.child_report, report.outcomes[0])
@@ -264,7 +310,7 @@ class _FleetRun:
             self._configure(connection=conn)
             try:
                 with self.env.begin_transaction():
-                    _lock_shard(conn, shard_id)
+                    lock_shard(conn, shard_id)
                     apply_timeouts(conn, self.timeouts)
                     self.env.run_migrations()
                     return tuple(sorted(self.env.get_context().get_current_heads()))
@@ -294,9 +340,11 @@ class _FleetRun:
                             self.env.run_migrations()
                             heads = tuple(sorted(self.env.get_context().get_current_heads()))
                 except Exception as error:  # noqa: BLE001 - reported per shard, raised after the loop
-                    self._print(f"  error: {_reason(error)}")
-                    outcomes.append(ShardOutcome(shard.id, ShardState.FAILED, error=_reason(error)))
-                    revisions.append(ShardRevision(shard.id, (), RevisionState.UNREACHABLE, _reason(error)))
+                    self._print(f"  error: {one_line_reason(error)}")
+                    outcomes.append(ShardOutcome(shard.id, ShardState.FAILED, error=one_line_reason(error)))
+                    revisions.append(
+                        ShardRevision(shard.id, (), RevisionState.UNREACHABLE, one_line_reason(error))
+                    )
                     continue
                 outcomes.append(ShardOutcome(shard.id, ShardState.CHECKED, heads, heads))
                 revisions.append(ShardRevision(shard.id, heads, classify(script, heads)))
@@ -312,6 +360,7 @@ class _FleetRun:
     # -- offline (--sql) ---------------------------------------------------------------------------
 
     def _run_offline(self, order: list[ShardConfig]) -> None:
+        self._refuse_unknown_offline(order)
         sql_dir = self.x_args.get("sql_dir")
         directory = Path(sql_dir) if sql_dir else None
         if directory is not None:
@@ -427,7 +476,7 @@ def _warn_if_schemas_differ(
     diffs: dict[str, set[str]] = {}
     for shard_id in same_revision:
         with manager.connect(shard_id) as conn:
-            context = MigrationContext.configure(conn)
+            context = MigrationContext.configure(conn, opts={"include_name": library_table_filter(metadata)})
             found = [d for md in _as_list(metadata) for d in compare_metadata(context, md)]
             diffs[shard_id] = {_diff_key(d) for d in found}
     for shard_id in same_revision:
@@ -458,7 +507,7 @@ def _diff_key(diff: Any) -> str:
     return " ".join(parts)
 
 
-def _lock_shard(conn: Connection, shard_id: str) -> None:
+def lock_shard(conn: Connection, shard_id: str) -> None:
     """Refuse to migrate a shard that another migration run is migrating right now."""
     if conn.dialect.name != "postgresql":
         return
@@ -467,7 +516,7 @@ def _lock_shard(conn: Connection, shard_id: str) -> None:
         raise MigrationError(f"shard {shard_id!r}: another migration run holds the migration lock")
 
 
-def _reason(error: BaseException) -> str:
+def one_line_reason(error: BaseException) -> str:
     """One line naming the error, never a password (DBAPI errors: the driver's own message)."""
     if isinstance(error, ShardKitError):
         return str(error).splitlines()[0]

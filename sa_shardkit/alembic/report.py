@@ -31,6 +31,8 @@ class ShardState(str, enum.Enum):
     """An earlier shard failed, so this one was left alone."""
     CHECKED = "checked"
     """A read-only command (``current``) looked at the shard."""
+    APPLIED = "applied"
+    """An ad-hoc statement (:func:`sa_shardkit.alembic.run_on_every_shard`) committed on the shard."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,12 @@ class ShardOutcome:
 
     @property
     def ok(self) -> bool:
-        return self.state in (ShardState.MIGRATED, ShardState.UP_TO_DATE, ShardState.CHECKED)
+        return self.state in (
+            ShardState.MIGRATED,
+            ShardState.UP_TO_DATE,
+            ShardState.CHECKED,
+            ShardState.APPLIED,
+        )
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,7 @@ class MigrationReport:
         if self.ok:
             return f"shardkit: {self.command} OK on {len(self.outcomes)} shard(s)"
         failed = self.failed
-        done = self.by_state(ShardState.MIGRATED) + self.by_state(ShardState.UP_TO_DATE)
+        done = [o.shard_id for o in self.outcomes if o.state is not ShardState.CHECKED and o.ok]
         skipped = self.by_state(ShardState.NOT_ATTEMPTED)
         names = ", ".join(o.shard_id for o in failed)
         parts = [f"shardkit: {self.command} STOPPED at {names}: {failed[0].error}"]

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from ..lint.defaults import project_on_sys_path
 from .demo import demo
 from .exits import EXIT_FAILED, EXIT_OK, report
 from .locate import locate
@@ -34,6 +35,9 @@ class ShardkitGroup(click.Group):
         **extra: Any,
     ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
+        # `--models myapp.models:Base`, `--saga myapp.sagas:x` import from the project, as with
+        # `python -m` and Alembic's `prepend_sys_path = .` (a console script alone does not do that)
+        project_on_sys_path(None)
         try:
             value = super().main(argv, prog_name or "shardkit", complete_var, standalone_mode=False, **extra)
         except SystemExit as done:

@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import NoReturn
 
 import click
-from alembic.util import CommandError
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from ..errors import ConfigError, RingError, SagaInputError, UnknownShardError
@@ -89,8 +88,8 @@ def report(error: BaseException) -> int:
     if isinstance(error, click.UsageError):
         where = error.ctx.command_path if error.ctx is not None else "shardkit"
         message = f"{message.rstrip('.')} (see '{where} --help')"
-    if isinstance(error, CommandError) and message.startswith("FAILED: "):
-        message = message[len("FAILED: ") :]
+    for prefix in ("FAILED: ", "shardkit: "):  # Alembic's and the migration summary's own prefixes
+        message = message.removeprefix(prefix)
     click.echo(f"shardkit: error: {message}", err=True)
     return exit_code_for(error)
 

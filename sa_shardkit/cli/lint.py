@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import configparser
 from pathlib import Path
 
 import click
@@ -22,6 +21,7 @@ from ..lint import (
     targets_from_files,
     targets_from_script_directory,
 )
+from ..lint.defaults import project_on_sys_path, with_ini_defaults
 from ..lint.revisions import LintTarget
 from ..manager import ShardManager
 
@@ -80,9 +80,9 @@ def lint(
     Exit code 1 when a finding is an error (or a warning, with --strict).
     """
     ini = _ini(config_path)
-    models = models or _ini_option(ini, SECTION, "lint_models")
-    lock_timeout = lock_timeout or _ini_option(ini, "alembic", "shardkit_lock_timeout")
-    statement_timeout = statement_timeout or _ini_option(ini, "alembic", "shardkit_statement_timeout")
+    project_on_sys_path(ini)  # `--models examples.x:Base` from the project root, as Alembic does
+    given = {"models": models, "lock_timeout": lock_timeout, "statement_timeout": statement_timeout}
+    defaults = with_ini_defaults(given, ini)  # the same defaults as lint_script_directory()
     if files:
         if pending or lower:
             raise click.UsageError("give revision FILES or --from/--pending, not both")
@@ -90,14 +90,7 @@ def lint(
     else:
         script = _script(ini, location)
         targets = _pending(ini, urls, script, upper) if pending else _range(script, lower, upper)
-    report = lint_targets(
-        targets,
-        models=models,
-        squawk=not no_squawk,
-        strict=strict,
-        lock_timeout=lock_timeout,
-        statement_timeout=statement_timeout,
-    )
+    report = lint_targets(targets, squawk=not no_squawk, strict=strict, **defaults)
     _emit(report, fmt)
 
 
@@ -114,15 +107,6 @@ def _ini(config_path: str | None) -> Path | None:
     if config_path:
         raise ConfigError(f"config file {config_path!r} does not exist")
     return None
-
-
-def _ini_option(ini: Path | None, section: str, key: str) -> str | None:
-    if ini is None:
-        return None
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read(ini)
-    value = parser.get(section, key, fallback="").strip()
-    return value or None
 
 
 def _script(ini: Path | None, location: str | None) -> ScriptDirectory:

@@ -11,6 +11,7 @@ from alembic.operations import ops
 from alembic.script import ScriptDirectory
 from sqlalchemy.orm import registry
 
+from .defaults import DEFAULT_CONFIG, project_on_sys_path, with_ini_defaults
 from .findings import Finding, LintReport, RevisionReport, Severity, Source, SquawkStatus
 from .models import ShardSchema
 from .operations import describe
@@ -93,9 +94,19 @@ def lint_targets(
     return LintReport(revisions=tuple(reports), squawk=status, notes=tuple(notes), strict=strict)
 
 
-def lint_files(paths: Iterable[str | os.PathLike[str]], **options: Any) -> LintReport:
-    """Lint revision files, in the order given (see :func:`lint_targets` for ``options``)."""
-    return lint_targets(targets_from_files(paths), **options)
+def lint_files(
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    config: str | os.PathLike[str] | None = DEFAULT_CONFIG,
+    **options: Any,
+) -> LintReport:
+    """Lint revision files, in the order given (see :func:`lint_targets` for ``options``).
+
+    ``config`` (default ``./alembic.ini`` when present; None: ignore it) supplies the models and the
+    env's timeouts that are not passed, exactly as ``shardkit migrations lint`` reads them.
+    """
+    project_on_sys_path(config)
+    return lint_targets(targets_from_files(paths), **with_ini_defaults(options, config))
 
 
 def lint_script_directory(
@@ -103,11 +114,17 @@ def lint_script_directory(
     *,
     lower: str | None = None,
     upper: str = "heads",
+    config: str | os.PathLike[str] | None = DEFAULT_CONFIG,
     **options: Any,
 ) -> LintReport:
-    """Lint what ``alembic upgrade lower:upper`` would apply (``lower`` None: from the base)."""
+    """Lint what ``alembic upgrade lower:upper`` would apply (``lower`` None: from the base).
+
+    ``config``: as for :func:`lint_files` (the same defaults as the CLI, so the same answer).
+    """
+    project_on_sys_path(config)
     script = location if isinstance(location, ScriptDirectory) else script_directory(location)
-    return lint_targets(targets_from_script_directory(script, lower=lower, upper=upper), **options)
+    targets = targets_from_script_directory(script, lower=lower, upper=upper)
+    return lint_targets(targets, **with_ini_defaults(options, config))
 
 
 def _disabled() -> SquawkStatus:

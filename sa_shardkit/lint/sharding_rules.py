@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from alembic.operations import MigrateOperation, ops
 from sqlalchemy import ForeignKeyConstraint, Table, UniqueConstraint
 
+from ..library_tables import LIBRARY_TABLE_PREFIX
 from .findings import Finding, Severity
 from .models import ShardSchema
 from .operations import describe, written_table
@@ -22,8 +23,6 @@ from .render import RecordedOperation
 from .revisions import CONTRACT_MARKER
 
 CONTRACT_FIX = f"set `{CONTRACT_MARKER} = True` in a separate revision applied after that code is deployed"
-LIBRARY_TABLE_PREFIX = "shardkit_"
-"""sa_shardkit's own per-shard tables (the saga log and receipts): laid out by the library, mapped by no model."""
 
 
 @dataclass(frozen=True)
