@@ -29,7 +29,7 @@ _TABLES_SQL = text(
     "AND c.relname <> 'alembic_version' AND c.relname NOT LIKE 'shardkit\\_%' ORDER BY c.relname"
 )
 _ESTIMATE_SQL = text(
-    "SELECT c.relname, greatest(c.reltuples, 0)::bigint FROM pg_class c "
+    "SELECT c.relname, c.reltuples::bigint FROM pg_class c "
     "JOIN pg_namespace n ON n.oid = c.relnamespace "
     "WHERE n.nspname = current_schema() AND c.relname = ANY(:names)"
 )
@@ -165,9 +165,14 @@ def _revision(conn: Connection) -> tuple[str, ...] | None:
 
 def _row_counts(conn: Connection, exact: bool) -> dict[str, int | None]:
     names = list(conn.execute(_TABLES_SQL).scalars())
-    if not exact:
-        return {name: int(n) for name, n in conn.execute(_ESTIMATE_SQL, {"names": names})}
     counts: dict[str, int | None] = {}
+    if not exact:
+        # reltuples is -1 for a table never analyzed (or vacuumed): that is "unknown", not 0 rows,
+        # so those tables are counted (under the same statement timeout) instead of estimated
+        counts = {name: int(n) for name, n in conn.execute(_ESTIMATE_SQL, {"names": names}) if n >= 0}
+        names = [name for name in names if name not in counts]
+        if not names:
+            return counts
     conn.execute(text(f"SET LOCAL statement_timeout = '{COUNT_TIMEOUT}'"))  # this read-only transaction
     for name in names:
         quoted = conn.dialect.identifier_preparer.quote(name)

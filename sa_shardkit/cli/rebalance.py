@@ -35,6 +35,7 @@ from ..rebalance import (
 )
 from ..ring import HashRing
 from .options import config_options, load_manager
+from .output import output_console
 
 
 def load_models(spec: str) -> Any:
@@ -84,7 +85,7 @@ def rebalance_command(
     """
     if sum(bool(x) for x in (add, remove, resume, show_status)) != 1:
         raise click.UsageError("give exactly one of --add ID URL, --remove ID, --resume, --status")
-    console = Console()
+    console = output_console()
     with load_manager(config_path, urls) as manager:
         if show_status:
             _print_status(console, manager)

@@ -15,6 +15,7 @@ from xxhash import xxh3_64_hexdigest
 from ..errors import ConfigError
 from ..ring import HashRing, moved_share
 from .options import config_options, load_manager
+from .output import output_console
 
 BAR_WIDTH = 24
 
@@ -107,4 +108,4 @@ def ring(
     with load_manager(config_path, urls) as manager:
         current = manager.ring
     planned = planned_ring(current, add, remove, weight) if (add or remove or weight) else None
-    render_ring(Console(), current, planned)
+    render_ring(output_console(), current, planned)

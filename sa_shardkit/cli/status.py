@@ -18,6 +18,7 @@ from rich.table import Table
 from ..errors import ConfigError
 from ..status import FleetStatusReport, NodeStatus, collect_status
 from .options import config_options, load_manager
+from .output import output_console
 
 
 def migration_scripts(config_path: str | None) -> ScriptDirectory | None:
@@ -121,6 +122,6 @@ def status(config_path: str | None, urls: tuple[str, ...], estimate: bool, as_js
         }
         click.echo(json.dumps(payload, indent=2, default=str))
     else:
-        render_status(Console(), report)
+        render_status(output_console(), report)
     if not report.healthy:
         raise SystemExit(1)
