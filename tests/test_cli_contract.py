@@ -7,17 +7,21 @@ problem, no traceback, no password.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from sa_shardkit import ShardManager
 from sa_shardkit.cli.exits import EXIT_FAILED, EXIT_USAGE
+from sa_shardkit.saga import create_saga_tables
 from sa_shardkit.testing import free_port
 from tests.cli_support import PASSWORD, require_password, shardkit
 from tests.fleet import TestFleet
 
 SECRET = "s3cret"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -103,3 +107,21 @@ def test_an_operation_failure_exits_1_and_never_255(shard_urls: list[str], tmp_p
     assert result.returncode == EXIT_FAILED
     assert "PROBLEM: shard-2 primary: unreachable" in " ".join(result.stdout.split())
     assert "Traceback" not in result.stderr
+
+
+def test_recover_with_an_alembic_ini_that_lists_no_shards_uses_shard_n_url(
+    manager: ShardManager, shard_urls: list[str], tmp_path: Path
+) -> None:
+    """`shardkit recover --config alembic.ini`: the project's ini (its [shardkit] lists no shards)
+    defers to SHARD_<N>_URL exactly like the implicit ./alembic.ini and like Alembic's env."""
+    create_saga_tables(manager)
+    shutil.copy(REPO / "alembic.ini", tmp_path / "alembic.ini")
+    env = {f"SHARD_{i}_URL": url for i, url in enumerate(shard_urls, 1)}
+    explicit = shardkit("recover", "--config", "alembic.ini", cwd=tmp_path, env=env)
+    implicit = shardkit("recover", cwd=tmp_path, env=env)
+    for result in (explicit, implicit):
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("recovery: 0 completed, 0 compensated, 0 still pending")
+    missing = shardkit("recover", "--config", "alembic.ini", cwd=tmp_path)
+    assert missing.returncode == EXIT_USAGE
+    assert "lists no shards" in missing.stderr and "SHARD_<N>_URL" in missing.stderr

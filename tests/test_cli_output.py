@@ -78,6 +78,10 @@ def test_a_fresh_replica_gets_one_verdict_from_status_and_routing(
     try:
         shard = ShardConfig(id="shard-1", url=primary.url, replica_url=replica.url)
         with ShardManager([shard]) as manager:
+            assert set(manager.health()) == {
+                "shard-1",
+                "shard-1:replica",
+            }  # as docs/concepts/manager.md shows
             node = next(n for n in collect_status(manager).nodes if n.role == "replica")
             routing = manager.replicas.cached_status("shard-1")
             assert routing is not None
