@@ -10,7 +10,6 @@ from typing import Any
 from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
-from sqlalchemy import func, select
 
 from ..config import ShardConfig
 from ..errors import StaleRingError
@@ -24,6 +23,7 @@ from ..rebalance import (
     misplaced_rows,
     plan_change,
 )
+from .data import shard_counts
 from .models import Base, Customer, Order, OrderItem
 from .render import bar_chart, simple_table
 from .schema import migrate
@@ -33,21 +33,12 @@ SHARDED = (Customer, Order, OrderItem)
 
 def rows_per_shard(manager: ShardManager) -> dict[str, int]:
     """Rows of every sharded table, per shard, counted on each shard directly."""
-    counts: dict[str, int] = {}
-    for shard_id in manager.shard_ids:
-        with manager.connect(shard_id) as conn:
-            counts[shard_id] = sum(
-                conn.execute(select(func.count()).select_from(model)).scalar() or 0 for model in SHARDED
-            )
-    return counts
+    counts = [shard_counts(manager, model) for model in SHARDED]
+    return {s: sum(c[s] for c in counts) for s in manager.shard_ids}
 
 
 def orders_total(manager: ShardManager) -> int:
-    total = 0
-    for shard_id in manager.shard_ids:
-        with manager.connect(shard_id) as conn:
-            total += conn.execute(select(func.count()).select_from(Order)).scalar() or 0
-    return total
+    return sum(shard_counts(manager, Order).values())
 
 
 class Writer(threading.Thread):
