@@ -91,6 +91,20 @@ def test_a_scatter_has_one_child_span_per_shard(otel: Telemetry, manager: ShardM
     )  # scatter threads joined the trace
 
 
+def test_query_all_shards_statements_join_the_callers_trace(otel: Telemetry, manager: ShardManager) -> None:
+    tracer = otel.provider.get_tracer("test")
+    with tracer.start_as_current_span("report") as parent:
+        manager.query_all_shards(select(func.count()).select_from(Customer)).all()
+        manager.run_on_all("SELECT 1")
+    children = [
+        s
+        for s in otel.finished()
+        if s.parent is not None and s.parent.span_id == parent.get_span_context().span_id
+    ]
+    shards = sorted(str((c.attributes or {})[SHARD_ID]) for c in children)
+    assert shards == sorted([*manager.shard_ids, *manager.shard_ids])  # one statement per shard, twice
+
+
 def test_saga_steps_are_spans_on_their_shards(otel: Telemetry, manager: ShardManager) -> None:
     sender = 1
     receiver = next(c for c in range(2, 41) if manager.shard_for(c) != manager.shard_for(sender))

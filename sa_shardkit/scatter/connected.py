@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextvars import copy_context
 from typing import TypeVar
 
 from sqlalchemy.engine import Connection, Engine
@@ -88,7 +89,8 @@ def fan_out_connected(
             continue
         attempt = _Attempt()
         attempts[shard] = (attempt, timeouts.get(shard, 4.0))
-        futures[shard] = pool.submit(_run, shard, engine, work, attempt, slots)
+        # in a copy of the caller's contextvars context, as fan_out does (tracing spans join its trace)
+        futures[shard] = pool.submit(copy_context().run, _run, shard, engine, work, attempt, slots)
     for shard, (attempt, wait) in attempts.items():
         attempt.started.wait()  # queued behind ``limit``: not the shard's fault
         if not attempt.connected.wait(max(0.0, attempt.started_at + wait - time.monotonic())) and (
