@@ -21,7 +21,14 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+def _postgresql() -> bool:
+    """Sagas run on PostgreSQL only; on the embedded demo's SQLite files this revision has nothing to do."""
+    return bool(op.get_context().dialect.name == "postgresql")
+
+
 def upgrade() -> None:
+    if not _postgresql():
+        return
     op.execute("ALTER TABLE shardkit_saga_receipts ADD COLUMN IF NOT EXISTS digest varchar(32)")
     op.execute("ALTER TABLE shardkit_sagas ADD COLUMN IF NOT EXISTS shards jsonb")
     # CONCURRENTLY: live sagas keep writing both tables while the indexes build.
@@ -37,6 +44,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    if not _postgresql():
+        return
     with op.get_context().autocommit_block():
         op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_shardkit_saga_receipts_created")
         op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_shardkit_sagas_finished")
