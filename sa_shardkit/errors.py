@@ -156,6 +156,10 @@ class RebalanceError(ShardKitError):
     """A shard addition/removal could not be planned or carried out."""
 
 
+class RebalanceCancelled(RebalanceError):
+    """A move was cancelled between batches; it stays in flight (consistent) until resumed."""
+
+
 class StaleRingError(RebalanceError):
     """A key's range moved (or the ring changed) under a transaction; retry it on the new shard."""
 

@@ -31,6 +31,7 @@ from sqlalchemy.engine import Connection
 from ..errors import RebalanceError
 from ..manager import ShardManager
 from ..ring import HashRing, ShardKey
+from .record import MOVE_DDL
 
 STATE_TABLE = "shardkit_ring_state"
 
@@ -96,7 +97,8 @@ class ShardState:
 
 
 def create_state_table(conn: Connection) -> None:
-    for ddl in _DDL:
+    """The state table and the move record's table (:mod:`.record`), which cut-overs update."""
+    for ddl in (*_DDL, MOVE_DDL):
         conn.execute(text(ddl))
 
 
@@ -149,16 +151,61 @@ def _read_any(conn: Connection) -> Any:
 
 def load_ring_state(manager: ShardManager) -> RingState | None:
     """The fleet's newest state (the highest version any shard holds), or None before ``install``."""
-    states = read_fleet_state(manager)
-    if not states:
+    return FleetView(read_fleet_state(manager)).newest
+
+
+@dataclass(frozen=True)
+class FleetView:
+    """Every shard's row at once: the newest state, and a move whose last step did not finish.
+
+    A move ends by bumping every shard to ``v+2`` one shard at a time; a kill in between leaves
+    some shards at ``v+1`` (still "moving") and others at ``v+2``. Only the whole fleet's rows show
+    that, so resuming reads them all, not only the newest version.
+    """
+
+    shards: dict[str, ShardState]
+
+    @property
+    def newest(self) -> RingState | None:
+        if not self.shards:
+            return None
+        return max((s.state for s in self.shards.values()), key=lambda st: st.version)
+
+    @property
+    def lagging(self) -> dict[str, ShardState]:
+        """Shards at an older version than the newest."""
+        newest = self.newest
+        return {
+            k: s for k, s in self.shards.items() if newest is not None and s.state.version < newest.version
+        }
+
+    @property
+    def unfinished(self) -> RingState | None:
+        """The in-flight state of the move not yet finished on every shard, or None.
+
+        The newest state when it is in flight; else, when the final bump was interrupted, the
+        in-flight state that lagging shards still hold (its target is the newest ring).
+        """
+        newest = self.newest
+        if newest is None or newest.in_flight:
+            return newest
+        for shard in self.lagging.values():
+            state = shard.state
+            if state.version == newest.version - 1 and state.target == newest.ring:
+                return state
         return None
-    return max((s.state for s in states.values()), key=lambda st: st.version)
+
+    @property
+    def split(self) -> bool:
+        """Shards stored at more than one version."""
+        return len({s.state.version for s in self.shards.values()}) > 1
 
 
 def install_ring(manager: ShardManager, ring: HashRing | None = None) -> RingState:
     """Store ``ring`` (default: the manager's) as version 1 on its shards; a no-op when already stored.
 
-    Run once when the fleet is created (``shardkit rebalance --init``); later changes go through a
+    The first rebalance (``shardkit rebalance --add/--remove``, or :func:`add_shard`) calls it;
+    call it yourself to store the configured ring before any move. Later changes go through a
     rebalance, which bumps the version.
     """
     ring = ring or manager.ring
@@ -235,6 +282,7 @@ def describe(state: RingState) -> dict[str, Any]:
 
 __all__ = [
     "STATE_TABLE",
+    "FleetView",
     "RingState",
     "ShardState",
     "check_key_type",

@@ -44,8 +44,10 @@ from sqlalchemy.sql.elements import ColumnElement
 from ..errors import RebalanceError
 from ..manager import ShardManager
 from .catalog import STATE_TABLE, RingState, ShardState, read_shard_state
+from .control import MoveControl
 from .plan import range_moves
 from .progress import BatchReport, ProgressTracker
+from .record import COUNT_BATCH
 from .tables import ShardedTable, TableSet
 
 MOVER_LOCK = (0x5348_4B54, 0x4D4F_5645)
@@ -117,6 +119,7 @@ class SourceMover:
         source: str,
         options: MoveOptions,
         tracker: ProgressTracker,
+        control: MoveControl | None = None,
     ) -> None:
         if state.target is None:
             raise RebalanceError("no ring move is in flight")
@@ -128,6 +131,7 @@ class SourceMover:
         self.source = source
         self.options = options
         self.tracker = tracker
+        self.control = control or MoveControl()
         # only the shards this source's ranges move to can hold its copies (clean_targets scans them)
         self.targets = sorted({m.target for m in range_moves(self.old, self.new) if m.source == source})
         self.names = [TableNames.of(spec) for spec in tables.sharded]
@@ -144,9 +148,11 @@ class SourceMover:
                 raise RebalanceError(f"another mover is already draining shard {self.source!r}")
             try:
                 self.clean_targets()
+                self.control.checkpoint()
                 while self.batch():
                     if self.options.sleep:
                         time.sleep(self.options.sleep)
+                    self.control.checkpoint()
             finally:
                 guard.execute(text("SELECT pg_advisory_unlock(:a, :b)"), lock)
                 guard.commit()
@@ -199,6 +205,7 @@ class SourceMover:
         takes the fence, re-copies only the keys whose rows changed meanwhile (per-key checksums),
         verifies, deletes and advances the watermark. Writers of moving keys wait only for phase 2.
         """
+        started = time.perf_counter()
         with self.manager.connect(self.source) as conn, conn.begin():
             conn.execute(_CANONICAL)
             row = self._state_row(conn, lock="")
@@ -212,7 +219,8 @@ class SourceMover:
             }
         if not keys:
             return self._finish_drain(watermark)
-        return self._cut_over(watermark, str(keys[-1]), precopied, len(keys))
+        copy_seconds = time.perf_counter() - started
+        return self._cut_over(watermark, str(keys[-1]), precopied, len(keys), copy_seconds)
 
     def _state_row(self, conn: Connection, *, lock: str) -> ShardState:
         row = read_shard_state(conn, self.source, lock=lock, check_table=False)
@@ -252,7 +260,12 @@ class SourceMover:
             return False
 
     def _cut_over(
-        self, watermark: str | None, last: str, precopied: dict[str, Checksums], scanned: int
+        self,
+        watermark: str | None,
+        last: str,
+        precopied: dict[str, Checksums],
+        scanned: int,
+        copy_seconds: float = 0.0,
     ) -> bool:
         with self.manager.connect(self.source) as conn, conn.begin():
             fenced_at = time.perf_counter()
@@ -276,10 +289,16 @@ class SourceMover:
                             f"{spec.name} on {self.source!r}: deleting {deleted} rows but copied "
                             f"{rows_by_table.get(spec.name, 0)}; rolled back"
                         )
-            conn.execute(text(f"UPDATE {STATE_TABLE} SET watermark = :wm, updated_at = now()"), {"wm": last})
+            rows = sum(rows_by_table.values())
+            conn.execute(
+                text(
+                    f"WITH counted AS ({COUNT_BATCH} RETURNING 1) UPDATE {STATE_TABLE} SET watermark = :wm, updated_at = now()"
+                ),
+                {"wm": last, "rows": rows, "keys": len(keys), "version": self.state.version},
+            )
         fence_seconds = time.perf_counter() - fenced_at
         report = BatchReport(
-            self.source, scanned, len(keys), sum(rows_by_table.values()), rows_by_table, fence_seconds
+            self.source, scanned, len(keys), rows, rows_by_table, fence_seconds, copy_seconds
         )
         self.tracker.batch(report)
         return True

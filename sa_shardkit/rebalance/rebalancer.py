@@ -1,21 +1,23 @@
 """Adding and removing shards online: the steps of a ring change, each safe to repeat.
 
-1. **prepare**: a joining shard gets the schema and the reference tables' rows;
+1. **prepare**: a joining shard gets the schema and the reference tables' rows; the move record
+   (options, joining shards' URLs without passwords, planned rows: :mod:`.record`) is stored;
 2. **start**: every shard (old and new members) is bumped to version ``v+1`` = (old ring, target
    ring), each under ``FOR UPDATE`` of its state row, before any row moves; routing keeps every key
    on its old shard until that key's batch is cut over;
 3. **move**: each source shard is drained by a :class:`~.mover.SourceMover` (sources in parallel);
-4. **finish**: every shard is bumped to ``v+2`` = (target ring, nothing in flight), and the
-   reference tables of joining shards are refreshed.
+4. **finish**: every shard is bumped to ``v+2`` = (target ring, nothing in flight), the reference
+   tables of joining shards are refreshed and the staging tables dropped on every shard of the move.
 
-Killed at any point, the same call (or :func:`resume`) reads the fleet's state and continues from
-the step it reached; once the fleet routes by the target ring, running it again does nothing.
+Killed at any point, the same call (or :func:`resume`) reads every shard's state and continues from
+the step it reached -- including a finish that bumped only some shards (:class:`.catalog.FleetView`);
+once the whole fleet routes by the target ring, running it again does nothing.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 from sqlalchemy import delete, insert, select
 
@@ -23,10 +25,19 @@ from ..config import ShardConfig
 from ..errors import RebalanceError, UnknownShardError
 from ..manager import ShardManager
 from ..ring import HashRing
-from .catalog import RingState, check_key_type, install_ring, load_ring_state, write_state
+from .catalog import (
+    FleetView,
+    RingState,
+    check_key_type,
+    install_ring,
+    read_fleet_state,
+    write_state,
+)
+from .control import MoveControl
 from .mover import MoveOptions, SourceMover, create_stages, drop_stages
 from .plan import RebalancePlan, plan_rebalance, range_moves
 from .progress import ProgressCallback, ProgressTracker
+from .record import MoveRecord, read_records, url_without_password, write_record
 from .tables import TableSet, TableSource, table_set
 
 
@@ -45,16 +56,30 @@ class RebalanceResult:
     seconds: float
     max_fence_seconds: float
     """Longest cut-over transaction: the longest a writer of a moving key could have waited."""
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time per step (see :attr:`RebalanceProgress.phase_seconds`)."""
+    finished_interrupted: bool = False
+    """This run only completed the final version bump of a move that had moved every row."""
 
     @property
     def rows_per_second(self) -> float:
         return self.rows_moved / self.seconds if self.seconds > 0 else 0.0
 
 
+def fleet_view(manager: ShardManager) -> FleetView:
+    """Every shard's stored state (the configured ring is stored first if none is)."""
+    view = FleetView(read_fleet_state(manager))
+    if view.newest is None:
+        install_ring(manager)
+        view = FleetView(read_fleet_state(manager))
+    return view
+
+
 def current_state(manager: ShardManager) -> RingState:
     """The fleet's stored ring state; the manager's configured ring is stored first if none is."""
-    state = load_ring_state(manager)
-    return state if state is not None else install_ring(manager)
+    newest = fleet_view(manager).newest
+    assert newest is not None
+    return newest
 
 
 def plan_change(manager: ShardManager, new_ring: HashRing, tables: TableSource) -> RebalancePlan:
@@ -73,44 +98,83 @@ def rebalance(
     options: MoveOptions | None = None,
     progress: ProgressCallback | None = None,
     rows_expected: int | None = None,
+    control: MoveControl | None = None,
+    tracker: ProgressTracker | None = None,
 ) -> RebalanceResult:
-    """Move the fleet from its stored ring to ``new_ring`` online (see the module docstring)."""
-    options = options or MoveOptions()
+    """Move the fleet from its stored ring to ``new_ring`` online (see the module docstring).
+
+    ``options``: for a new move, :class:`MoveOptions` (default ones when None); when resuming,
+    None means the options the move was started with (stored in its record).
+    """
     spec = table_set(tables)
     key_type = check_key_type(spec.key_sql_type)
-    _require_configured(manager, new_ring)
-    tracker = ProgressTracker(progress, rows_expected)
-    state = current_state(manager)
-    if state.in_flight:
-        if state.target != new_ring:
-            raise RebalanceError(
-                f"a move to {state.target!r} (version {state.version}) is in flight; finish it first "
-                "(shardkit rebalance --resume) before starting another"
-            )
-    elif state.ring == new_ring:
-        manager.set_ring(new_ring)
-        tracker.phase("done")
-        return _result(state.ring, new_ring, state.version, tracker)
+    tracker = tracker or ProgressTracker(progress, rows_expected)
+    tracker.phase("prepare")
+    view = fleet_view(manager)
+    newest = view.newest
+    assert newest is not None
+    moving = view.unfinished
+    if moving is not None and moving.target != new_ring:
+        raise RebalanceError(
+            f"a move to {moving.target!r} (version {moving.version}) is in flight; finish it first "
+            "(shardkit rebalance --resume) before starting another"
+        )
+    if moving is not None and not moving.in_flight:
+        moving = None
+    if moving is None and newest.ring == new_ring:
+        if not view.split and not newest.in_flight:
+            _require_configured(manager, new_ring)
+            manager.set_ring(new_ring)
+            tracker.phase("done")
+            return _result(newest.ring, new_ring, newest.version, tracker)
+    finishing = moving is not None and not newest.in_flight
+    if moving is None:
+        _require_configured(manager, new_ring)
+        joining = [s for s in new_ring.shard_ids if s not in newest.ring]
+        _prepare(manager, spec, newest.ring, joining)
+        moving = RingState(newest.version + 1, newest.ring, new_ring, key_type)
+        options = options or MoveOptions()
+        record = MoveRecord(
+            moving.version,
+            _options_dict(options),
+            {s: url_without_password(manager.config(s).primary_url) for s in joining},
+            tracker.rows_expected,
+        )
+        write_record(manager, record, moving.shard_ids)
     else:
-        tracker.phase("prepare")
-        joining = [s for s in new_ring.shard_ids if s not in state.ring]
-        _prepare(manager, spec, state.ring, joining)
-        state = RingState(state.version + 1, state.ring, new_ring, key_type)
-    write_state(manager, state, state.shard_ids)  # also completes a start that was interrupted
+        stored, counts = read_records(manager, moving.version, _configured(manager, moving.shard_ids))
+        _configure_joining(manager, moving, stored)
+        _require_configured(manager, new_ring)
+        options = options or (_options_from(stored) if stored is not None else MoveOptions())
+        tracker.resumed_from(counts.values(), stored.rows_expected if stored else None)
+    if finishing:
+        tracker.phase("finish")
+        final = _finish(manager, spec, moving)
+        tracker.phase("done")
+        return _result(moving.ring, new_ring, final.version, tracker, finished_interrupted=True)
+    tracker.phase("start")
+    write_state(manager, moving, moving.shard_ids)  # also completes a start that was interrupted
     tracker.phase("move")
-    moving_from = {m.source for m in range_moves(state.ring, new_ring)}
-    sources = [s for s in state.ring.shard_ids if s in moving_from]
-    _drain(manager, state, spec, sources, options, tracker)
+    moving_from = {m.source for m in range_moves(moving.ring, new_ring)}
+    sources = [s for s in moving.ring.shard_ids if s in moving_from]
+    _drain(manager, moving, spec, sources, options, tracker, control or MoveControl())
     tracker.phase("finish")
-    joining = [s for s in new_ring.shard_ids if s not in state.ring]
-    if joining:
-        _copy_reference(manager, spec, state.ring.shard_ids[0], joining)
-    final = RingState(state.version + 1, new_ring)
-    write_state(manager, final, state.shard_ids)
-    drop_stages(manager, spec, new_ring.shard_ids)
-    manager.set_ring(new_ring)
+    final = _finish(manager, spec, moving)
     tracker.phase("done")
-    return _result(state.ring, new_ring, final.version, tracker)
+    return _result(moving.ring, new_ring, final.version, tracker)
+
+
+def _finish(manager: ShardManager, spec: TableSet, moving: RingState) -> RingState:
+    """The last step (every source drained): reference rows, the final bump, staging tables dropped."""
+    assert moving.target is not None
+    joining = [s for s in moving.target.shard_ids if s not in moving.ring]
+    if joining:
+        _copy_reference(manager, spec, moving.ring.shard_ids[0], joining)
+    final = RingState(moving.version + 1, moving.target)
+    write_state(manager, final, moving.shard_ids)  # shards already bumped are kept as they are
+    drop_stages(manager, spec, _configured(manager, moving.shard_ids))  # removed shards too
+    manager.set_ring(moving.target)
+    return final
 
 
 def resume(
@@ -119,12 +183,45 @@ def resume(
     *,
     options: MoveOptions | None = None,
     progress: ProgressCallback | None = None,
+    control: MoveControl | None = None,
+    tracker: ProgressTracker | None = None,
 ) -> RebalanceResult | None:
-    """Finish the move in flight, if any (None when there is none)."""
-    state = load_ring_state(manager)
-    if state is None or state.target is None:
+    """Finish the move in flight, if any (None when there is none), with its stored options
+    unless ``options`` is given. Joining shards the manager lacks are configured from the move
+    record (their URL is stored without a password)."""
+    moving = fleet_view(manager).unfinished
+    if moving is None or moving.target is None:
         return None
-    return rebalance(manager, state.target, tables, options=options, progress=progress)
+    return rebalance(
+        manager, moving.target, tables, options=options, progress=progress, control=control, tracker=tracker
+    )
+
+
+def _options_dict(options: MoveOptions) -> dict[str, float]:
+    return {f.name: getattr(options, f.name) for f in fields(MoveOptions)}
+
+
+def _options_from(record: MoveRecord) -> MoveOptions:
+    known = {f.name: f.type for f in fields(MoveOptions)}
+    values = {k: v for k, v in record.options.items() if k in known}
+    if "batch_size" in values:
+        values["batch_size"] = int(values["batch_size"])
+    return MoveOptions(**values)  # type: ignore[arg-type]
+
+
+def _configured(manager: ShardManager, shard_ids: tuple[str, ...] | list[str]) -> list[str]:
+    return [s for s in shard_ids if s in manager.shard_ids]
+
+
+def _configure_joining(manager: ShardManager, moving: RingState, record: MoveRecord | None) -> None:
+    """Give the manager the joining shards it lacks, from the move record's stored URLs."""
+    assert moving.target is not None
+    for shard_id in moving.target.shard_ids:
+        if shard_id in manager.shard_ids or record is None or shard_id not in record.joining:
+            continue
+        manager.add_shard(
+            ShardConfig(id=shard_id, url=record.joining[shard_id], weight=moving.target.weights[shard_id])
+        )
 
 
 def add_shard(
@@ -139,20 +236,11 @@ def add_shard(
     """Put a shard on the ring and move its share of the rows to it, online.
 
     ``shard`` is a :class:`ShardConfig` (its engine is opened if the manager lacks it) or the id of
-    a shard the manager already has.
+    a shard the manager already has. A move in flight (or one whose last step was interrupted) is
+    finished instead.
     """
-    if isinstance(shard, ShardConfig):
-        if shard.id not in manager.shard_ids:
-            manager.add_shard(shard)
-        shard_id, default_weight = shard.id, shard.weight
-    else:
-        shard_id, default_weight = shard, manager.config(shard).weight
-    state = current_state_excluding(manager, shard_id)
-    if state.in_flight:
-        return rebalance(manager, _in_flight_target(state), tables, options=options, progress=progress)
-    if shard_id in state.ring:
-        return rebalance(manager, state.ring, tables, options=options, progress=progress)
-    new_ring = state.ring.add_shard(shard_id, weight if weight is not None else default_weight)
+    new_ring = target_ring(manager, add=shard, weight=weight)
+    assert new_ring is not None
     return rebalance(manager, new_ring, tables, options=options, progress=progress)
 
 
@@ -165,37 +253,62 @@ def remove_shard(
     progress: ProgressCallback | None = None,
 ) -> RebalanceResult:
     """Drain a shard's rows to the remaining shards and take it off the ring, online."""
-    manager.config(shard_id)
-    state = current_state(manager)
-    if state.in_flight:
-        return rebalance(manager, _in_flight_target(state), tables, options=options, progress=progress)
-    if shard_id not in state.ring:
-        return rebalance(manager, state.ring, tables, options=options, progress=progress)
-    return rebalance(manager, state.ring.remove_shard(shard_id), tables, options=options, progress=progress)
+    new_ring = target_ring(manager, remove=shard_id)
+    assert new_ring is not None
+    return rebalance(manager, new_ring, tables, options=options, progress=progress)
 
 
-def current_state_excluding(manager: ShardManager, joining: str) -> RingState:
-    """Like :func:`current_state`, but a first install never puts ``joining`` on the ring."""
-    state = load_ring_state(manager)
-    if state is not None:
-        return state
+def target_ring(
+    manager: ShardManager,
+    *,
+    add: ShardConfig | str | None = None,
+    weight: float | None = None,
+    remove: str | None = None,
+    ring: HashRing | None = None,
+) -> HashRing | None:
+    """The ring a request moves to: the unfinished move's target if there is one (it is finished
+    first), else the stored ring with ``add`` put on / ``remove`` taken off, or ``ring``; None
+    when nothing is asked and nothing is in flight (a resume with nothing to do)."""
+    joining = None
+    if isinstance(add, ShardConfig):
+        if add.id not in manager.shard_ids:
+            manager.add_shard(add)
+        joining = add.id
+    elif add is not None:
+        joining = add
+    if remove is not None:
+        manager.config(remove)
+    view = FleetView(read_fleet_state(manager))
+    moving = view.unfinished
+    if moving is not None and moving.target is not None:
+        return moving.target
+    state = view.newest or _install_without(manager, joining)
+    if ring is not None:
+        return ring
+    if joining is not None:
+        if joining in state.ring:
+            return state.ring
+        default = add.weight if isinstance(add, ShardConfig) else manager.config(joining).weight
+        return state.ring.add_shard(joining, weight if weight is not None else default)
+    if remove is not None:
+        return state.ring.remove_shard(remove) if remove in state.ring else state.ring
+    return None
+
+
+def _install_without(manager: ShardManager, joining: str | None) -> RingState:
+    """Store the configured ring (never with the shard being added on it)."""
     ring = manager.ring
-    if joining in ring:
+    if joining is not None and joining in ring:
         ring = ring.remove_shard(joining)
     return install_ring(manager, ring)
-
-
-def _in_flight_target(state: RingState) -> HashRing:
-    assert state.target is not None
-    return state.target
 
 
 def _require_configured(manager: ShardManager, ring: HashRing) -> None:
     missing = [s for s in ring.shard_ids if s not in manager.shard_ids]
     if missing:
         raise UnknownShardError(
-            f"shard(s) {', '.join(map(repr, missing))} are on the target ring but not configured: "
-            "add them with manager.add_shard(ShardConfig(id=..., url=...))"
+            f"shard(s) {', '.join(map(repr, missing))} are on the target ring but not in this "
+            "configuration: add their URLs to it (or pass --add ID URL again)"
         )
 
 
@@ -232,11 +345,13 @@ def _drain(
     sources: list[str],
     options: MoveOptions,
     tracker: ProgressTracker,
+    control: MoveControl,
 ) -> None:
     """Drain every source shard, in parallel; the first failure is raised after all stop."""
     assert state.target is not None
-    create_stages(manager, spec, state.target.shard_ids)
-    movers = [SourceMover(manager, state, spec, s, options, tracker) for s in sources]
+    targets = sorted({m.target for m in range_moves(state.ring, state.target)})
+    create_stages(manager, spec, targets)  # only shards that receive rows; all are dropped at the end
+    movers = [SourceMover(manager, state, spec, s, options, tracker, control) for s in sources]
     if len(movers) == 1:
         movers[0].run()
         return
@@ -248,7 +363,14 @@ def _drain(
         raise first
 
 
-def _result(old: HashRing, new: HashRing, version: int, tracker: ProgressTracker) -> RebalanceResult:
+def _result(
+    old: HashRing,
+    new: HashRing,
+    version: int,
+    tracker: ProgressTracker,
+    *,
+    finished_interrupted: bool = False,
+) -> RebalanceResult:
     snap = tracker.snapshot("done")
     return RebalanceResult(
         old,
@@ -260,4 +382,6 @@ def _result(old: HashRing, new: HashRing, version: int, tracker: ProgressTracker
         dict(tracker.rows_by_table),
         snap.elapsed,
         snap.max_fence_seconds,
+        snap.phase_seconds,
+        finished_interrupted,
     )
