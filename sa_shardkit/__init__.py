@@ -39,7 +39,7 @@ from .events import QueryEvent, QueryListener, QueryMetrics, QueryStats
 from .lint import LintReport, lint_files, lint_hook, lint_script_directory
 from .manager import ShardHealth, ShardManager
 from .prometheus import prometheus_text
-from .rebalance import MoveOptions, RingRouter, add_shard, remove_shard
+from .rebalance import MoveOptions, RebalanceJob, RingRouter, add_shard, remove_shard, start_rebalance
 from .replicas import ReplicaStatus
 from .ring import DEFAULT_VNODES, HashRing, key_bytes, key_hash, moved_share
 from .routing import Route, route_statement
@@ -76,6 +76,7 @@ __all__ = [
     "ReferenceTable",
     "ReplicaStatus",
     "RingError",
+    "RebalanceJob",
     "RingRouter",
     "Route",
     "Saga",
@@ -117,6 +118,7 @@ __all__ = [
     "lint_script_directory",
     "recover",
     "remove_shard",
+    "start_rebalance",
     "route_statement",
     "run_saga",
     "settings_from_env",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,21 +23,29 @@ from ..config import ShardConfig
 from ..errors import ConfigError
 from ..manager import ShardManager
 from ..rebalance import (
+    FleetView,
     MoveOptions,
+    MoveStatus,
+    ProgressCallback,
     RebalancePlan,
     RebalanceProgress,
     RebalanceResult,
     RingState,
     install_ring,
     load_ring_state,
+    move_status,
     plan_rebalance,
     read_fleet_state,
     rebalance,
     table_set,
 )
+from ..rebalance import resume as resume_move
+from ..rebalance.rebalancer import drop_leftovers
 from ..ring import HashRing
 from .options import config_options, load_manager
 from .output import output_console
+
+T = TypeVar("T")
 
 
 def load_models(spec: str) -> Any:
@@ -57,8 +67,18 @@ def load_models(spec: str) -> Any:
 @click.option("--resume", is_flag=True, help="Finish the move in flight (after a crash or kill).")
 @click.option("--status", "show_status", is_flag=True, help="Show the stored ring state and exit.")
 @click.option("--dry-run", is_flag=True, help="Print what would move (ranges, keys, rows) and exit.")
-@click.option("--batch-size", default=500, show_default=True, help="Shard keys per batch.")
-@click.option("--sleep", default=0.0, show_default=True, help="Seconds to pause between batches.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    help=f"Shard keys per batch (default {MoveOptions.batch_size}; --resume: the move's own).",
+)
+@click.option(
+    "--sleep",
+    type=float,
+    default=None,
+    help="Seconds to pause between batches (default 0; --resume: the move's own).",
+)
 @click.option(
     "--models",
     default="sa_shardkit.demo.models:Base",
@@ -74,14 +94,15 @@ def rebalance_command(
     resume: bool,
     show_status: bool,
     dry_run: bool,
-    batch_size: int,
-    sleep: float,
+    batch_size: int | None,
+    sleep: float | None,
     models: str,
 ) -> None:
     """Add (--add ID URL) or remove (--remove ID) a shard while the application keeps running.
 
     Rows move one key batch at a time (copy, verify, cut over, delete); a killed run continues
-    where it stopped when run again (or with --resume).
+    where it stopped when run again (or with --resume, which needs only the fleet's original
+    configuration: the move stored its options and the joining shard's URL, without password).
     """
     if sum(bool(x) for x in (add, remove, resume, show_status)) != 1:
         raise click.UsageError("give exactly one of --add ID URL, --remove ID, --resume, --status")
@@ -91,21 +112,57 @@ def rebalance_command(
             _print_status(console, manager)
             return
         tables = load_models(models)
-        new_ring = _target_ring(manager, add, weight, remove, resume, install=not dry_run)
-        if new_ring is None:
-            console.print("No move in flight; the fleet routes by the stored ring.")
+        options = _options(batch_size, sleep)
+        view = FleetView(read_fleet_state(manager))
+        moving = view.unfinished
+        if resume or (moving is not None and not dry_run):
+            if moving is None:
+                dropped = drop_leftovers(manager, view)
+                if dropped:
+                    console.print(f"Dropped staging tables left by a killed mover on: {', '.join(dropped)}.")
+                console.print("No move in flight; the fleet routes by the stored ring.")
+                return
+            if not resume and not _same_change(moving, add, remove):
+                raise ConfigError(f"a move to {moving.target!r} is in flight: finish it with --resume first")
+            result = _run_with_progress(
+                console, lambda p: resume_move(manager, tables, options=options, progress=p)
+            )
+            if result is not None:
+                _print_result(console, result)
             return
+        new_ring = _target_ring(manager, add, weight, remove, install=not dry_run)
         old = _stored_state(manager, add[0] if add else None, install=False).ring
         plan = plan_rebalance(manager, old, new_ring, table_set(tables))
         _print_plan(console, plan)
         if dry_run:
             console.print("[bold]Dry run:[/] nothing was moved.")
             return
-        result = _run_with_progress(console, manager, new_ring, tables, plan, batch_size, sleep)
+        result = _run_with_progress(
+            console,
+            lambda p: rebalance(
+                manager,
+                new_ring,
+                tables,
+                options=options or MoveOptions(),
+                progress=p,
+                rows_expected=plan.rows_to_move,
+            ),
+        )
         _print_result(console, result)
 
 
 rebalance_command.name = "rebalance"
+
+
+def _options(batch_size: int | None, sleep: float | None) -> MoveOptions | None:
+    """The options given on the command line; None when none is (resume: the move's own)."""
+    if batch_size is None and sleep is None:
+        return None
+    default = MoveOptions()
+    return MoveOptions(
+        batch_size=default.batch_size if batch_size is None else batch_size,
+        sleep=default.sleep if sleep is None else sleep,
+    )
 
 
 def _target_ring(
@@ -113,21 +170,14 @@ def _target_ring(
     add: tuple[str, str] | None,
     weight: float | None,
     remove: str | None,
-    resume: bool,
     *,
     install: bool,
-) -> HashRing | None:
+) -> HashRing:
     if add is not None:
         shard_id, url = add
         if shard_id not in manager.shard_ids:
             manager.add_shard(ShardConfig(id=shard_id, url=url, weight=weight or 1))
     state = _stored_state(manager, add[0] if add is not None else None, install=install)
-    if state.target is not None:
-        if not resume and not _same_change(state.ring, state.target, add, remove):
-            raise ConfigError(f"a move to {state.target!r} is in flight: finish it with --resume first")
-        return state.target
-    if resume:
-        return None
     if add is not None:
         if add[0] in state.ring:
             return state.ring
@@ -148,10 +198,12 @@ def _stored_state(manager: ShardManager, joining: str | None, *, install: bool) 
     return install_ring(manager, ring) if install else RingState(0, ring)
 
 
-def _same_change(old: HashRing, target: HashRing, add: tuple[str, str] | None, remove: str | None) -> bool:
+def _same_change(moving: RingState, add: tuple[str, str] | None, remove: str | None) -> bool:
+    """Whether ``--add``/``--remove`` asks for the move that is in flight (then it is finished)."""
+    assert moving.target is not None
     if add is not None:
-        return add[0] in target and add[0] not in old
-    return remove is not None and remove in old and remove not in target
+        return add[0] in moving.target and add[0] not in moving.ring
+    return remove is not None and remove in moving.ring and remove not in moving.target
 
 
 def _print_plan(console: Console, plan: RebalancePlan) -> None:
@@ -174,15 +226,8 @@ def _print_plan(console: Console, plan: RebalancePlan) -> None:
         )
 
 
-def _run_with_progress(
-    console: Console,
-    manager: ShardManager,
-    new_ring: HashRing,
-    tables: Any,
-    plan: RebalancePlan,
-    batch_size: int,
-    sleep: float,
-) -> RebalanceResult:
+def _run_with_progress(console: Console, run: Callable[[ProgressCallback], T]) -> T:
+    """Run a move with a progress bar (rows of the whole move: earlier runs' rows included)."""
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -193,29 +238,27 @@ def _run_with_progress(
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("moving", total=plan.rows_to_move or None, rate="-")
+        task = bar.add_task("moving", total=None, rate="-")
 
         def on_progress(p: RebalanceProgress) -> None:
             bar.update(
                 task,
-                completed=p.rows_moved,
+                total=p.rows_expected or None,
+                completed=p.rows_moved_total,
                 description=p.phase,
                 rate=f"{p.rows_per_second:,.0f}",
             )
 
-        return rebalance(
-            manager,
-            new_ring,
-            tables,
-            options=MoveOptions(batch_size=batch_size, sleep=sleep),
-            progress=on_progress,
-            rows_expected=plan.rows_to_move,
-        )
+        return run(on_progress)
 
 
 def _print_result(console: Console, result: RebalanceResult) -> None:
+    if result.finished_interrupted:
+        console.print(
+            "Finished the move's last step (every row had moved; the final version bump was interrupted)."
+        )
     console.print(
-        f"[bold green]Done:[/] ring version {result.version} ({result.new!r}); moved "
+        f"[bold green]Done:[/] ring version {result.version} ({escape(repr(result.new))}); moved "
         f"{result.rows_moved:,} rows / {result.keys_moved:,} keys in {result.batches} batches, "
         f"{result.seconds:.1f} s ({result.rows_per_second:,.0f} rows/s); longest cut-over "
         f"{result.max_fence_seconds * 1000:.0f} ms."
@@ -224,20 +267,39 @@ def _print_result(console: Console, result: RebalanceResult) -> None:
 
 def _print_status(console: Console, manager: ShardManager) -> None:
     rows = read_fleet_state(manager)
-    if not rows:
+    status = move_status(manager)
+    if not rows or status is None:
         console.print("No ring stored yet (the first rebalance stores the configured ring).")
         return
     table = Table(title="Stored ring state per shard")
-    for name in ("shard", "version", "ring", "moving to", "watermark", "drained"):
+    for name in ("shard", "version", "ring", "moving to", "watermark", "drained", "rows moved", "batches"):
         table.add_column(name)
     for shard_id, row in rows.items():
         state = row.state
+        counts = status.per_shard.get(shard_id)
         table.add_row(
             shard_id,
             str(state.version),
             ", ".join(state.ring.shard_ids),
             ", ".join(state.target.shard_ids) if state.target is not None else "-",
-            row.watermark or "-",
+            escape(row.watermark or "-"),
             "yes" if row.drained else "no",
+            f"{counts.rows_moved:,}" if counts else "-",
+            f"{counts.batches:,}" if counts else "-",
         )
     console.print(table)
+    console.print(_status_line(status))
+
+
+def _status_line(status: MoveStatus) -> str:
+    """The move's figures in one line (the same ones ``RebalanceJob.progress()`` reports)."""
+    if status.phase == "idle":
+        return f"No move in flight; the fleet routes by ring version {status.version}."
+    expected = f" of {status.rows_expected:,}" if status.rows_expected else ""
+    share = f" ({status.rows_moved / status.rows_expected:.0%})" if status.rows_expected else ""
+    lagging = f"; shards at an older version: {', '.join(status.lagging)}" if status.lagging else ""
+    return (
+        f"Move in flight ({status.phase}): {status.rows_moved:,}{expected} rows moved{share}, "
+        f"{status.keys_moved:,} keys in {status.batches:,} batches{lagging}. "
+        "Finish it with --resume if no mover is running."
+    )

@@ -8,9 +8,11 @@ stored version without a restart.
 
 from __future__ import annotations
 
-from ..errors import StaleRingError
-from .catalog import RingState, ShardState, install_ring, load_ring_state, read_fleet_state
+from ..errors import RebalanceCancelled, StaleRingError
+from .catalog import FleetView, RingState, ShardState, install_ring, load_ring_state, read_fleet_state
+from .control import MoveControl
 from .fence import RingRouter
+from .job import MoveStatus, RebalanceJob, move_status, start_rebalance
 from .mover import MoveOptions
 from .plan import RangeMove, RebalancePlan, plan_rebalance, range_moves
 from .progress import BatchReport, ProgressCallback, RebalanceProgress
@@ -22,16 +24,22 @@ from .rebalancer import (
     rebalance,
     remove_shard,
     resume,
+    target_ring,
 )
 from .tables import ShardedTable, TableSet, table_set
 from .verify import misplaced_rows
 
 __all__ = [
     "BatchReport",
+    "FleetView",
+    "MoveControl",
     "MoveOptions",
+    "MoveStatus",
     "ProgressCallback",
     "RangeMove",
     "RebalancePlan",
+    "RebalanceCancelled",
+    "RebalanceJob",
     "RebalanceProgress",
     "RebalanceResult",
     "RingRouter",
@@ -45,6 +53,7 @@ __all__ = [
     "install_ring",
     "load_ring_state",
     "misplaced_rows",
+    "move_status",
     "plan_change",
     "plan_rebalance",
     "range_moves",
@@ -52,5 +61,7 @@ __all__ = [
     "rebalance",
     "remove_shard",
     "resume",
+    "start_rebalance",
     "table_set",
+    "target_ring",
 ]

@@ -50,6 +50,9 @@ from .progress import BatchReport, ProgressTracker
 from .record import COUNT_BATCH
 from .tables import ShardedTable, TableSet
 
+STAGE_PREFIX = "shardkit_in_"
+"""Staging tables are named ``shardkit_in_<table>``."""
+
 MOVER_LOCK = (0x5348_4B54, 0x4D4F_5645)
 """Advisory lock (two int4 keys) a mover holds on its source shard for the whole run."""
 
@@ -372,6 +375,30 @@ def drop_stages(manager: ShardManager, tables: TableSet, targets: Sequence[str])
                 conn.exec_driver_sql(f"DROP TABLE IF EXISTS {TableNames.of(spec).stage}")
 
 
+def drop_leftover_stages(manager: ShardManager, shard_ids: Sequence[str]) -> dict[str, int]:
+    """Drop every ``shardkit_in_*`` table on ``shard_ids`` (only when no move is in flight: a
+    mover killed while dropping them leaves the rest); returns ``{shard: tables dropped}``."""
+    dropped: dict[str, int] = {}
+    for shard_id in shard_ids:
+        with manager.connect(shard_id) as conn, conn.begin():
+            names = (
+                conn.execute(
+                    text(
+                        "SELECT quote_ident(tablename) FROM pg_tables"
+                        " WHERE schemaname = current_schema() AND starts_with(tablename, :prefix)"
+                    ),
+                    {"prefix": STAGE_PREFIX},
+                )
+                .scalars()
+                .all()
+            )
+            for name in names:
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+        if names:
+            dropped[shard_id] = len(names)
+    return dropped
+
+
 def keys_between(conn: Connection, tables: TableSet, after: str | None, upto: str) -> list[Any]:
     """Every shard key in ``(after, upto]`` (the range one batch covers), from the key sources."""
     parts = []
@@ -439,7 +466,7 @@ class TableNames:
         preparer = postgresql.dialect().identifier_preparer  # type: ignore[no-untyped-call]
         quote = preparer.quote
         live = preparer.format_table(spec.table)
-        stage = quote(f"shardkit_in_{spec.table.name}")
+        stage = quote(f"{STAGE_PREFIX}{spec.table.name}")
         key = quote(spec.key.name)
         key_in = f"{key} = ANY(CAST(%s AS {spec.key_sql_type}[]))"
         columns = ", ".join(quote(c.name) for c in spec.table.c)
@@ -480,6 +507,7 @@ __all__ = [
     "SourceMover",
     "TableNames",
     "create_stages",
+    "drop_leftover_stages",
     "drop_stages",
     "key_checksums",
     "keys_between",

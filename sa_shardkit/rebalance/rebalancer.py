@@ -34,7 +34,7 @@ from .catalog import (
     write_state,
 )
 from .control import MoveControl
-from .mover import MoveOptions, SourceMover, create_stages, drop_stages
+from .mover import MoveOptions, SourceMover, create_stages, drop_leftover_stages, drop_stages
 from .plan import RebalancePlan, plan_rebalance, range_moves
 from .progress import ProgressCallback, ProgressTracker
 from .record import MoveRecord, read_records, url_without_password, write_record
@@ -124,6 +124,7 @@ def rebalance(
     if moving is None and newest.ring == new_ring:
         if not view.split and not newest.in_flight:
             _require_configured(manager, new_ring)
+            drop_leftover_stages(manager, manager.shard_ids)
             manager.set_ring(new_ring)
             tracker.phase("done")
             return _result(newest.ring, new_ring, newest.version, tracker)
@@ -189,12 +190,28 @@ def resume(
     """Finish the move in flight, if any (None when there is none), with its stored options
     unless ``options`` is given. Joining shards the manager lacks are configured from the move
     record (their URL is stored without a password)."""
-    moving = fleet_view(manager).unfinished
+    view = fleet_view(manager)
+    moving = view.unfinished
     if moving is None or moving.target is None:
+        drop_leftovers(manager, view)  # a kill while the last step dropped them
         return None
     return rebalance(
         manager, moving.target, tables, options=options, progress=progress, control=control, tracker=tracker
     )
+
+
+def drop_leftovers(manager: ShardManager, view: FleetView) -> dict[str, int]:
+    """With no move in flight: drop staging tables a mover killed in its very last step left,
+    on every shard of the last move (a joining shard the configuration lacks is reached through
+    the move record). Returns ``{shard: tables dropped}``."""
+    newest = view.newest
+    if newest is None or view.unfinished is not None:
+        return {}
+    stored, _ = read_records(manager, newest.version - 1)
+    if stored is not None:
+        previous = RingState(stored.version, newest.ring, newest.ring)
+        _configure_joining(manager, previous, stored)
+    return drop_leftover_stages(manager, manager.shard_ids)
 
 
 def _options_dict(options: MoveOptions) -> dict[str, float]:

@@ -82,7 +82,9 @@ class SourceCounts:
 
 def url_without_password(url: URL | str) -> str:
     """The URL to store: never a password (see the module docstring)."""
-    return make_url(url).set(password=None).render_as_string(hide_password=False)
+    u = make_url(url)
+    bare = URL.create(u.drivername, u.username, None, u.host, u.port, u.database, u.query)
+    return bare.render_as_string(hide_password=False)
 
 
 def write_record(manager: ShardManager, record: MoveRecord, shard_ids: Iterable[str]) -> None:

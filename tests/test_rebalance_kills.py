@@ -1,0 +1,158 @@
+"""A real mover process (the CLI) SIGKILLed at every step boundary, the last one included, then
+``shardkit rebalance --resume`` with the fleet's original configuration and no options repeated.
+
+Done means: every shard at one ring version, nothing in flight, no staging table on any shard
+(removed ones included), every row exactly once on the shard the new ring assigns, and the
+resumed run kept the batch size the move was started with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import make_url, text
+
+from sa_shardkit import HashRing, ShardManager
+from sa_shardkit.cli.rebalance import rebalance_command
+from sa_shardkit.rebalance import FleetView, install_ring, read_fleet_state
+from sa_shardkit.rebalance.record import read_records
+from tests.rebalance_data import check_fleet, seed
+
+ROOT = Path(__file__).resolve().parent.parent
+FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
+CUSTOMERS, ORDERS_EACH = 400, 2
+BATCH = 15
+
+
+def _urls(manager: ShardManager) -> list[str]:
+    return [
+        arg
+        for s in FOUR.shard_ids
+        for arg in ("--url", manager.config(s).primary_url.render_as_string(False))
+    ]
+
+
+def _kill_at(argv: list[str], stop: dict[str, Any]) -> None:
+    """Run the CLI mover in a subprocess until it reaches ``stop``, then SIGKILL it there."""
+    mover = subprocess.Popen(
+        [sys.executable, "-m", "tests.rebalance_kill", json.dumps({"argv": argv, "stop": stop})],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert mover.stdout is not None
+    try:
+        lines = []
+        while True:
+            line = mover.stdout.readline()
+            if not line or line.strip() == "stopped":
+                break
+            lines.append(line)
+        assert line.strip() == "stopped", "the mover finished without reaching the stop point:\n" + "".join(
+            lines
+        )
+    finally:
+        os.kill(mover.pid, signal.SIGKILL)
+        mover.wait(timeout=60)
+
+
+def _staging_tables(manager: ShardManager) -> dict[str, int]:
+    found = {}
+    for shard_id in manager.shard_ids:
+        with manager.connect(shard_id) as conn:
+            found[shard_id] = conn.execute(
+                text("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'shardkit_in_%'")
+            ).scalar_one()
+    return {s: n for s, n in found.items() if n}
+
+
+def _assert_finished(everything: ShardManager, new: HashRing, version: int) -> None:
+    view = FleetView(read_fleet_state(everything))
+    assert {s.state.version for s in view.shards.values()} == {version}, {
+        s: st.state.version for s, st in view.shards.items()
+    }
+    assert view.unfinished is None and view.newest is not None and view.newest.ring == new
+    assert _staging_tables(everything) == {}
+    check_fleet(everything, new, None, CUSTOMERS * ORDERS_EACH)
+    record, counts = read_records(everything, version - 1)
+    assert record is not None and record.options["batch_size"] == BATCH
+    keys, batches = sum(c.keys_moved for c in counts.values()), sum(c.batches for c in counts.values())
+    assert keys > 0 and batches * BATCH >= keys  # every run of the move, the resumed one too, used BATCH
+
+
+def _resume(manager: ShardManager) -> str:
+    result = CliRunner().invoke(rebalance_command, [*_urls(manager), "--resume"])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+ADD_STOPS = {
+    "start bump": {"sql": "SET version", "nth": 2},
+    "cut-over (targets committed, source not)": {"sql": "SET watermark", "nth": 1},
+    "between batches": {"sql": "SET watermark", "nth": 6},
+    "final version bump": {"sql": "SET version", "nth": 6},
+    "dropping staging tables": {"sql": "DROP TABLE IF EXISTS", "nth": 2},
+}
+
+
+@pytest.mark.parametrize("stop", list(ADD_STOPS.values()), ids=list(ADD_STOPS))
+def test_add_killed_at_each_step_is_finished_by_resume(
+    manager: ShardManager, shard5_url: str, stop: dict[str, Any]
+) -> None:
+    seed(manager, FOUR, CUSTOMERS, ORDERS_EACH, 0)
+    install_ring(manager, FOUR)
+    _kill_at([*_urls(manager), "--add", "shard-5", shard5_url, "--batch-size", str(BATCH)], stop)
+    output = _resume(manager)  # the original configuration: shard-5 is not in it
+    if stop["sql"].startswith("DROP"):  # every shard was at the new version already
+        assert "Dropped staging tables left by a killed mover" in output
+    else:
+        assert "Done:" in output and "HashRing([" in output.replace("\n", "")
+    new = FOUR.add_shard("shard-5")
+    with ShardManager.from_urls(
+        {**{s: manager.config(s).primary_url for s in FOUR.shard_ids}, "shard-5": shard5_url}
+    ) as five:
+        _assert_finished(five, new, 3)
+
+
+def test_remove_killed_in_the_final_bump_is_finished_by_resume(manager: ShardManager) -> None:
+    seed(manager, FOUR, CUSTOMERS, ORDERS_EACH, 0)
+    install_ring(manager, FOUR)
+    # start bump: 4 updates; final bump: the 2nd of 4
+    _kill_at(
+        [*_urls(manager), "--remove", "shard-2", "--batch-size", str(BATCH)], {"sql": "SET version", "nth": 6}
+    )
+    split = FleetView(read_fleet_state(manager))
+    assert split.split and split.unfinished is not None  # killed between two shards' final bumps
+    again = CliRunner().invoke(rebalance_command, [*_urls(manager), "--remove", "shard-2"])
+    assert again.exit_code == 0, again.output
+    assert "Finished the move's last step" in again.output  # not "moved 0 rows" and a split fleet
+    _assert_finished(manager, FOUR.remove_shard("shard-2"), 3)
+    with manager.connect("shard-2") as conn:
+        assert conn.execute(text("SELECT count(*) FROM customers")).scalar_one() == 0
+
+
+def test_remove_killed_mid_move_is_finished_by_resume(manager: ShardManager) -> None:
+    seed(manager, FOUR, CUSTOMERS, ORDERS_EACH, 0)
+    install_ring(manager, FOUR)
+    _kill_at(
+        [*_urls(manager), "--remove", "shard-2", "--batch-size", str(BATCH)],
+        {"sql": "SET watermark", "nth": 3},
+    )
+    _resume(manager)
+    _assert_finished(manager, FOUR.remove_shard("shard-2"), 3)
+
+
+def test_the_stored_joining_url_has_no_password() -> None:
+    from sa_shardkit.rebalance.record import url_without_password
+
+    stored = url_without_password("postgresql+psycopg://app:s3cret@db5:5432/app")
+    assert "s3cret" not in stored and make_url(stored).username == "app"
