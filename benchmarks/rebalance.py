@@ -21,7 +21,14 @@ from sqlalchemy import delete, insert, select, text, tuple_
 
 from sa_shardkit import HashRing, ShardConfig, ShardManager
 from sa_shardkit.demo.models import Base, Customer, Order, OrderItem, Product
-from sa_shardkit.rebalance import MoveOptions, RingRouter, add_shard, install_ring, misplaced_rows
+from sa_shardkit.rebalance import (
+    MoveOptions,
+    RebalanceProgress,
+    RingRouter,
+    add_shard,
+    install_ring,
+    misplaced_rows,
+)
 from sa_shardkit.testing import PostgresFleet
 
 FOUR = ["shard-1", "shard-2", "shard-3", "shard-4"]
@@ -68,6 +75,7 @@ class Writer(threading.Thread):
         self.customers = customers
         self.stop = threading.Event()
         self.max_stall = 0.0
+        self.max_stall_at = 0.0
         self.writes = 0
 
     def run(self) -> None:
@@ -77,7 +85,9 @@ class Writer(threading.Thread):
             c = rnd.randint(1, self.customers)
             started = time.perf_counter()
             self.write(c, orders.update().where(orders.c.customer_id == c).values(total=orders.c.total + 1))
-            self.max_stall = max(self.max_stall, time.perf_counter() - started)
+            took = time.perf_counter() - started
+            if took > self.max_stall:
+                self.max_stall, self.max_stall_at = took, started
             self.writes += 1
 
 
@@ -97,11 +107,26 @@ def ours(manager: ShardManager, args: argparse.Namespace, total: int) -> None:
     writer.start()
     time.sleep(1.0)
     idle_stall, writer.max_stall = writer.max_stall, 0.0
-    result = add_shard(manager, "shard-5", Base, options=MoveOptions(batch_size=args.batch_size))
+    phases: list[tuple[float, str]] = []
+
+    def progress(p: RebalanceProgress) -> None:
+        if not phases or phases[-1][1] != p.phase:
+            phases.append((time.perf_counter(), p.phase))
+
+    result = add_shard(
+        manager,
+        "shard-5",
+        Base,
+        options=MoveOptions(batch_size=args.batch_size, fence_seconds=args.fence_seconds),
+        progress=progress,
+    )
     writer.stop.set()
     writer.join()
     wrong = misplaced_rows(manager, result.new, Base)
-    print(f"sa_shardkit rebalance (batch {args.batch_size} keys, sources in parallel):")
+    print(
+        f"sa_shardkit rebalance (adaptive batches of <= {args.batch_size} moving keys aiming at a "
+        f"{args.fence_seconds * 1000:.0f} ms cut-over, sources in parallel):"
+    )
     print(
         f"  rows moved:              {result.rows_moved:>10,} of {total:,} ({result.rows_moved / total:.1%})"
     )
@@ -110,8 +135,14 @@ def ours(manager: ShardManager, args: argparse.Namespace, total: int) -> None:
     print(
         f"  longest write stall:     {writer.max_stall * 1000:>10.0f} ms (writer idle baseline {idle_stall * 1000:.0f} ms)"
     )
+    during = next((name for at, name in reversed(phases) if at <= writer.max_stall_at), "before the move")
+    print(f"    (it started in the {during!r} step)")
     print(f"  longest cut-over fence:  {result.max_fence_seconds * 1000:>10.0f} ms")
     print(f"  writes during the move:  {writer.writes:>10,}")
+    print(f"  batches:                 {result.batches:>10,}")
+    print("  time per step (s; copy and cut-over are summed over the sources, which run in parallel):")
+    for step, seconds in result.phase_seconds.items():
+        print(f"    {step:<22} {seconds:>10.3f}")
     print(f"  rows on the wrong shard: {sum(sum(t.values()) for t in wrong.values()):>10,}")
     RESULTS["ours"] = result.rows_per_second
 
@@ -154,7 +185,15 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=5000)
     parser.add_argument("--orders", type=int, default=10)
     parser.add_argument("--items", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=500, help="shard keys per batch (ours)")
+    parser.add_argument(
+        "--batch-size", type=int, default=MoveOptions.batch_size, help="most moving keys per batch (ours)"
+    )
+    parser.add_argument(
+        "--fence-seconds",
+        type=float,
+        default=MoveOptions.fence_seconds,
+        help="cut-over length the adaptive batch aims at (ours)",
+    )
     parser.add_argument("--page-size", type=int, default=1000, help="rows per OFFSET page (the sketch)")
     args = parser.parse_args()
     with PostgresFleet(5) as fleet:

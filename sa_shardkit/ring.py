@@ -22,6 +22,7 @@ import uuid
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from xxhash import xxh3_64_intdigest
@@ -70,6 +71,28 @@ def key_hash(key: object) -> int:
 
 def _vnode_point(shard_id: str, index: int) -> int:
     return xxh3_64_intdigest(f"{shard_id}#{index}".encode())
+
+
+@lru_cache(maxsize=256)
+def _shard_points(shard_id: str, count: int) -> dict[int, str]:
+    """A shard's virtual-node points, hashed once per process: a ring that differs from the last
+    one by a shard (every version bump of a move) then hashes only that shard's points."""
+    return {_vnode_point(shard_id, i): shard_id for i in range(count)}
+
+
+def _sorted_points(counts: Mapping[str, int]) -> list[tuple[int, str]]:
+    """Every shard's points in ring order (ties, which 64-bit hashes make vanishingly rare, by id)."""
+    owner: dict[int, str] = {}
+    total = 0
+    for shard_id, count in counts.items():
+        points = _shard_points(shard_id, count)
+        owner.update(points)
+        total += len(points)
+    if len(owner) != total:  # a point shared by two shards: order those by id, as always
+        return sorted(
+            (p, s) for shard_id, count in counts.items() for p, s in _shard_points(shard_id, count).items()
+        )
+    return [(p, owner[p]) for p in sorted(owner)]
 
 
 @dataclass(frozen=True)
@@ -122,11 +145,7 @@ class HashRing:
             resolved[shard_id] = int(weight) if float(weight).is_integer() else float(weight)
         self._weights = resolved
         self._vnodes = vnodes
-        pairs = sorted(
-            (_vnode_point(shard_id, i), shard_id)
-            for shard_id, weight in resolved.items()
-            for i in range(max(1, round(vnodes * weight)))
-        )
+        pairs = _sorted_points({s: max(1, round(vnodes * w)) for s, w in resolved.items()})
         self._points = [p for p, _ in pairs]
         self._owners = [s for _, s in pairs]
         self._wrapped_owners = [*self._owners, self._owners[0]]  # index len(points) wraps to the first

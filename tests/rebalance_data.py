@@ -19,7 +19,6 @@ from sa_shardkit.demo.models import Base, Customer, Order, OrderItem, Product
 from sa_shardkit.errors import StaleRingError
 from sa_shardkit.rebalance import RingRouter, RingState, install_ring, table_set
 from sa_shardkit.rebalance.catalog import write_state
-from sa_shardkit.rebalance.mover import create_stages
 from sa_shardkit.rebalance.rebalancer import _prepare
 
 ORDERS = Order.__table__
@@ -74,7 +73,6 @@ def start_move(manager: ShardManager, shard5_url: str, customers: int = 100) -> 
     _prepare(manager, tables, four, ["shard-5"])
     state = RingState(2, four, four.add_shard("shard-5"), tables.key_sql_type)
     write_state(manager, state, state.shard_ids)
-    create_stages(manager, tables, ["shard-5"])
     return state
 
 

@@ -100,7 +100,6 @@ ADD_STOPS = {
     "cut-over (targets committed, source not)": {"sql": "SET watermark", "nth": 1},
     "between batches": {"sql": "SET watermark", "nth": 6},
     "final version bump": {"sql": "SET version", "nth": 6},
-    "dropping staging tables": {"sql": "DROP TABLE IF EXISTS", "nth": 2},
 }
 
 
@@ -112,10 +111,7 @@ def test_add_killed_at_each_step_is_finished_by_resume(
     install_ring(manager, FOUR)
     _kill_at([*_urls(manager), "--add", "shard-5", shard5_url, "--batch-size", str(BATCH)], stop)
     output = _resume(manager)  # the original configuration: shard-5 is not in it
-    if stop["sql"].startswith("DROP"):  # every shard was at the new version already
-        assert "Dropped staging tables left by a killed mover" in output
-    else:
-        assert "Done:" in output and "HashRing([" in output.replace("\n", "")
+    assert "Done:" in output and "HashRing([" in output.replace("\n", "")
     new = FOUR.add_shard("shard-5")
     with ShardManager.from_urls(
         {**{s: manager.config(s).primary_url for s in FOUR.shard_ids}, "shard-5": shard5_url}
@@ -143,6 +139,10 @@ def test_remove_killed_in_the_final_bump_is_finished_by_resume(manager: ShardMan
 def test_remove_killed_mid_move_is_finished_by_resume(manager: ShardManager) -> None:
     seed(manager, FOUR, CUSTOMERS, ORDERS_EACH, 0)
     install_ring(manager, FOUR)
+    for shard_id in ("shard-2", "shard-3"):  # staging tables an older version's mover left behind
+        with manager.connect(shard_id) as conn:
+            conn.execute(text("CREATE UNLOGGED TABLE shardkit_in_orders (LIKE orders)"))
+            conn.commit()
     _kill_at(
         [*_urls(manager), "--remove", "shard-2", "--batch-size", str(BATCH)],
         {"sql": "SET watermark", "nth": 3},

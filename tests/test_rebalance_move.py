@@ -89,6 +89,8 @@ def test_sigkilled_mover_resumes_and_converges(manager: ShardManager, shard5_url
     spec = {
         "shards": {s: manager.config(s).primary_url.render_as_string(False) for s in FOUR},
         "add": ["shard-5", shard5_url],
+        "batch_size": 2,  # moving keys per batch: ~15 batches per source, 0.2 s apart, so 3 kills land mid-move
+        "sleep": 0.2,
     }
     rnd = random.Random(7)
     # the application's configuration names the new shard before the move starts (not on the ring yet)

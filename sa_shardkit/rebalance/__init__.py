@@ -9,9 +9,10 @@ stored version without a restart.
 from __future__ import annotations
 
 from ..errors import RebalanceCancelled, StaleRingError
-from .catalog import FleetView, RingState, ShardState, install_ring, load_ring_state, read_fleet_state
+from .catalog import RingState, ShardState, install_ring, load_ring_state, read_fleet_state
 from .control import MoveControl
 from .fence import RingRouter
+from .fleet import FleetView
 from .job import MoveStatus, RebalanceJob, move_status, start_rebalance
 from .mover import MoveOptions
 from .plan import RangeMove, RebalancePlan, plan_rebalance, range_moves

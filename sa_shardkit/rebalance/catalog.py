@@ -97,8 +97,7 @@ class ShardState:
 
 
 def create_state_table(conn: Connection) -> None:
-    """The state table and the move record's table (:mod:`.record`), which cut-overs update."""
-    for ddl in (*_DDL, MOVE_DDL):
+    for ddl in _DDL:
         conn.execute(text(ddl))
 
 
@@ -151,54 +150,10 @@ def _read_any(conn: Connection) -> Any:
 
 def load_ring_state(manager: ShardManager) -> RingState | None:
     """The fleet's newest state (the highest version any shard holds), or None before ``install``."""
-    return FleetView(read_fleet_state(manager)).newest
-
-
-@dataclass(frozen=True)
-class FleetView:
-    """Every shard's row at once: the newest state, and a move whose last step did not finish.
-
-    A move ends by bumping every shard to ``v+2`` one shard at a time; a kill in between leaves
-    some shards at ``v+1`` (still "moving") and others at ``v+2``. Only the whole fleet's rows show
-    that, so resuming reads them all, not only the newest version.
-    """
-
-    shards: dict[str, ShardState]
-
-    @property
-    def newest(self) -> RingState | None:
-        if not self.shards:
-            return None
-        return max((s.state for s in self.shards.values()), key=lambda st: st.version)
-
-    @property
-    def lagging(self) -> dict[str, ShardState]:
-        """Shards at an older version than the newest."""
-        newest = self.newest
-        return {
-            k: s for k, s in self.shards.items() if newest is not None and s.state.version < newest.version
-        }
-
-    @property
-    def unfinished(self) -> RingState | None:
-        """The in-flight state of the move not yet finished on every shard, or None.
-
-        The newest state when it is in flight; else, when the final bump was interrupted, the
-        in-flight state that lagging shards still hold (its target is the newest ring).
-        """
-        newest = self.newest
-        if newest is None or newest.in_flight:
-            return newest
-        for shard in self.lagging.values():
-            state = shard.state
-            if state.version == newest.version - 1 and state.target == newest.ring:
-                return state
+    states = read_fleet_state(manager)
+    if not states:
         return None
-
-    @property
-    def split(self) -> bool:
-        """Shards stored at more than one version."""
-        return len({s.state.version for s in self.shards.values()}) > 1
+    return max((s.state for s in states.values()), key=lambda st: st.version)
 
 
 def install_ring(manager: ShardManager, ring: HashRing | None = None) -> RingState:
@@ -239,6 +194,7 @@ def write_state(manager: ShardManager, state: RingState, shard_ids: Iterable[str
     for shard_id in shard_ids:
         with manager.connect(shard_id) as conn, conn.begin():
             create_state_table(conn)
+            conn.execute(text(MOVE_DDL))  # the move record's table, which cut-overs update (.record)
             row = conn.execute(text(f"SELECT version FROM {STATE_TABLE} FOR UPDATE")).first()
             if row is None:
                 conn.execute(
@@ -282,7 +238,6 @@ def describe(state: RingState) -> dict[str, Any]:
 
 __all__ = [
     "STATE_TABLE",
-    "FleetView",
     "RingState",
     "ShardState",
     "check_key_type",

@@ -15,8 +15,9 @@ from ..config import ShardConfig
 from ..errors import RebalanceError
 from ..manager import ShardManager
 from ..ring import HashRing
-from .catalog import FleetView, read_fleet_state
+from .catalog import read_fleet_state
 from .control import MoveControl
+from .fleet import FleetView
 from .mover import MoveOptions
 from .progress import ProgressCallback, ProgressTracker, RebalanceProgress
 from .rebalancer import RebalanceResult, rebalance, resume, target_ring

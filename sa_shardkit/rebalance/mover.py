@@ -1,29 +1,35 @@
 """Moving one source shard's keys: copy, verify, cut over and delete, one key batch at a time.
 
-A batch is the next ``batch_size`` shard keys of the source above its watermark (keyset pagination
-over the key column of the tables that hold every key, in the column's SQL order; never OFFSET). Each batch runs in
-two phases:
+A batch is the source's next moving shard keys above its watermark (keyset pagination over the key
+column of the tables that hold every key, in the column's SQL order; never OFFSET; keys that stay
+are skipped). Its size adapts so that its cut-over takes about ``MoveOptions.fence_seconds``. Each
+batch runs in two phases:
 
-1. **copy** (no fence; writers keep writing the keys on the source): per target shard, one target
-   transaction replaces the keys' rows -- delete, then ``COPY`` into a staging table and
-   ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` (a set-based batched upsert), parents first;
+1. **copy** (no fence; writers keep writing the keys on the source): in one ``REPEATABLE READ``
+   snapshot of the source, the keys' rows are streamed with ``COPY ... TO STDOUT (FORMAT binary)``
+   straight into ``COPY ... FROM STDIN`` of the live tables of each target (parents first), in a
+   target transaction that stays **open** (so nobody sees the copies); the same snapshot gives, per
+   key and table, a content checksum (``hashtextextended(ROW(...)::text)``, compared with the
+   target's: verified before the fence) and a version fingerprint (``ctid``/``xmin`` of each row);
 2. **cut-over** (short): one source transaction locks the source's state row ``FOR NO KEY UPDATE``
    -- writers of moving keys, who lock it ``FOR SHARE``, wait; nobody else does. It re-reads the
-   keys of the batch's key range (new keys included), compares per-key row counts and checksums
-   with each target, copies again only the keys that changed since phase 1, verifies every key,
-   commits the targets, deletes the rows from the source (children first), advances the watermark,
-   and commits: that commit is the cut-over.
+   batch's key range (new keys included) and the fingerprints: only keys that changed since the
+   snapshot are copied and verified again. Then it commits the targets, deletes the rows from the
+   source (children first, row counts checked), advances the watermark, and commits: that commit
+   is the cut-over.
 
 Crash safety: targets commit before the source. A crash in between leaves copies on a target for
 keys above the source's watermark; routing never sends anyone there (the key has not moved), and
-the next run deletes them before it starts (:meth:`SourceMover.clean_targets`). A session-level
-advisory lock on the source keeps a second mover of the same source out.
+the next run deletes them before it starts (:meth:`SourceMover.clean_targets`). A crash at any
+other moment leaves only open transactions, which the servers roll back. A session-level advisory
+lock on the source keeps a second mover of the same source out.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +37,6 @@ from sqlalchemy import (
     String,
     bindparam,
     cast,
-    delete,
-    func,
     select,
     text,
     union,
@@ -51,24 +55,34 @@ from .record import COUNT_BATCH
 from .tables import ShardedTable, TableSet
 
 STAGE_PREFIX = "shardkit_in_"
-"""Staging tables are named ``shardkit_in_<table>``."""
+"""Staging tables of earlier versions (``shardkit_in_<table>``), dropped when a move finishes."""
+FIRST_BATCH = 64
+"""Moving keys in a source's first batch, before its cut-over time is measured."""
+MIN_BATCH = 8
+"""The adaptive batch never shrinks below this (a cut-over's fixed cost would dominate)."""
 
 MOVER_LOCK = (0x5348_4B54, 0x4D4F_5645)
 """Advisory lock (two int4 keys) a mover holds on its source shard for the whole run."""
 
 # the checksum compares PostgreSQL's text form of each row, so both sides must render alike
-_CANONICAL = text(
+_SETTINGS = (
     "SET LOCAL timezone = 'UTC'; SET LOCAL datestyle = 'ISO, YMD';"
     " SET LOCAL intervalstyle = 'postgres'; SET LOCAL extra_float_digits = 3"
 )
+_CANONICAL = text(_SETTINGS)
+# phase 1: the copy, its checksums and its fingerprints all read one snapshot of the source
+_SNAPSHOT = text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; " + _SETTINGS)
 
 
 @dataclass(frozen=True)
 class MoveOptions:
     """Throttling knobs of the mover."""
 
-    batch_size: int = 500
-    """Shard keys per batch (all rows of a key move together, in every table)."""
+    batch_size: int = 2000
+    """At most this many moving shard keys per batch (all rows of a key move together)."""
+    fence_seconds: float = 0.08
+    """The cut-over length a batch aims at: the batch size adapts (from 32 keys up to
+    ``batch_size``) so that writers of moving keys wait about this long, at most, per batch."""
     sleep: float = 0.0
     """Seconds to pause between batches (throttling)."""
     lock_timeout: float = 30.0
@@ -79,6 +93,8 @@ class MoveOptions:
             raise RebalanceError(f"batch size must be >= 1, got {self.batch_size}")
         if self.sleep < 0:
             raise RebalanceError(f"sleep must be >= 0, got {self.sleep}")
+        if self.fence_seconds <= 0:
+            raise RebalanceError(f"fence_seconds must be > 0, got {self.fence_seconds}")
 
 
 def _key_param(spec: ShardedTable, name: str) -> ColumnElement[Any]:
@@ -138,6 +154,8 @@ class SourceMover:
         # only the shards this source's ranges move to can hold its copies (clean_targets scans them)
         self.targets = sorted({m.target for m in range_moves(self.old, self.new) if m.source == source})
         self.names = [TableNames.of(spec) for spec in tables.sharded]
+        self.batch_keys = min(FIRST_BATCH, options.batch_size)
+        """Moving keys in the next batch (adapted to ``options.fence_seconds`` after each)."""
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -168,7 +186,7 @@ class SourceMover:
         return None if target == self.source else target
 
     def clean_targets(self) -> int:
-        """Delete rows a crashed run copied to a target for keys the source has not cut over.
+        """Delete rows a crashed run committed on a target for keys the source has not cut over.
 
         Such keys (moving from this source, above its watermark) cannot legitimately be on the
         target: writers keep writing them on the source until the cut-over.
@@ -192,38 +210,98 @@ class SourceMover:
                             f"DELETE FROM {names.live} WHERE {names.key_in}", (orphans,)
                         )
                         removed += result.rowcount
-                for names in self.names:  # staged by phase 1 of a batch that never cut over
-                    staged = [
-                        k for (k,) in tconn.exec_driver_sql(f"SELECT DISTINCT {names.key} FROM {names.stage}")
-                    ]
-                    orphans = [k for k in staged if self._moves(k) == target]
-                    if orphans:
-                        tconn.exec_driver_sql(f"DELETE FROM {names.stage} WHERE {names.key_in}", (orphans,))
         return removed
+
+    def _next_batch(self, conn: Connection, watermark: str | None) -> tuple[list[Any], str | None]:
+        """The next ``batch_keys`` moving keys above ``watermark`` and the batch's last key (the
+        range ``(watermark, last]`` may hold keys that stay; at the end it covers every key)."""
+        moving: list[Any] = []
+        after = watermark
+        chunk = max(256, self.batch_keys * 8)
+        while True:
+            keys = next_keys(conn, self.tables, after, chunk)
+            for key in keys:
+                if self._moves(key) is not None:
+                    moving.append(key)
+                    if len(moving) == self.batch_keys:
+                        return moving, str(key)
+            if len(keys) < chunk:
+                return moving, str(keys[-1]) if keys else after
+            after = str(keys[-1])
 
     def batch(self) -> bool:
         """Move the next key batch; False when the source is drained.
 
-        Phase 1 copies the batch without the fence (writers keep writing on the source); phase 2
-        takes the fence, re-copies only the keys whose rows changed meanwhile (per-key checksums),
-        verifies, deletes and advances the watermark. Writers of moving keys wait only for phase 2.
+        Phase 1 copies the batch without the fence into open target transactions; phase 2 takes
+        the fence, re-copies only the keys whose rows changed meanwhile, commits the targets,
+        deletes and advances the watermark. Writers of moving keys wait only for phase 2.
         """
         started = time.perf_counter()
-        with self.manager.connect(self.source) as conn, conn.begin():
-            conn.execute(_CANONICAL)
-            row = self._state_row(conn, lock="")
-            if row.drained:
-                return False
-            watermark = row.watermark
-            keys = next_keys(conn, self.tables, watermark, self.options.batch_size)
-            precopied = {
-                target: self._replace(conn, target, target_keys)
-                for target, target_keys in self._by_target(keys).items()
-            }
+        with ExitStack() as targets:
+            with self.manager.connect(self.source) as conn, conn.begin():
+                conn.execute(_SNAPSHOT)
+                row = self._state_row(conn, lock="")
+                if row.drained:
+                    return False
+                watermark = row.watermark
+                keys, last = self._next_batch(conn, watermark)
+                by_target = self._by_target(keys)
+                open_targets = {t: targets.enter_context(self._target(t)) for t in sorted(by_target)}
+                snapshot = self._copy(conn, open_targets, by_target)
+            if not keys:
+                if last != watermark:
+                    return self._skip_to(watermark, last)
+                return self._finish_drain(watermark)
+            assert last is not None
+            copy_seconds = time.perf_counter() - started
+            return self._cut_over(watermark, last, open_targets, snapshot, copy_seconds, targets)
+
+    @contextmanager
+    def _target(self, target: str) -> Iterator[Connection]:
+        """A target connection in an open transaction (rolled back unless the cut-over commits)."""
+        with self.manager.connect(target) as tconn:
+            tconn.begin()
+            tconn.execute(_CANONICAL)
+            yield tconn
+
+    def _copy(
+        self, source: Connection, targets: dict[str, Connection], by_target: dict[str, list[Any]]
+    ) -> Checksums:
+        """Phase 1: stream the keys' rows into each open target transaction and verify them there.
+
+        Returns the source's per-key checksums and fingerprints of the snapshot that was copied.
+        """
+        keys = [k for ks in by_target.values() for k in ks]
+        for target, target_keys in by_target.items():
+            self._replace(source, targets[target], target_keys, fresh=True)
+        snapshot = key_checksums(source, self.names, keys)
+        for target, target_keys in by_target.items():
+            self._verify(
+                target, snapshot, key_checksums(targets[target], self.names, target_keys), target_keys
+            )
+        return snapshot
+
+    def _replace(
+        self, source: Connection, tconn: Connection, keys: list[Any], *, fresh: bool = False
+    ) -> None:
+        """Make the target's rows of ``keys`` a copy of the source's (in the target's open
+        transaction). ``fresh``: the target holds no row of them (clean_targets ran; writers write
+        them on the source), so a row there would fail the COPY on its primary key, loudly."""
         if not keys:
-            return self._finish_drain(watermark)
-        copy_seconds = time.perf_counter() - started
-        return self._cut_over(watermark, str(keys[-1]), precopied, len(keys), copy_seconds)
+            return
+        if not fresh:
+            _pipelined(tconn, [f"DELETE FROM {n.live} WHERE {n.key_in}" for n in reversed(self.names)], keys)
+        for names in self.names:
+            names.copy(source, tconn, keys)
+
+    def _verify(self, target: str, expected: Checksums, got: Checksums, keys: list[Any]) -> None:
+        wrong = _differing(expected, got, keys, content=True)
+        if wrong:
+            raise RebalanceError(
+                f"verification failed copying from {self.source!r} to {target!r}: the rows of "
+                f"{len(wrong)} key(s) differ after the copy (e.g. key {wrong[0]!r}); nothing "
+                "was deleted from the source"
+            )
 
     def _state_row(self, conn: Connection, *, lock: str) -> ShardState:
         row = read_shard_state(conn, self.source, lock=lock, check_table=False)
@@ -245,12 +323,23 @@ class SourceMover:
 
     def _fence(self, conn: Connection) -> ShardState:
         """Take the fence: wait for in-flight writers of moving keys (FOR SHARE) and block new ones."""
-        conn.execute(text(f"SET LOCAL lock_timeout = '{int(self.options.lock_timeout * 1000)}ms'"))
-        conn.execute(_CANONICAL)
+        timeout = f"SET LOCAL lock_timeout = '{int(self.options.lock_timeout * 1000)}ms'; "
+        conn.execute(text(timeout + _SETTINGS))
         return self._state_row(conn, lock="FOR NO KEY UPDATE")
 
+    def _skip_to(self, watermark: str | None, last: str | None) -> bool:
+        """Keys up to ``last`` stay here (none moves): advance the watermark past them."""
+        with self.manager.connect(self.source) as conn, conn.begin():
+            row = self._fence(conn)
+            if row.watermark != watermark:
+                raise RebalanceError(f"the watermark of {self.source!r} moved under the mover")
+            if any(self._moves(k) for k in keys_between(conn, self.tables, watermark, str(last))):
+                return True  # a moving key arrived meanwhile: the next batch takes it
+            conn.execute(text(f"UPDATE {STATE_TABLE} SET watermark = :wm, updated_at = now()"), {"wm": last})
+        return True
+
     def _finish_drain(self, watermark: str | None) -> bool:
-        """No key above the watermark: mark the source drained, unless one arrived meanwhile."""
+        """No moving key above the watermark: mark the source drained, unless one arrived meanwhile."""
         with self.manager.connect(self.source) as conn, conn.begin():
             row = self._fence(conn)
             if row.drained:
@@ -266,113 +355,74 @@ class SourceMover:
         self,
         watermark: str | None,
         last: str,
-        precopied: dict[str, Checksums],
-        scanned: int,
-        copy_seconds: float = 0.0,
+        targets: dict[str, Connection],
+        snapshot: Checksums,
+        copy_seconds: float,
+        stack: ExitStack,
     ) -> bool:
         with self.manager.connect(self.source) as conn, conn.begin():
             fenced_at = time.perf_counter()
             row = self._fence(conn)
             if row.watermark != watermark:
                 raise RebalanceError(f"the watermark of {self.source!r} moved under the mover")
-            moving = self._by_target(keys_between(conn, self.tables, watermark, last))
+            known = list(dict.fromkeys(k for _, k in snapshot))
+            now, arrived = range_fingerprints(conn, self.tables, self.names, watermark, last, known)
+            arrived = [k for k in arrived if self._moves(k) is not None]  # new keys in the range
+            keys = [*(k for k in known if any((i, k) in now for i in range(len(self.names)))), *arrived]
+            stale = set(_differing(snapshot, now, known, content=False)) | set(arrived)
+            final = {tk: v for tk, v in now.items() if tk[1] not in stale}
+            for target in sorted(set(targets) | {self.new.get_shard(k) for k in arrived}):
+                redo = [k for k in [*known, *arrived] if k in stale and self.new.get_shard(k) == target]
+                if target not in targets:  # a key arrived for a target phase 1 did not copy to
+                    targets[target] = stack.enter_context(self._target(target))
+                if redo:
+                    self._replace(conn, targets[target], redo)
+                    expected = key_checksums(conn, self.names, redo)
+                    self._verify(target, expected, key_checksums(targets[target], self.names, redo), redo)
+                    final.update(expected)
+            for tconn in targets.values():
+                tconn.commit()
             rows_by_table: dict[str, int] = {}
-            for target in sorted(set(precopied) | set(moving)):
-                copied = self._catch_up(conn, target, precopied.get(target, {}), moving.get(target, []))
-                for table, n in copied.items():
-                    rows_by_table[table] = rows_by_table.get(table, 0) + n
-            keys = [k for ks in moving.values() for k in ks]
+            for (index, _), (n, _, _) in final.items():
+                name = self.tables.sharded[index].name
+                rows_by_table[name] = rows_by_table.get(name, 0) + n
             if keys:
-                for spec in reversed(self.tables.sharded):
-                    deleted = conn.execute(
-                        delete(spec.table).where(spec.key == func.any(_keys_param(spec))), {"keys": keys}
-                    ).rowcount
-                    if deleted != rows_by_table.get(spec.name, 0):
+                statements = [f"DELETE FROM {n.live} WHERE {n.key_in}" for n in reversed(self.names)]
+                deleted = _pipelined(conn, statements, keys)
+                for spec, count in zip(reversed(self.tables.sharded), deleted, strict=True):
+                    if count != rows_by_table.get(spec.name, 0):
                         raise RebalanceError(
-                            f"{spec.name} on {self.source!r}: deleting {deleted} rows but copied "
+                            f"{spec.name} on {self.source!r}: deleting {count} rows but copied "
                             f"{rows_by_table.get(spec.name, 0)}; rolled back"
                         )
             rows = sum(rows_by_table.values())
             conn.execute(
                 text(
-                    f"WITH counted AS ({COUNT_BATCH} RETURNING 1) UPDATE {STATE_TABLE} SET watermark = :wm, updated_at = now()"
+                    f"WITH counted AS ({COUNT_BATCH} RETURNING 1) "
+                    f"UPDATE {STATE_TABLE} SET watermark = :wm, updated_at = now()"
                 ),
                 {"wm": last, "rows": rows, "keys": len(keys), "version": self.state.version},
             )
         fence_seconds = time.perf_counter() - fenced_at
+        self._adapt(fence_seconds, len(keys))
         report = BatchReport(
-            self.source, scanned, len(keys), rows, rows_by_table, fence_seconds, copy_seconds
+            self.source, len(keys), len(keys), rows, rows_by_table, fence_seconds, copy_seconds
         )
         self.tracker.batch(report)
         return True
 
-    def _replace(self, source: Connection, target: str, keys: list[Any]) -> Checksums:
-        """Phase 1: stage the keys' rows on ``target`` (committed, unverified, invisible).
-
-        Returns the staged rows' per-key checksums, so the cut-over (which compares them with the
-        source's) does not compute them under the fence; only this mover writes these keys' stage.
-        """
-        with self.manager.connect(target) as tconn, tconn.begin():
-            tconn.execute(_CANONICAL)
-            for names in self.names:
-                tconn.exec_driver_sql(f"DELETE FROM {names.stage} WHERE {names.key_in}", (keys,))
-                names.copy(source, tconn, keys)
-            return key_checksums(tconn, self.names, keys, staged=True)
-
-    def _catch_up(
-        self, source: Connection, target: str, staged: Checksums, keys: list[Any]
-    ) -> dict[str, int]:
-        """Phase 2, under the fence: make ``target``'s tables hold exactly the source's rows of ``keys``.
-
-        ``staged``: the per-key checksums of what phase 1 staged. Staged keys deleted since phase 1
-        are dropped, keys whose per-key checksum differs (changed or new since phase 1) are staged
-        again, then the staged rows are inserted into the tables (parents first) and every key is
-        verified against the source. Commits the target.
-        """
-        with self.manager.connect(target) as tconn, tconn.begin():
-            tconn.execute(_CANONICAL)
-            gone = list({k for _, k in staged} - set(keys))
-            if gone:
-                for names in self.names:
-                    tconn.exec_driver_sql(f"DELETE FROM {names.stage} WHERE {names.key_in}", (gone,))
-            expected = key_checksums(source, self.names, keys, staged=False)
-            stale = _differing(expected, staged, keys)
-            for names in self.names if stale else ():
-                tconn.exec_driver_sql(f"DELETE FROM {names.stage} WHERE {names.key_in}", (stale,))
-                names.copy(source, tconn, stale)
-            for names in reversed(self.names):  # no row of these keys may be live here yet; be exact
-                tconn.exec_driver_sql(f"DELETE FROM {names.live} WHERE {names.key_in}", (keys,))
-            for names in self.names:
-                tconn.exec_driver_sql(names.upsert_from_stage, (keys,))
-                tconn.exec_driver_sql(f"DELETE FROM {names.stage} WHERE {names.key_in}", (keys,))
-            wrong = _differing(expected, key_checksums(tconn, self.names, keys, staged=False), keys)
-            if wrong:
-                raise RebalanceError(
-                    f"verification failed copying from {self.source!r} to {target!r}: the rows of "
-                    f"{len(wrong)} key(s) differ after the copy (e.g. key {wrong[0]!r}); nothing "
-                    "was deleted from the source"
-                )
-        counts: dict[str, int] = {}
-        for (index, _), (n, _) in expected.items():
-            name = self.tables.sharded[index].name
-            counts[name] = counts.get(name, 0) + n
-        return counts
-
-
-def create_stages(manager: ShardManager, tables: TableSet, targets: Sequence[str]) -> None:
-    """The staging tables on every target shard (before movers run in parallel: DDL races)."""
-    for target in targets:
-        with manager.connect(target) as conn, conn.begin():
-            for spec in tables.sharded:
-                TableNames.of(spec).create_stage(conn)
-
-
-def drop_stages(manager: ShardManager, tables: TableSet, targets: Sequence[str]) -> None:
-    """Drop the (empty) staging tables once the move is finished."""
-    for target in targets:
-        with manager.connect(target) as conn, conn.begin():
-            for spec in tables.sharded:
-                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {TableNames.of(spec).stage}")
+    def _adapt(self, fence_seconds: float, keys: int) -> None:
+        """Size the next batch so that its cut-over takes about ``options.fence_seconds``: double
+        it while a cut-over takes under half of that, shrink it in proportion when one took longer
+        (a cut-over has a fixed part -- round trips, commits -- so the rate per key is not linear)."""
+        target = self.options.fence_seconds
+        if fence_seconds > target:
+            wanted = int(self.batch_keys * target / fence_seconds)
+        elif fence_seconds < target / 2 and keys >= self.batch_keys:
+            wanted = self.batch_keys * 2
+        else:
+            return
+        self.batch_keys = min(self.options.batch_size, max(MIN_BATCH, wanted))
 
 
 def drop_leftover_stages(manager: ShardManager, shard_ids: Sequence[str]) -> dict[str, int]:
@@ -414,91 +464,126 @@ def keys_between(conn: Connection, tables: TableSet, after: str | None, upto: st
     return list(conn.execute(select(merged.c.k).order_by(merged.c.k), params).scalars())
 
 
-Checksums = dict[tuple[int, Any], tuple[int, int]]
-"""``{(table index, key): (rows, sum of row hashes)}``: see :func:`key_checksums`."""
+def _pipelined(conn: Connection, statements: list[str], keys: list[Any]) -> list[int]:
+    """Run ``statements`` (each taking the key list) in one round trip (psycopg pipeline mode),
+    in the connection's transaction; returns each one's row count."""
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    cursors = [raw.cursor() for _ in statements]
+    with raw.pipeline():
+        for cursor, sql in zip(cursors, statements, strict=True):
+            cursor.execute(sql, (keys,))
+    return [int(c.rowcount) for c in cursors]
+
+
+def range_fingerprints(
+    conn: Connection,
+    tables: TableSet,
+    names: Sequence[TableNames],
+    after: str | None,
+    upto: str,
+    known: Sequence[Any],
+) -> tuple[Checksums, list[Any]]:
+    """In one query: the version fingerprints (:func:`key_checksums` without content) of the
+    ``known`` keys, and every other key of the range ``(after, upto]`` (keys that arrived)."""
+    parts = [
+        f"SELECT {i} AS t, {n.key} AS k, count(*), 0, sum(hashtextextended(ctid::text || xmin::text, 0))"
+        f" FROM {n.live} WHERE {n.key_in} GROUP BY {n.key}"
+        for i, n in enumerate(names)
+    ]
+    params: list[Any] = [list(known)] * len(parts)
+    for spec in tables.key_sources:
+        n = TableNames.of(spec)
+        lower = f"{n.key} > CAST(%s AS {spec.key_sql_type}) AND " if after is not None else ""
+        parts.append(
+            f"SELECT DISTINCT -1, {n.key}, 0, 0, 0 FROM {n.live} WHERE {lower}"
+            f"{n.key} <= CAST(%s AS {spec.key_sql_type}) AND NOT {n.key_in}"
+        )
+        params += [*([after] if after is not None else []), upto, list(known)]
+    found: Checksums = {}
+    arrived: dict[Any, None] = {}
+    for t, k, c, h, v in conn.exec_driver_sql(" UNION ALL ".join(parts), tuple(params)):
+        if int(t) < 0:
+            arrived[k] = None
+        else:
+            found[(int(t), k)] = (int(c), int(h), int(v))
+    return found, sorted(arrived)
+
+
+Checksums = dict[tuple[int, Any], tuple[int, int, int]]
+"""``{(table index, key): (rows, content checksum, version fingerprint)}``: see :func:`key_checksums`."""
 
 
 def key_checksums(
-    conn: Connection, names: Sequence[TableNames], keys: Sequence[Any], *, staged: bool
+    conn: Connection, names: Sequence[TableNames], keys: Sequence[Any], *, content: bool = True
 ) -> Checksums:
-    """``{(table index, key): (rows, sum of row hashes)}`` for ``keys``, in one query.
-
-    The hash is PostgreSQL's own text form of each row (``ROW(columns)::text``), so the live and
-    the staging table of one shard, and the same table on two shards, compare alike.
+    """Per table and key, in one query: the row count, the sum of the rows' content hashes
+    (PostgreSQL's own text form of each row, ``ROW(columns)::text``, so two shards compare alike)
+    and the sum of the row versions' hashes (``ctid``, ``xmin``: which changes with every insert,
+    update or delete, without rendering the rows). ``content=False`` skips the content hash (0).
     """
     if not keys:
         return {}
+    hashed = "sum(hashtextextended(ROW({columns})::text, 0))" if content else "0"
     parts = [
-        f"SELECT {i} AS t, {n.key} AS k, count(*), sum(hashtextextended(ROW({n.columns})::text, 0)) "
-        f"FROM {n.stage if staged else n.live} WHERE {n.key_in} GROUP BY {n.key}"
+        f"SELECT {i} AS t, {n.key} AS k, count(*), {hashed.format(columns=n.columns)},"
+        f" sum(hashtextextended(ctid::text || xmin::text, 0)) FROM {n.live} WHERE {n.key_in} GROUP BY {n.key}"
         for i, n in enumerate(names)
     ]
     result = conn.exec_driver_sql(" UNION ALL ".join(parts), tuple([list(keys)] * len(parts)))
-    return {(int(t), k): (int(c), int(h)) for t, k, c, h in result}
+    return {(int(t), k): (int(c), int(h), int(v)) for t, k, c, h, v in result}
 
 
-def _differing(
-    expected: dict[tuple[int, Any], tuple[int, int]],
-    got: dict[tuple[int, Any], tuple[int, int]],
-    keys: list[Any],
-) -> list[Any]:
-    """Keys whose rows differ in any table between two :func:`key_checksums` results."""
+def _differing(expected: Checksums, got: Checksums, keys: Sequence[Any], *, content: bool) -> list[Any]:
+    """Keys whose rows differ in any table: by count and content (two shards), or by count and
+    version fingerprint (one shard at two moments)."""
+
+    def pick(v: tuple[int, int, int]) -> tuple[int, int]:
+        return (v[0], v[1]) if content else (v[0], v[2])
+
     wanted = set(keys)
-    bad = {k for (t, k), v in expected.items() if k in wanted and got.get((t, k)) != v}
-    bad |= {k for (t, k), v in got.items() if k in wanted and expected.get((t, k)) != v}
-    return [k for k in keys if k in bad]
+    bad = {
+        k
+        for mine, theirs in ((expected, got), (got, expected))
+        for (t, k), v in mine.items()
+        if k in wanted and ((t, k) not in theirs or pick(theirs[(t, k)]) != pick(v))
+    }
+    return [k for k in dict.fromkeys(keys) if k in bad]
 
 
 @dataclass(frozen=True)
 class TableNames:
-    """The quoted SQL names one sharded table needs: itself, its staging table, its key."""
+    """The quoted SQL names one sharded table needs: itself, its key, its columns."""
 
     live: str
-    stage: str
     key: str
     key_in: str
     """``key = ANY(CAST(%s AS type[]))``: the rows of a list of keys."""
     columns: str
-    upsert_from_stage: str
 
     @classmethod
     def of(cls, spec: ShardedTable) -> TableNames:
         preparer = postgresql.dialect().identifier_preparer  # type: ignore[no-untyped-call]
         quote = preparer.quote
-        live = preparer.format_table(spec.table)
-        stage = quote(f"{STAGE_PREFIX}{spec.table.name}")
         key = quote(spec.key.name)
         key_in = f"{key} = ANY(CAST(%s AS {spec.key_sql_type}[]))"
         columns = ", ".join(quote(c.name) for c in spec.table.c)
-        primary = ", ".join(quote(c.name) for c in spec.table.primary_key.columns)
-        changes = ", ".join(
-            f"{quote(c.name)} = EXCLUDED.{quote(c.name)}" for c in spec.table.c if not c.primary_key
-        )
-        conflict = f"DO UPDATE SET {changes}" if changes else "DO NOTHING"
-        upsert = (
-            f"INSERT INTO {live} ({columns}) SELECT {columns} FROM {stage} WHERE {key_in} "
-            f"ON CONFLICT ({primary}) {conflict}"
-        )
-        return cls(live, stage, key, key_in, columns, upsert)
+        return cls(preparer.format_table(spec.table), key, key_in, columns)
 
-    def create_stage(self, conn: Connection) -> None:
-        """An unlogged table shaped like the live one (no constraints) where phase 1 copies to."""
-        conn.exec_driver_sql(f"CREATE UNLOGGED TABLE IF NOT EXISTS {self.stage} (LIKE {self.live})")
-        index = self.stage[:-1] + '_key"' if self.stage.endswith('"') else self.stage + "_key"
-        conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {index} ON {self.stage} ({self.key})")
-
-    def copy(self, source: Connection, target: Connection, keys: list[Any]) -> int:
-        """Stream the keys' rows from the source table into this staging table with COPY."""
+    def copy(self, source: Connection, target: Connection, keys: list[Any]) -> None:
+        """Stream the keys' rows from the source table into the target's with binary COPY (no
+        Python row is built; both tables have the same columns and types)."""
         src = source.connection.driver_connection.cursor()  # type: ignore[union-attr]
         dst = target.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        out_sql = f"COPY (SELECT {self.columns} FROM {self.live} WHERE {self.key_in}) TO STDOUT"
+        out_sql = (
+            f"COPY (SELECT {self.columns} FROM {self.live} WHERE {self.key_in}) TO STDOUT (FORMAT binary)"
+        )
         with (
             src.copy(out_sql, (keys,)) as out,
-            dst.copy(f"COPY {self.stage} ({self.columns}) FROM STDIN") as into,
+            dst.copy(f"COPY {self.live} ({self.columns}) FROM STDIN (FORMAT binary)") as into,
         ):
             for block in out:
                 into.write(block)
-        return int(src.rowcount)
 
 
 __all__ = [
@@ -506,10 +591,9 @@ __all__ = [
     "MoveOptions",
     "SourceMover",
     "TableNames",
-    "create_stages",
     "drop_leftover_stages",
-    "drop_stages",
     "key_checksums",
     "keys_between",
+    "range_fingerprints",
     "next_keys",
 ]

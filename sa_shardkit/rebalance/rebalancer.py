@@ -26,7 +26,6 @@ from ..errors import RebalanceError, UnknownShardError
 from ..manager import ShardManager
 from ..ring import HashRing
 from .catalog import (
-    FleetView,
     RingState,
     check_key_type,
     install_ring,
@@ -34,7 +33,8 @@ from .catalog import (
     write_state,
 )
 from .control import MoveControl
-from .mover import MoveOptions, SourceMover, create_stages, drop_leftover_stages, drop_stages
+from .fleet import FleetView
+from .mover import MoveOptions, SourceMover, drop_leftover_stages
 from .plan import RebalancePlan, plan_rebalance, range_moves
 from .progress import ProgressCallback, ProgressTracker
 from .record import MoveRecord, read_records, url_without_password, write_record
@@ -173,7 +173,7 @@ def _finish(manager: ShardManager, spec: TableSet, moving: RingState) -> RingSta
         _copy_reference(manager, spec, moving.ring.shard_ids[0], joining)
     final = RingState(moving.version + 1, moving.target)
     write_state(manager, final, moving.shard_ids)  # shards already bumped are kept as they are
-    drop_stages(manager, spec, _configured(manager, moving.shard_ids))  # removed shards too
+    drop_leftover_stages(manager, _configured(manager, moving.shard_ids))  # of older versions
     manager.set_ring(moving.target)
     return final
 
@@ -366,8 +366,6 @@ def _drain(
 ) -> None:
     """Drain every source shard, in parallel; the first failure is raised after all stop."""
     assert state.target is not None
-    targets = sorted({m.target for m in range_moves(state.ring, state.target)})
-    create_stages(manager, spec, targets)  # only shards that receive rows; all are dropped at the end
     movers = [SourceMover(manager, state, spec, s, options, tracker, control) for s in sources]
     if len(movers) == 1:
         movers[0].run()
