@@ -55,6 +55,12 @@ class ShardConfig:
     max_replica_lag: float = 5.0
     """Seconds the replica may trail the primary before reads fall back to the primary."""
     engine_options: Mapping[str, Any] = field(default_factory=dict)
+    pgbouncer: bool = False
+    """``url`` (and ``replica_url``) reach PgBouncer in transaction pooling mode: psycopg's prepared
+    statements are turned off (``prepare_threshold=None``), and work that needs session state
+    (migrations' and the rebalance mover's advisory locks) uses ``direct_url``."""
+    direct_url: str | URL | None = None
+    """The shard's PostgreSQL itself, bypassing PgBouncer: for session-level locks and settings."""
 
     def __post_init__(self) -> None:
         if not self.id or not isinstance(self.id, str):
@@ -62,6 +68,8 @@ class ShardConfig:
         object.__setattr__(self, "url", _parse_url(self.id, "url", self.url))
         if self.replica_url is not None:
             object.__setattr__(self, "replica_url", _parse_url(self.id, "replica_url", self.replica_url))
+        if self.direct_url is not None:
+            object.__setattr__(self, "direct_url", _parse_url(self.id, "direct_url", self.direct_url))
         weight = self.weight
         if (
             isinstance(weight, bool)
@@ -79,6 +87,25 @@ class ShardConfig:
     def primary_url(self) -> URL:
         assert isinstance(self.url, URL)
         return self.url
+
+    @property
+    def direct(self) -> URL:
+        """The URL for session-level work: ``direct_url``, or ``url`` when no pooler is in between.
+
+        Raises :class:`ConfigError` for a shard behind PgBouncer without ``direct_url``: under
+        transaction pooling a session-level advisory lock or ``SET`` would land on whichever server
+        connection PgBouncer picks, and outlive or miss the work it was meant to guard.
+        """
+        if self.direct_url is not None:
+            assert isinstance(self.direct_url, URL)
+            return self.direct_url
+        if self.pgbouncer:
+            raise ConfigError(
+                f"shard {self.id!r} is reached through PgBouncer (pgbouncer = true): migrations and "
+                "the rebalance mover hold session-level advisory locks, which transaction pooling "
+                f"breaks; set {self.id}.direct_url to the shard's PostgreSQL itself"
+            )
+        return self.primary_url
 
     @property
     def replica(self) -> URL | None:
@@ -154,6 +181,7 @@ _POOL_KEYS: dict[str, Callable[[str], Any]] = {
     "pool_timeout": float,
     "pool_pre_ping": _flag,
     "max_replica_lag": float,
+    "pgbouncer": _flag,
 }
 
 
@@ -176,7 +204,7 @@ def _weight(raw: str, where: str) -> float:
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None) -> ShardSettings:
-    """Read ``SHARD_<N>_URL`` / ``SHARD_<N>_REPLICA_URL`` / ``SHARD_<N>_WEIGHT`` (ids ``shard-<N>``)."""
+    """Read ``SHARD_<N>_URL`` / ``_REPLICA_URL`` / ``_DIRECT_URL`` / ``_WEIGHT`` (ids ``shard-<N>``)."""
     env = os.environ if environ is None else environ
     numbers = sorted(int(m.group(1)) for name in env if (m := _ENV_URL.match(name)))
     if not numbers:
@@ -199,6 +227,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> ShardSettings
                 id=f"shard-{n}",
                 url=env[f"SHARD_{n}_URL"],
                 replica_url=env.get(f"SHARD_{n}_REPLICA_URL") or None,
+                direct_url=env.get(f"SHARD_{n}_DIRECT_URL") or None,
                 weight=_weight(weight, f"SHARD_{n}_WEIGHT") if weight else 1,
                 **defaults,
             )
@@ -261,6 +290,9 @@ def settings_from_mapping(values: Mapping[str, str], *, where: str = "config") -
                 url=os.path.expandvars(url),
                 replica_url=os.path.expandvars(values[f"{shard_id}.replica_url"])
                 if values.get(f"{shard_id}.replica_url")
+                else None,
+                direct_url=os.path.expandvars(values[f"{shard_id}.direct_url"])
+                if values.get(f"{shard_id}.direct_url")
                 else None,
                 weight=_weight(weight, f"{where} {shard_id}.weight") if weight else 1,
                 **{**defaults, **own},

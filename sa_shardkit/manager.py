@@ -54,6 +54,10 @@ def _engine_for(config: ShardConfig, url: Any) -> Engine:
     else:
         connect_args = dict(options.pop("connect_args", {}))
         connect_args.setdefault("connect_timeout", max(1, round(config.connect_timeout)))
+        if config.pgbouncer and url is not config.direct_url:
+            # transaction pooling hands each transaction any server connection: a statement
+            # prepared on one is missing (or another one) on the next
+            connect_args.setdefault("prepare_threshold", None)
         options["connect_args"] = connect_args
         options.setdefault("pool_size", config.pool_size)
         options.setdefault("max_overflow", config.max_overflow)
@@ -99,6 +103,7 @@ class ShardManager:
         self._configs: dict[str, ShardConfig] = {c.id: c for c in settings.shards}
         self._engines: dict[str, Engine] = {}
         self._replicas: dict[str, Engine] = {}
+        self._direct: dict[str, Engine] = {}  # direct_url engines, created on first use
         for config in settings.shards:
             self._engines[config.id] = self._budgeted(config, "primary", config.primary_url)
             if config.replica is not None:
@@ -272,6 +277,25 @@ class ShardManager:
         except (OperationalError, PoolTimeoutError, DBAPIError) as error:
             raise unavailable(shard_id, engine.url.render_as_string(hide_password=True), error) from error
 
+    def connect_direct(self, shard_id: str) -> Connection:
+        """A connection for session-level state (advisory locks, ``SET``), bypassing any PgBouncer.
+
+        A shard configured with ``pgbouncer=True`` needs ``direct_url`` (else :class:`ConfigError`);
+        other shards use their primary engine. Used by migrations and the rebalance mover's lock.
+        """
+        config = self.config(shard_id)
+        if config.direct_url is None and not config.pgbouncer:
+            return self.connect(shard_id)
+        url = config.direct
+        with self._lock:
+            engine = self._direct.get(shard_id)
+            if engine is None:
+                engine = self._direct[shard_id] = self._budgeted(config, "direct", url)
+        try:
+            return engine.connect()
+        except (OperationalError, PoolTimeoutError, DBAPIError) as error:
+            raise unavailable(shard_id, url.render_as_string(hide_password=True), error) from error
+
     def safe_url(self, shard_id: str) -> str:
         return self.config(shard_id).safe_url()
 
@@ -401,7 +425,7 @@ class ShardManager:
     def dispose(self) -> None:
         """Close every pooled connection of every shard and replica; idempotent."""
         with self._lock:
-            for engine in [*self._engines.values(), *self._replicas.values()]:
+            for engine in [*self._engines.values(), *self._replicas.values(), *self._direct.values()]:
                 engine.dispose()
             self._disposed = True
         self.budget.close()

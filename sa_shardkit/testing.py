@@ -290,6 +290,99 @@ class PostgresFleet:
         self.close()
 
 
+def find_pgbouncer() -> str | None:
+    """The ``pgbouncer`` binary (``SHARDKIT_PGBOUNCER``, PATH, or Debian's /usr/sbin), or None."""
+    for candidate in (os.environ.get("SHARDKIT_PGBOUNCER"), shutil.which("pgbouncer"), "/usr/sbin/pgbouncer"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+class LocalPgBouncer:
+    """A PgBouncer in front of one :class:`LocalPostgres`, in transaction pooling mode by default.
+
+    Every database name is forwarded to the server (``* = host=... port=...``); at most
+    ``pool_size`` server connections per database and user, however many clients connect.
+    """
+
+    def __init__(self, server: LocalPostgres, *, pool_mode: str = "transaction", pool_size: int = 5) -> None:
+        binary = find_pgbouncer()
+        if binary is None:
+            raise RuntimeError(
+                "pgbouncer was not found: install it (Debian/Ubuntu: apt-get install pgbouncer) "
+                "or set SHARDKIT_PGBOUNCER to the binary"
+            )
+        self.server = server
+        self.port = free_port()
+        self.dir = server.data_dir.parent / f"{server.name}-pgbouncer-{self.port}"
+        self.dir.mkdir()
+        (self.dir / "users.txt").write_text('"postgres" ""\n')
+        settings = {
+            "listen_addr": "127.0.0.1",
+            "listen_port": str(self.port),
+            "unix_socket_dir": "",
+            "auth_type": "trust",
+            "auth_file": str(self.dir / "users.txt"),
+            "pool_mode": pool_mode,
+            "default_pool_size": str(pool_size),
+            "max_client_conn": "1000",
+            "pidfile": str(self.dir / "pgbouncer.pid"),
+            "logfile": str(self.dir / "pgbouncer.log"),
+            "admin_users": "postgres",
+            "ignore_startup_parameters": "extra_float_digits,options",
+        }
+        (self.dir / "pgbouncer.ini").write_text(
+            f"[databases]\n* = host=127.0.0.1 port={server.port}\n\n[pgbouncer]\n"
+            + "".join(f"{k} = {v}\n" for k, v in settings.items())
+        )
+        _chown_to_postgres(self.dir)
+        result = subprocess.run(
+            [*_as_postgres(), binary, "-d", str(self.dir / "pgbouncer.ini")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"could not start pgbouncer: {result.stderr}{self.log_tail()}")
+        self._wait_until_listening()
+
+    def _wait_until_listening(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"pgbouncer did not listen on {self.port}: {self.log_tail()}"
+                    ) from None
+                time.sleep(0.05)
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def log_tail(self) -> str:
+        try:
+            return (self.dir / "pgbouncer.log").read_text()[-2000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        pid_file = self.dir / "pgbouncer.pid"
+        if not pid_file.exists():
+            return
+        pid = int(pid_file.read_text().split()[0])
+        _signal(pid, 15)  # SIGTERM: immediate shutdown
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+
 @contextmanager
 def local_fleet(count: int = 4) -> Iterator[PostgresFleet]:
     """``with local_fleet(4) as fleet: fleet.urls`` -- servers are removed afterwards."""

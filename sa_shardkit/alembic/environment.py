@@ -306,7 +306,7 @@ class _FleetRun:
             write_outcome(self.child_report, report.outcomes[0])
 
     def _migrate_one(self, manager: ShardManager, shard_id: str) -> tuple[str, ...]:
-        with manager.connect(shard_id) as conn:
+        with manager.connect_direct(shard_id) as conn:  # session-level lock: never via PgBouncer
             self._configure(connection=conn)
             try:
                 with self.env.begin_transaction():

@@ -161,7 +161,7 @@ class SourceMover:
 
     def run(self) -> None:
         """Move every batch until the source is drained; safe to re-run after any crash."""
-        with self.manager.connect(self.source) as guard:
+        with self.manager.connect_direct(self.source) as guard:  # session-level lock: not via PgBouncer
             lock = dict(zip("ab", MOVER_LOCK, strict=True))
             got = guard.execute(text("SELECT pg_try_advisory_lock(:a, :b)"), lock).scalar_one()
             guard.commit()
