@@ -125,7 +125,7 @@ def run_on_every_shard(
     for position, shard_id in enumerate(ids):
         heads = read_heads(manager, shard_id)
         try:
-            with manager.connect(shard_id) as conn:
+            with manager.connect_direct(shard_id) as conn:  # session-level lock: never via PgBouncer
                 try:
                     _run_one(conn, shard_id, statement, transaction, timeouts)
                 finally:
