@@ -137,12 +137,20 @@ class ShardManager:
         return cls(settings_from_file(path, section), **kw)
 
     @classmethod
-    def from_urls(cls, urls: Mapping[str, str] | Sequence[str], **options: Any) -> ShardManager:
-        """Shards from URLs: a mapping id -> url, or a list (ids ``shard-1``, ``shard-2``, ...)."""
+    def from_urls(
+        cls,
+        urls: Mapping[str, str] | Sequence[str],
+        *,
+        max_connections: int | None = None,
+        idle_timeout: float | None = 60.0,
+        **options: Any,
+    ) -> ShardManager:
+        """Shards from URLs: a mapping id -> url, or a list (ids ``shard-1``, ...); ``options`` per shard."""
         items = (
             urls.items() if isinstance(urls, Mapping) else ((f"shard-{i}", u) for i, u in enumerate(urls, 1))
         )
-        return cls([ShardConfig(id=shard_id, url=url, **options) for shard_id, url in items])
+        configs = [ShardConfig(id=shard_id, url=url, **options) for shard_id, url in items]
+        return cls(configs, max_connections=max_connections, idle_timeout=idle_timeout)
 
     def _check_ring(self, ring: HashRing) -> None:
         for shard_id in ring.shard_ids:

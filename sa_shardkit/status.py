@@ -35,6 +35,12 @@ _ESTIMATE_SQL = text(
 )
 
 
+_CONNECTIONS = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+    "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+)
+
+
 @dataclass(frozen=True)
 class NodeStatus:
     """One server (a shard's primary or its replica) as seen by the status check."""
@@ -54,6 +60,8 @@ class NodeStatus:
     """Rows per table (None: counting timed out); primaries only."""
     ring_share: float | None = None
     lag_seconds: float | None = None
+    connections: int | None = None
+    """Client connections to this shard's database on the server (every client, this check excluded)."""
     problem: str | None = None
     """Why this server makes the fleet unhealthy (down, lagging, behind), or None."""
 
@@ -110,10 +118,13 @@ def collect_status(
                 # "15.20 (Debian 15.20-0+deb12u1)" -> "15.20"
                 version = str(conn.execute(text("SHOW server_version")).scalar()).split(" ")[0]
                 revision = _revision(conn)
+                connections = int(conn.execute(text(_CONNECTIONS)).scalar_one())
                 counts = {} if replica else _row_counts(conn, exact_counts)
         except Exception as error:  # noqa: BLE001 - reported per server, not raised
             return _replace(base, reachable=False, problem=f"failed while inspecting: {_first_line(error)}")
-        node = _replace(base, server_version=version, revision=revision, row_counts=counts)
+        node = _replace(
+            base, server_version=version, revision=revision, row_counts=counts, connections=connections
+        )
         if replica:
             lag = manager.replicas.status(h.shard_id, refresh=True)
             node = _replace(node, lag_seconds=lag.lag_seconds, problem=None if lag.usable else lag.reason)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from alembic.util import CommandError
 
 from ..errors import MigrationError
+from ..summary import hidden, summarise, tally
 
 
 class ShardState(str, enum.Enum):
@@ -76,12 +77,21 @@ class MigrationReport:
     def by_state(self, state: ShardState) -> list[str]:
         return [o.shard_id for o in self.outcomes if o.state is state]
 
-    def summary(self) -> str:
-        """The text block printed after every run: one line per shard, then a verdict."""
+    def summary(self, verbose: bool | None = None) -> str:
+        """The text block printed after every run: one line per shard, then a verdict.
+
+        Over more than 16 shards: a count per state, then only the shards that did not end ok
+        (``verbose``, or ``SHARDKIT_VERBOSE=1``: every shard).
+        """
         goal = f" to {self.target}" if self.target else ""
         lines = [f"shardkit: {self.command}{goal} on {len(self.outcomes)} shard(s)"]
-        width = max((len(o.shard_id) for o in self.outcomes), default=0)
-        for o in self.outcomes:
+        listed = list(self.outcomes)
+        if summarise(len(listed), verbose):
+            lines.append(f"  by state: {tally(o.state.value for o in listed)}")
+            listed = [o for o in listed if not o.ok]
+            lines.append(f"  {hidden(len(self.outcomes) - len(listed), 'shard(s) that ended ok')}")
+        width = max((len(o.shard_id) for o in listed), default=0)
+        for o in listed:
             revisions = _revs(o.before)
             if o.state is ShardState.MIGRATED:
                 revisions = f"{_revs(o.before)} -> {_revs(o.after)}"
@@ -96,11 +106,8 @@ class MigrationReport:
         if self.ok:
             lines.append(f"shardkit: OK, {len(self.outcomes)} shard(s) done")
         else:
-            counts: dict[str, int] = {}
-            for o in self.outcomes:
-                counts[o.state.value] = counts.get(o.state.value, 0) + 1
-            tally = ", ".join(f"{n} {state}" for state, n in counts.items())
-            lines.append(f"shardkit: STOPPED at {', '.join(o.shard_id for o in self.failed)} ({tally})")
+            counted = tally(o.state.value for o in self.outcomes)
+            lines.append(f"shardkit: STOPPED at {', '.join(o.shard_id for o in self.failed)} ({counted})")
         return "\n".join(lines)
 
     def verdict(self) -> str:

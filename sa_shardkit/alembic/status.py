@@ -16,6 +16,7 @@ from alembic.util import CommandError
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..manager import ShardManager
+from ..summary import hidden, summarise, tally
 
 
 class RevisionState(str, enum.Enum):
@@ -59,11 +60,17 @@ class FleetStatus:
         """Shards disagree among themselves (not merely all behind together)."""
         return len({s.heads for s in self.shards}) > 1
 
-    def describe(self) -> str:
-        width = max((len(s.shard_id) for s in self.shards), default=0)
+    def describe(self, verbose: bool | None = None) -> str:
+        """One line per shard (over 16 shards: counts, then only the shards not at head)."""
         heads = ",".join(self.script_heads) or "base"
         lines = [f"shardkit: migration status (scripts head: {heads})"]
-        for s in self.shards:
+        listed = list(self.shards)
+        if summarise(len(listed), verbose):
+            lines.append(f"  by state: {tally(s.state.value for s in listed)}")
+            listed = [s for s in listed if not s.at_head or s.error]
+            lines.append(f"  {hidden(len(self.shards) - len(listed), 'shard(s) at head')}")
+        width = max((len(s.shard_id) for s in listed), default=0)
+        for s in listed:
             line = f"  {s.shard_id:<{width}}  {','.join(s.heads) or 'base':<20}  {s.state.value}"
             if s.error:
                 line += f"  {s.error}"

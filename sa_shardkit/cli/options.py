@@ -18,8 +18,32 @@ F = TypeVar("F", bound=Callable[..., Any])
 _ENV_URL = re.compile(r"^SHARD_\d+_URL$")
 
 
+def _verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value:
+        return
+    # an environment variable, so that alembic child processes list every shard too; for this
+    # command only (tests and callers run several commands in one process)
+    before = os.environ.get("SHARDKIT_VERBOSE")
+    os.environ["SHARDKIT_VERBOSE"] = "1"
+
+    def restore() -> None:
+        if before is None:
+            os.environ.pop("SHARDKIT_VERBOSE", None)
+        else:
+            os.environ["SHARDKIT_VERBOSE"] = before
+
+    ctx.call_on_close(restore)
+
+
 def config_options(fn: F) -> F:
-    """``--config FILE`` and ``--url URL`` (repeatable): the shards a command works on."""
+    """``--config FILE``, ``--url URL`` (repeatable): the shards a command works on; ``--verbose``."""
+    fn = click.option(
+        "--verbose",
+        is_flag=True,
+        expose_value=False,
+        callback=_verbose,
+        help="List every shard in reports (over 16 shards they list only the shards needing attention).",
+    )(fn)
     fn = click.option(
         "--url",
         "urls",

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from ..errors import ConfigError
 from ..status import FleetStatusReport, NodeStatus, collect_status
+from ..summary import hidden, summarise, tally
 from .options import config_options, load_manager
 from .output import output_console
 
@@ -43,8 +44,28 @@ def _revision(node: NodeStatus) -> str:
     return f"{text} ({node.revision_state})" if node.revision_state else text
 
 
-def render_status(console: Console, report: FleetStatusReport) -> None:
+def _state(node: NodeStatus) -> str:
+    if node.problem and not node.reachable:
+        return "DOWN"
+    return "BEHIND" if node.problem else "ok"
+
+
+_STYLE = {"DOWN": "[red]DOWN[/]", "BEHIND": "[yellow]BEHIND[/]", "ok": "[green]ok[/]"}
+
+
+def render_status(console: Console, report: FleetStatusReport, verbose: bool | None = None) -> None:
+    """The shard table and rows per table; over 16 shards, counts and only the servers with a problem."""
     ring = f"ring version {report.ring_version}" if report.ring_version is not None else "configured ring"
+    primaries = [n for n in report.nodes if n.role == "primary"]
+    many = summarise(len(primaries), verbose)
+    listed = [n for n in report.nodes if n.problem] if many else list(report.nodes)
+    if many:
+        console.print(
+            f"{len(primaries)} shard(s), {len(report.nodes) - len(primaries)} replica(s): "
+            f"{tally(_state(n) for n in report.nodes)}; "
+            f"{sum(n.connections or 0 for n in report.nodes):,} client connection(s) in all"
+        )
+        console.print(hidden(len(report.nodes) - len(listed), "server(s) without a problem"))
     table = Table(title=f"Shards ({ring})", title_justify="left", box=box.SIMPLE_HEAD)
     for name, justify in [
         ("shard", "left"),
@@ -54,16 +75,12 @@ def render_status(console: Console, report: FleetStatusReport) -> None:
         ("server", "left"),
         ("revision", "left"),
         ("ring", "right"),
+        ("conns", "right"),
         ("rows", "right"),
     ]:
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-    for node in report.nodes:
-        if node.problem and not node.reachable:
-            state = "[red]DOWN[/]"
-        elif node.problem:
-            state = "[yellow]BEHIND[/]"
-        else:
-            state = "[green]ok[/]"
+    for node in listed:
+        state = _STYLE[_state(node)]
         if node.role == "replica" and node.lag_seconds is not None:
             state += f" lag {node.lag_seconds:.1f}s"
         counts = [n for n in node.row_counts.values() if n is not None]
@@ -75,29 +92,39 @@ def render_status(console: Console, report: FleetStatusReport) -> None:
             node.server_version or "-",
             _revision(node),
             f"{node.ring_share:.1%}" if node.ring_share is not None else "-",
+            str(node.connections) if node.connections is not None else "-",
             f"{sum(counts):,}" if node.role == "primary" and node.reachable else "-",
         )
-    console.print(table)
-    tables = report.tables
-    primaries = [n for n in report.nodes if n.role == "primary"]
-    if tables:
-        kind = "" if report.exact_counts else " (estimates)"
-        rows = Table(title=f"Rows per table{kind}", title_justify="left", box=box.SIMPLE_HEAD)
-        rows.add_column("table", no_wrap=True)
-        for node in primaries:
-            rows.add_column(node.shard_id, justify="right", no_wrap=True)
-        rows.add_column("total", justify="right", no_wrap=True)
-        for name in tables:
-            cells = [node.row_counts.get(name) for node in primaries]
-            total = sum(c for c in cells if c is not None)
-            partial = "+" if None in cells else ""  # a shard that did not answer: a lower bound
-            rows.add_row(name, *(f"{c:,}" if c is not None else "?" for c in cells), f"{total:,}{partial}")
-        console.print(rows)
+    if listed:
+        console.print(table)
+    if report.tables:
+        console.print(_rows_table(report, primaries, many))
     if report.healthy:
         console.print(f"[green]OK[/]: {len(primaries)} shard(s), every server reachable and up to date")
     else:
         for problem in report.problems:
             console.print(f"[red]PROBLEM[/]: {problem}")
+
+
+def _rows_table(report: FleetStatusReport, primaries: list[NodeStatus], many: bool) -> Table:
+    """Rows per table: a column per shard, or (over 16 shards) the total, smallest and largest shard."""
+    kind = "" if report.exact_counts else " (estimates)"
+    rows = Table(title=f"Rows per table{kind}", title_justify="left", box=box.SIMPLE_HEAD)
+    rows.add_column("table", no_wrap=True)
+    columns = ["fewest on a shard", "most on a shard"] if many else [n.shard_id for n in primaries]
+    for name in [*columns, "total"]:
+        rows.add_column(name, justify="right", no_wrap=True)
+    for name in report.tables:
+        cells = [node.row_counts.get(name) for node in primaries]
+        known = [c for c in cells if c is not None]
+        partial = "+" if None in cells else ""  # a shard that did not answer: a lower bound
+        shown = (
+            [f"{min(known, default=0):,}", f"{max(known, default=0):,}"]
+            if many
+            else [f"{c:,}" if c is not None else "?" for c in cells]
+        )
+        rows.add_row(name, *shown, f"{sum(known):,}{partial}")
+    return rows
 
 
 @click.command()

@@ -1,0 +1,80 @@
+"""64 shards (databases on the four test servers): reports summarise, scatters and status still work."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic import command
+from click.testing import CliRunner
+
+from sa_shardkit import ShardManager
+from sa_shardkit.cli import cli
+from tests.alembic_support import AlembicProject, execute_on, revision_on
+from tests.fleet import TestFleet
+from tests.many_shards import many_databases
+
+COUNT = 64
+
+
+@pytest.fixture(scope="module")
+def wide(pg_fleet: TestFleet) -> Iterator[dict[str, str]]:
+    with many_databases(pg_fleet, COUNT, "wide") as shards:
+        yield shards
+
+
+def test_status_over_64_shards_lists_only_the_shard_that_is_down(
+    wide: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no alembic.ini: revisions are not judged here (see the next test)
+    missing = next(iter(wide.values())).rsplit("/", 1)[0] + "/no_such_database"
+    args = ["status"] + [f"--url={u}" for u in [*wide.values(), missing]]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    assert "65 shard(s), 0 replica(s): 64 ok, 1 DOWN" in result.output
+    assert "64 server(s) without a problem not listed" in result.output
+    assert "shard-65" in result.output and "shard-17 " not in result.output
+    assert "fewest on a shard" not in result.output  # no tables yet
+
+    verbose = CliRunner().invoke(cli, [*args, "--verbose"])
+    assert verbose.exit_code == 1
+    assert all(f"shard-{i} " in verbose.output for i in range(1, 66))
+
+
+def test_migrations_over_64_shards_summarise_and_show_the_shard_behind(
+    tmp_path: Path, wide: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = AlembicProject(tmp_path, wide)
+    command.upgrade(project.config(), "head")
+    output = project.output()
+    summary = output[output.index(f"shardkit: upgrade to head on {COUNT} shard(s)") :]
+    assert f"by state: {COUNT} migrated" in summary
+    assert f"{COUNT} shard(s) that ended ok not listed" in summary
+    assert "shard-17 " not in summary
+    assert all(revision_on(url) == (project.head,) for url in wide.values())
+
+    execute_on(wide["shard-7"], "DELETE FROM alembic_version")  # shard-7 now looks never migrated
+    result = CliRunner().invoke(cli, ["migrations", "status", "--config", str(project.ini)])
+    assert result.exit_code == 1
+    assert f"by state: {COUNT - 1} at head, 1 empty" in result.output
+    assert "shard-7 " in result.output and "shard-8 " not in result.output
+
+    status = CliRunner().invoke(cli, ["status", "--config", str(project.ini)])
+    assert status.exit_code == 1
+    assert f"{COUNT} shard(s), 0 replica(s): {COUNT - 1} ok, 1 BEHIND" in status.output
+    assert "shard-7 " in status.output and "shard-8 " not in status.output
+    assert "fewest on a shard" in status.output  # rows per table: no column per shard
+
+    monkeypatch.setenv("SHARDKIT_VERBOSE", "1")
+    result = CliRunner().invoke(cli, ["migrations", "status", "--config", str(project.ini)])
+    assert all(f"shard-{i} " in result.output for i in range(1, COUNT + 1))
+
+
+def test_a_scatter_over_64_shards_with_a_small_budget(wide: dict[str, str]) -> None:
+    with ShardManager.from_urls(wide, max_connections=8) as manager:
+        result = manager.query_all_shards("SELECT current_database() AS db", with_shard_id=True)
+        assert {(row.shard_id, row.db) for row in result} == {
+            (s, u.rsplit("/", 1)[1]) for s, u in wide.items()
+        }
+        assert manager.budget.open_connections <= 8
