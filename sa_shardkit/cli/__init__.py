@@ -16,6 +16,7 @@ from .migrations import migrations
 from .rebalance import rebalance_command
 from .recover import recover
 from .ring import ring
+from .sagas import sagas
 from .status import status
 
 
@@ -74,6 +75,7 @@ cli.add_command(locate)
 cli.add_command(ring)
 cli.add_command(migrations)
 cli.add_command(recover)
+cli.add_command(sagas)
 cli.add_command(rebalance_command)
 
 

@@ -16,6 +16,7 @@ from ..errors import ConfigError
 from ..manager import ShardManager
 from ..saga import CREDIT_TRANSFER, RecoveryReport, Saga, SagaOptions, resolve_in_doubt
 from ..saga import recover as recover_pass
+from ..saga.inspect import parse_duration
 from .options import config_options, load_manager
 
 
@@ -39,7 +40,24 @@ def load_sagas(paths: Iterable[str]) -> list[Saga]:
 
 
 def _unfinished(report: RecoveryReport) -> bool:
-    return bool(report.pending or report.unknown_type or report.unreachable)
+    return bool(report.pending or report.unknown_type or report.unreachable or report.overdue)
+
+
+def _details(report: RecoveryReport) -> None:
+    """The open sagas recovery left alone (live lease) or that are overdue, one line each."""
+    shown = {s.saga_id: s for s in [*report.live, *report.overdue]}
+    for info in sorted(shown.values(), key=lambda s: s.created_at):
+        left = info.lease_seconds_left
+        lease = (
+            "-"
+            if left is None
+            else (f"lease {left:.1f}s left" if left > 0 else f"lease expired {-left:.1f}s ago")
+        )
+        flags = " OVERDUE" if info in report.overdue else ""
+        click.echo(
+            f"  {info.saga_id} ({info.saga_type}) {info.state}{flags}: status {info.status}, age {info.age_seconds:.0f}s,"
+            f" {lease}, owner {info.owner}, home {info.home_shard}, shards {','.join(info.shards) or '-'}"
+        )
 
 
 def _resolve(manager: ShardManager, older_than: float, *, always: bool) -> bool:
@@ -69,8 +87,16 @@ def _resolve(manager: ShardManager, older_than: float, *, always: bool) -> bool:
     help="Seconds between passes.",
 )
 @click.option(
+    "--max-age",
+    callback=lambda ctx, param, value: parse_duration(value),
+    default="10m",
+    show_default=True,
+    metavar="AGE",
+    help="A one-pass run exits 1 if any saga has been open longer than AGE (90s, 15m, 12h), running or not.",
+)
+@click.option(
     "--lease",
-    default=30.0,
+    default=SagaOptions().lease_seconds,
     show_default=True,
     type=click.FloatRange(min=0.1),
     help="Seconds this worker's claim on a saga lasts without a heartbeat (if it dies, others wait this long).",
@@ -93,18 +119,21 @@ def recover(
     lease: float,
     limit: int | None,
     in_doubt_after: float,
+    max_age: float,
 ) -> None:
     """Drive sagas whose runner died (lease expired) to a final state.
 
-    Safe to run from several processes at once. One pass exits 1 if sagas remain unfinished (a shard
-    unreachable, an unknown saga type); with --loop it runs until SIGTERM/SIGINT.
+    Safe to run from several processes at once. Reports the open sagas it left alone because their
+    lease is live. One pass exits 1 if sagas remain unfinished (a shard unreachable, an unknown saga
+    type) or any saga is older than --max-age; with --loop it runs until SIGTERM/SIGINT.
     """
     sagas = load_sagas(saga_paths)
     options = SagaOptions(lease_seconds=lease)
     with load_manager(config_path, urls) as manager:
         if not loop:
-            report = recover_pass(manager, sagas, options=options, limit=limit)
+            report = recover_pass(manager, sagas, options=options, limit=limit, max_age=max_age)
             click.echo(str(report))
+            _details(report)
             in_doubt = _resolve(manager, in_doubt_after, always=True)
             if _unfinished(report) or in_doubt:
                 sys.exit(1)
@@ -118,9 +147,10 @@ def recover(
         signal.signal(signal.SIGINT, request_stop)
         click.echo(f"recovery worker: {', '.join(s.name for s in sagas)}; a pass every {interval:g}s")
         while not stop.is_set():
-            report = recover_pass(manager, sagas, options=options, limit=limit)
+            report = recover_pass(manager, sagas, options=options, limit=limit, max_age=max_age)
             if report.finished or _unfinished(report):
                 click.echo(f"{time.strftime('%H:%M:%S')} {report}")
+                _details(report)
             _resolve(manager, in_doubt_after, always=False)
             stop.wait(interval)
         click.echo("recovery worker stopped")

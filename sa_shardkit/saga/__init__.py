@@ -18,6 +18,7 @@ from .definition import (
     StepFunction,
 )
 from .heartbeat import flush_completion_marks
+from .inspect import PurgeReport, SagaInfo, SagaListing, list_sagas, purge_sagas
 from .recovery import RecoveryReport, recover, recovery_worker
 from .runner import home_of, new_saga_id, run_saga
 from .tables import create_saga_tables, receipts_table, saga_metadata, sagas_table
@@ -30,8 +31,11 @@ __all__ = [
     "InDoubtReport",
     "KeyFunction",
     "Payload",
+    "PurgeReport",
     "RecoveryReport",
     "Saga",
+    "SagaInfo",
+    "SagaListing",
     "SagaOptions",
     "SagaOutcome",
     "Step",
@@ -42,7 +46,9 @@ __all__ = [
     "decisions_table",
     "flush_completion_marks",
     "home_of",
+    "list_sagas",
     "new_saga_id",
+    "purge_sagas",
     "receipts_table",
     "recover",
     "recovery_worker",

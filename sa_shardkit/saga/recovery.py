@@ -17,6 +17,7 @@ from ..errors import SagaError, SagaPendingError
 from ..manager import ShardManager, require_shards
 from . import log as saga_log
 from .definition import Saga, SagaOptions
+from .inspect import RUNNING, SagaInfo, list_sagas
 from .runner import SagaDriver, describe, is_transient, new_owner
 
 logger = logging.getLogger("sa_shardkit.saga")
@@ -35,6 +36,11 @@ class RecoveryReport:
     """Expired sagas of a type this worker was not given: left untouched."""
     unreachable: dict[str, str] = field(default_factory=dict)
     """Shards whose saga log could not be scanned, with the reason."""
+    live: list[SagaInfo] = field(default_factory=list)
+    """Open sagas left alone because their lease is live (a process is running them, or has just
+    died and its lease has not run out yet), as seen after the pass."""
+    overdue: list[SagaInfo] = field(default_factory=list)
+    """Open sagas (live or not) older than the pass's ``max_age``: worth an operator's look."""
 
     @property
     def finished(self) -> int:
@@ -46,6 +52,11 @@ class RecoveryReport:
             f"{len(self.failed)} compensated",
             f"{len(self.pending)} still pending",
         ]
+        if self.live:
+            parts.append(f"{len(self.live)} open under a live lease")
+        if self.overdue:
+            oldest = max(s.age_seconds for s in self.overdue)
+            parts.append(f"{len(self.overdue)} open longer than allowed (oldest {oldest:.0f} s)")
         if self.unknown_type:
             parts.append(f"{len(self.unknown_type)} of unknown type (pass their Saga)")
         if self.unreachable:
@@ -60,12 +71,15 @@ def recover(
     options: SagaOptions | None = None,
     shard_ids: Iterable[str] | None = None,
     limit: int | None = None,
+    max_age: float = 600.0,
 ) -> RecoveryReport:
     """One pass: drive every saga whose lease ran out to a final state (retry forward or compensate).
 
     ``sagas`` are the definitions this worker can run, matched by name; sagas of other types are
     reported in :attr:`RecoveryReport.unknown_type` and never claimed. ``limit`` caps the sagas
-    claimed per shard in this pass. Safe to run from many processes at once.
+    claimed per shard in this pass. Safe to run from many processes at once. After the pass, open
+    sagas under a live lease are listed in :attr:`RecoveryReport.live`, and open sagas older than
+    ``max_age`` seconds in :attr:`RecoveryReport.overdue`.
     """
     options = options or SagaOptions()
     by_type = {saga.name: saga for saga in sagas}
@@ -74,7 +88,8 @@ def recover(
     types = sorted(by_type)
     owner = new_owner("recovery")
     report = RecoveryReport()
-    for shard_id in require_shards(manager, shard_ids if shard_ids is not None else manager.shard_ids):
+    shard_list = require_shards(manager, shard_ids if shard_ids is not None else manager.shard_ids)
+    for shard_id in shard_list:
         seen: list[str] = []
         while limit is None or len(seen) < limit:
             try:
@@ -106,6 +121,11 @@ def recover(
                 if not is_transient(error):
                     raise
                 report.unreachable[shard_id] = describe(error)
+    reachable = [s for s in shard_list if s not in report.unreachable]
+    if reachable:
+        still_open = list_sagas(manager, shard_ids=reachable).sagas
+        report.live = [s for s in still_open if s.state == RUNNING]
+        report.overdue = [s for s in still_open if s.age_seconds > max_age]
     return report
 
 
