@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
 
 from sa_shardkit import Saga, SagaStepFailed, ShardManager, Step, run_saga
-from sa_shardkit.saga import create_saga_tables
-from tests.saga_support import saga_rows
+from sa_shardkit.demo.models import Customer
+from sa_shardkit.saga import create_saga_tables, session_step
+from tests.saga_support import balances, cross_shard_pair, open_accounts, receipt_count, saga_rows
 
 TRAIL = "CREATE TABLE trail (key bigint, saga_id text, step text, kind text, at timestamptz DEFAULT clock_timestamp())"
 
@@ -97,3 +100,71 @@ def test_a_refused_step_compensates_the_completed_ones_in_reverse_order(manager:
         (shard["b"], "b", "undo"),
         (shard["a"], "a", "undo"),
     ]
+
+
+def orm_add(delta_sign: int) -> Any:
+    def step(session: Session, payload: Any) -> None:
+        customer = session.get(Customer, payload["to"] if delta_sign > 0 else payload["from"])
+        if customer is None:
+            raise SagaStepFailed("unknown_customer")
+        customer.balance += delta_sign * Decimal(payload["amount"])
+        session.commit()  # joins the runner's transaction: commits nothing by itself
+        if customer.balance < 0:
+            raise SagaStepFailed("insufficient_funds")  # so this still rolls the debit back
+
+    return step
+
+
+def orm_undo(delta_sign: int) -> Any:
+    def step(session: Session, payload: Any) -> None:
+        customer = session.get(Customer, payload["to"] if delta_sign > 0 else payload["from"])
+        assert customer is not None
+        customer.balance -= delta_sign * Decimal(payload["amount"])
+
+    return step
+
+
+ORM_TRANSFER = Saga(
+    "orm_transfer",
+    [
+        Step(
+            "debit",
+            key=lambda p: p["from"],
+            action=session_step(orm_add(-1)),
+            compensation=session_step(orm_undo(-1)),
+        ),
+        Step(
+            "credit",
+            key=lambda p: p["to"],
+            action=session_step(orm_add(+1)),
+            compensation=session_step(orm_undo(+1)),
+        ),
+    ],
+)
+
+
+def test_orm_steps_receive_a_session_on_their_shard(manager: ShardManager) -> None:
+    initial = open_accounts(manager)
+    sender, receiver = cross_shard_pair(manager)
+
+    outcome = run_saga(
+        manager, ORM_TRANSFER, {"from": sender, "to": receiver, "amount": "12.50"}, saga_id="orm-1"
+    )
+
+    assert outcome.status == "complete"
+    after = balances(manager)  # each server read directly
+    assert after[sender] == initial[sender] - Decimal("12.50")
+    assert after[receiver] == initial[receiver] + Decimal("12.50")
+    assert receipt_count(manager, "orm-1", "credit", shard_ids=[manager.shard_for(receiver)]) == 1
+
+
+def test_an_orm_step_refusing_after_session_commit_leaves_nothing(manager: ShardManager) -> None:
+    initial = open_accounts(manager)
+    sender, receiver = cross_shard_pair(manager)
+
+    outcome = run_saga(
+        manager, ORM_TRANSFER, {"from": sender, "to": receiver, "amount": "500"}, saga_id="orm-2"
+    )
+
+    assert outcome.status == "failed_insufficient_funds"
+    assert balances(manager) == initial  # the step's session.commit() did not commit the debit

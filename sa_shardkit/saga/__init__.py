@@ -14,8 +14,10 @@ from .definition import (
     Saga,
     SagaOptions,
     SagaOutcome,
+    SessionStepFunction,
     Step,
     StepFunction,
+    session_step,
 )
 from .heartbeat import flush_completion_marks
 from .inspect import PurgeReport, SagaInfo, SagaListing, list_sagas, purge_sagas
@@ -38,6 +40,7 @@ __all__ = [
     "SagaListing",
     "SagaOptions",
     "SagaOutcome",
+    "SessionStepFunction",
     "Step",
     "StepFunction",
     "commit_across_shards",
@@ -55,6 +58,7 @@ __all__ = [
     "resolve_in_doubt",
     "run_saga",
     "saga_metadata",
+    "session_step",
     "sagas_table",
     "transfer",
     "transfer_payload",

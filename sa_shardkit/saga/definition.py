@@ -2,7 +2,7 @@
 
 A step's functions are plain callables (typed Protocols, as in SQLAlchemy's horizontal_shard hooks):
 they receive the open shard connection and the saga's payload, and must only touch rows of the shard
-the step's key routes to. The runner commits the step's effect with its receipt in one transaction.
+the step's key routes to. ORM code is wrapped with :func:`session_step` to receive a Session instead. The runner commits the step's effect with its receipt in one transaction.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
 
 from ..errors import SagaError
 from ..ring import ShardKey
@@ -28,6 +29,31 @@ class StepFunction(Protocol):
     """An action or compensation: does its work on ``conn`` (inside the step's transaction)."""
 
     def __call__(self, conn: Connection, payload: Payload, /) -> None: ...
+
+
+class SessionStepFunction(Protocol):
+    """An ORM action or compensation: works through ``session``, bound to the step's shard connection."""
+
+    def __call__(self, session: Session, payload: Payload, /) -> None: ...
+
+
+def session_step(function: SessionStepFunction) -> StepFunction:
+    """Let a step be ORM code: ``function(session, payload)`` receives a :class:`~sqlalchemy.orm.Session`
+    bound to the step's shard connection, inside the step's one transaction.
+
+    The session is flushed when ``function`` returns and then closed; the runner commits (with the
+    step's receipt) or rolls back. ``session.commit()`` inside the step does not commit early (the
+    session joins the runner's transaction, SQLAlchemy's ``rollback_only`` join mode).
+    """
+
+    def run(conn: Connection, payload: Payload) -> None:
+        with Session(bind=conn, join_transaction_mode="rollback_only") as session:
+            function(session, payload)
+            session.flush()
+
+    run.__name__ = getattr(function, "__name__", "session_step")
+    run.__doc__ = function.__doc__
+    return run
 
 
 class KeyFunction(Protocol):
