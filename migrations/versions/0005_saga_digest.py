@@ -1,4 +1,4 @@
-"""Saga ids fleet-wide: receipt digests, the steps' shards in the log, indexes for purging.
+"""Saga ids fleet-wide: receipt digests and the steps' shards in the log.
 
 Revision ID: 0005_saga_digest
 Revises: 0004_sequences
@@ -7,7 +7,8 @@ Create Date: 2026-12-01 21:40:00
 ``shardkit_saga_receipts.digest`` holds a hash of (saga type, step, payload): a step retried under
 the same saga id with other input is refused (``SagaConflictError``) instead of trusted.
 ``shardkit_sagas.shards`` lists the shards a saga's steps run on (``shardkit sagas`` shows it).
-The two indexes serve ``shardkit sagas purge``. Additive and idempotent (IF NOT EXISTS); old rows
+No index is added (purging scans; an index build on a live table would need CONCURRENTLY, which
+cannot run in the revision's one transaction). Additive and idempotent (IF NOT EXISTS); old rows
 keep NULLs, which mean "recorded before digests" and are trusted as before.
 """
 
@@ -31,23 +32,10 @@ def upgrade() -> None:
         return
     op.execute("ALTER TABLE shardkit_saga_receipts ADD COLUMN IF NOT EXISTS digest varchar(32)")
     op.execute("ALTER TABLE shardkit_sagas ADD COLUMN IF NOT EXISTS shards jsonb")
-    # CONCURRENTLY: live sagas keep writing both tables while the indexes build.
-    with op.get_context().autocommit_block():
-        op.execute(
-            "CREATE INDEX CONCURRENTLY IF NOT EXISTS ix_shardkit_sagas_finished ON shardkit_sagas (finished_at)"
-            " WHERE finished_at IS NOT NULL"
-        )
-        op.execute(
-            "CREATE INDEX CONCURRENTLY IF NOT EXISTS ix_shardkit_saga_receipts_created"
-            " ON shardkit_saga_receipts (created_at)"
-        )
 
 
 def downgrade() -> None:
     if not _postgresql():
         return
-    with op.get_context().autocommit_block():
-        op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_shardkit_saga_receipts_created")
-        op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_shardkit_sagas_finished")
     op.execute("ALTER TABLE shardkit_sagas DROP COLUMN IF EXISTS shards")
     op.execute("ALTER TABLE shardkit_saga_receipts DROP COLUMN IF EXISTS digest")

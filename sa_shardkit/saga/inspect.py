@@ -150,14 +150,14 @@ _PURGES = {
     "sagas": (
         text(
             "DELETE FROM shardkit_sagas WHERE saga_id IN (SELECT saga_id FROM shardkit_sagas"
-            f" WHERE {_OLD_FINISHED} ORDER BY finished_at LIMIT :batch FOR UPDATE SKIP LOCKED)"
+            f" WHERE {_OLD_FINISHED} LIMIT :batch FOR UPDATE SKIP LOCKED)"
         ),
         text(f"SELECT count(*) FROM shardkit_sagas WHERE {_OLD_FINISHED}"),
     ),
     "receipts": (
         text(
             "DELETE FROM shardkit_saga_receipts WHERE ctid IN (SELECT ctid FROM shardkit_saga_receipts"
-            f" WHERE {_OLD_RECEIPT} ORDER BY created_at LIMIT :batch FOR UPDATE SKIP LOCKED)"
+            f" WHERE {_OLD_RECEIPT} LIMIT :batch FOR UPDATE SKIP LOCKED)"
         ),
         text(f"SELECT count(*) FROM shardkit_saga_receipts WHERE {_OLD_RECEIPT}"),
     ),

@@ -57,12 +57,6 @@ Index(
     sagas_table.c.lease_until,
     postgresql_where=text("finished_at IS NULL"),
 )
-# Purge's scan: finished sagas, oldest first.
-Index(
-    "ix_shardkit_sagas_finished",
-    sagas_table.c.finished_at,
-    postgresql_where=text("finished_at IS NOT NULL"),
-)
 
 receipts_table = Table(
     "shardkit_saga_receipts",
@@ -77,8 +71,6 @@ receipts_table = Table(
     PrimaryKeyConstraint("saga_id", "step", "phase", name="pk_shardkit_saga_receipts"),
     comment="sa_shardkit saga step receipts: idempotency records written with each step's effect",
 )
-# Purge's scan: receipts oldest first.
-Index("ix_shardkit_saga_receipts_created", receipts_table.c.created_at)
 
 
 def create_saga_tables(manager: ShardManager) -> None:
