@@ -37,7 +37,8 @@ from sqlalchemy.sql.selectable import Select
 from sqlalchemy.util.concurrency import await_only, in_greenlet
 
 from .config import ShardConfig
-from .manager import ShardManager, require_shards, unavailable
+from .faults import unavailable
+from .manager import ShardManager, require_shards
 from .scatter.fanout import raise_for_errors
 from .scatter.gather import gather
 from .scatter.plan import AggregatePlan, ScatterPlan, plan_scatter

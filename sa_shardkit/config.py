@@ -50,6 +50,11 @@ class ShardConfig:
     pool_recycle: float = 30.0
     """Seconds after which an idle connection is replaced (the design's idle timeout)."""
     connect_timeout: float = 3.0
+    """Seconds a new connection (and a pooled one's pre-ping) may take before the shard is unavailable."""
+    query_timeout: float | None = 300.0
+    """Seconds a statement, commit or rollback may wait for the server before the client drops the
+    connection and raises ShardUnavailableError (a frozen server never answers); None: no bound.
+    Per statement: ``execution_options(shardkit_query_timeout=...)``."""
     pool_timeout: float = 10.0
     pool_pre_ping: bool = True
     max_replica_lag: float = 5.0
@@ -82,6 +87,8 @@ class ShardConfig:
             raise ConfigError(f"shard {self.id!r}: pool_size must be >= 1, got {self.pool_size!r}")
         if self.connect_timeout <= 0:
             raise ConfigError(f"shard {self.id!r}: connect_timeout must be > 0")
+        if self.query_timeout is not None and self.query_timeout <= 0:
+            raise ConfigError(f"shard {self.id!r}: query_timeout must be > 0 (or None for no bound)")
 
     @property
     def primary_url(self) -> URL:
@@ -178,6 +185,7 @@ _POOL_KEYS: dict[str, Callable[[str], Any]] = {
     "max_overflow": int,
     "pool_recycle": float,
     "connect_timeout": float,
+    "query_timeout": float,
     "pool_timeout": float,
     "pool_pre_ping": _flag,
     "max_replica_lag": float,

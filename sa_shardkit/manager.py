@@ -18,8 +18,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from .budget import ConnectionBudget, PoolStats
 from .config import ShardConfig, ShardSettings, settings_from_env, settings_from_file
-from .errors import ConfigError, DuplicateShardError, ShardUnavailableError, UnknownShardError
+from .errors import ConfigError, DuplicateShardError, UnknownShardError
 from .events import QueryEvents
+from .faults import guard, unavailable
 from .replicas import ReplicaRouter
 from .ring import HashRing, ShardKey
 
@@ -64,15 +65,9 @@ def _engine_for(config: ShardConfig, url: Any) -> Engine:
         options.setdefault("pool_timeout", config.pool_timeout)
     options.setdefault("pool_recycle", config.pool_recycle)
     options.setdefault("pool_pre_ping", config.pool_pre_ping)
-    return create_engine(url, **options)
-
-
-def unavailable(shard_id: str, safe_url: str, error: BaseException) -> ShardUnavailableError:
-    """Wrap a connection failure so the message names the shard and never shows a password."""
-    reason = getattr(error, "orig", None) or error
-    first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
-    return ShardUnavailableError(
-        f"shard {shard_id!r} ({safe_url}) is unavailable: {first_line}", shard_id=shard_id
+    engine = create_engine(url, **options)
+    return guard(
+        engine, config.id, connect_timeout=config.connect_timeout, query_timeout=config.query_timeout
     )
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, delete, event, insert, inspect, update
 from sqlalchemy.engine import Connection, CursorResult, Result
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.horizontal_shard import (
     IdentityChooser,
     ShardChooser,
@@ -46,6 +46,7 @@ from .errors import (
     UnknownShardError,
     UnsupportedScatterError,
 )
+from .faults import named_unavailable
 from .replica_reads import REPLICA_OK, ReplicaChooser, may_read_from_replica, replica_bind
 from .routing import (
     Route,
@@ -72,6 +73,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("sa_shardkit.session")
 
 __all__ = ["ShardedSession", "set_shard_id"]
+
+
+def _raise_named(error: DBAPIError) -> None:
+    """Raise the ShardUnavailableError for a marked connection failure (else return)."""
+    named = named_unavailable(error)
+    if named is not None:
+        raise named from error
 
 
 class _WeakHook:
@@ -178,6 +186,38 @@ class ShardedSession(_StockShardedSession):
         self.identity_chooser = identity_chooser
         self.execute_chooser = execute_chooser
         self._ShardedSession__shards: dict[str, Any] = dict(shards or {})  # what bind_shard() fills
+
+    # -- shard faults named ------------------------------------------------------------------------
+    # A manager's engines mark connection failures with their shard (sa_shardkit.faults); every
+    # way into the database raises those as ShardUnavailableError naming the shard.
+
+    def _execute_internal(self, *args: Any, **kw: Any) -> Any:
+        try:
+            return super()._execute_internal(*args, **kw)
+        except DBAPIError as error:
+            _raise_named(error)
+            raise
+
+    def flush(self, objects: Sequence[Any] | None = None) -> None:
+        try:
+            super().flush(objects)
+        except DBAPIError as error:
+            _raise_named(error)
+            raise
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        except DBAPIError as error:
+            _raise_named(error)
+            raise
+
+    def connection(self, *args: Any, **kw: Any) -> Connection:
+        try:
+            return super().connection(*args, **kw)
+        except DBAPIError as error:
+            _raise_named(error)
+            raise
 
     # -- binds -----------------------------------------------------------------------------------
 

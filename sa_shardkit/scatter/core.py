@@ -12,6 +12,7 @@ from sqlalchemy.sql import Executable
 from sqlalchemy.sql.selectable import Select
 from sqlalchemy.util.concurrency import in_greenlet
 
+from ..faults import unavailable
 from .connected import fan_out_connected
 from .fanout import fan_out, probe, raise_for_errors
 from .gather import gather
@@ -36,7 +37,7 @@ def query_all_shards(
     write: bool = True,
 ) -> ScatterResult:
     """Run a query on every shard in parallel and return one merged :class:`ScatterResult`."""
-    from ..manager import require_shards, unavailable
+    from ..manager import require_shards
 
     targets = require_shards(manager, manager.shard_ids if shard_ids is None else shard_ids)
     plan: ScatterPlan | None = None

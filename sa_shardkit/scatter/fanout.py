@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from contextvars import copy_context
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -30,16 +31,60 @@ from ..errors import ShardUnavailableError
 T = TypeVar("T")
 
 _lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
 
 
-def scatter_pool() -> ThreadPoolExecutor:
-    """The shared, bounded pool of scatter worker threads (created on first use)."""
+class DaemonPool:
+    """Futures run on daemon threads, started as needed up to ``max_workers``.
+
+    Unlike ``ThreadPoolExecutor`` (whose workers the interpreter joins at exit), a worker blocked
+    on a server that froze never keeps the process from exiting.
+    """
+
+    def __init__(self, max_workers: int, name: str) -> None:
+        self._max = max(1, max_workers)
+        self._name = name
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = (
+            queue.SimpleQueue()
+        )
+        self._guard = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        future: Future[T] = Future()
+        self._queue.put((future, fn, args))
+        with self._guard:
+            if self._idle == 0 and self._threads < self._max:
+                self._threads += 1
+                name = f"{self._name}_{self._threads}"
+                threading.Thread(target=self._work, name=name, daemon=True).start()
+            elif self._idle > 0:
+                self._idle -= 1  # an idle worker takes it (at the limit: the next one free does)
+        return future
+
+    def _work(self) -> None:
+        while True:
+            future, fn, args = self._queue.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as error:  # noqa: BLE001 - handed to the waiting caller
+                    future.set_exception(error)
+            del future, fn, args
+            with self._guard:
+                self._idle += 1
+
+
+_pool: DaemonPool | None = None
+
+
+def scatter_pool() -> DaemonPool:
+    """The shared, bounded pool of scatter worker threads (daemon threads, created on first use)."""
     global _pool
     with _lock:
         if _pool is None:
             workers = int(os.environ.get("SHARDKIT_SCATTER_WORKERS", "256"))
-            _pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="shardkit-scatter")
+            _pool = DaemonPool(workers, "shardkit-scatter")
         return _pool
 
 

@@ -36,6 +36,7 @@ from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.sql.selectable import Select
 
 from ..errors import ShardUnavailableError
+from ..faults import named_unavailable, unavailable
 from .fanout import fan_out, is_unavailable, probe, raise_for_errors, runs_in_threads
 from .gather import ALLOW_PARTIAL, PER_SHARD_RESULTS, gather
 from .plan import RowPlan, ScatterPlan, plan_scatter
@@ -117,7 +118,7 @@ class _ScatterRun:
         return self._merge(results, errors)
 
     def _merge(self, results: dict[str, Result[Any]], errors: dict[str, BaseException]) -> ScatterResult:
-        errors = {s: errors[s] for s in self.shard_ids if s in errors}
+        errors = {s: self._named(s, errors[s]) for s in self.shard_ids if s in errors}
         raise_for_errors(
             errors, allow_partial=self.allow_partial, any_result=bool(results), describe=self._describe
         )
@@ -184,9 +185,15 @@ class _ScatterRun:
             self.session, statement, params, options, bind_arguments, cursor_result
         )
 
-    def _describe(self, shard_id: str, error: BaseException) -> BaseException:
-        from ..manager import unavailable
+    def _named(self, shard_id: str, error: BaseException) -> BaseException:
+        """An unreachable shard's error as the ShardUnavailableError naming it (``shard_errors``)."""
+        if isinstance(error, ShardUnavailableError) or not is_unavailable(error):
+            return error
+        named = named_unavailable(error) or self._describe(shard_id, error)
+        named.__cause__ = error
+        return named
 
+    def _describe(self, shard_id: str, error: BaseException) -> BaseException:
         bind = self.session.get_bind(**dict(self.context.bind_arguments, shard_id=shard_id))
         return unavailable(shard_id, bind.engine.url.render_as_string(hide_password=True), error)
 

@@ -1,0 +1,187 @@
+"""Shard faults at the engine: errors say which shard failed, and no wait on a shard is endless.
+
+:func:`guard` is applied to every engine a :class:`~sa_shardkit.manager.ShardManager` creates:
+
+* a ``handle_error`` listener marks connection failures (refused, password rejected, connection
+  lost) with the shard and its password-masked URL, so the session raises
+  :class:`~sa_shardkit.errors.ShardUnavailableError` naming the shard (:func:`named_unavailable`);
+* a watchdog bounds each statement, ping, commit and rollback: a server that stopped answering (a
+  frozen process still has its kernel ACK every packet, so TCP keepalives and ``tcp_user_timeout``
+  never fire) gets its socket shut down after ``query_timeout`` seconds (pings: the connect
+  timeout), which makes the blocked driver call fail as a lost connection. New connections are
+  bounded by the driver's ``connect_timeout``.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, ExceptionContext
+
+from .errors import ShardUnavailableError
+
+QUERY_TIMEOUT = "shardkit_query_timeout"
+"""Execution option: this statement's bound in seconds (None: unbounded), e.g. for a long migration."""
+
+_SHARD = "shard_id"
+_URL = "_shardkit_safe_url"
+_UNAVAILABLE = "_shardkit_unavailable"
+_REASON = "_shardkit_reason"
+_local = threading.local()  # the driver call of this thread the watchdog cut short, for the error
+
+
+def unavailable(shard_id: str, safe_url: str, error: BaseException) -> ShardUnavailableError:
+    """Wrap a connection failure so the message names the shard and never shows a password."""
+    reason = getattr(error, "orig", None) or error
+    first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+    return ShardUnavailableError(
+        f"shard {shard_id!r} ({safe_url}) is unavailable: {first_line}", shard_id=shard_id
+    )
+
+
+def named_unavailable(error: BaseException) -> ShardUnavailableError | None:
+    """The :class:`ShardUnavailableError` for a guarded engine's connection failure, else None."""
+    if not getattr(error, _UNAVAILABLE, False):
+        return None
+    return unavailable(getattr(error, _SHARD), getattr(error, _URL), getattr(error, _REASON, error))
+
+
+class _Watchdog:
+    """One daemon thread that shuts down the socket of a driver call past its deadline."""
+
+    def __init__(self) -> None:
+        self._armed: dict[int, tuple[float, int, weakref.ref[Any]]] = {}
+        self._fired: set[int] = set()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._target = float("inf")
+
+    def arm(self, dbapi_connection: Any, seconds: float) -> int | None:
+        dbapi_connection = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)  # a pool proxy
+        try:
+            fd = int(dbapi_connection.fileno())
+            ref = weakref.ref(dbapi_connection)
+        except Exception:  # noqa: BLE001 - closed or not a socket driver: nothing to bound
+            return None
+        deadline = time.monotonic() + seconds
+        key = id(dbapi_connection)
+        with self._wake:
+            self._armed[key] = (deadline, fd, ref)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="shardkit-watchdog", daemon=True)
+                self._thread.start()
+            if deadline < self._target:
+                self._wake.notify()
+        return key
+
+    def disarm(self, key: int | None) -> bool:
+        """Forget ``key``; True when the watchdog had cut its call short."""
+        if key is None:
+            return False
+        self._armed.pop(key, None)
+        if not self._fired:
+            return False
+        with self._wake:
+            fired = key in self._fired
+            self._fired.discard(key)
+        return fired
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                now = time.monotonic()
+                expired = [(k, v) for k, v in self._armed.items() if v[0] <= now]
+                for key, _ in expired:
+                    del self._armed[key]
+                    self._fired.add(key)
+                self._target = min((v[0] for v in self._armed.values()), default=float("inf"))
+                if not expired:
+                    self._wake.wait(None if self._target == float("inf") else self._target - now)
+                    continue
+            for _, (_, fd, ref) in expired:
+                _shut_down(ref(), fd)
+
+
+def _shut_down(dbapi_connection: Any, fd: int) -> None:
+    """Make the blocked call on ``fd`` fail, if it still belongs to ``dbapi_connection``."""
+    try:
+        if dbapi_connection is None or int(dbapi_connection.fileno()) != fd:
+            return
+        sock = socket.socket(fileno=fd)
+    except Exception:  # noqa: BLE001 - closed meanwhile: nothing to do
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()  # the driver still owns the descriptor
+
+
+_watchdog = _Watchdog()
+
+
+def _bounded(
+    call: Callable[..., Any], seconds: float | None, connection_of: Callable[..., Any], what: str
+) -> Any:
+    def run(target: Any, *args: Any) -> Any:
+        limit = seconds
+        options = getattr(args[-1], "execution_options", None) if args else None  # the context
+        if options is not None:
+            limit = options.get(QUERY_TIMEOUT, seconds)
+        key = None if limit is None else _watchdog.arm(connection_of(target), limit)
+        try:
+            return call(target, *args)
+        finally:
+            if _watchdog.disarm(key):
+                _local.timed_out = f"no answer to {what} within {limit:g}s (server frozen or unreachable)"
+
+    return run
+
+
+def guard(engine: Engine, shard_id: str, *, connect_timeout: float, query_timeout: float | None) -> Engine:
+    """Name ``shard_id`` on ``engine``'s connection failures and bound its driver calls."""
+    safe_url = engine.url.render_as_string(hide_password=True)
+
+    def mark(context: ExceptionContext) -> None:
+        timed_out, _local.timed_out = getattr(_local, "timed_out", None), None
+        if timed_out is not None and context.is_pre_ping:  # frozen: a reconnect would hang as well
+            raise ShardUnavailableError(
+                f"shard {shard_id!r} ({safe_url}) is unavailable: {timed_out}", shard_id=shard_id
+            )
+        error = context.sqlalchemy_exception
+        if error is None or context.is_pre_ping:
+            return  # a failed pre-ping is followed by a fresh connect, which may well succeed
+        setattr(error, _SHARD, shard_id)
+        setattr(error, _URL, safe_url)
+        if timed_out is not None:
+            setattr(error, _REASON, timed_out)
+        if context.connection is None or context.is_disconnect or timed_out is not None:
+            setattr(error, _UNAVAILABLE, True)
+
+    event.listen(engine, "handle_error", mark)
+    dialect: Any = engine.dialect
+    if dialect.name == "sqlite":
+        return engine
+
+    def of_cursor(cursor: Any) -> Any:
+        return cursor.connection
+
+    def itself(dbapi_connection: Any) -> Any:
+        return dbapi_connection
+
+    for name in ("do_execute", "do_executemany", "do_execute_no_params"):
+        setattr(dialect, name, _bounded(getattr(dialect, name), query_timeout, of_cursor, "a statement"))
+    dialect.do_ping = _bounded(dialect.do_ping, connect_timeout, itself, "a ping")
+    for name, what in (("do_commit", "COMMIT"), ("do_rollback", "ROLLBACK")):
+        setattr(dialect, name, _bounded(getattr(dialect, name), query_timeout, itself, what))
+    return engine
+
+
+__all__ = ["QUERY_TIMEOUT", "guard", "named_unavailable", "unavailable"]
