@@ -25,6 +25,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import ORMExecuteState, Session
 
+from .errors import ShardUnavailableError
+
 if TYPE_CHECKING:
     from .manager import ShardManager
 
@@ -75,8 +77,9 @@ def replica_bind(
         return None
     try:
         session.connection(bind_arguments={"bind": replica})
-    except DBAPIError as error:
-        reason = str(getattr(error, "orig", None) or error).strip().splitlines()
+    except (DBAPIError, ShardUnavailableError) as error:  # the session names the shard: still ours
+        source = error.__cause__ if isinstance(error, ShardUnavailableError) else error
+        reason = str(getattr(source, "orig", None) or source).strip().splitlines()
         manager.replicas.mark_unusable(shard_id, f"unreachable: {reason[0] if reason else error}")
         return None
     log.debug("read on %s -> its replica", shard_id)
