@@ -183,6 +183,7 @@ def write_state(manager: ShardManager, state: RingState, shard_ids: Iterable[str
 
     Each shard's row is locked ``FOR UPDATE`` first, so writers of older versions that are still in
     flight finish before the bump, and later ones see the new version (or fail to serialize).
+    Shards are bumped one after the other, in ``shard_ids`` order (a kill leaves a prefix bumped).
     """
     payload = {
         "version": state.version,
@@ -191,33 +192,38 @@ def write_state(manager: ShardManager, state: RingState, shard_ids: Iterable[str
         "key_type": state.key_type,
     }
 
+    # the state table and the move record's table, which cut-overs update (.record), in one round trip
+    ddl = text("; ".join((*_DDL, MOVE_DDL)))
+
+    def bump(conn: Connection, shard_id: str) -> None:
+        conn.execute(ddl)
+        row = conn.execute(text(f"SELECT version FROM {STATE_TABLE} FOR UPDATE")).first()
+        if row is None:
+            conn.execute(
+                text(
+                    f"INSERT INTO {STATE_TABLE} (version, ring, target_ring, key_type) "
+                    "VALUES (:version, :ring, :target_ring, :key_type)"
+                ),
+                payload,
+            )
+        elif int(row.version) < state.version:
+            conn.execute(
+                text(
+                    f"UPDATE {STATE_TABLE} SET version = :version, ring = :ring,"
+                    " target_ring = :target_ring, key_type = :key_type, watermark = NULL,"
+                    " drained = false, updated_at = now()"
+                ),
+                payload,
+            )
+        elif int(row.version) > state.version:
+            raise RebalanceError(
+                f"shard {shard_id!r} is at ring version {row.version}, newer than {state.version}: "
+                "another rebalance ran meanwhile; re-read the state and plan again"
+            )
+
     for shard_id in shard_ids:
         with manager.connect(shard_id) as conn, conn.begin():
-            create_state_table(conn)
-            conn.execute(text(MOVE_DDL))  # the move record's table, which cut-overs update (.record)
-            row = conn.execute(text(f"SELECT version FROM {STATE_TABLE} FOR UPDATE")).first()
-            if row is None:
-                conn.execute(
-                    text(
-                        f"INSERT INTO {STATE_TABLE} (version, ring, target_ring, key_type) "
-                        "VALUES (:version, :ring, :target_ring, :key_type)"
-                    ),
-                    payload,
-                )
-            elif int(row.version) < state.version:
-                conn.execute(
-                    text(
-                        f"UPDATE {STATE_TABLE} SET version = :version, ring = :ring,"
-                        " target_ring = :target_ring, key_type = :key_type, watermark = NULL,"
-                        " drained = false, updated_at = now()"
-                    ),
-                    payload,
-                )
-            elif int(row.version) > state.version:
-                raise RebalanceError(
-                    f"shard {shard_id!r} is at ring version {row.version}, newer than {state.version}: "
-                    "another rebalance ran meanwhile; re-read the state and plan again"
-                )
+            bump(conn, shard_id)
 
 
 def check_key_type(key_type: str) -> str:

@@ -43,12 +43,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql import sqltypes
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import UserDefinedType
+from xxhash import xxh3_128
 
 from ..errors import RebalanceError
 from ..manager import ShardManager
 from .catalog import STATE_TABLE, RingState, ShardState, read_shard_state
 from .control import MoveControl
+from .parallel import for_shards
 from .plan import range_moves
 from .progress import BatchReport, ProgressTracker
 from .record import COUNT_BATCH
@@ -273,35 +277,33 @@ class SourceMover:
         """
         keys = [k for ks in by_target.values() for k in ks]
         for target, target_keys in by_target.items():
-            self._replace(source, targets[target], target_keys, fresh=True)
-        snapshot = key_checksums(source, self.names, keys)
-        for target, target_keys in by_target.items():
-            self._verify(
-                target, snapshot, key_checksums(targets[target], self.names, target_keys), target_keys
-            )
-        return snapshot
+            sent = self._replace(source, targets[target], target_keys, fresh=True)
+            self._verify(target, targets[target], target_keys, sent)
+        return key_checksums(source, self.names, keys)
 
     def _replace(
         self, source: Connection, tconn: Connection, keys: list[Any], *, fresh: bool = False
-    ) -> None:
+    ) -> list[Digest]:
         """Make the target's rows of ``keys`` a copy of the source's (in the target's open
-        transaction). ``fresh``: the target holds no row of them (clean_targets ran; writers write
-        them on the source), so a row there would fail the COPY on its primary key, loudly."""
+        transaction); returns each table's digest of what was sent. ``fresh``: the target holds no
+        row of them (clean_targets ran; writers write them on the source), so a row there would
+        fail the COPY on its primary key, loudly."""
         if not keys:
-            return
+            return []
         if not fresh:
             _pipelined(tconn, [f"DELETE FROM {n.live} WHERE {n.key_in}" for n in reversed(self.names)], keys)
-        for names in self.names:
-            names.copy(source, tconn, keys)
+        return [names.copy(source, tconn, keys) for names in self.names]
 
-    def _verify(self, target: str, expected: Checksums, got: Checksums, keys: list[Any]) -> None:
-        wrong = _differing(expected, got, keys, content=True)
-        if wrong:
-            raise RebalanceError(
-                f"verification failed copying from {self.source!r} to {target!r}: the rows of "
-                f"{len(wrong)} key(s) differ after the copy (e.g. key {wrong[0]!r}); nothing "
-                "was deleted from the source"
-            )
+    def _verify(self, target: str, tconn: Connection, keys: list[Any], sent: list[Digest]) -> None:
+        """The target now holds exactly the bytes that were sent (re-read in key order), table by table."""
+        for names, spec, digest in zip(self.names, self.tables.sharded, sent, strict=True):
+            stored = names.digest(tconn, keys)
+            if stored != digest:
+                raise RebalanceError(
+                    f"verification failed copying from {self.source!r} to {target!r}: {spec.name} "
+                    f"holds {stored[0]} rows that differ from the {digest[0]} sent for {len(keys)} "
+                    f"key(s) (e.g. key {keys[0]!r}); nothing was deleted from the source"
+                )
 
     def _state_row(self, conn: Connection, *, lock: str) -> ShardState:
         row = read_shard_state(conn, self.source, lock=lock, check_table=False)
@@ -369,21 +371,19 @@ class SourceMover:
             now, arrived = range_fingerprints(conn, self.tables, self.names, watermark, last, known)
             arrived = [k for k in arrived if self._moves(k) is not None]  # new keys in the range
             keys = [*(k for k in known if any((i, k) in now for i in range(len(self.names)))), *arrived]
-            stale = set(_differing(snapshot, now, known, content=False)) | set(arrived)
+            stale = set(_differing(snapshot, now, known)) | set(arrived)
             final = {tk: v for tk, v in now.items() if tk[1] not in stale}
             for target in sorted(set(targets) | {self.new.get_shard(k) for k in arrived}):
                 redo = [k for k in [*known, *arrived] if k in stale and self.new.get_shard(k) == target]
                 if target not in targets:  # a key arrived for a target phase 1 did not copy to
                     targets[target] = stack.enter_context(self._target(target))
-                if redo:
-                    self._replace(conn, targets[target], redo)
-                    expected = key_checksums(conn, self.names, redo)
-                    self._verify(target, expected, key_checksums(targets[target], self.names, redo), redo)
-                    final.update(expected)
+                if redo:  # under the fence: these keys' rows cannot change meanwhile
+                    self._verify(target, targets[target], redo, self._replace(conn, targets[target], redo))
+                    final.update(key_checksums(conn, self.names, redo))
             for tconn in targets.values():
                 tconn.commit()
             rows_by_table: dict[str, int] = {}
-            for (index, _), (n, _, _) in final.items():
+            for (index, _), (n, _) in final.items():
                 name = self.tables.sharded[index].name
                 rows_by_table[name] = rows_by_table.get(name, 0) + n
             if keys:
@@ -426,26 +426,22 @@ class SourceMover:
 
 
 def drop_leftover_stages(manager: ShardManager, shard_ids: Sequence[str]) -> dict[str, int]:
-    """Drop every ``shardkit_in_*`` table on ``shard_ids`` (only when no move is in flight: a
-    mover killed while dropping them leaves the rest); returns ``{shard: tables dropped}``."""
+    """Drop every ``shardkit_in_*`` table (the staging tables of older versions, or of a mover
+    killed while dropping them) on ``shard_ids``; returns ``{shard: tables dropped}``."""
     dropped: dict[str, int] = {}
-    for shard_id in shard_ids:
-        with manager.connect(shard_id) as conn, conn.begin():
-            names = (
-                conn.execute(
-                    text(
-                        "SELECT quote_ident(tablename) FROM pg_tables"
-                        " WHERE schemaname = current_schema() AND starts_with(tablename, :prefix)"
-                    ),
-                    {"prefix": STAGE_PREFIX},
-                )
-                .scalars()
-                .all()
-            )
-            for name in names:
-                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+
+    def drop(conn: Connection, shard_id: str) -> None:
+        found = text(
+            "SELECT quote_ident(tablename) FROM pg_tables"
+            " WHERE schemaname = current_schema() AND starts_with(tablename, :prefix)"
+        )
+        names = conn.execute(found, {"prefix": STAGE_PREFIX}).scalars().all()
+        for name in names:
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
         if names:
             dropped[shard_id] = len(names)
+
+    for_shards(manager, drop, shard_ids)
     return dropped
 
 
@@ -487,7 +483,7 @@ def range_fingerprints(
     """In one query: the version fingerprints (:func:`key_checksums` without content) of the
     ``known`` keys, and every other key of the range ``(after, upto]`` (keys that arrived)."""
     parts = [
-        f"SELECT {i} AS t, {n.key} AS k, count(*), 0, sum(hashtextextended(ctid::text || xmin::text, 0))"
+        f"SELECT {i} AS t, {n.key} AS k, count(*), sum(hashtextextended(ctid::text || xmin::text, 0))"
         f" FROM {n.live} WHERE {n.key_in} GROUP BY {n.key}"
         for i, n in enumerate(names)
     ]
@@ -496,70 +492,68 @@ def range_fingerprints(
         n = TableNames.of(spec)
         lower = f"{n.key} > CAST(%s AS {spec.key_sql_type}) AND " if after is not None else ""
         parts.append(
-            f"SELECT DISTINCT -1, {n.key}, 0, 0, 0 FROM {n.live} WHERE {lower}"
+            f"SELECT DISTINCT -1, {n.key}, 0, 0 FROM {n.live} WHERE {lower}"
             f"{n.key} <= CAST(%s AS {spec.key_sql_type}) AND NOT {n.key_in}"
         )
         params += [*([after] if after is not None else []), upto, list(known)]
     found: Checksums = {}
     arrived: dict[Any, None] = {}
-    for t, k, c, h, v in conn.exec_driver_sql(" UNION ALL ".join(parts), tuple(params)):
+    for t, k, c, v in conn.exec_driver_sql(" UNION ALL ".join(parts), tuple(params)):
         if int(t) < 0:
             arrived[k] = None
         else:
-            found[(int(t), k)] = (int(c), int(h), int(v))
+            found[(int(t), k)] = (int(c), int(v))
     return found, sorted(arrived)
 
 
-Checksums = dict[tuple[int, Any], tuple[int, int, int]]
-"""``{(table index, key): (rows, content checksum, version fingerprint)}``: see :func:`key_checksums`."""
+Checksums = dict[tuple[int, Any], tuple[int, int]]
+"""``{(table index, key): (rows, version fingerprint)}``: see :func:`key_checksums`."""
+
+Digest = tuple[int, str]
+"""``(rows, xxh3-128 of the COPY bytes)`` of one table's rows of a key list, in primary-key order."""
 
 
-def key_checksums(
-    conn: Connection, names: Sequence[TableNames], keys: Sequence[Any], *, content: bool = True
-) -> Checksums:
-    """Per table and key, in one query: the row count, the sum of the rows' content hashes
-    (PostgreSQL's own text form of each row, ``ROW(columns)::text``, so two shards compare alike)
-    and the sum of the row versions' hashes (``ctid``, ``xmin``: which changes with every insert,
-    update or delete, without rendering the rows). ``content=False`` skips the content hash (0).
-    """
+def key_checksums(conn: Connection, names: Sequence[TableNames], keys: Sequence[Any]) -> Checksums:
+    """Per table and key, in one query: the row count and the sum of the row versions' hashes
+    (``ctid``, ``xmin``: they change with every insert, update or delete of a row, and reading
+    them renders no row). Compared between two moments of one shard, they say which keys changed."""
     if not keys:
         return {}
-    hashed = "sum(hashtextextended(ROW({columns})::text, 0))" if content else "0"
     parts = [
-        f"SELECT {i} AS t, {n.key} AS k, count(*), {hashed.format(columns=n.columns)},"
-        f" sum(hashtextextended(ctid::text || xmin::text, 0)) FROM {n.live} WHERE {n.key_in} GROUP BY {n.key}"
+        f"SELECT {i} AS t, {n.key} AS k, count(*), sum(hashtextextended(ctid::text || xmin::text, 0))"
+        f" FROM {n.live} WHERE {n.key_in} GROUP BY {n.key}"
         for i, n in enumerate(names)
     ]
     result = conn.exec_driver_sql(" UNION ALL ".join(parts), tuple([list(keys)] * len(parts)))
-    return {(int(t), k): (int(c), int(h), int(v)) for t, k, c, h, v in result}
+    return {(int(t), k): (int(c), int(v)) for t, k, c, v in result}
 
 
-def _differing(expected: Checksums, got: Checksums, keys: Sequence[Any], *, content: bool) -> list[Any]:
-    """Keys whose rows differ in any table: by count and content (two shards), or by count and
-    version fingerprint (one shard at two moments)."""
-
-    def pick(v: tuple[int, int, int]) -> tuple[int, int]:
-        return (v[0], v[1]) if content else (v[0], v[2])
-
+def _differing(expected: Checksums, got: Checksums, keys: Sequence[Any]) -> list[Any]:
+    """Keys whose rows differ in any table between two :func:`key_checksums` results."""
     wanted = set(keys)
     bad = {
         k
         for mine, theirs in ((expected, got), (got, expected))
         for (t, k), v in mine.items()
-        if k in wanted and ((t, k) not in theirs or pick(theirs[(t, k)]) != pick(v))
+        if k in wanted and theirs.get((t, k)) != v
     }
     return [k for k in dict.fromkeys(keys) if k in bad]
 
 
 @dataclass(frozen=True)
 class TableNames:
-    """The quoted SQL names one sharded table needs: itself, its key, its columns."""
+    """The quoted SQL names one sharded table needs: itself, its key, its columns, its order."""
 
     live: str
     key: str
     key_in: str
     """``key = ANY(CAST(%s AS type[]))``: the rows of a list of keys."""
     columns: str
+    order: str
+    """The primary key's columns: both ends stream rows in this order, so their bytes compare."""
+    format: str
+    """``binary`` unless a column's binary form names a database-specific type (arrays, enums,
+    user-defined types): then ``text``, rendered under the same settings on both ends."""
 
     @classmethod
     def of(cls, spec: ShardedTable) -> TableNames:
@@ -568,22 +562,44 @@ class TableNames:
         key = quote(spec.key.name)
         key_in = f"{key} = ANY(CAST(%s AS {spec.key_sql_type}[]))"
         columns = ", ".join(quote(c.name) for c in spec.table.c)
-        return cls(preparer.format_table(spec.table), key, key_in, columns)
+        order = ", ".join(quote(c.name) for c in spec.table.primary_key.columns)
+        portable = all(not isinstance(c.type, _LOCAL_TYPES) for c in spec.table.c)
+        return cls(
+            preparer.format_table(spec.table), key, key_in, columns, order, "binary" if portable else "text"
+        )
 
-    def copy(self, source: Connection, target: Connection, keys: list[Any]) -> None:
-        """Stream the keys' rows from the source table into the target's with binary COPY (no
-        Python row is built; both tables have the same columns and types)."""
+    def _out(self) -> str:
+        return (
+            f"COPY (SELECT {self.columns} FROM {self.live} WHERE {self.key_in} ORDER BY {self.order})"
+            f" TO STDOUT (FORMAT {self.format})"
+        )
+
+    def copy(self, source: Connection, target: Connection, keys: list[Any]) -> Digest:
+        """Stream the keys' rows from the source table into the target's with COPY (no Python row
+        is built); returns the digest of the bytes sent."""
         src = source.connection.driver_connection.cursor()  # type: ignore[union-attr]
         dst = target.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        out_sql = (
-            f"COPY (SELECT {self.columns} FROM {self.live} WHERE {self.key_in}) TO STDOUT (FORMAT binary)"
-        )
+        hasher = xxh3_128()
         with (
-            src.copy(out_sql, (keys,)) as out,
-            dst.copy(f"COPY {self.live} ({self.columns}) FROM STDIN (FORMAT binary)") as into,
+            src.copy(self._out(), (keys,)) as out,
+            dst.copy(f"COPY {self.live} ({self.columns}) FROM STDIN (FORMAT {self.format})") as into,
         ):
             for block in out:
+                hasher.update(block)
                 into.write(block)
+        return int(src.rowcount), hasher.hexdigest()
+
+    def digest(self, conn: Connection, keys: list[Any]) -> Digest:
+        """The digest of this shard's rows of ``keys`` (as :meth:`copy` computes it)."""
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        hasher = xxh3_128()
+        with cursor.copy(self._out(), (keys,)) as out:
+            for block in out:
+                hasher.update(block)
+        return int(cursor.rowcount), hasher.hexdigest()
+
+
+_LOCAL_TYPES = (sqltypes.ARRAY, sqltypes.Enum, UserDefinedType, postgresql.HSTORE)
 
 
 __all__ = [

@@ -23,6 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection, make_url
 
 from ..manager import ShardManager
+from .parallel import for_shards
 
 MOVE_TABLE = "shardkit_rebalance_move"
 
@@ -89,14 +90,16 @@ def url_without_password(url: URL | str) -> str:
 
 def write_record(manager: ShardManager, record: MoveRecord, shard_ids: Iterable[str]) -> None:
     """Store ``record`` on each shard, replacing a record of another version (kept if the same)."""
-    for shard_id in shard_ids:
-        with manager.connect(shard_id) as conn, conn.begin():
-            conn.execute(text(MOVE_DDL))
-            conn.execute(text(f"DELETE FROM {MOVE_TABLE} WHERE version <> :v"), {"v": record.version})
-            conn.execute(
-                text(f"INSERT INTO {MOVE_TABLE} (version, spec) VALUES (:v, :s) ON CONFLICT DO NOTHING"),
-                {"v": record.version, "s": record.to_json()},
-            )
+
+    def store(conn: Connection, shard_id: str) -> None:
+        conn.execute(text(MOVE_DDL))
+        conn.execute(text(f"DELETE FROM {MOVE_TABLE} WHERE version <> :v"), {"v": record.version})
+        conn.execute(
+            text(f"INSERT INTO {MOVE_TABLE} (version, spec) VALUES (:v, :s) ON CONFLICT DO NOTHING"),
+            {"v": record.version, "s": record.to_json()},
+        )
+
+    for_shards(manager, store, shard_ids)
 
 
 def _read(conn: Connection) -> Any:
