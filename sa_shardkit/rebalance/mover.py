@@ -8,9 +8,10 @@ batch runs in two phases:
 1. **copy** (no fence; writers keep writing the keys on the source): in one ``REPEATABLE READ``
    snapshot of the source, the keys' rows are streamed with ``COPY ... TO STDOUT (FORMAT binary)``
    straight into ``COPY ... FROM STDIN`` of the live tables of each target (parents first), in a
-   target transaction that stays **open** (so nobody sees the copies); the same snapshot gives, per
-   key and table, a content checksum (``hashtextextended(ROW(...)::text)``, compared with the
-   target's: verified before the fence) and a version fingerprint (``ctid``/``xmin`` of each row);
+   target transaction that stays **open** (so nobody sees the copies), in primary-key order; an
+   xxh3-128 digest of the bytes sent is compared with the target's rows read back the same way
+   (verified before the fence), and the same snapshot gives each key's version fingerprint
+   (row count and ``ctid``/``xmin`` of each row, which change with every write; no row rendered);
 2. **cut-over** (short): one source transaction locks the source's state row ``FOR NO KEY UPDATE``
    -- writers of moving keys, who lock it ``FOR SHARE``, wait; nobody else does. It re-reads the
    batch's key range (new keys included) and the fingerprints: only keys that changed since the
@@ -85,7 +86,7 @@ class MoveOptions:
     batch_size: int = 2000
     """At most this many moving shard keys per batch (all rows of a key move together)."""
     fence_seconds: float = 0.08
-    """The cut-over length a batch aims at: the batch size adapts (from 32 keys up to
+    """The cut-over length a batch aims at: the batch size adapts (from 64 keys up to
     ``batch_size``) so that writers of moving keys wait about this long, at most, per batch."""
     sleep: float = 0.0
     """Seconds to pause between batches (throttling)."""
@@ -413,13 +414,13 @@ class SourceMover:
 
     def _adapt(self, fence_seconds: float, keys: int) -> None:
         """Size the next batch so that its cut-over takes about ``options.fence_seconds``: double
-        it while a cut-over takes under half of that, shrink it in proportion when one took longer
+        it while a cut-over takes under half of that (quadruple under a quarter), shrink it in proportion when one took longer
         (a cut-over has a fixed part -- round trips, commits -- so the rate per key is not linear)."""
         target = self.options.fence_seconds
         if fence_seconds > target:
             wanted = int(self.batch_keys * target / fence_seconds)
         elif fence_seconds < target / 2 and keys >= self.batch_keys:
-            wanted = self.batch_keys * 2
+            wanted = self.batch_keys * (4 if fence_seconds < target / 4 else 2)
         else:
             return
         self.batch_keys = min(self.options.batch_size, max(MIN_BATCH, wanted))

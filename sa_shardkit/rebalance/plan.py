@@ -88,12 +88,15 @@ def plan_rebalance(
     for source, (per_table, table_totals) in counted.items():
         totals.update(table_totals)
         seen: set[Any] = set()
+        decided: dict[Any, str | None] = {}  # each key hashed once, whatever the number of tables
         for table_name, counter in per_table.items():
             for key, n in counter.items():
-                if old.get_shard(key) != source:
-                    continue  # a stray row: not this shard's to move (see mover)
-                target = new.get_shard(key)
-                if target == source:
+                target = decided.get(key, "")
+                if target == "":
+                    # a stray row (not on its old-ring shard) is not this shard's to move (see mover)
+                    moving = old.get_shard(key) == source and new.get_shard(key) != source
+                    target = decided[key] = new.get_shard(key) if moving else None
+                if target is None:
                     continue
                 rows[source, target, table_name] = rows.get((source, target, table_name), 0) + n
                 if key not in seen:
