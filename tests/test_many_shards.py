@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from sa_shardkit import ShardManager
 from sa_shardkit.cli import cli
+from sa_shardkit.rebalance.catalog import install_ring
 from tests.alembic_support import AlembicProject, execute_on, revision_on
 from tests.fleet import TestFleet
 from tests.many_shards import many_databases
@@ -78,3 +79,19 @@ def test_a_scatter_over_64_shards_with_a_small_budget(wide: dict[str, str]) -> N
             (s, u.rsplit("/", 1)[1]) for s, u in wide.items()
         }
         assert manager.budget.open_connections <= 8
+
+
+def test_rebalance_status_over_64_shards_lists_only_the_shard_behind(wide: dict[str, str]) -> None:
+    with ShardManager.from_urls(wide) as manager:
+        install_ring(manager)
+        args = ["rebalance", "--status"] + [f"--url={u}" for u in wide.values()]
+        execute_on(wide["shard-9"], "UPDATE shardkit_ring_state SET version = 0")  # an older version
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code in (0, 1), result.output
+        assert f"{COUNT} shard(s) store a ring:" in result.output
+        assert f"{COUNT - 1} version 1" in result.output and "1 version 0" in result.output
+        assert "shard-9 " in result.output and "shard-10 " not in result.output
+        assert "64 shards" in result.output and "shard-33" not in result.output  # rings shown compactly
+
+        verbose = CliRunner().invoke(cli, [*args, "--verbose"])
+        assert all(f"shard-{i} " in verbose.output for i in range(1, COUNT + 1))

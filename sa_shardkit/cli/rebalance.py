@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
@@ -42,6 +42,7 @@ from ..rebalance import (
 from ..rebalance import resume as resume_move
 from ..rebalance.rebalancer import drop_leftovers
 from ..ring import HashRing
+from ..summary import hidden, summarise, tally, verbose_requested
 from .options import config_options, load_manager
 from .output import output_console
 
@@ -271,24 +272,44 @@ def _print_status(console: Console, manager: ShardManager) -> None:
     if not rows or status is None:
         console.print("No ring stored yet (the first rebalance stores the configured ring).")
         return
+    listed = rows
+    if summarise(len(rows)):  # over 16 shards: counts, then the shards behind or moving
+        newest = max(row.state.version for row in rows.values())
+        console.print(
+            f"{len(rows)} shard(s) store a ring: {tally(f'version {r.state.version}' for r in rows.values())}"
+        )
+        listed = {
+            shard_id: row
+            for shard_id, row in rows.items()
+            if row.state.version < newest or row.watermark or shard_id in status.lagging
+        }
+        console.print(hidden(len(rows) - len(listed), "idle shard(s) at the newest version"))
     table = Table(title="Stored ring state per shard")
     for name in ("shard", "version", "ring", "moving to", "watermark", "drained", "rows moved", "batches"):
         table.add_column(name)
-    for shard_id, row in rows.items():
+    for shard_id, row in listed.items():
         state = row.state
         counts = status.per_shard.get(shard_id)
         table.add_row(
             shard_id,
             str(state.version),
-            ", ".join(state.ring.shard_ids),
-            ", ".join(state.target.shard_ids) if state.target is not None else "-",
+            _ring_ids(state.ring.shard_ids),
+            _ring_ids(state.target.shard_ids) if state.target is not None else "-",
             escape(row.watermark or "-"),
             "yes" if row.drained else "no",
             f"{counts.rows_moved:,}" if counts else "-",
             f"{counts.batches:,}" if counts else "-",
         )
-    console.print(table)
+    if listed:
+        console.print(table)
     console.print(_status_line(status))
+
+
+def _ring_ids(shard_ids: Sequence[str]) -> str:
+    """A ring's shards: their ids, or over 8 shards their count and the first and last id."""
+    if len(shard_ids) <= 8 or verbose_requested():
+        return ", ".join(shard_ids)
+    return f"{len(shard_ids)} shards ({shard_ids[0]} ... {shard_ids[-1]})"
 
 
 def _status_line(status: MoveStatus) -> str:
