@@ -29,7 +29,6 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import inspect, select
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import selectinload
 
 from sa_shardkit import (
@@ -183,17 +182,6 @@ def create_app(manager: ShardManager) -> FastAPI:
     @app.exception_handler(ShardUnavailableError)
     def shard_down(_request: Request, error: ShardUnavailableError) -> JSONResponse:
         return JSONResponse({"detail": str(error), "shard": error.shard_id}, status_code=503)
-
-    @app.exception_handler(OperationalError)
-    def connection_failed(_request: Request, error: OperationalError) -> JSONResponse:
-        # A keyed session read on a stopped server surfaces the driver's error; name the shard(s)
-        # that do not answer (manager.health() asks each one, bounded by its connect timeout).
-        down = [s for s, h in manager.health().items() if not h.reachable]
-        detail = f"shard(s) unavailable: {', '.join(down)}" if down else "database error"
-        return JSONResponse(
-            {"detail": detail, "shard": down[0] if len(down) == 1 else None, "shards_down": down},
-            status_code=503 if down else 500,
-        )
 
     @app.exception_handler(CrossShardTransactionError)
     def cross_shard(_request: Request, error: CrossShardTransactionError) -> JSONResponse:
