@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import os
+import pstats
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 
 from sqlalchemy import insert, select, text
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from sa_shardkit import ShardManager
@@ -126,6 +129,31 @@ def main() -> None:
             work = {kind: [(k, uuid.uuid4()) for k in keys[i :: len(kinds)]] for i, kind in enumerate(kinds)}
             run_round(factories, work, args.chunk, totals if round_no else None)
         report(totals, args.n * args.rounds)
+        calls_per_operation(factories, keys[: args.chunk], engine)
+
+
+def calls_per_operation(factories: dict[str, Callable[[], Session]], keys: list[int], engine: Engine) -> None:
+    """Python function calls per operation (cProfile): a count, so machine load does not move it."""
+    print("\nPython function calls per operation (deterministic; O(1) in N when equal across shard counts)")
+    print(f"{'phase':<8}" + "".join(f"{kind:>28}" for kind in factories))
+    work = [(k, uuid.uuid4()) for k in keys]
+    counts: dict[str, dict[str, float]] = {kind: {} for kind in factories}
+    for phase in PHASES:
+        for kind, factory in factories.items():
+            with engine.begin() as conn:
+                conn.execute(text("TRUNCATE order_items, orders"))
+            for key, order_id in work:  # the rows the get/select phases read
+                insert_one(factories[PLAIN], key, order_id)
+            if phase == "insert":
+                with engine.begin() as conn:
+                    conn.execute(text("TRUNCATE order_items, orders"))
+            profile = cProfile.Profile()
+            profile.enable()
+            for key, order_id in work:
+                OPERATIONS[phase](factory, key, order_id)
+            profile.disable()
+            counts[kind][phase] = pstats.Stats(profile).total_calls / len(work)
+        print(f"{phase:<8}" + "".join(f"{counts[kind][phase]:>28,.0f}" for kind in factories))
 
 
 def phase_seconds(times: dict[str, float], phase: str) -> float:
