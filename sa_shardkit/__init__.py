@@ -37,6 +37,7 @@ from .errors import (
 )
 from .events import QueryEvent, QueryListener, QueryMetrics, QueryStats
 from .lint import LintReport, lint_files, lint_hook, lint_script_directory
+from .lookups import Lookup
 from .manager import ShardHealth, ShardManager
 from .prometheus import prometheus_text
 from .rebalance import MoveOptions, RebalanceJob, RingRouter, add_shard, remove_shard, start_rebalance
@@ -64,6 +65,7 @@ __all__ = [
     "InvalidShardKeyError",
     "InvalidWeightError",
     "LintReport",
+    "Lookup",
     "LookupIndexError",
     "MigrationError",
     "MoveOptions",

@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.orm import Mapper
 from sqlalchemy.sql import operators
@@ -57,6 +57,37 @@ class Route:
     @property
     def scatter(self) -> bool:
         return len(self.shard_ids) > 1
+
+
+class ColumnRouter(Protocol):
+    """Routes ``column == value`` / ``column IN values`` for a column that is not a shard key.
+
+    Returns the shards the matching rows can be on (``None``: no opinion, i.e. every shard) and may
+    append to ``keys`` what the route's reason should show. :mod:`sa_shardkit.lookups` is one.
+    """
+
+    def __call__(
+        self, manager: ShardManager, column: Any, values: list[Any], keys: list[Any], write: bool
+    ) -> set[str] | None: ...
+
+
+_column_routers: list[ColumnRouter] = []
+
+
+def add_column_router(router: ColumnRouter) -> None:
+    """Consult ``router`` for comparisons on columns other than the shard key (see ColumnRouter)."""
+    if router not in _column_routers:
+        _column_routers.append(router)
+
+
+def _routed_by_column(
+    manager: ShardManager, column: Any, values: list[Any], keys: list[Any], write: bool
+) -> set[str] | None:
+    for router in _column_routers:
+        found = router(manager, column, values, keys, write)
+        if found is not None:
+            return found
+    return None
 
 
 # -- key -> shard: the single funnel -----------------------------------------------------------
@@ -221,6 +252,12 @@ def route_identity(manager: ShardManager, mapper: Mapper[Any], primary_key: Sequ
     index, reason = cached
     if index is not None and index < len(primary_key) and primary_key[index] is not None:
         return Route(shards_for_key(manager, primary_key[index]), reason)
+    if _column_routers and len(primary_key) == len(mapper.primary_key):
+        keys: list[Any] = []
+        for column, value in zip(mapper.primary_key, primary_key, strict=True):
+            found = _routed_by_column(manager, column, [value], keys, False) if value is not None else None
+            if found is not None:
+                return _keyed_route(manager, found, f"primary key of {sharding.name}: {keys[-1]!r}")
     return Route(
         ring_shards(manager),
         f"primary key of {sharding.name} lacks the shard key {sharding.attribute}: searching every shard",
@@ -472,6 +509,11 @@ def _shards_in(
         return None
     for column, other in sides:
         if _key_column(column) is None:
+            if _column_routers:
+                values = _bound_values(other, params)
+                found = _routed_by_column(manager, column, values, keys, write) if values else None
+                if found is not None:
+                    return found
             continue
         values = _bound_values(other, params)
         if values is None:

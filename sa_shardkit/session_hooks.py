@@ -2,7 +2,8 @@
 
 Kept apart from session.py so the session's own routing stays one readable module: fleet-wide ids
 (:mod:`sa_shardkit.sequences`) are assigned here before the session routes the new rows (a
-sequence can feed the shard key itself).
+sequence can feed the shard key itself), and lookup entries (:mod:`sa_shardkit.lookups`) are
+written after each flush and finished when the transaction ends.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
+from .lookups import maintain
 from .sequences import assign_sequence_ids
 from .session import ShardedSession
 
@@ -24,3 +26,8 @@ def _assign_ids(session: Session, flush_context: Any, instances: Any) -> None:
 
 # insert=True: before the session's own before_flush, which routes rows by their (now set) keys
 event.listen(ShardedSession, "before_flush", _assign_ids, insert=True)
+event.listen(ShardedSession, "after_flush", maintain.after_flush)
+event.listen(ShardedSession, "after_commit", maintain.after_commit)
+event.listen(ShardedSession, "after_transaction_end", maintain.after_transaction_end)
+# insert=True: before the session routes (and runs) the statement
+event.listen(ShardedSession, "do_orm_execute", maintain.before_execute, insert=True)

@@ -1,0 +1,219 @@
+"""Creating, backfilling and repairing lookups (``shardkit lookups build|repair``).
+
+A lookup declared on a table that already has rows is *building* until :func:`build_lookup` has
+scanned every owning row: writes maintain it from the moment the code declaring it runs, reads
+ignore it (they scatter) until the build marks it *ready*. The build walks each shard's owning table
+in primary-key order, in batches, recording the last key per shard in ``shardkit_lookup_state``,
+so an interrupted build resumes where it stopped.
+
+:func:`repair_lookup` removes stale entries (no committed owning row): each candidate is re-checked
+under its value's exclusive lock, which waits out any writer between its entry and its commit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import and_, func, select, tuple_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from ..routing import ring_shards, shards_for_key
+from .declaration import LookupIndex, declared_lookups, lookup_metadata, lookup_state_table
+from .store import (
+    Entry,
+    LookupConnections,
+    delete_entries,
+    existing_keys,
+    forget_readiness,
+    insert_entries,
+    lock_values,
+    owner_has,
+    take_over,
+)
+
+if TYPE_CHECKING:
+    from ..manager import ShardManager
+
+Progress = Callable[[str, int, int], None]
+"""``progress(shard_id, rows_done, rows_total)`` after each batch."""
+
+
+@dataclass
+class BuildReport:
+    lookup: str
+    rows: dict[str, int] = field(default_factory=dict)
+    """Owning rows scanned per shard (in this run)."""
+    entries: int = 0
+    """Entries created (the others existed)."""
+    duplicates: list[tuple[Any, Any, Any]] = field(default_factory=list)
+    """(value, key kept, key refused) of a unique lookup whose existing rows share a value."""
+    resumed: bool = False
+
+
+@dataclass
+class RepairReport:
+    lookup: str
+    checked: int = 0
+    removed: int = 0
+
+
+def create_lookup_tables(manager: ShardManager, indexes: list[LookupIndex] | None = None) -> None:
+    """Create the state table and the lookup tables (default: every declared lookup) on every shard."""
+    chosen = declared_lookups() if indexes is None else indexes
+    for shard_id in manager.shard_ids:
+        engine = manager.engine(shard_id)
+        lookup_metadata.create_all(engine, checkfirst=True)
+        for index in chosen:
+            index.table.create(engine, checkfirst=True)
+
+
+def build_lookup(
+    manager: ShardManager,
+    index: LookupIndex,
+    *,
+    batch_size: int = 1000,
+    progress: Progress | None = None,
+    restart: bool = False,
+) -> BuildReport:
+    """Backfill ``index`` from the owning rows of every shard, then mark it ready (resumable)."""
+    create_lookup_tables(manager, [index])
+    report = BuildReport(index.describe())
+    done = {} if restart else _progress_of(manager, index)
+    report.resumed = bool(done)
+    _store_state(manager, index, "building", done)
+    pk = list(index.owner.primary_key.columns)
+    for shard in ring_shards(manager):
+        if done.get(shard) == "done":
+            continue
+        with manager.connect(shard) as conn:
+            total = int(conn.execute(select(func.count()).select_from(index.owner)).scalar() or 0)
+        last = done.get(shard)
+        scanned = 0
+        while True:
+            query = select(*pk, index.column, index.key_column).order_by(*pk).limit(batch_size)
+            if last is not None:
+                query = query.where(tuple_(*pk) > tuple_(*last))
+            with manager.connect(shard) as conn:
+                rows = conn.execute(query).all()
+            if not rows:
+                break
+            entries = [Entry(index, r[-2], r[-1]) for r in rows if r[-2] is not None and r[-1] is not None]
+            report.entries += _backfill(manager, index, entries, report)
+            scanned += len(rows)
+            last = [_jsonable(v) for v in rows[-1][: len(pk)]]
+            done[shard] = last
+            _store_state(manager, index, "building", done)
+            if progress is not None:
+                progress(shard, scanned, total)
+        report.rows[shard] = scanned
+        done[shard] = "done"
+        _store_state(manager, index, "building", done)
+    _store_state(manager, index, "ready", done)
+    forget_readiness()
+    return report
+
+
+def _backfill(manager: ShardManager, index: LookupIndex, entries: list[Entry], report: BuildReport) -> int:
+    if not entries:
+        return 0
+    conns = LookupConnections(manager)
+    try:
+        created = insert_entries(conns, entries, shared=not index.unique)
+        if index.unique:
+            made = {(e.value, e.key) for e in created}
+            pending = [e for e in entries if (e.value, e.key) not in made]
+            current = existing_keys(conns, index, [e.value for e in pending]) if pending else {}
+            for entry in pending:
+                holder = current.get(entry.value)
+                if holder is None or holder == entry.key:
+                    continue
+                if owner_has(manager, index, entry.value, holder):
+                    report.duplicates.append((entry.value, holder, entry.key))
+                else:
+                    take_over(conns, entry, holder)
+        return len(created)
+    finally:
+        conns.release()
+
+
+def repair_lookup(manager: ShardManager, index: LookupIndex, *, batch_size: int = 1000) -> RepairReport:
+    """Remove the entries of ``index`` that no committed owning row needs (safe while writes run)."""
+    report = RepairReport(index.describe())
+    table = index.table
+    for shard in manager.shard_ids:
+        last: tuple[Any, Any] | None = None
+        while True:
+            query = select(table.c.value, table.c.shard_key).order_by(table.c.value, table.c.shard_key)
+            if last is not None:
+                query = query.where(tuple_(table.c.value, table.c.shard_key) > tuple_(*last))
+            with manager.connect(shard) as conn:
+                rows = [(v, k) for v, k in conn.execute(query.limit(batch_size))]
+            if not rows:
+                break
+            report.checked += len(rows)
+            last = rows[-1]
+            owned = _owned(manager, index, rows)
+            stale = [Entry(index, v, k) for v, k in rows if (v, k) not in owned]
+            if stale:
+                report.removed += _remove_if_still_stale(manager, index, stale)
+    return report
+
+
+def _owned(manager: ShardManager, index: LookupIndex, pairs: list[tuple[Any, Any]]) -> set[tuple[Any, Any]]:
+    """Which (value, key) pairs a committed owning row holds (one query per owner shard)."""
+    by_shard: dict[str, list[tuple[Any, Any]]] = {}
+    for value, key in pairs:
+        for shard in shards_for_key(manager, key):
+            by_shard.setdefault(shard, []).append((value, key))
+    found: set[tuple[Any, Any]] = set()
+    for shard, group in by_shard.items():
+        query = select(index.column, index.key_column).where(
+            and_(index.column.in_({v for v, _ in group}), index.key_column.in_({k for _, k in group}))
+        )
+        with manager.connect(shard) as conn:
+            found.update((v, k) for v, k in conn.execute(query))
+    return found
+
+
+def _remove_if_still_stale(manager: ShardManager, index: LookupIndex, stale: list[Entry]) -> int:
+    conns = LookupConnections(manager)
+    try:
+        lock_values(conns, index, [e.value for e in stale], shared=False)
+        owned = _owned(manager, index, [(e.value, e.key) for e in stale])
+        return delete_entries(conns, [e for e in stale if (e.value, e.key) not in owned])
+    finally:
+        conns.release()
+
+
+def _jsonable(value: Any) -> Any:
+    return value if isinstance(value, (int, str, float)) or value is None else str(value)
+
+
+def _progress_of(manager: ShardManager, index: LookupIndex) -> dict[str, Any]:
+    shard = ring_shards(manager)[0]
+    with manager.connect(shard) as conn:
+        row = conn.execute(
+            select(lookup_state_table.c.state, lookup_state_table.c.progress).where(
+                lookup_state_table.c.name == index.name
+            )
+        ).first()
+    if row is None or row.state == "ready":
+        return {}
+    progress = row.progress
+    return dict(json.loads(progress) if isinstance(progress, str) else progress)
+
+
+def _store_state(manager: ShardManager, index: LookupIndex, state: str, progress: dict[str, Any]) -> None:
+    """The state row on every shard (reads consult the first ring shard's)."""
+    stmt = pg_insert(lookup_state_table).values(name=index.name, state=state, progress=progress)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["name"], set_={"state": state, "progress": progress, "updated_at": func.now()}
+    )
+    targets = manager.shard_ids if state == "ready" else ring_shards(manager)[:1]
+    for shard in targets:
+        with manager.connect(shard) as conn:
+            conn.execute(stmt)
+            conn.commit()

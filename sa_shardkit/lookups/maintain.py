@@ -1,0 +1,252 @@
+"""Keeping lookup entries in step with what a ShardedSession writes, without two-phase commit.
+
+The order of events is the whole consistency argument:
+
+1. After a flush wrote owning rows (inside the session's still open transaction), the entries for
+   their new values are written and **committed** on the lookup shards, each value's advisory lock
+   taken first and held until the session transaction ends.
+2. The session transaction commits (or rolls back).
+3. Only then are entries of deleted rows and of old values removed, each after checking under its
+   exclusive lock that no committed owning row still has that value and key.
+4. The locks are released.
+
+So a committed owning row always has its entry (written before it committed, removed only once no
+committed row needs it); a crash at any point leaves at most an entry without an owning row, which
+reads ignore (they filter on the column anyway) and ``shardkit lookups repair`` removes. Unique
+lookups are checked at step 1 under the value's exclusive lock: an entry naming another key is a
+duplicate if that key's committed row holds the value, otherwise it is stale and taken over.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import inspect
+from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
+
+from ..errors import DuplicateKeyError, LookupIndexError
+from ..routing import _insert_rows, shards_for_key
+from .declaration import LookupIndex, lookup_for_column, lookups_of
+from .store import (
+    Entry,
+    LookupConnections,
+    delete_entries,
+    existing_keys,
+    insert_entries,
+    lock_values,
+    owner_has,
+    take_over,
+)
+
+if TYPE_CHECKING:
+    from ..manager import ShardManager
+
+log = logging.getLogger("sa_shardkit.lookups")
+
+WORK_KEY = "_shardkit_lookups"
+
+
+@dataclass
+class TransactionWork:
+    """What one session transaction did to lookups, to finish after it ends."""
+
+    conns: LookupConnections
+    written: dict[tuple[str, Any], Any] = field(default_factory=dict)
+    """(lookup, value) -> key of the unique entries this transaction relies on."""
+    created: list[Entry] = field(default_factory=list)
+    """Unique entries this transaction created or took over: removed again if it rolls back."""
+    removals: list[Entry] = field(default_factory=list)
+    """Entries to remove after commit, if no committed owning row needs them then."""
+    committed: bool = False
+
+
+def _work(session: Session, manager: ShardManager) -> TransactionWork:
+    work = session.info.get(WORK_KEY)
+    if work is None:
+        work = session.info[WORK_KEY] = TransactionWork(LookupConnections(manager))
+    return work  # type: ignore[no-any-return]
+
+
+def after_flush(session: Session, flush_context: Any) -> None:
+    """Step 1 (and the locks of step 3) for the rows this flush wrote."""
+    manager = getattr(session, "manager", None)
+    if manager is None:
+        return
+    inserts: dict[LookupIndex, list[Entry]] = {}
+    removals: list[Entry] = []
+    for obj in session.new:
+        state = inspect(obj)
+        for index in lookups_of(state.mapper):
+            value, key = state.dict.get(index.attribute), state.dict.get(index.key_attribute)
+            if value is not None and key is not None:
+                inserts.setdefault(index, []).append(Entry(index, value, key))
+    for obj in session.dirty:
+        state = inspect(obj)
+        if state.key is None:
+            continue
+        for index in lookups_of(state.mapper):
+            _changed(state, index, inserts, removals)
+    for obj in session.deleted:
+        state = inspect(obj)
+        for index in lookups_of(state.mapper):
+            value = _committed(state, index.attribute)
+            key = _committed(state, index.key_attribute)
+            if value is not None and key is not None:
+                removals.append(Entry(index, value, key))
+    if not inserts and not removals:
+        return
+    work = _work(session, manager)
+    for index, entries in inserts.items():
+        write_entries(manager, work, index, entries)
+    by_index: dict[LookupIndex, list[Any]] = {}
+    for entry in removals:
+        by_index.setdefault(entry.index, []).append(entry.value)
+    for index, values in by_index.items():
+        lock_values(work.conns, index, values, shared=False)
+    work.removals.extend(removals)
+
+
+def _committed(state: Any, attribute: str) -> Any:
+    history = state.attrs[attribute].history
+    if history.deleted:
+        return history.deleted[0]
+    return state.dict.get(attribute) if not history.added else None
+
+
+def _changed(
+    state: Any, index: LookupIndex, inserts: dict[LookupIndex, list[Entry]], removals: list[Entry]
+) -> None:
+    value_history = state.attrs[index.attribute].history
+    key_history = state.attrs[index.key_attribute].history
+    if not (value_history.added or key_history.added):
+        return
+    new = (state.dict.get(index.attribute), state.dict.get(index.key_attribute))
+    old = (_committed(state, index.attribute), _committed(state, index.key_attribute))
+    if new == old:
+        return
+    if new[0] is not None and new[1] is not None:
+        inserts.setdefault(index, []).append(Entry(index, *new))
+    if old[0] is not None and old[1] is not None:  # an unloaded old value leaves a stale entry: harmless
+        removals.append(Entry(index, *old))
+
+
+def write_entries(
+    manager: ShardManager, work: TransactionWork, index: LookupIndex, entries: list[Entry]
+) -> None:
+    """Lock, insert and commit the entries; for a unique lookup, refuse values another row holds."""
+    if not index.unique:
+        insert_entries(work.conns, entries, shared=True)
+        return
+    seen: dict[Any, Any] = {}
+    for entry in entries:
+        prior = seen.setdefault(entry.value, entry.key)
+        mine = work.written.get((index.name, entry.value))
+        for other in (prior, mine):
+            if other is not None and other != entry.key:
+                raise _duplicate(manager, index, entry, other, True)
+    created = insert_entries(work.conns, entries, shared=False)
+    work.created.extend(created)
+    for entry in created:
+        work.written[(index.name, entry.value)] = entry.key
+    done = {e.value for e in created}
+    pending = [e for e in entries if e.value not in done]
+    if not pending:
+        return
+    current = existing_keys(work.conns, index, [e.value for e in pending])
+    for entry in pending:
+        holder = current.get(entry.value)
+        if holder is None:  # removed between the two statements? not under our lock; insert again
+            work.created.extend(insert_entries(work.conns, [entry], shared=False))
+        elif holder != entry.key:
+            if owner_has(manager, index, entry.value, holder):
+                raise _duplicate(manager, index, entry, holder, False)
+            take_over(work.conns, entry, holder)  # a stale entry: its row never committed or is gone
+            work.created.append(entry)
+        work.written[(index.name, entry.value)] = entry.key
+
+
+def _duplicate(
+    manager: ShardManager, index: LookupIndex, entry: Entry, holder: Any, within: bool
+) -> DuplicateKeyError:
+    if within:
+        whose = "by another row of this transaction"
+    else:
+        shards = ", ".join(repr(s) for s in shards_for_key(manager, holder))
+        whose = f"by the row with {index.key_attribute}={holder!r} (shard {shards})"
+    return DuplicateKeyError(
+        f"{index.describe()} = {entry.value!r} is already taken {whose}: {index.describe()} is unique across "
+        "the fleet; nothing of this transaction was committed",
+        column=index.describe(),
+        value=entry.value,
+    )
+
+
+def after_commit(session: Session) -> None:
+    """Step 3: remove the entries no committed row needs any more (failures only leave stale entries)."""
+    work: TransactionWork | None = session.info.get(WORK_KEY)
+    if work is None:
+        return
+    work.committed = True
+    try:
+        gone = [e for e in work.removals if not owner_has(work.conns.manager, e.index, e.value, e.key)]
+        delete_entries(work.conns, gone)
+    except Exception as error:  # noqa: BLE001 - the commit stands; repair removes what is left
+        log.warning("lookup entries of deleted rows left for `shardkit lookups repair`: %s", error)
+
+
+def after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    """Step 4; after a rollback, first remove the unique entries this transaction created."""
+    if transaction.parent is not None:
+        return
+    work: TransactionWork | None = session.info.pop(WORK_KEY, None)
+    if work is None:
+        return
+    try:
+        if not work.committed and work.created:
+            delete_entries(work.conns, work.created)
+    except Exception as error:  # noqa: BLE001 - stale entries are harmless
+        log.warning("lookup entries of a rolled-back transaction left for repair: %s", error)
+    finally:
+        work.conns.release()
+
+
+def before_execute(orm_context: ORMExecuteState) -> None:
+    """INSERT statements with rows get their entries first; UPDATEs of a looked-up column are refused."""
+    session = orm_context.session
+    manager = getattr(session, "manager", None)
+    statement: Any = orm_context.statement
+    if manager is None or not (orm_context.is_insert or orm_context.is_update):
+        return
+    table = getattr(statement, "table", None)
+    indexes = list(_indexes_of(table))
+    if not indexes:
+        return
+    if orm_context.is_update:
+        names = {getattr(c, "key", c) for c in (statement._values or {})}
+        touched = [i for i in indexes if i.column.key in names or i.key_column.key in names]
+        if touched:
+            raise LookupIndexError(
+                f"an UPDATE statement setting {touched[0].describe()} (or its shard key) would leave the lookup "
+                "behind: load the objects and change the attribute (the flush maintains the lookup)"
+            )
+        return
+    rows = _insert_rows(statement, orm_context.parameters)
+    work = _work(session, manager)
+    for index in indexes:
+        entries = [
+            Entry(index, row[index.column.key], row[index.key_column.key])
+            for row in rows
+            if row.get(index.column.key) is not None and row.get(index.key_column.key) is not None
+        ]
+        if entries:
+            write_entries(manager, work, index, entries)
+
+
+def _indexes_of(table: Any) -> Iterable[LookupIndex]:
+    columns = getattr(table, "c", None)
+    if columns is None:
+        return []
+    return [i for i in (lookup_for_column(c) for c in columns) if i is not None]
