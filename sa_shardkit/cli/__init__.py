@@ -12,6 +12,7 @@ from ..lint.defaults import project_on_sys_path
 from .demo import demo
 from .exits import EXIT_FAILED, EXIT_OK, report
 from .locate import locate
+from .lookups import lookups
 from .migrations import migrations
 from .rebalance import rebalance_command
 from .recover import recover
@@ -77,6 +78,7 @@ cli.add_command(migrations)
 cli.add_command(recover)
 cli.add_command(sagas)
 cli.add_command(rebalance_command)
+cli.add_command(lookups)
 
 
 def main(argv: list[str] | None = None) -> None:
