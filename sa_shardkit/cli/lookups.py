@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..errors import ConfigError, NotShardedError
 from ..lookups import LookupIndex, declared_lookups, lookup_named
 from ..lookups.build import build_lookup, repair_lookup
 from ..lookups.store import count_entries, read_state
@@ -24,7 +25,10 @@ def lookups() -> None:
 
 def _chosen(models: str, targets: tuple[str, ...]) -> list[LookupIndex]:
     load_models(models if ":" in models else f"{models}:__name__")
-    return [lookup_named(t) for t in targets] if targets else list(declared_lookups())
+    try:
+        return [lookup_named(t) for t in targets] if targets else list(declared_lookups())
+    except NotShardedError as error:
+        raise ConfigError(str(error)) from None  # bad input: exit code 2, nothing changed
 
 
 @lookups.command("build")
