@@ -210,7 +210,7 @@ def after_transaction_end(session: Session, transaction: SessionTransaction) -> 
     except Exception as error:  # noqa: BLE001 - stale entries are harmless
         log.warning("lookup entries of a rolled-back transaction left for repair: %s", error)
     finally:
-        work.conns.release()
+        work.conns.release(background=True)
 
 
 def before_execute(orm_context: ORMExecuteState) -> None:

@@ -10,8 +10,10 @@ same value, which is what lets them trust what they read of the owning rows.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +23,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from ..errors import LookupIndexError, ShardUnavailableError
+from ..manager import unavailable
 from ..routing import ring_shards, shards_for_key
 from .declaration import LookupIndex, lookup_state_table
 
@@ -53,10 +56,36 @@ def resolve(manager: ShardManager, index: LookupIndex, values: Sequence[Any]) ->
     table = index.table
     for shard, group in lookup_shards(manager, values, write=False).items():
         query = select(table.c.value, table.c.shard_key).where(table.c.value.in_(group))
-        with manager.connect(shard) as conn:
-            for value, key in conn.execute(query):
-                found.setdefault(value, set()).add(key)
+        for value, key in autocommit_rows(manager, shard, query):
+            found.setdefault(value, set()).add(key)
     return found
+
+
+def autocommit_rows(manager: ShardManager, shard: str, query: Any) -> list[Any]:
+    """Run a read on a pooled connection in autocommit mode: one round trip, no BEGIN/ROLLBACK.
+
+    The lookup read sits in front of every lookup-routed query, so it is kept to the statement itself.
+    """
+    engine = manager.engine(shard)
+    compiled = query.compile(dialect=engine.dialect, compile_kwargs={"render_postcompile": True})
+    try:
+        raw = engine.raw_connection()
+    except (OperationalError, DBAPIError) as error:
+        raise unavailable(shard, engine.url.render_as_string(hide_password=True), error) from error
+    driver: Any = raw.dbapi_connection
+    try:
+        driver.autocommit = True
+        try:
+            cursor = raw.cursor()
+            cursor.execute(str(compiled), compiled.params)
+            return list(cursor.fetchall())
+        finally:
+            driver.autocommit = False
+    except Exception:
+        raw.invalidate()
+        raise
+    finally:
+        raw.close()
 
 
 def owner_has(manager: ShardManager, index: LookupIndex, value: Any, key: Any) -> bool:
@@ -136,16 +165,41 @@ class LookupConnections:
             self.conns[shard] = found
         return found
 
-    def release(self) -> None:
-        """Drop every advisory lock and return the connections (after the owning transaction ended)."""
+    def release(self, *, background: bool = False) -> None:
+        """Drop every advisory lock and return the connections (after the owning transaction ended).
+
+        ``background``: on the releaser thread, off the caller's commit path. Holding a lock a little
+        longer is always safe; it only delays the next writer of the same value.
+        """
         conns, self.conns = self.conns, {}
-        for conn in conns.values():
-            try:
-                conn.execute(text("SELECT pg_advisory_unlock_all()"))
-            except DBAPIError:
-                conn.invalidate()  # a broken connection holds no lock anymore either
-            finally:
-                conn.close()
+        if not conns:
+            return
+        if background:
+            _releaser().submit(_unlock_all, list(conns.values()))
+        else:
+            _unlock_all(list(conns.values()))
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _releaser() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardkit-lookup-unlock")
+        return _pool
+
+
+def _unlock_all(conns: list[Connection]) -> None:
+    for conn in conns:
+        try:
+            conn.execute(text("SELECT pg_advisory_unlock_all()"))
+        except DBAPIError:
+            conn.invalidate()  # a broken connection holds no lock anymore either
+        finally:
+            conn.close()
 
 
 def lock_values(conns: LookupConnections, index: LookupIndex, values: Sequence[Any], *, shared: bool) -> None:
