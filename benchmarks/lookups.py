@@ -95,7 +95,9 @@ def select_ratio(manager: ShardManager) -> tuple[float, float, float]:
     def by_key(i: int) -> None:  # the floor: the shard key in the WHERE clause, one shard
         oid = i * 7 % ORDERS + 1
         with maker() as session:
-            stmt = select(PlainOrder).where(PlainOrder.customer_id == oid % 997 + 1, PlainOrder.order_id == oid)
+            stmt = select(PlainOrder).where(
+                PlainOrder.customer_id == oid % 997 + 1, PlainOrder.order_id == oid
+            )
             assert session.scalars(stmt).one()
 
     return per_call(by_lookup, SELECTS), per_call(by_scatter, SELECTS), per_call(by_key, SELECTS)

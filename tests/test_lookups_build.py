@@ -48,7 +48,7 @@ def test_an_interrupted_build_resumes_and_then_routes(fleet: ShardManager) -> No
 
     with pytest.raises(KeyboardInterrupt):
         build_lookup(fleet, index, batch_size=4, progress=stop_after_two)
-    assert read_state(fleet, index) == "building"
+    assert read_state(fleet, index)[0] == "building"
     assert (
         fleet.shards_for(select(LkOrder).where(LkOrder.order_id == 1)) == fleet.shard_ids
     )  # not trusted yet
@@ -58,7 +58,7 @@ def test_an_interrupted_build_resumes_and_then_routes(fleet: ShardManager) -> No
     first_shard = calls[0][0]
     assert report.rows[first_shard] == calls[1][2] - calls[1][1]  # the rest of the interrupted shard only
     assert all(done <= total for _, done, total in seen)
-    assert read_state(fleet, index) == "ready"
+    assert read_state(fleet, index)[0] == "ready"
     with fleet.sessionmaker()() as session:
         for oid, cid in owners.items():
             stmt = select(LkOrder).where(LkOrder.order_id == oid)

@@ -10,7 +10,7 @@ from rich.table import Table
 from ..errors import ConfigError, NotShardedError
 from ..lookups import LookupIndex, declared_lookups, lookup_named
 from ..lookups.build import build_lookup, repair_lookup
-from ..lookups.store import count_entries, read_state
+from ..lookups.store import count_entries, is_ready, read_state
 from ..manager import ShardManager
 from .options import config_options, load_manager
 from .rebalance import load_models
@@ -103,7 +103,9 @@ def status_command(config_path: str | None, urls: tuple[str, ...], models: str) 
         table = Table("lookup", "table", "unique", "state", *manager.shard_ids)
         for index in _chosen(models, ()):
             counts = count_entries(manager, index)
-            state = read_state(manager, index) or "not built"
+            state = read_state(manager, index)[0] or "not built"
+            if state == "ready" and not is_ready(manager, index):
+                state = "stale: built under another ring, run build"
             table.add_row(
                 index.describe(),
                 index.name,

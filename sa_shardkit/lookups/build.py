@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from ..errors import LookupIndexError
 from ..routing import ring_shards, shards_for_key
 from .declaration import LookupIndex, declared_lookups, lookup_metadata, lookup_state_table
 from .store import (
+    RING_KEY,
     Entry,
     LookupConnections,
     delete_entries,
@@ -31,6 +33,7 @@ from .store import (
     insert_entries,
     lock_values,
     owner_has,
+    ring_fingerprint,
     take_over,
 )
 
@@ -81,8 +84,12 @@ def build_lookup(
     """Backfill ``index`` from the owning rows of every shard, then mark it ready (resumable)."""
     create_lookup_tables(manager, [index])
     report = BuildReport(index.describe())
+    ring = ring_fingerprint(manager.ring)
     done = {} if restart else _progress_of(manager, index)
-    report.resumed = bool(done)
+    if done.get(RING_KEY) not in (None, ring):
+        done = {}  # begun under another ring: its entries sit at that ring's positions
+    done[RING_KEY] = ring
+    report.resumed = any(k != RING_KEY for k in done)
     _store_state(manager, index, "building", done)
     pk = list(index.owner.primary_key.columns)
     for shard in ring_shards(manager):
@@ -111,6 +118,10 @@ def build_lookup(
         report.rows[shard] = scanned
         done[shard] = "done"
         _store_state(manager, index, "building", done)
+    if ring_fingerprint(manager.ring) != ring:
+        raise LookupIndexError(
+            f"lookup {index.describe()}: the ring changed while it was built; run the build again"
+        )
     _store_state(manager, index, "ready", done)
     forget_readiness()
     return report

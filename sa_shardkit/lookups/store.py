@@ -21,9 +21,11 @@ from sqlalchemy import and_, delete, func, literal_column, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
+from xxhash import xxh3_64_intdigest
 
 from ..errors import LookupIndexError, ShardUnavailableError
 from ..manager import unavailable
+from ..ring import HashRing
 from ..routing import ring_shards, shards_for_key
 from .declaration import LookupIndex, lookup_state_table
 
@@ -54,7 +56,10 @@ def resolve(manager: ShardManager, index: LookupIndex, values: Sequence[Any]) ->
     """value -> the shard keys its entries name (one query per lookup shard, committed data)."""
     found: dict[Any, set[Any]] = {}
     table = index.table
-    for shard, group in lookup_shards(manager, values, write=False).items():
+    groups = lookup_shards(manager, values, write=False)
+    for shard, group in lookup_shards(manager, values, write=True).items():  # mid-move: both places
+        groups[shard] = list({*groups.get(shard, []), *group})
+    for shard, group in groups.items():
         query = select(table.c.value, table.c.shard_key).where(table.c.value.in_(group))
         for value, key in autocommit_rows(manager, shard, query):
             found.setdefault(value, set()).add(key)
@@ -105,22 +110,37 @@ def owner_has(manager: ShardManager, index: LookupIndex, value: Any, key: Any) -
 
 # -- readiness ------------------------------------------------------------------------------------
 
-_ready: dict[tuple[int, str], tuple[bool, float]] = {}
+_ready: dict[tuple[int, str], tuple[str | None, float]] = {}
+"""(manager id, lookup) -> (the ring fingerprint it was built for, when that was read)."""
+_fingerprints: dict[int, tuple[HashRing, str]] = {}
+
+
+def ring_fingerprint(ring: HashRing) -> str:
+    """Identifies a ring's placement: entries built under one ring sit at that ring's positions."""
+    cached = _fingerprints.get(id(ring))
+    if cached is not None and cached[0] is ring:
+        return cached[1]
+    fingerprint = f"{xxh3_64_intdigest(ring.to_json().encode()):016x}"
+    _fingerprints[id(ring)] = (ring, fingerprint)
+    return fingerprint
 
 
 def is_ready(manager: ShardManager, index: LookupIndex) -> bool:
-    """Whether ``index`` was built (``shardkit lookups build``): only then may reads trust a miss.
+    """Whether reads may trust ``index``: built (``shardkit lookups build``) under the current ring.
 
-    Once ready, a lookup stays ready for the process (writes maintain it from its creation on).
+    Before it is built a missing entry could hide a row; after the ring changed (a rebalance) the
+    entries sit at the old ring's positions. Both read every shard until the next build; the stored
+    state is re-read at most every READY_RECHECK_SECONDS.
     """
+    current = ring_fingerprint(manager.ring)
     cache_key = (id(manager), index.name)
     cached = _ready.get(cache_key)
     now = time.monotonic()
-    if cached is not None and (cached[0] or now - cached[1] < READY_RECHECK_SECONDS):
-        return cached[0]
-    ready = read_state(manager, index) == "ready"
-    _ready[cache_key] = (ready, now)
-    return ready
+    if cached is not None and (cached[0] == current or now - cached[1] < READY_RECHECK_SECONDS):
+        return cached[0] == current
+    state, built_for = read_state(manager, index)
+    _ready[cache_key] = (built_for if state == "ready" else None, now)
+    return state == "ready" and built_for == current
 
 
 def forget_readiness() -> None:
@@ -128,17 +148,27 @@ def forget_readiness() -> None:
     _ready.clear()
 
 
-def read_state(manager: ShardManager, index: LookupIndex) -> str | None:
-    """The stored state of ``index`` on the catalog shard (the first ring shard); None when unknown."""
+def read_state(manager: ShardManager, index: LookupIndex) -> tuple[str | None, str | None]:
+    """(state, ring fingerprint it was built for) on the catalog shard (the first ring shard)."""
     shard = ring_shards(manager)[0]
-    query = select(lookup_state_table.c.state).where(lookup_state_table.c.name == index.name)
+    query = select(lookup_state_table.c.state, lookup_state_table.c.progress).where(
+        lookup_state_table.c.name == index.name
+    )
     try:
         with manager.connect(shard) as conn:
-            return conn.execute(query).scalar()  # type: ignore[no-any-return]
+            row = conn.execute(query).first()
     except ShardUnavailableError:
         raise
     except DBAPIError:  # no state table yet: not built
-        return None
+        return None, None
+    if row is None:
+        return None, None
+    progress = row.progress if isinstance(row.progress, dict) else {}
+    return row.state, progress.get(RING_KEY)
+
+
+RING_KEY = "_ring"
+"""The key of the build's ring fingerprint in the state row's progress."""
 
 
 # -- writes ---------------------------------------------------------------------------------------
