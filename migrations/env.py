@@ -7,6 +7,7 @@ from alembic import context
 from sa_shardkit.alembic import PreMigrateHook, run_migrations
 from sa_shardkit.demo.models import Base
 from sa_shardkit.lint import lint_hook
+from sa_shardkit.lookups import lookup_metadata
 from sa_shardkit.saga import saga_metadata
 from sa_shardkit.sequences import sequence_metadata
 
@@ -19,6 +20,8 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
 # the upgrade applies against these models and refuses unsafe ones unless `-x allow_unsafe=1`.
 before_migrate: list[PreMigrateHook] = [lint_hook(models=Base)]
 
-# The models' tables plus sa_shardkit's own (saga log, receipts, sequences), so autogenerate never
-# drops them.
-run_migrations([Base.metadata, saga_metadata, sequence_metadata], before_migrate=before_migrate)
+# The models' tables plus sa_shardkit's own (saga log, receipts, sequences, lookup state), so
+# autogenerate never drops them.
+run_migrations(
+    [Base.metadata, saga_metadata, sequence_metadata, lookup_metadata], before_migrate=before_migrate
+)

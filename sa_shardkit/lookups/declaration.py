@@ -23,7 +23,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Column, DateTime, MetaData, PrimaryKeyConstraint, String, Table, event, func, text
+from sqlalchemy import JSON, Column, DateTime, MetaData, PrimaryKeyConstraint, String, Table, event, func
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapper
 from xxhash import xxh3_64_intdigest
@@ -79,7 +79,7 @@ lookup_state_table = Table(
     lookup_metadata,
     Column("name", String(63), nullable=False),
     Column("state", String(16), nullable=False),  # 'building' | 'ready'
-    Column("progress", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("progress", JSON().with_variant(JSONB(), "postgresql"), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("name", name="pk_shardkit_lookup_state"),
     comment="sa_shardkit lookups: whether each lookup is built (reads use it only then), build progress",
