@@ -51,16 +51,18 @@ class PlainOrder(Base):
     note: Mapped[str] = mapped_column(String(40))
 
 
-def per_call(fn: Callable[[int], object], count: int) -> float:
-    """Median seconds of ``fn(i)`` over ``count`` calls (after a short warm-up)."""
-    for i in range(count, count + 20):  # distinct arguments: inserts must not collide
-        fn(i)
-    samples = []
+def medians(fns: list[Callable[[int], object]], count: int) -> list[float]:
+    """Median seconds of each ``fn(i)``, the functions taking turns call by call (same machine load)."""
+    for i in range(count, count + 20):  # warm-up; distinct arguments: inserts must not collide
+        for fn in fns:
+            fn(i)
+    samples: list[list[float]] = [[] for _ in fns]
     for i in range(count):
-        started = time.perf_counter()
-        fn(i)
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+        for fn, out in zip(fns, samples, strict=True):
+            started = time.perf_counter()
+            fn(i)
+            out.append(time.perf_counter() - started)
+    return [statistics.median(out) for out in samples]
 
 
 def load(manager: ShardManager) -> None:
@@ -100,7 +102,8 @@ def select_ratio(manager: ShardManager) -> tuple[float, float, float]:
             )
             assert session.scalars(stmt).one()
 
-    return per_call(by_lookup, SELECTS), per_call(by_scatter, SELECTS), per_call(by_key, SELECTS)
+    looked, scattered, keyed = medians([by_lookup, by_scatter, by_key], SELECTS)
+    return looked, scattered, keyed
 
 
 def insert_ratio(manager: ShardManager) -> tuple[float, float]:
@@ -119,8 +122,7 @@ def insert_ratio(manager: ShardManager) -> tuple[float, float]:
     for table in ("bench_orders", "bench_orders_plain"):
         manager.run_on_all(f"DELETE FROM {table} WHERE order_id >= 1000000")
     manager.run_on_all(f"DELETE FROM {lookup_named('Order.order_id').name} WHERE value >= 1000000")
-    plain = per_call(without, INSERTS)
-    looked = per_call(with_lookup, INSERTS)
+    looked, plain = medians([with_lookup, without], INSERTS)
     return looked, plain
 
 
@@ -152,7 +154,7 @@ def main() -> None:
     fleet = PostgresFleet(4)
     try:
         four = {f"shard-{i}": u for i, u in enumerate(fleet.urls, 1)}
-        print(f"select by order_id ({ORDERS} orders; median of {SELECTS} sessions, each one select):")
+        print(f"select by order_id ({ORDERS} orders; median of {SELECTS} sessions each, taking turns):")
         for label, urls in (("2", dict(list(four.items())[:2])), ("4", four), ("8", eight_shards(fleet))):
             with ShardManager.from_urls(urls) as manager:
                 looked, scattered, keyed = select_ratio(manager)
