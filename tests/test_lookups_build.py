@@ -78,47 +78,36 @@ def test_building_a_unique_lookup_reports_existing_duplicates(fleet: ShardManage
     assert value == "same@example.com" and {kept, refused} == {a, b}
 
 
-def test_cli_build_prints_progress_and_marks_ready(fleet: ShardManager, shard_urls: list[str]) -> None:
-    preexisting_orders(fleet, 25)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "120"}
-    url_args = [arg for url in shard_urls for arg in ("--url", url)]
-    command = [sys.executable, "-m", "sa_shardkit", "lookups", "build", "LkOrder.order_id"]
-    done = subprocess.run(
-        [*command, *url_args, "--models", "tests.lookup_models:Base", "--batch-size", "5"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "LkOrder.order_id: ready; 25 rows scanned, 25 entries added" in done.stdout
-    status = subprocess.run(
+def shardkit(urls: list[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``shardkit lookups ARGS --url ... --models tests.lookup_models:Base`` in a subprocess."""
+    url_args = [arg for url in urls for arg in ("--url", url)]
+    return subprocess.run(
         [
             sys.executable,
             "-m",
             "sa_shardkit",
             "lookups",
-            "status",
+            *args,
             *url_args,
             "--models",
             "tests.lookup_models:Base",
         ],
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "120"},
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_cli_build_prints_progress_and_marks_ready(fleet: ShardManager, shard_urls: list[str]) -> None:
+    preexisting_orders(fleet, 25)
+    done = shardkit(shard_urls, "build", "LkOrder.order_id", "--batch-size", "5")
+    assert done.returncode == 0, done.stderr
+    assert "LkOrder.order_id: ready; 25 rows scanned, 25 entries added" in done.stdout
+    status = shardkit(shard_urls, "status")
     assert status.returncode == 0, status.stderr
     assert "ready" in status.stdout and "not built" in status.stdout  # orders built, the others not
-    unknown = subprocess.run(
-        [*command[:-1], "Nope.x", *url_args, "--models", "tests.lookup_models:Base"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    unknown = shardkit(shard_urls, "build", "Nope.x")
     assert unknown.returncode == 2
     assert unknown.stderr.startswith("shardkit: error: no lookup 'Nope.x'")
