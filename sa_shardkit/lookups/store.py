@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from xxhash import xxh3_64_intdigest
 
 from ..errors import LookupIndexError, ShardUnavailableError
-from ..manager import unavailable
+from ..faults import unavailable
 from ..ring import HashRing
 from ..routing import ring_shards, shards_for_key
 from .declaration import LookupIndex, lookup_state_table
