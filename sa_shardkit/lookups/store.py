@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -110,8 +111,10 @@ def owner_has(manager: ShardManager, index: LookupIndex, value: Any, key: Any) -
 
 # -- readiness ------------------------------------------------------------------------------------
 
-_ready: dict[tuple[int, str], tuple[str | None, float]] = {}
-"""(manager id, lookup) -> (the ring fingerprint it was built for, when that was read)."""
+_ready: weakref.WeakKeyDictionary[ShardManager, dict[str, tuple[str | None, float]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""manager -> lookup -> (the ring fingerprint it was built for, when that was read)."""
 _fingerprints: dict[int, tuple[HashRing, str]] = {}
 
 
@@ -121,6 +124,8 @@ def ring_fingerprint(ring: HashRing) -> str:
     if cached is not None and cached[0] is ring:
         return cached[1]
     fingerprint = f"{xxh3_64_intdigest(ring.to_json().encode()):016x}"
+    if len(_fingerprints) > 32:  # rings are few; a process that makes many keeps only recent ones
+        _fingerprints.clear()
     _fingerprints[id(ring)] = (ring, fingerprint)
     return fingerprint
 
@@ -133,13 +138,13 @@ def is_ready(manager: ShardManager, index: LookupIndex) -> bool:
     state is re-read at most every READY_RECHECK_SECONDS.
     """
     current = ring_fingerprint(manager.ring)
-    cache_key = (id(manager), index.name)
-    cached = _ready.get(cache_key)
+    known = _ready.setdefault(manager, {})
+    cached = known.get(index.name)
     now = time.monotonic()
     if cached is not None and (cached[0] == current or now - cached[1] < READY_RECHECK_SECONDS):
         return cached[0] == current
     state, built_for = read_state(manager, index)
-    _ready[cache_key] = (built_for if state == "ready" else None, now)
+    known[index.name] = (built_for if state == "ready" else None, now)
     return state == "ready" and built_for == current
 
 
