@@ -2,7 +2,7 @@
 
 Starts five throwaway local PostgreSQL servers, puts 1,000 customers (and their orders) on four,
 and runs ``add_shard`` while a thread keeps creating orders through ``ShardedSession``. Then
-``remove_shard`` drains shard-2. After each move it prints where the rows are.
+a background job (``start_rebalance``: progress, a pause, wait) drains shard-2. After each move it prints where the rows are.
 
     python examples/rebalance_online.py
 """
@@ -10,6 +10,7 @@ and runs ``add_shard`` while a thread keeps creating orders through ``ShardedSes
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections import Counter
 from decimal import Decimal
@@ -25,7 +26,7 @@ from sa_shardkit.rebalance import (
     add_shard,
     install_ring,
     misplaced_rows,
-    remove_shard,
+    start_rebalance,
 )
 from sa_shardkit.testing import local_fleet
 
@@ -88,9 +89,20 @@ def main() -> None:
             print(
                 f"\nadded shard-5: {result.rows_moved:,} rows in {result.seconds:.1f} s, ring v{result.version}"
             )
-            result = remove_shard(manager, "shard-2", Base, progress=progress)
+            # the second move in the background, as an admin endpoint would run it
+            job = start_rebalance(manager, Base, remove="shard-2", options=MoveOptions(batch_size=100))
+            while not job.done:
+                p = job.progress()
+                print(f"  job {p.phase}: {p.rows_moved_total:,} rows, {p.batches} batches", end="\r")
+                if p.batches == 3 and not p.paused:
+                    job.pause()  # stops between batches; readers and writers carry on
+                    time.sleep(0.5)
+                    job.resume()
+                time.sleep(0.05)
+            removed = job.wait()
+            assert removed is not None
             print(
-                f"\nremoved shard-2: {result.rows_moved:,} rows in {result.seconds:.1f} s, ring v{result.version}"
+                f"\nremoved shard-2: {removed.rows_moved:,} rows in {removed.seconds:.1f} s, ring v{removed.version}"
             )
             stop.set()
             writer.join()
@@ -99,7 +111,7 @@ def main() -> None:
             print(f"orders written during the moves: {len(written):,}")
             print(
                 "rows on a shard the ring does not assign:",
-                misplaced_rows(manager, result.new, Base) or "none",
+                misplaced_rows(manager, removed.new, Base) or "none",
             )
 
 
