@@ -164,6 +164,7 @@ class ShardTelemetry:
                 step,
                 action=self._step_function(saga, step, "action"),
                 compensation=self._step_function(saga, step, "compensation") if step.compensation else None,
+                fused=None,  # a fused statement would bypass the traced action
             )
             for step in saga.steps
         ]

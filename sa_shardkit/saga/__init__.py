@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .definition import (
     CheckpointHook,
+    FusedAction,
     KeyFunction,
     Payload,
     Saga,
@@ -30,6 +31,7 @@ from .twophase import InDoubtReport, commit_across_shards, decisions_table, reso
 __all__ = [
     "CREDIT_TRANSFER",
     "CheckpointHook",
+    "FusedAction",
     "InDoubtReport",
     "KeyFunction",
     "Payload",

@@ -56,6 +56,25 @@ def session_step(function: SessionStepFunction) -> StepFunction:
     return run
 
 
+RECEIPT_RESERVED = "{receipt_reserved}"
+"""Where a :class:`FusedAction`'s SQL says "only if this step's receipt was just reserved"."""
+
+
+class FusedAction(Protocol):
+    """A step's action as ONE data-modifying SQL statement, so the receipt and the effect (and, for a
+    first step on the home shard, the log row) travel in a single round trip.
+
+    Returns ``(sql, params)``: an ``UPDATE``/``INSERT``/``DELETE`` with ``RETURNING`` that returns at
+    least one row when it applied and none when the action would refuse, with the literal
+    ``{receipt_reserved}`` in its ``WHERE`` clause (the runner puts its receipt condition there).
+    Parameter names must not start with ``sk_``. It must have exactly the effect of the step's
+    ``action``: the runner uses it on the happy path only and runs ``action`` whenever it returns no
+    row (a refusal, a replay), so refusals keep their reasons.
+    """
+
+    def __call__(self, payload: Payload, /) -> tuple[str, Mapping[str, Any]]: ...
+
+
 class KeyFunction(Protocol):
     """Returns the shard key a step works on; the manager turns it into a shard."""
 
@@ -74,6 +93,8 @@ class Step:
     key: KeyFunction
     action: StepFunction
     compensation: StepFunction | None = None
+    fused: FusedAction | None = None
+    """Optional single-statement form of ``action`` (see :class:`FusedAction`): one round trip less."""
 
 
 @dataclass(frozen=True)

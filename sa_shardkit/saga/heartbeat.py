@@ -31,6 +31,11 @@ logger = logging.getLogger("sa_shardkit.saga")
 IDLE_SECONDS = 30.0
 """How long the thread lingers without sagas before it exits (a new saga starts it again)."""
 
+MARK_LINGER_SECONDS = 0.02
+"""How long the first pending completion mark waits for others to share its transaction."""
+MARK_BATCH = 200
+"""Marks written at once without waiting further."""
+
 Held = tuple[str, str]
 """(saga_id, owner)"""
 
@@ -47,6 +52,7 @@ class LeaseKeeper:
         self._wake = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
+        self._first_mark = 0.0
 
     @contextmanager
     def hold(self, saga_id: str, owner: str, home: str, lease: float) -> Iterator[None]:
@@ -82,6 +88,8 @@ class LeaseKeeper:
         key = (saga_id, owner)
         with self._lock:
             self._held[key] = (home, lease)
+            if not self._marks:
+                self._first_mark = time.monotonic()
             self._marks[key] = (home, lease, dict(values), on_checkpoint, checkpoint)
             self._start()
             self._wake.notify()
@@ -121,6 +129,12 @@ class LeaseKeeper:
                 interval = min(lease for _, lease in self._held.values()) / 3
                 if not self._marks:
                     self._wake.wait(max(0.0, renewed_at + interval - time.monotonic()))
+                # Let marks gather for a moment: one transaction then marks many sagas.
+                while self._marks and len(self._marks) < MARK_BATCH:
+                    remaining = self._first_mark + MARK_LINGER_SECONDS - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._wake.wait(remaining)
                 marks, self._marks = self._marks, {}
                 due = time.monotonic() >= renewed_at + interval
                 held = dict(self._held) if due else {}

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.sql.expression import Update
 
 from .definition import SagaOutcome
+from .receipts import fused_statement
 from .tables import sagas_table
 
 
@@ -101,24 +102,22 @@ def create(
     return conn.execute(statement).first() is not None
 
 
-_CREATE_WITH_RECEIPT = text(
-    """
+_CREATE_WITH_RECEIPT = """
     WITH log AS (
         INSERT INTO shardkit_sagas (saga_id, saga_type, payload, status, step, compensating, owner,
                                     lease_until, attempts, shards, created_at, updated_at)
-        VALUES (:saga_id, :saga_type, CAST(:payload AS jsonb), :status, :step, false, :owner,
-                clock_timestamp() + make_interval(secs => :lease), 0, CAST(:shards AS jsonb), now(), now())
+        VALUES (:sk_saga_id, :sk_saga_type, CAST(:sk_payload AS jsonb), :sk_status, :sk_step, false, :sk_owner,
+                clock_timestamp() + make_interval(secs => :sk_lease), 0, CAST(:sk_shards AS jsonb), now(), now())
         ON CONFLICT (saga_id) DO NOTHING
         RETURNING saga_id
     ), receipt AS (
         INSERT INTO shardkit_saga_receipts (saga_id, step, phase, outcome, digest)
-        SELECT :saga_id, :step_name, 'do', 'applied', :digest WHERE EXISTS (SELECT 1 FROM log)
+        SELECT :sk_saga_id, :sk_step_name, 'do', 'applied', :sk_digest WHERE EXISTS (SELECT 1 FROM log)
         ON CONFLICT DO NOTHING
         RETURNING saga_id
-    )
-    SELECT (SELECT count(*) FROM log) AS created, (SELECT count(*) FROM receipt) AS reserved
-    """
-)
+    ){act}
+    SELECT (SELECT count(*) FROM log) AS created, (SELECT count(*) FROM receipt) AS reserved, {applied} AS applied
+"""
 
 
 def create_with_receipt(
@@ -130,26 +129,30 @@ def create_with_receipt(
     lease: float,
     shards_json: str,
     first: Mapping[str, Any],
-) -> tuple[bool, bool]:
+    fused: tuple[str, Mapping[str, Any]] | None = None,
+) -> tuple[bool, bool, bool]:
     """The fast start, one statement: insert the log row (already at the state after its first step)
-    and that step's receipt. Returns (log row created, receipt reserved); the caller runs the step's
-    action in the same transaction, or rolls back unless both are True."""
+    and that step's receipt, and with ``fused`` (a :class:`FusedAction`'s SQL and params) the step's
+    effect too. Returns (log row created, receipt reserved, fused action applied); without ``fused``
+    the caller runs the step's action in the same transaction, and rolls back unless the first two
+    are True."""
     row = conn.execute(
-        _CREATE_WITH_RECEIPT,
+        fused_statement(_CREATE_WITH_RECEIPT, fused[0] if fused else None),
         {
-            "saga_id": saga_id,
-            "saga_type": saga_type,
-            "payload": payload_json,
-            "status": first["status"],
-            "step": first["step"],
-            "owner": owner,
-            "lease": lease,
-            "shards": shards_json,
-            "step_name": first["step_name"],
-            "digest": first["digest"],
+            **(fused[1] if fused else {}),
+            "sk_saga_id": saga_id,
+            "sk_saga_type": saga_type,
+            "sk_payload": payload_json,
+            "sk_status": first["status"],
+            "sk_step": first["step"],
+            "sk_owner": owner,
+            "sk_lease": lease,
+            "sk_shards": shards_json,
+            "sk_step_name": first["step_name"],
+            "sk_digest": first["digest"],
         },
     ).one()
-    return bool(row.created), bool(row.reserved)
+    return bool(row.created), bool(row.reserved), bool(row.applied)
 
 
 def forget(conn: Connection, saga_id: str, owner: str) -> bool:

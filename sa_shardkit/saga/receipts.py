@@ -12,14 +12,19 @@ under the same saga id but with another digest belongs to another operation, and
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import TextClause
 
 from ..errors import SagaConflictError
+from .definition import RECEIPT_RESERVED
 from .tables import receipts_table
 
 APPLIED = "applied"
@@ -46,7 +51,7 @@ _GET = select(_c.outcome, _c.reason, _c.digest).where(
 )
 _SKIP_UNDO = (
     update(receipts_table)
-    .where(_c.saga_id == bindparam("saga_id"), _c.step == bindparam("step"), _c.phase == "undo")
+    .where(_c.saga_id == bindparam("b_saga_id"), _c.step == bindparam("b_step"), _c.phase == "undo")
     .values(outcome=SKIPPED)
 )
 
@@ -109,6 +114,42 @@ def begin_do(conn: Connection, key: StepInput) -> Receipt | None:
     return _checked(_get(conn, key, "do"), key)
 
 
+@functools.lru_cache(maxsize=256)
+def fused_statement(template: str, act_sql: str | None) -> TextClause:
+    """``template`` (with ``{act}`` and ``{applied}``) around a fused action's SQL, built once per SQL."""
+    act, applied = fuse(act_sql)
+    return text(template.format(act=act, applied=applied))
+
+
+def fuse(act_sql: str | None) -> tuple[str, str]:
+    """The extra CTE and the ``applied`` column for a fused action (see :class:`FusedAction`)."""
+    if act_sql is None:
+        return "", "0"
+    condition = act_sql.replace(RECEIPT_RESERVED, "EXISTS (SELECT 1 FROM receipt)")
+    return f", act AS ({condition})", "(SELECT count(*) FROM act)"
+
+
+_FUSED = """
+    WITH receipt AS (
+        INSERT INTO shardkit_saga_receipts (saga_id, step, phase, outcome, digest)
+        VALUES (:sk_saga_id, :sk_step, 'do', 'applied', :sk_digest)
+        ON CONFLICT DO NOTHING
+        RETURNING saga_id
+    ){act}
+    SELECT (SELECT count(*) FROM receipt) AS reserved, {applied} AS applied
+"""
+
+
+def do_fused(conn: Connection, key: StepInput, fused: tuple[str, Mapping[str, Any]]) -> bool:
+    """Reserve the step and apply its fused action in one statement; True when both happened (else
+    the caller rolls back and takes the ordinary path, which also reports refusals and replays)."""
+    row = conn.execute(
+        fused_statement(_FUSED, fused[0]),
+        {**fused[1], "sk_saga_id": key.saga_id, "sk_step": key.step, "sk_digest": key.digest},
+    ).one()
+    return bool(row.reserved) and bool(row.applied)
+
+
 def refuse(conn: Connection, key: StepInput, reason: str) -> Receipt:
     """Record that the action refused, so every retry gives the same answer; returns the receipt
     that stands (an earlier attempt's, if one got there first)."""
@@ -130,5 +171,5 @@ def begin_undo(conn: Connection, key: StepInput) -> bool:
         forward = _get(conn, key, "do")
         applied = forward.outcome == APPLIED and forward.digest in (None, key.digest)
     if not applied:
-        conn.execute(_SKIP_UNDO, {"saga_id": key.saga_id, "step": key.step})
+        conn.execute(_SKIP_UNDO, {"b_saga_id": key.saga_id, "b_step": key.step})
     return applied

@@ -77,6 +77,10 @@ class _StepError(Exception):
         self.transient = transient
 
 
+class _Unfused(Exception):
+    """A step's fused statement applied nothing (refused, or already done): roll back, use the action."""
+
+
 class _Stuck(Exception):
     """This runner cannot make progress now (a shard is unreachable); recovery will continue."""
 
@@ -188,6 +192,7 @@ class SagaDriver:
         # from the last logged one on (forward progress is not logged).
         self.doubt: set[int] = set() if origin else set(range(record.step, len(saga.steps)))
         self.applied_by_us: set[int] = set()
+        self.unfused: set[int] = set()  # steps whose fused statement applied nothing: use the action
 
     # -- public --------------------------------------------------------------------------------
 
@@ -306,6 +311,16 @@ class SagaDriver:
         step = self.saga.steps[i]
         local = self.shards[i] == self.home
 
+        if not reserved and step.fused is not None and i not in self.unfused:
+            fused = step.fused
+
+            def fused_work(conn: Connection) -> dict[str, Any]:
+                if not receipts.do_fused(conn, self.inputs[i], fused(self.payload)):
+                    raise _Unfused(i)  # a refusal or a replay: the ordinary path tells which
+                return self.record_fused(conn, i)
+
+            return fused_work
+
         def work(conn: Connection) -> dict[str, Any]:
             prior = None if reserved else receipts.begin_do(conn, self.inputs[i])
             if prior is None:
@@ -320,6 +335,12 @@ class SagaDriver:
             return self._record_do(conn, i, receipt, local, logged=reserved)
 
         return work
+
+    def record_fused(self, conn: Connection, i: int, *, logged: bool = False) -> dict[str, Any]:
+        """Step ``i``'s fused statement applied it: its log values (written here on the home shard
+        unless ``logged``: the fast start's row already shows them)."""
+        local = self.shards[i] == self.home
+        return self._record_do(conn, i, receipts.Receipt(receipts.APPLIED), local, logged=logged)
 
     def _refusal_work(self, i: int, reason: str) -> Callable[[Connection], dict[str, Any]]:
         local = self.shards[i] == self.home
@@ -342,7 +363,11 @@ class SagaDriver:
     def _forward(self, i: int) -> None:
         shard = self.shards[i]
         try:
-            values = self._in_shard(shard, self.forward_work(i), doubt_step=i)
+            try:
+                values = self._in_shard(shard, self.forward_work(i), doubt_step=i)
+            except _Unfused:
+                self.unfused.add(i)
+                values = self._in_shard(shard, self.forward_work(i), doubt_step=i)
         except _Refused as refusal:
             values = self._in_shard(shard, self._refusal_work(i, refusal.reason), doubt_step=i)
         if values.get("status") != "compensating" and not values.get("compensating"):
@@ -418,7 +443,7 @@ class SagaDriver:
                     commit_sent = True
                     transaction.commit()
                     return values
-            except (LeaseLost, _Fenced, _Refused, SagaConflictError):
+            except (LeaseLost, _Fenced, _Refused, _Unfused, SagaConflictError):
                 raise  # rolled back by leaving the block
             except Exception as error:  # noqa: BLE001 - classified below
                 if commit_sent and doubt_step is not None:
@@ -609,27 +634,42 @@ def _begin(
             if driver.shards[0] == driver.home:
                 values = driver.after_do(0, receipts.APPLIED, None)
                 first = {**values, "step_name": saga.steps[0].name, "digest": driver.inputs[0].digest}
+                step = saga.steps[0]
+                fused = step.fused(driver.payload) if step.fused is not None else None
                 transaction = conn.begin()
+                existing: SagaRecord | None = None
                 try:
-                    created, reserved = saga_log.create_with_receipt(
-                        conn, saga_id, saga.name, _canonical(data), owner, lease, json.dumps(shards), first
+                    created, reserved, applied = saga_log.create_with_receipt(
+                        conn,
+                        saga_id,
+                        saga.name,
+                        _canonical(data),
+                        owner,
+                        lease,
+                        json.dumps(shards),
+                        first,
+                        fused,
                     )
-                    if created and reserved:
-                        done = driver.forward_work(0, reserved=True)(conn)
+                    if created and reserved and (applied or fused is None):
+                        if fused is None:
+                            done = driver.forward_work(0, reserved=True)(conn)
+                        else:  # the statement applied the step too
+                            done = driver.record_fused(conn, 0, logged=True)
                         commit_sent = True
                         transaction.commit()
                         return None, done
                     if not created:
                         existing = saga_log.load(conn, saga_id)
-                        transaction.rollback()
-                        if existing is not None:
-                            return existing, None
                 except Exception as error:  # noqa: BLE001 - a refusal or error: let the driver record it
                     transaction.rollback()
                     if is_transient(error) or isinstance(error, (LeaseLost, _Fenced)):
                         raise
                 else:
-                    transaction.rollback()  # a stale receipt: the driver's own step decides
+                    # The id is taken, a refusal (the fused action applied nothing), or a stale
+                    # receipt: undo this attempt; the ordinary path below decides.
+                    transaction.rollback()
+                    if existing is not None:
+                        return existing, None
             with conn.begin():
                 created = saga_log.create(conn, saga_id, saga.name, data, owner, lease, shards)
                 commit_sent = True
