@@ -97,6 +97,14 @@ class UnsupportedScatterError(ShardKitError, sa_exc.InvalidRequestError):
     """A cross-shard query whose merged result could not be made globally correct."""
 
 
+class ScatterForbiddenError(ShardKitError, sa_exc.InvalidRequestError):
+    """A statement would run on several shards in a session that refuses scatters (strict mode)."""
+
+
+class ScatterWarning(UserWarning):
+    """A statement runs on several shards in a session created with ``scatter="warn"``."""
+
+
 class MigrationError(ShardKitError):
     """A migration failed on a shard, or shards disagree about their revision."""
 

@@ -32,6 +32,8 @@ from .replicas import INTERNAL
 log = logging.getLogger("sa_shardkit.events")
 
 _STARTED = "shardkit_started"
+SHARD_COUNT = "shardkit_shard_count"
+"""Execution option the sharded session sets on a statement it runs on several shards."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,13 @@ class QueryEvent:
     duration: float
     """Seconds from sending the statement to its cursor result (not counting row fetching)."""
     error: BaseException | None = None
+    shard_count: int = 1
+    """Shards the session statement this execution belongs to ran on: > 1 for a multi-shard
+    statement (a scatter, or DML on several shards); each of its shards reports one event."""
+
+    @property
+    def multi_shard(self) -> bool:
+        return self.shard_count > 1
 
 
 class QueryListener(Protocol):
@@ -96,14 +105,19 @@ class QueryEvents:
                     self._attached.add(id(engine))
 
     def _attach(self, engine: Engine, shard_id: str, role: str) -> None:
-        def before(conn: Connection, cursor: Any, statement: str, *args: Any) -> None:
+        def before(
+            conn: Connection, cursor: Any, statement: str, params: Any, context: Any, *args: Any
+        ) -> None:
             if not conn.get_execution_options().get(INTERNAL):
                 conn.info[_STARTED] = time.perf_counter()
 
-        def after(conn: Connection, cursor: Any, statement: str, *args: Any) -> None:
+        def after(
+            conn: Connection, cursor: Any, statement: str, params: Any, context: Any, *args: Any
+        ) -> None:
             started = conn.info.pop(_STARTED, None)
             if started is not None:
-                self._emit(QueryEvent(shard_id, role, statement, time.perf_counter() - started))
+                count = _shard_count(context)
+                self._emit(QueryEvent(shard_id, role, statement, time.perf_counter() - started, None, count))
 
         def failed(context: ExceptionContext) -> None:
             conn = context.connection
@@ -111,7 +125,8 @@ class QueryEvents:
             if started is not None:
                 duration = time.perf_counter() - started
                 statement = context.statement or ""
-                self._emit(QueryEvent(shard_id, role, statement, duration, context.original_exception))
+                count = _shard_count(context.execution_context)
+                self._emit(QueryEvent(shard_id, role, statement, duration, context.original_exception, count))
 
         event.listen(engine, "before_cursor_execute", before)
         event.listen(engine, "after_cursor_execute", after)
@@ -125,6 +140,11 @@ class QueryEvents:
                 log.exception("query listener %r failed", listener)
 
 
+def _shard_count(context: Any) -> int:
+    options = getattr(context, "execution_options", None)
+    return int(options.get(SHARD_COUNT, 1)) if options is not None else 1
+
+
 @dataclass(frozen=True)
 class QueryStats:
     """Totals for one ``(shard_id, role)``."""
@@ -133,6 +153,8 @@ class QueryStats:
     errors: int = 0
     total_seconds: float = 0.0
     max_seconds: float = 0.0
+    multi_shard: int = 0
+    """Of ``count``: statements that were one shard's part of a multi-shard statement."""
 
     @property
     def mean_seconds(self) -> float:
@@ -155,6 +177,7 @@ class QueryMetrics:
                 old.errors + (query.error is not None),
                 old.total_seconds + query.duration,
                 max(old.max_seconds, query.duration),
+                old.multi_shard + query.multi_shard,
             )
 
     def snapshot(self) -> dict[tuple[str, str], QueryStats]:

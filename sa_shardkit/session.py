@@ -17,6 +17,7 @@ Reference-table rows are copied to every shard in the same session transaction.
 from __future__ import annotations
 
 import logging
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,16 +37,20 @@ from sqlalchemy.ext.horizontal_shard import ShardedSession as _StockShardedSessi
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.schema import Table
+from sqlalchemy.sql.util import find_tables
 
 from .declarative import Sharding, sharding_of, table_sharding
 from .errors import (
     CrossShardTransactionError,
+    ScatterForbiddenError,
+    ScatterWarning,
     ShardKeyChangeError,
     ShardKeyMissingError,
     StaleRingError,
     UnknownShardError,
     UnsupportedScatterError,
 )
+from .events import SHARD_COUNT
 from .faults import named_unavailable
 from .replica_reads import REPLICA_OK, ReplicaChooser, may_read_from_replica, replica_bind
 from .routing import (
@@ -63,6 +68,9 @@ from .routing import (
     watch_moving_reads,
 )
 from .scatter import execute_scatter
+
+SCATTER_MODES = ("allow", "warn", "forbid")
+"""``ShardedSession(scatter=...)``: what a statement that runs on several shards does."""
 
 MAX_MOVING_READS = 20
 """Reads of a key range that is mid-move re-run at most this often when cut-overs keep landing."""
@@ -110,6 +118,9 @@ class ShardedSession(_StockShardedSession):
         NOT atomic across shards unless the session is created with ``twophase=True``.
     :param replica_reads: let reads outside a transaction that used the primary go to the
         shard's replica when one is configured and fresh (see :mod:`sa_shardkit.replica_reads`).
+    :param scatter: ``"allow"`` (default, as stock), ``"warn"`` (a :class:`ScatterWarning` per
+        statement that runs on several shards) or ``"forbid"`` (:class:`ScatterForbiddenError`
+        before anything runs); :meth:`no_scatter` forbids them for one block.
     :param choose_replica: which replica engine a read of a shard may use now (None: the
         primary); the default asks the manager. ``AsyncShardManager`` passes its async replicas.
     """
@@ -118,6 +129,7 @@ class ShardedSession(_StockShardedSession):
     pinned_shard_id: str | None
     allow_cross_shard: bool
     replica_reads: bool
+    scatter: str
 
     def __init__(
         self,
@@ -132,8 +144,13 @@ class ShardedSession(_StockShardedSession):
         allow_cross_shard: bool = False,
         replica_reads: bool = True,
         choose_replica: ReplicaChooser | None = None,
+        scatter: str = "allow",
         **kwargs: Any,
     ) -> None:
+        if scatter not in SCATTER_MODES:
+            raise ArgumentError(f"scatter must be one of {', '.join(SCATTER_MODES)}, not {scatter!r}")
+        self.scatter = scatter
+        self._no_scatter = 0
         self.manager = manager
         self.pinned_shard_id = shard_id
         self.allow_cross_shard = allow_cross_shard
@@ -403,6 +420,37 @@ class ShardedSession(_StockShardedSession):
         return tuple(self._written_shards)
 
     @contextmanager
+    def no_scatter(self) -> Iterator[None]:
+        """Inside this block a statement that would run on several shards raises
+        :class:`ScatterForbiddenError` (naming its tables and why it was not routed to one)."""
+        self._no_scatter += 1
+        try:
+            yield
+        finally:
+            self._no_scatter -= 1
+
+    def _check_scatter(self, orm_context: ORMExecuteState, route: Route) -> None:
+        """Strict mode: refuse or warn about a statement routed to several shards."""
+        mode = "forbid" if self._no_scatter else self.scatter
+        if mode == "allow":
+            return
+        statement: Any = orm_context.statement
+        tables = (
+            sorted({t.name for t in find_tables(statement, include_crud=True)})
+            if statement is not None
+            else []
+        )
+        message = (
+            f"{_statement_name(orm_context)} on table(s) {', '.join(tables) or '?'} would run on "
+            f"{len(route.shard_ids)} shards ({', '.join(route.shard_ids)}): not routed to one because "
+            f"{route.reason}; filter by the shard key, pass bind_arguments={{'shard_id': ...}}, or allow it "
+            "(ShardedSession(scatter='allow'), outside no_scatter())"
+        )
+        if mode == "forbid":
+            raise ScatterForbiddenError(message)
+        warnings.warn(message, ScatterWarning, stacklevel=6)
+
+    @contextmanager
     def primary_reads(self) -> Iterator[None]:
         """Inside this block every read goes to the primaries (read your own committed writes)."""
         self._primary_reads += 1
@@ -663,6 +711,8 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
             session._note_writes({shards[0]: _statement_name(orm_context)})
         _continue_on(orm_context, shards[0])
         return None
+    session._check_scatter(orm_context, route)
+    orm_context.update_execution_options(**{SHARD_COUNT: len(shards)})
     if not is_write:
         return execute_scatter(orm_context, shards)
     if orm_context.is_insert and session.manager is not None and not replicated:
