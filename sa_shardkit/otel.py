@@ -158,7 +158,11 @@ class ShardTelemetry:
     # saga steps -----------------------------------------------------------------------------
 
     def traced(self, saga: Saga) -> Saga:
-        """The same saga (same name, so recovery finds its runs) with each step's functions in a span."""
+        """The same saga (same name, so recovery finds its runs) with each step's functions in a span.
+
+        A traced step always runs its ``action`` (never its single-statement ``fused`` form, which the
+        runner executes itself), so the step's statements are inside its span: one round trip more.
+        """
         steps = [
             replace(
                 step,
