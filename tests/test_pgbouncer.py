@@ -8,6 +8,7 @@ the postgres user, by :class:`sa_shardkit.testing.LocalPgBouncer`); the shards a
 from __future__ import annotations
 
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,13 +20,15 @@ from alembic import command
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import ProgrammingError
 
-from sa_shardkit import ConfigError, ShardConfig, ShardManager
+from sa_shardkit import ConfigError, HashRing, ShardConfig, ShardManager
 from sa_shardkit.alembic import MIGRATION_LOCK_ID
 from sa_shardkit.demo.models import Base, Customer, Order
+from sa_shardkit.rebalance import MoveOptions, RingRouter, install_ring, remove_shard
 from sa_shardkit.saga import commit_across_shards, transfer
 from sa_shardkit.testing import LocalPgBouncer, find_pgbouncer
 from tests.alembic_support import AlembicProject, revision_on
 from tests.fleet import TestFleet, _connect
+from tests.rebalance_data import Workload, check_fleet, seed
 from tests.saga_support import balances, cross_shard_pair, open_accounts
 
 POOL_SIZE = 2  # server connections per database behind each PgBouncer
@@ -200,3 +203,23 @@ def test_direct_connections_bypass_pgbouncer_only_when_configured(
                 other.rollback()
             conn.execute(text("SELECT pg_advisory_unlock(4242)"))
         assert manager.engine("shard-2").url.port == bouncers[1].port
+
+
+def test_removing_a_shard_under_load_through_pgbouncer(bounced: ShardManager) -> None:
+    """The fence and the mover's batches run through PgBouncer; its session lock on direct_url."""
+    ring = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
+    seed(bounced, ring, 200, 3, 1)
+    install_ring(bounced, ring)
+    router = RingRouter(bounced)
+    workload = Workload(router, 200, 3)
+    workload.start()
+    time.sleep(0.3)
+    try:
+        result = remove_shard(bounced, "shard-3", Base, options=MoveOptions(batch_size=40))
+    finally:
+        workload.finish()
+    assert not workload.errors, workload.errors[:5]
+    assert result.new == ring.remove_shard("shard-3")
+    check_fleet(bounced, result.new, workload, 0)
+    with bounced.connect("shard-3") as conn:
+        assert conn.execute(text("SELECT count(*) FROM orders")).scalar() == 0
