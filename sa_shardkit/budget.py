@@ -55,6 +55,8 @@ class ConnectionBudget:
         self.idle_timeout = idle_timeout
         self._cond = threading.Condition()
         self._open = 0
+        self.peak = 0
+        """The most connections open at once so far (the budget's high-water mark)."""
         self._held: dict[int, tuple[str, str]] = {}  # id(dbapi connection) -> (shard, role)
         self._engines: dict[tuple[str, str], Engine] = {}
         self._reaper: threading.Thread | None = None
@@ -118,12 +120,14 @@ class ConnectionBudget:
         if self.limit is None:
             with self._cond:
                 self._open += 1
+                self.peak = max(self.peak, self._open)
             return
         deadline = time.monotonic() + wait
         while True:
             with self._cond:
                 if self._open < self.limit:
                     self._open += 1
+                    self.peak = max(self.peak, self._open)
                     return
             if self.close_idle(count=1):
                 continue

@@ -31,13 +31,19 @@ def many_databases(fleet: TestFleet, count: int, prefix: str) -> Iterator[dict[s
                 conn.execute(f"DROP DATABASE IF EXISTS {parsed.database} WITH (FORCE)")
 
 
-def backends(fleet: TestFleet, application_name: str) -> int:
-    """Connections with ``application_name`` open on all the fleet's servers right now."""
+def backends(fleet: TestFleet, application_name: str, *, active: bool = False) -> int:
+    """Connections with ``application_name`` on all the fleet's servers now (``active``: running a query).
+
+    A connection the client just closed can stay listed for a moment while its backend exits, so
+    "at most N open" is checked on running queries (those need an open connection).
+    """
     total = 0
     for url in fleet.urls:
         with _connect(url) as conn:
             row = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (application_name,)
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                + (" AND state = 'active'" if active else ""),
+                (application_name,),
             ).fetchone()
             total += int(row[0]) if row else 0
     return total
