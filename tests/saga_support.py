@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -12,6 +16,18 @@ from sqlalchemy.orm import Session
 from sa_shardkit import ShardManager
 from sa_shardkit.demo.models import Base, Customer
 from sa_shardkit.saga import create_saga_tables, flush_completion_marks, receipts_table, sagas_table
+
+
+def run_until_killed(script: str, *args: object) -> None:
+    """Run ``script`` (Python source) in a subprocess with ``args``; it must die by SIGKILL."""
+    worker = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert worker.returncode == -signal.SIGKILL, worker.stderr
 
 
 class SimulatedCrash(BaseException):

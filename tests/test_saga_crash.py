@@ -22,6 +22,7 @@ from tests.saga_support import (
     expected_balances,
     open_accounts,
     receipt_count,
+    run_until_killed,
     saga_rows,
 )
 
@@ -135,14 +136,7 @@ def test_a_retry_right_after_a_sigkill_takes_the_saga_over_once_the_lease_ran_ou
     takes the saga over and finishes it, instead of failing with SagaPendingError."""
     initial = open_accounts(manager)
     sender, receiver = cross_shard_pair(manager)
-    worker = subprocess.run(
-        [sys.executable, "-c", DEFAULT_WORKER, ",".join(shard_urls), str(sender), str(receiver)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": os.getcwd()},
-    )
-    assert worker.returncode == -signal.SIGKILL, worker.stderr
+    run_until_killed(DEFAULT_WORKER, ",".join(shard_urls), sender, receiver)
     row = saga_rows(manager)["retry-me"]
     assert row["finished_at"] is None and row["lease_until"] is not None  # open, under a lease
 

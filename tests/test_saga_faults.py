@@ -44,21 +44,28 @@ def test_receiver_shard_down_refunds_the_sender(manager: ShardManager, pg_fleet:
     assert receipt_count(manager, "t-down", "credit") == 0  # the credit never happened
 
 
-def test_home_shard_stopped_before_the_last_step_leaves_it_pending_for_recovery(
-    manager: ShardManager, pg_fleet: TestFleet
-) -> None:
-    initial = open_accounts(manager)
-    sender, receiver = cross_shard_pair(manager)
-    saga_id = new_saga_id(manager, near=receiver)  # the log lives with the credit
+def stopping_the_home_after_the_debit(
+    manager: ShardManager, pg_fleet: TestFleet, saga_id: str
+) -> SagaOptions:
+    """Options whose checkpoint hook stops the server of ``saga_id``'s home shard once the debit is in."""
     home = pg_fleet.server(server_index(home_of(manager, saga_id)))
 
     def stop_home_after_debit(saga_id: str, checkpoint: str) -> None:
         if checkpoint == "log:debit":
             home.stop()
 
-    options = SagaOptions(
+    return SagaOptions(
         lease_seconds=1, step_attempts=2, retry_delay=0.05, on_checkpoint=stop_home_after_debit
     )
+
+
+def test_home_shard_stopped_before_the_last_step_leaves_it_pending_for_recovery(
+    manager: ShardManager, pg_fleet: TestFleet
+) -> None:
+    initial = open_accounts(manager)
+    sender, receiver = cross_shard_pair(manager)
+    saga_id = new_saga_id(manager, near=receiver)  # the log lives with the credit
+    options = stopping_the_home_after_the_debit(manager, pg_fleet, saga_id)
     with pytest.raises(SagaPendingError) as pending:
         transfer(manager, sender, receiver, 15, transfer_id=saga_id, options=options)
     assert pending.value.saga_id == saga_id and pending.value.status == "debit_complete"
@@ -66,7 +73,7 @@ def test_home_shard_stopped_before_the_last_step_leaves_it_pending_for_recovery(
     sender_shard = [manager.shard_for(sender)]
     assert receipt_count(manager, saga_id, "debit", shard_ids=sender_shard) == 1  # debited, not credited
 
-    home.start()
+    pg_fleet.server(server_index(home_of(manager, saga_id))).start()
     time.sleep(1.1)
     report = recover(manager, [CREDIT_TRANSFER], options=FAST)
 
@@ -83,19 +90,11 @@ def test_home_shard_stopped_after_the_last_step_still_returns_complete_and_is_ma
     initial = open_accounts(manager)
     sender, receiver = cross_shard_pair(manager)
     saga_id = new_saga_id(manager, near=sender)  # the log lives with the debit
-    home = pg_fleet.server(server_index(home_of(manager, saga_id)))
-
-    def stop_home_after_debit(saga_id: str, checkpoint: str) -> None:
-        if checkpoint == "log:debit":
-            home.stop()
-
-    options = SagaOptions(
-        lease_seconds=1, step_attempts=2, retry_delay=0.05, on_checkpoint=stop_home_after_debit
-    )
+    options = stopping_the_home_after_the_debit(manager, pg_fleet, saga_id)
     outcome = transfer(manager, sender, receiver, 15, transfer_id=saga_id, options=options)
     assert outcome.status == "complete"  # every step committed: the outcome is decided
 
-    home.start()
+    pg_fleet.server(server_index(home_of(manager, saga_id))).start()
     time.sleep(1.1)
     recover(manager, [CREDIT_TRANSFER], options=FAST)  # finishes the mark if the runner could not
 

@@ -4,10 +4,6 @@ lease; `shardkit sagas purge` prunes old finished rows only."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -16,7 +12,7 @@ from sqlalchemy import func, select, text
 from sa_shardkit import ShardManager
 from sa_shardkit.cli import main
 from sa_shardkit.saga import home_of, list_sagas, receipts_table, sagas_table, transfer
-from tests.saga_support import cross_shard_pair, open_accounts, saga_rows
+from tests.saga_support import cross_shard_pair, open_accounts, run_until_killed, saga_rows
 
 KILLED_UNDER_LEASE = textwrap.dedent(
     """
@@ -45,14 +41,7 @@ def leased_open_saga(manager: ShardManager, shard_urls: list[str]) -> tuple[int,
     """A transfer whose runner was SIGKILLed after the debit; its 600 s lease has not run out."""
     open_accounts(manager)
     sender, receiver = cross_shard_pair(manager)
-    worker = subprocess.run(
-        [sys.executable, "-c", KILLED_UNDER_LEASE, ",".join(shard_urls), str(sender), str(receiver)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": os.getcwd()},
-    )
-    assert worker.returncode == -signal.SIGKILL, worker.stderr
+    run_until_killed(KILLED_UNDER_LEASE, ",".join(shard_urls), sender, receiver)
     return sender, receiver
 
 
