@@ -71,12 +71,12 @@ class _Watchdog:
             return None
         deadline = time.monotonic() + seconds
         key = id(dbapi_connection)
-        with self._wake:
-            self._armed[key] = (deadline, fd, ref)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="shardkit-watchdog", daemon=True)
-                self._thread.start()
-            if deadline < self._target:
+        self._armed[key] = (deadline, fd, ref)  # one dict store (atomic): the common case takes no lock
+        if deadline < self._target:  # the thread sleeps past this deadline (or is not started): wake it
+            with self._wake:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="shardkit-watchdog", daemon=True)
+                    self._thread.start()
                 self._wake.notify()
         return key
 
@@ -92,15 +92,23 @@ class _Watchdog:
             self._fired.discard(key)
         return fired
 
+    def _take(self, key: int, entry: tuple[float, int, weakref.ref[Any]]) -> bool:
+        """Remove ``key`` if it still holds ``entry`` (not re-armed by a newer call meanwhile)."""
+        current = self._armed.pop(key, None)
+        if current is entry:
+            return True
+        if current is not None:
+            self._armed[key] = current
+        return False
+
     def _run(self) -> None:
         while True:
             with self._wake:
                 now = time.monotonic()
-                expired = [(k, v) for k, v in self._armed.items() if v[0] <= now]
-                for key, _ in expired:
-                    del self._armed[key]
-                    self._fired.add(key)
-                self._target = min((v[0] for v in self._armed.values()), default=float("inf"))
+                armed = list(self._armed.items())  # a snapshot: callers store without the lock
+                expired = [(k, v) for k, v in armed if v[0] <= now and self._take(k, v)]
+                self._fired.update(key for key, _ in expired)
+                self._target = min((v[0] for k, v in armed if k in self._armed), default=float("inf"))
                 if not expired:
                     self._wake.wait(None if self._target == float("inf") else self._target - now)
                     continue
