@@ -16,6 +16,7 @@ Reference-table rows are copied to every shard in the same session transaction.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 import weakref
@@ -83,11 +84,20 @@ log = logging.getLogger("sa_shardkit.session")
 __all__ = ["ShardedSession", "set_shard_id"]
 
 
-def _raise_named(error: DBAPIError) -> None:
-    """Raise the ShardUnavailableError for a marked connection failure (else return)."""
-    named = named_unavailable(error)
-    if named is not None:
-        raise named from error
+def _names_shards(method: Callable[..., Any]) -> Any:
+    """``method`` raising a marked connection failure as the ShardUnavailableError naming its shard."""
+
+    @functools.wraps(method)
+    def named(self: Session, *args: Any, **kw: Any) -> Any:
+        try:
+            return method(self, *args, **kw)
+        except DBAPIError as error:
+            unavailable = named_unavailable(error)
+            if unavailable is not None:
+                raise unavailable from error
+            raise
+
+    return named
 
 
 class _WeakHook:
@@ -208,33 +218,10 @@ class ShardedSession(_StockShardedSession):
     # A manager's engines mark connection failures with their shard (sa_shardkit.faults); every
     # way into the database raises those as ShardUnavailableError naming the shard.
 
-    def _execute_internal(self, *args: Any, **kw: Any) -> Any:
-        try:
-            return super()._execute_internal(*args, **kw)
-        except DBAPIError as error:
-            _raise_named(error)
-            raise
-
-    def flush(self, objects: Sequence[Any] | None = None) -> None:
-        try:
-            super().flush(objects)
-        except DBAPIError as error:
-            _raise_named(error)
-            raise
-
-    def commit(self) -> None:
-        try:
-            super().commit()
-        except DBAPIError as error:
-            _raise_named(error)
-            raise
-
-    def connection(self, *args: Any, **kw: Any) -> Connection:
-        try:
-            return super().connection(*args, **kw)
-        except DBAPIError as error:
-            _raise_named(error)
-            raise
+    _execute_internal = _names_shards(_StockShardedSession._execute_internal)  # execute, get, scalars...
+    flush = _names_shards(_StockShardedSession.flush)
+    commit = _names_shards(_StockShardedSession.commit)
+    connection = _names_shards(_StockShardedSession.connection)
 
     # -- binds -----------------------------------------------------------------------------------
 
