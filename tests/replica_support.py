@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 
@@ -36,11 +37,21 @@ def start_replica(fleet: TestFleet) -> Iterator[LocalPostgres]:
 def ready_replica(primary: LocalPostgres, replica: LocalPostgres) -> None:
     """Running, replaying and caught up with the (freshly reset) primary: each test starts equal."""
     replica.resume()
+    conninfo = replica.extra_settings.get("primary_conninfo", "")
+    if f"port={primary.port}" not in conninfo:  # an earlier test's restart moved the primary's port
+        replica.write_settings({"primary_conninfo": re.sub(r"port=\d+", f"port={primary.port}", conninfo)})
+        replica.stop()
     if not replica.is_running():
         replica.start()
         wait_until_accepting(replica.url)
     with _connect(replica.url) as conn:
         conn.execute("SELECT pg_wal_replay_resume()")
+        # connections an earlier test left open (an idle transaction's snapshot or lock) would hold
+        # replay back for max_standby_streaming_delay: each test starts with none
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
     wait_for_replay(primary, replica)
 
 
@@ -61,7 +72,11 @@ def wait_for_replay(primary: LocalPostgres, replica: LocalPostgres, timeout: flo
             if done and done[0]:
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"replica {replica.name} did not catch up with {target}")
+                receiver = conn.execute("SELECT status, sender_port FROM pg_stat_wal_receiver").fetchall()
+                raise TimeoutError(
+                    f"replica {replica.name} did not catch up with {target} (primary port {primary.port},"
+                    f" wal receiver {receiver}); replica log: {replica._log_tail()[-600:]}"
+                )
             time.sleep(0.02)
 
 
