@@ -53,6 +53,7 @@ class LeaseKeeper:
         self._idle = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._first_mark = 0.0
+        self._writing = False
 
     @contextmanager
     def hold(self, saga_id: str, owner: str, home: str, lease: float) -> Iterator[None]:
@@ -98,7 +99,7 @@ class LeaseKeeper:
         """Wait until every deferred mark is written (or given up); False on timeout."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._marks:
+            while self._marks or self._writing:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -136,6 +137,7 @@ class LeaseKeeper:
                         break
                     self._wake.wait(remaining)
                 marks, self._marks = self._marks, {}
+                self._writing = bool(marks)  # flush() waits for these too
                 due = time.monotonic() >= renewed_at + interval
                 held = dict(self._held) if due else {}
             manager = self._manager()
@@ -151,6 +153,7 @@ class LeaseKeeper:
                         self._marks.setdefault(key, failed[key])
                     elif key not in self._holds:
                         self._held.pop(key, None)
+                self._writing = False
                 if not self._marks:
                     self._idle.notify_all()
             if failed:
