@@ -24,7 +24,6 @@ from sa_shardkit.demo.models import Base, Customer, Order, OrderItem, Product
 from sa_shardkit.rebalance import (
     MoveOptions,
     RebalanceProgress,
-    RingRouter,
     add_shard,
     install_ring,
     misplaced_rows,
@@ -97,10 +96,8 @@ def reset_shard5(manager: ShardManager) -> None:
 
 
 def ours(manager: ShardManager, args: argparse.Namespace, total: int) -> None:
-    router = RingRouter(manager)
-
     def write(key: int, statement: Any) -> None:
-        with router.begin_write(key) as conn:
+        with manager.transaction(key) as conn:
             conn.execute(statement)
 
     writer = Writer(write, args.customers)

@@ -22,7 +22,6 @@ from sa_shardkit.demo.models import Base, Customer, Order
 from sa_shardkit.rebalance import (
     MoveOptions,
     RebalanceProgress,
-    RingRouter,
     add_shard,
     install_ring,
     misplaced_rows,
@@ -49,9 +48,8 @@ def main() -> None:
             for shard_id in four:
                 Base.metadata.create_all(manager.engine(shard_id))
             install_ring(manager, HashRing(list(four)))
-            # every application process: the new shard is configured, and routing follows the stored ring
+            # the application process lists the new shard; routing follows the stored ring by itself
             manager.add_shard(ShardConfig(id="shard-5", url=fleet.urls[4]))
-            RingRouter(manager)
             Session = manager.sessionmaker()
             for c in range(1, CUSTOMERS + 1):
                 with Session.begin() as session:

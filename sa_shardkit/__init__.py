@@ -41,8 +41,9 @@ from .events import QueryEvent, QueryListener, QueryMetrics, QueryStats
 from .lint import LintReport, lint_files, lint_hook, lint_script_directory
 from .lookups import Lookup
 from .manager import ShardHealth, ShardManager
+from .placement import Placement
 from .prometheus import prometheus_text
-from .rebalance import MoveOptions, RebalanceJob, RingRouter, add_shard, remove_shard, start_rebalance
+from .rebalance import MoveOptions, RebalanceJob, add_shard, remove_shard, start_rebalance
 from .replicas import ReplicaStatus
 from .ring import DEFAULT_VNODES, HashRing, key_bytes, key_hash, moved_share
 from .routing import Route, route_statement
@@ -72,6 +73,7 @@ __all__ = [
     "MigrationError",
     "MoveOptions",
     "NotShardedError",
+    "Placement",
     "QueryEvent",
     "QueryListener",
     "QueryMetrics",
@@ -81,7 +83,6 @@ __all__ = [
     "ReplicaStatus",
     "RingError",
     "RebalanceJob",
-    "RingRouter",
     "Route",
     "Saga",
     "SagaConflictError",

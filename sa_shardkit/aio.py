@@ -128,7 +128,13 @@ class AsyncShardManager:
     ) -> ScatterResult:
         """Every shard at once on the event loop, merged like ``ShardManager.query_all_shards``."""
         manager = self.manager
-        targets = require_shards(manager, manager.shard_ids if shard_ids is None else shard_ids)
+        unlisted: dict[str, BaseException] = {}
+        if shard_ids is None:  # the stored ring's shards (the first read of it off the event loop)
+            await asyncio.to_thread(manager.placement.maybe_refresh)
+            targets = list(manager.placement.scatter_shards())
+            unlisted = {s: manager.placement.unlisted(s) for s in targets if not manager.has_shard(s)}
+        else:
+            targets = require_shards(manager, shard_ids)
         plan: ScatterPlan | None = None
         if isinstance(statement, str):
             statement = text(statement)
@@ -147,10 +153,11 @@ class AsyncShardManager:
                 await conn.commit()
                 return frozen()
 
-        answers = await asyncio.gather(*(run(s) for s in targets), return_exceptions=True)
+        reachable = [s for s in targets if s not in unlisted]
+        answers = await asyncio.gather(*(run(s) for s in reachable), return_exceptions=True)
         results: dict[str, Result[Any]] = {}
-        errors: dict[str, BaseException] = {}
-        for shard_id, answer in zip(targets, answers, strict=True):
+        errors: dict[str, BaseException] = dict(unlisted)
+        for shard_id, answer in zip(reachable, answers, strict=True):
             if isinstance(answer, Exception):
                 errors[shard_id] = answer
             elif isinstance(answer, BaseException):

@@ -38,7 +38,14 @@ class InvalidShardKeyError(RingError, TypeError):
 
 
 class UnknownShardError(ShardKitError, sa_exc.InvalidRequestError, KeyError):
-    """A shard id that the ring or manager does not know."""
+    """A shard id that the ring or manager does not know (``shard_id`` names it when known).
+
+    Raised too when the stored ring places a key on a shard this process's configuration lacks.
+    """
+
+    def __init__(self, message: str, *, shard_id: str | None = None) -> None:
+        super().__init__(message)
+        self.shard_id = shard_id
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""

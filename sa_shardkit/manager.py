@@ -1,4 +1,10 @@
-"""The application's one owner of shard connections: engines, pools, replicas, health, shutdown."""
+"""The application's one owner of shard connections and routing: engines, pools, replicas, the
+ring the shards store (followed by itself, :mod:`sa_shardkit.placement`), health, shutdown.
+
+Module order (imports go one way): ring -> ring_state -> placement -> routing -> scatter ->
+session -> manager -> aio / saga / rebalance / CLI. The modules below the manager take it as an
+argument and never import it at run time.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,8 +28,14 @@ from .config import ShardConfig, ShardSettings, settings_from_env, settings_from
 from .errors import ConfigError, DuplicateShardError, UnknownShardError
 from .events import QueryEvents
 from .faults import guard, unavailable
+from .placement import REFRESH_SECONDS, Placement
 from .replicas import ReplicaRouter
 from .ring import HashRing, ShardKey
+from .routing import route_statement
+from .scatter.connected import fan_out_connected
+from .scatter.core import query_all_shards
+from .scatter.fanout import raise_for_errors
+from .session import sessionmaker_for
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import sessionmaker as SessionMaker
@@ -72,12 +85,13 @@ def _engine_for(config: ShardConfig, url: Any) -> Engine:
 
 
 class ShardManager:
-    """Owns one engine (and pool) per shard and replica, and the ring that maps keys to shards.
+    """Owns one engine (and pool) per shard and replica, and the routing of keys to shards.
 
-    The ring reference can be swapped at run time (:meth:`set_ring`); lookups never see a
-    half-changed ring because rings are immutable. ``max_connections`` caps the connections this
-    process opens across every shard and replica; connections idle for ``idle_timeout`` seconds
-    are closed (:mod:`sa_shardkit.budget`).
+    Routing follows the ring the shards store (``manager.placement``, no set-up needed): read on
+    first use, re-read at most every ``refresh_seconds`` and after a keyed read found nothing.
+    Without a stored ring it is the configured ring (``ring=``, or one built from the shards).
+    ``max_connections`` caps the connections this process opens across every shard and replica;
+    connections idle for ``idle_timeout`` seconds are closed (:mod:`sa_shardkit.budget`).
     """
 
     def __init__(
@@ -88,6 +102,7 @@ class ShardManager:
         vnodes: int | None = None,
         max_connections: int | None = None,
         idle_timeout: float | None = 60.0,
+        refresh_seconds: float = REFRESH_SECONDS,
     ) -> None:
         self.budget = ConnectionBudget(max_connections, idle_timeout=idle_timeout)
         """The per-process connection cap and idle-connection reaper (:mod:`sa_shardkit.budget`)."""
@@ -108,8 +123,9 @@ class ShardManager:
                 self._configs, vnodes=settings.vnodes, weights={c.id: c.weight for c in settings.shards}
             )
         self._check_ring(ring)
-        self._ring = ring
         self._lock = threading.Lock()
+        self.placement = Placement(self, ring, refresh_seconds=refresh_seconds)
+        """Where keys live now: the stored ring, followed as it changes (:mod:`sa_shardkit.placement`)."""
         self.replicas = ReplicaRouter(
             lambda shard_id: self._replicas.get(shard_id),
             lambda shard_id: self.config(shard_id).max_replica_lag,
@@ -138,6 +154,7 @@ class ShardManager:
         *,
         max_connections: int | None = None,
         idle_timeout: float | None = 60.0,
+        refresh_seconds: float = REFRESH_SECONDS,
         **options: Any,
     ) -> ShardManager:
         """Shards from URLs: a mapping id -> url, or a list (ids ``shard-1``, ...); ``options`` per shard."""
@@ -145,7 +162,12 @@ class ShardManager:
             urls.items() if isinstance(urls, Mapping) else ((f"shard-{i}", u) for i, u in enumerate(urls, 1))
         )
         configs = [ShardConfig(id=shard_id, url=url, **options) for shard_id, url in items]
-        return cls(configs, max_connections=max_connections, idle_timeout=idle_timeout)
+        return cls(
+            configs,
+            max_connections=max_connections,
+            idle_timeout=idle_timeout,
+            refresh_seconds=refresh_seconds,
+        )
 
     def _check_ring(self, ring: HashRing) -> None:
         for shard_id in ring.shard_ids:
@@ -156,12 +178,22 @@ class ShardManager:
 
     @property
     def ring(self) -> HashRing:
-        return self._ring
+        """The ring keys are routed by: the stored ring when the shards store one, else the configured."""
+        return self.placement.ring
+
+    @property
+    def configured_ring(self) -> HashRing:
+        """The ring of this process's configuration (used while the shards store none)."""
+        return self.placement.configured_ring
 
     def set_ring(self, ring: HashRing) -> None:
-        """Route by ``ring`` from now on (an atomic reference swap)."""
+        """Route by ``ring`` while the shards store none; a stored ring is re-read and wins."""
         self._check_ring(ring)
-        self._ring = ring
+        self.placement.configure(ring)
+
+    def has_shard(self, shard_id: str) -> bool:
+        """Whether this process's configuration lists ``shard_id``."""
+        return shard_id in self._configs
 
     @property
     def shard_ids(self) -> tuple[str, ...]:
@@ -169,16 +201,18 @@ class ShardManager:
         return tuple(self._configs)
 
     def shard_for(self, key: ShardKey) -> str:
-        """The shard id that owns ``key`` on the current ring."""
-        return self._ring.get_shard(key)
+        """The shard that holds ``key``'s rows now (by the stored ring; mid-move, where it is).
+
+        Raises :class:`UnknownShardError` naming the shard and ring version when the stored ring
+        places the key on a shard this configuration does not list.
+        """
+        return self.placement.shard_for(key)
 
     def shards_for(self, statement: Any, params: Any = None) -> tuple[str, ...]:
         """The shards ``statement`` (with execute ``params``) would run on, without running it.
 
         Delegates to :func:`sa_shardkit.routing.route_statement`, which also gives the reason.
         """
-        from .routing import route_statement
-
         return route_statement(self, statement, params).shard_ids
 
     def next_id(self, name: str) -> int:
@@ -199,6 +233,17 @@ class ShardManager:
     @sequences.setter
     def sequences(self, allocator: SequenceAllocator) -> None:
         self.__dict__["_sequences"] = allocator
+
+    @contextmanager
+    def transaction(self, key: ShardKey) -> Iterator[Connection]:
+        """``with manager.transaction(key) as conn:`` a Core transaction on ``key``'s shard.
+
+        Routed like the session and fenced like a session flush: a key whose range is moving
+        (or moved) is written where it lives; commits when the block ends, rolls back on error.
+        A plain ``engine.connect()`` bypasses both routing and the fence.
+        """
+        with self.placement.begin_write(key) as conn:
+            yield conn
 
     def add_shard(self, config: ShardConfig) -> None:
         """Open engines for one more shard at run time; the ring is unchanged (see rebalance)."""
@@ -265,6 +310,11 @@ class ShardManager:
         return self._replicas.get(shard_id)
 
     def engine_for(self, key: ShardKey, *, write: bool = True) -> Engine:
+        """The engine of the shard that holds ``key`` now (see :meth:`shard_for`).
+
+        Its connections are not fenced: a move that starts later is not seen by them. Use
+        :meth:`transaction` to write by key.
+        """
         return self.engine(self.shard_for(key), write=write)
 
     @property
@@ -319,10 +369,11 @@ class ShardManager:
         :class:`Connection` inside a transaction that commits when it returns. The first failure
         is raised after every shard has finished (no half-run threads remain); a shard whose
         checkout does not finish within its connect timeout is reported unavailable.
+        Every configured shard by default; when the stored ring has a member the configuration
+        lacks, :class:`UnknownShardError` first (nothing runs).
         """
-        from .scatter.connected import fan_out_connected
-        from .scatter.fanout import raise_for_errors
-
+        if shard_ids is None:
+            self.placement.require_listed()
         targets = list(self.shard_ids if shard_ids is None else shard_ids)
         for shard_id in targets:
             self.config(shard_id)
@@ -366,9 +417,9 @@ class ShardManager:
         A ``select()`` is merged globally (ORDER BY, LIMIT/OFFSET, aggregates, DISTINCT; see
         :mod:`sa_shardkit.scatter`); SQL text is concatenated in shard order. ``with_shard_id``
         adds a ``shard_id`` column; ``allow_partial`` skips unreachable shards (``missing_shards``).
+        By default the stored ring's shards; one the configuration lacks raises
+        :class:`UnknownShardError` (with ``allow_partial``, it is reported missing).
         """
-        from .scatter.core import query_all_shards
-
         return query_all_shards(
             self,
             statement,
@@ -379,6 +430,23 @@ class ShardManager:
             per_shard_results=per_shard_results,
             write=write,
         )
+
+    def parallel(self, fn: Callable[[str], T], shard_ids: list[str]) -> dict[str, T]:
+        """``fn(shard_id)`` for every shard at once; the first failure raised after all finished."""
+        if len(shard_ids) <= 1:
+            return {s: fn(s) for s in shard_ids}
+        with ThreadPoolExecutor(max_workers=len(shard_ids), thread_name_prefix="shardkit") as pool:
+            futures = {s: pool.submit(fn, s) for s in shard_ids}
+            results: dict[str, T] = {}
+            first_error: BaseException | None = None
+            for shard_id, future in futures.items():
+                try:
+                    results[shard_id] = future.result()
+                except BaseException as error:  # noqa: BLE001 - re-raised below
+                    first_error = first_error or error
+            if first_error is not None:
+                raise first_error
+            return results
 
     def health(self, *, timeout: float | None = None) -> dict[str, ShardHealth]:
         """Reachability and latency of every shard (and replica); bounded by the connect timeout."""
@@ -417,11 +485,11 @@ class ShardManager:
 
     def sessionmaker(self, **kw: Any) -> SessionMaker[Any]:
         """A ``sessionmaker`` producing :class:`sa_shardkit.ShardedSession` bound to this manager."""
-        from sqlalchemy.orm import sessionmaker
+        return sessionmaker_for(self, **kw)
 
-        from .session import ShardedSession
-
-        return sessionmaker(class_=ShardedSession, manager=self, **kw)
+    def require_shards(self, shard_ids: Iterable[str]) -> list[str]:
+        """Validate a list of shard ids before any work starts (see :func:`require_shards`)."""
+        return require_shards(self, shard_ids)
 
     # -- shutdown --------------------------------------------------------------------------------
 

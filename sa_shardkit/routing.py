@@ -1,7 +1,7 @@
 """Where a statement, an instance or a primary key goes: the one place that decides routing.
 
-Every key -> shard decision funnels through :func:`shards_for_key` (which asks
-:meth:`ShardManager.shard_for`); the session, scatter-gather, sagas and rebalancing call the
+Every key -> shard decision funnels through :func:`shards_for_key` (which asks the manager's
+placement, :mod:`sa_shardkit.placement`); the session, scatter-gather, sagas and rebalancing call the
 functions here instead of deriving a shard themselves.
 
 Statement analysis reads the WHERE clause (and the ON clauses of inner Core joins): a comparison
@@ -96,23 +96,21 @@ def _routed_by_column(
 def shards_for_key(manager: ShardManager, key: Any, *, write: bool = False) -> tuple[str, ...]:
     """The shard(s) holding ``key``: one shard today; the write shard first if ever more.
 
-    The one function that maps a key to shards, for reads (``write=False``) and writes. While a
-    :class:`~sa_shardkit.rebalance.RingRouter` follows the stored ring (``manager.placement``), it
-    answers: a key in a range that is mid-move lives on its old or its new shard.
+    The one function that maps a key to shards, for reads (``write=False``) and writes. The
+    manager's placement answers (the stored ring, followed by itself): a key in a range that is
+    mid-move lives on its old or its new shard; one on a shard the configuration lacks raises
+    :class:`~sa_shardkit.UnknownShardError`.
     """
-    placement = getattr(manager, "placement", None)
-    if placement is not None:
-        return placement.shards_for_key(key, write=write)  # type: ignore[no-any-return]
-    return (manager.shard_for(key),)
+    return manager.placement.shards_for_key(key, write=write)
 
 
 def follows_placement(manager: ShardManager | None) -> bool:
-    """Whether a rebalance placement answers for the ring now (reads may need re-checking).
+    """Whether a move is in flight now, so reads of moving keys need re-checking.
 
     Lets the session skip :func:`watch_moving_reads` and :func:`moving_reads_valid` entirely
     when no move is in flight, the common case.
     """
-    return getattr(manager, "placement", None) is not None
+    return manager is not None and manager.placement.moving()
 
 
 @contextmanager
@@ -122,26 +120,23 @@ def watch_moving_reads(manager: ShardManager | None) -> Iterator[list[Any]]:
 
     After running the read, :func:`moving_reads_valid` says whether it must be routed and run again.
     """
-    placement = getattr(manager, "placement", None)
-    if placement is None:
+    if manager is None:
         yield []
         return
-    with placement.watch_reads() as watched:
+    with manager.placement.watch_reads() as watched:
         yield watched
 
 
 def moving_reads_valid(manager: ShardManager | None, reads: list[Any]) -> bool:
     """Whether every watched read answer still holds after the read ran (see :func:`watch_moving_reads`)."""
-    placement = getattr(manager, "placement", None)
-    return not reads or placement is None or bool(placement.reads_still_valid(reads))
+    return not reads or manager is None or manager.placement.reads_still_valid(reads)
 
 
 def ring_moved_on(manager: ShardManager | None, shard_ids: Sequence[str]) -> bool:
     """After a keyed read found nothing on ``shard_ids``: did the stored ring change there since
-    this process routed by it (a move started or finished)? Then the new state is adopted: route
-    and read again. Without a rebalance placement: False, no query."""
-    placement = getattr(manager, "placement", None)
-    return placement is not None and bool(placement.ring_changed(shard_ids))
+    this process routed by it (a ring stored, a move started or finished)? Then the new state is
+    adopted: route and read again. One small query per shard (none on SQLite)."""
+    return manager is not None and manager.placement.ring_changed(shard_ids)
 
 
 def shard_for_key(manager: ShardManager, key: Any) -> str:
@@ -150,28 +145,30 @@ def shard_for_key(manager: ShardManager, key: Any) -> str:
 
 
 def ring_shards(manager: ShardManager) -> tuple[str, ...]:
-    """Shards that own keys (on the ring), in configuration order: where a scatter goes."""
-    ring, configured = manager.ring, manager.shard_ids
-    cached = _ring_shards_cache.get(id(manager))
-    if cached is not None and cached[0] is ring and cached[1] == configured:
-        return cached[2]
-    shards = tuple(s for s in configured if s in ring)
-    _ring_shards_cache[id(manager)] = (ring, configured, shards)
-    return shards
-
-
-_ring_shards_cache: dict[int, tuple[Any, tuple[str, ...], tuple[str, ...]]] = {}
-"""manager id -> (ring, configured ids, result): recomputed whenever either changes."""
+    """Shards that may hold rows (the stored ring's members), configured ones first: where a
+    scatter goes. A member the configuration lacks is included: binding it raises
+    :class:`~sa_shardkit.UnknownShardError` (a scatter with ``allow_partial`` reports it missing)."""
+    return manager.placement.scatter_shards()
 
 
 def reference_read_shard(manager: ShardManager) -> str:
-    """The shard reference tables are read from: the first shard on the ring."""
-    return ring_shards(manager)[0]
+    """The shard reference tables are read from: the first configured shard on the ring."""
+    shards = ring_shards(manager)
+    return next((s for s in shards if manager.has_shard(s)), shards[0])
 
 
 def reference_write_shards(manager: ShardManager) -> tuple[str, ...]:
-    """Every configured shard: reference rows are written everywhere (new shards included)."""
-    return manager.shard_ids
+    """Every configured shard and every ring member: reference rows are written everywhere (new
+    shards included; a member the configuration lacks raises when bound, nothing is skipped)."""
+    return _in_order(manager, set(manager.shard_ids) | set(ring_shards(manager)))
+
+
+def _in_order(manager: ShardManager, wanted: set[str]) -> tuple[str, ...]:
+    """``wanted`` in configuration order, then ring members the configuration lacks."""
+    configured = manager.shard_ids
+    if wanted.issubset(configured):
+        return tuple(s for s in configured if s in wanted)
+    return tuple(dict.fromkeys(s for s in (*configured, *ring_shards(manager)) if s in wanted))
 
 
 # -- instances ---------------------------------------------------------------------------------
@@ -301,7 +298,7 @@ def route_statement(
 
 def _union_routes(manager: ShardManager, routes: list[Route]) -> Route:
     wanted = {s for r in routes for s in r.shard_ids}
-    ordered = tuple(s for s in manager.shard_ids if s in wanted)
+    ordered = _in_order(manager, wanted)
     return Route(ordered, "; ".join(r.reason for r in routes))
 
 
@@ -340,7 +337,7 @@ def _keyed_route(manager: ShardManager, shards: set[str], reason: str) -> Route:
         return Route(ring_shards(manager)[:1], f"{reason}: the conditions exclude every shard")
     if len(shards) == 1:
         return Route(tuple(shards), reason)
-    return Route(tuple(s for s in manager.shard_ids if s in shards), reason)
+    return Route(_in_order(manager, shards), reason)
 
 
 def _select_parts(statement: Select[Any]) -> tuple[list[FromClause], list[ColumnElement[Any] | None]]:

@@ -53,6 +53,7 @@ from .errors import (
 )
 from .events import SHARD_COUNT
 from .faults import named_unavailable
+from .flush_fence import fence_flush, forget_fences
 from .replica_reads import REPLICA_OK, ReplicaChooser, may_read_from_replica, replica_bind
 from .routing import (
     Route,
@@ -77,11 +78,13 @@ MAX_MOVING_READS = 20
 """Reads of a key range that is mid-move re-run at most this often when cut-overs keep landing."""
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import sessionmaker as SessionMaker
+
     from .manager import ShardManager
 
 log = logging.getLogger("sa_shardkit.session")
 
-__all__ = ["ShardedSession", "set_shard_id"]
+__all__ = ["ShardedSession", "sessionmaker_for", "set_shard_id"]
 
 
 def _names_shards(method: Callable[..., Any]) -> Any:
@@ -253,6 +256,8 @@ class ShardedSession(_StockShardedSession):
         try:
             return super().get_bind(mapper, shard_id=shard_id, instance=instance, clause=clause, **kw)
         except KeyError:
+            if self.manager is not None and shard_id is not None and not self.manager.has_shard(shard_id):
+                raise self.manager.placement.unlisted(shard_id) from None
             raise UnknownShardError(
                 f"unknown shard {shard_id!r}; this session's shards: {', '.join(self._shard_ids())}"
             ) from None
@@ -265,9 +270,11 @@ class ShardedSession(_StockShardedSession):
         """
         if self.manager is None:
             return super().get(entity, ident, **kw)
-        if not follows_placement(self.manager):  # no rebalance router: nothing to re-check
+        if not follows_placement(self.manager):  # no move in flight: only an empty answer is re-checked
             shard = self._get_shard(entity, ident, kw)
-            return super().get(entity, ident, **(kw if shard is None else {**kw, "identity_token": shard}))
+            found = super().get(entity, ident, **(kw if shard is None else {**kw, "identity_token": shard}))
+            if found is not None or shard is None or not ring_moved_on(self.manager, (shard,)):
+                return found
         for _ in range(MAX_MOVING_READS):
             with watch_moving_reads(self.manager) as moving:
                 shard = self._get_shard(entity, ident, kw)
@@ -674,7 +681,9 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
             log.debug("%s -> %s", _statement_name(orm_context), insert_reason(groups))
         return _bulk_insert(orm_context, session, groups)
     if session._routed_execute and not follows_placement(session.manager):
-        route = session.route(orm_context)  # no move in flight: no read to re-check
+        route = session.route(orm_context)  # no move in flight: only an empty keyed read is re-checked
+        if _keyed_read(orm_context, route) and orm_context.lazy_loaded_from is None:
+            return _read_keyed(orm_context, session, route)
     elif session._routed_execute:
         with watch_moving_reads(session.manager) as moving:
             route = session.route(orm_context)
@@ -702,6 +711,10 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
     orm_context.update_execution_options(**{SHARD_COUNT: len(shards)})
     if not is_write:
         return execute_scatter(orm_context, shards)
+    if session.manager is not None:
+        unlisted = [s for s in shards if not session.manager.has_shard(s)]
+        if unlisted:  # before any shard runs the write
+            raise session.manager.placement.unlisted(unlisted[0])
     if orm_context.is_insert and session.manager is not None and not replicated:
         raise UnsupportedScatterError(
             f"an INSERT with .values() for {len(shards)} shards cannot be split; pass the rows as "
@@ -739,8 +752,8 @@ def _keyed_read(orm_context: ORMExecuteState, route: Route) -> bool:
 
 
 def _read_keyed(orm_context: ORMExecuteState, session: ShardedSession, route: Route) -> Result[Any]:
-    """A keyed SELECT while a rebalance placement is followed: an empty answer may only mean the
-    rows moved under a ring version this process has not seen (it only reads, say). Then the
+    """A keyed SELECT: an empty answer may mean the rows moved under a ring version this process
+    has not seen (it only reads, say, or its ring is not stored yet). Then the
     version stored on that shard is checked (one small query); if it changed, the new one is
     adopted and the SELECT routed and run again. Found rows cost nothing extra."""
     for _ in range(MAX_MOVING_READS):
@@ -834,5 +847,14 @@ def _statement_name(orm_context: ORMExecuteState) -> str:
 
 event.listen(ShardedSession, "do_orm_execute", _execute_routed, retval=True)
 event.listen(ShardedSession, "before_flush", _plan_flush)
+event.listen(ShardedSession, "before_flush", fence_flush)  # after the plan: it reads the chosen shards
+event.listen(ShardedSession, "after_transaction_end", forget_fences)
 event.listen(ShardedSession, "after_flush_postexec", _after_flush)
 event.listen(ShardedSession, "after_transaction_end", _after_transaction_end)
+
+
+def sessionmaker_for(manager: ShardManager, **kw: Any) -> SessionMaker[Any]:
+    """A ``sessionmaker`` of :class:`ShardedSession` routed by ``manager`` (``manager.sessionmaker()``)."""
+    from sqlalchemy.orm import sessionmaker
+
+    return sessionmaker(class_=ShardedSession, manager=manager, **kw)

@@ -2,8 +2,9 @@
 
 Every server is asked in parallel, each bounded by its connect timeout, so one dead server costs one
 timeout, not one per shard. A fleet is *healthy* when every primary and replica answers, every
-replica is within its lag bound, and the shards agree on their Alembic revision (are at the scripts'
-head when the scripts are known).
+replica is within its lag bound, the shards agree on their Alembic revision (are at the scripts'
+head when the scripts are known), and every shard of the ring the shards store is in this
+configuration (a shard it lacks is listed, not counted, and makes the fleet unhealthy).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .alembic.status import RevisionState, classify
 from .manager import ShardHealth, ShardManager
+from .ring_state import ShardState, read_fleet_state
 
 COUNT_TIMEOUT = "10s"
 """How long one shard may spend counting rows before its counts are reported as unknown."""
@@ -64,6 +66,8 @@ class NodeStatus:
     """Client connections to this shard's database on the server (every client, this check excluded)."""
     problem: str | None = None
     """Why this server makes the fleet unhealthy (down, lagging, behind), or None."""
+    configured: bool = True
+    """False for a shard of the stored ring this configuration lacks (never contacted)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,8 @@ class FleetStatusReport:
     exact_counts: bool = True
     ring_version: int | None = None
     """The ring version the shards store (``shardkit rebalance``); None: the configured ring."""
+    unlisted: tuple[str, ...] = ()
+    """Shards of the stored ring this configuration lacks (their rows are not counted)."""
 
     @property
     def healthy(self) -> bool:
@@ -83,6 +89,16 @@ class FleetStatusReport:
     @property
     def problems(self) -> list[str]:
         return [f"{node.shard_id} {node.role}: {node.problem}" for node in self.nodes if node.problem]
+
+    def total_rows(self) -> int:
+        """Rows counted on every primary that answered (a lower bound when one did not)."""
+        return sum(n for node in self.nodes for n in node.row_counts.values() if n is not None)
+
+    @property
+    def counts_complete(self) -> bool:
+        """Did every shard of the ring (and every configured one) report every count?"""
+        primaries = [node for node in self.nodes if node.role == "primary"]
+        return all(node.reachable and None not in node.row_counts.values() for node in primaries)
 
     @property
     def tables(self) -> list[str]:
@@ -95,7 +111,7 @@ def collect_status(
 ) -> FleetStatusReport:
     """Ask every primary and replica of ``manager`` how it is (in parallel; never raises for a dead shard)."""
     health = manager.health()
-    ring_version, shares = _ring_shares(manager)
+    ring_version, ring, shares = _ring_shares(manager)
     jobs = list(health.values())
 
     def one(h: ShardHealth) -> NodeStatus:
@@ -132,23 +148,42 @@ def collect_status(
 
     with ThreadPoolExecutor(max_workers=max(1, len(jobs)), thread_name_prefix="shardkit-status") as pool:
         nodes = list(pool.map(one, jobs))
-    order = {shard_id: i for i, shard_id in enumerate(manager.shard_ids)}
+    unlisted = tuple(s for s in ring if not manager.has_shard(s))
+    for shard_id in unlisted:
+        nodes.append(
+            NodeStatus(
+                shard_id=shard_id,
+                role="primary",
+                url="-",
+                reachable=False,
+                configured=False,
+                ring_share=shares.get(shard_id),
+                problem=(
+                    f"on the stored ring (version {ring_version}) but not in this configuration: its rows "
+                    f"are not counted and this process cannot route its keys; add {shard_id}.url"
+                ),
+            )
+        )
+    order = {shard_id: i for i, shard_id in enumerate((*manager.shard_ids, *unlisted))}
     nodes.sort(key=lambda n: (order.get(n.shard_id, len(order)), n.role != "primary"))
     heads = tuple(sorted(script.get_heads())) if script is not None else None
-    return FleetStatusReport(tuple(_judge_revisions(nodes, script)), heads, exact_counts, ring_version)
+    judged = tuple(_judge_revisions(nodes, script))
+    return FleetStatusReport(judged, heads, exact_counts, ring_version, unlisted)
 
 
-def _ring_shares(manager: ShardManager) -> tuple[int | None, dict[str, float]]:
-    """Shares of the ring the application routes by: the stored version when the shards have one."""
-    from .rebalance import load_ring_state
-
-    try:
-        state = load_ring_state(manager)
-    except SQLAlchemyError:  # a shard is down: that is reported per node; fall back to the config
-        state = None
-    if state is None:
-        return None, manager.ring.shares()
-    return state.version, state.ring.shares()
+def _ring_shares(manager: ShardManager) -> tuple[int | None, tuple[str, ...], dict[str, float]]:
+    """The ring the application routes by (the stored version when the shards have one): its
+    version, every member (old and new while a move is in flight) and each one's share."""
+    states: list[ShardState] = []
+    for shard_id in manager.shard_ids:  # each shard alone: one that is down is reported per node
+        try:
+            states.extend(read_fleet_state(manager, [shard_id]).values())
+        except SQLAlchemyError:
+            continue
+    if not states:
+        return None, manager.configured_ring.shard_ids, manager.configured_ring.shares()
+    state = max((s.state for s in states), key=lambda st: st.version)
+    return state.version, state.shard_ids, state.ring.shares()
 
 
 def _judge_revisions(nodes: list[NodeStatus], script: ScriptDirectory | None) -> list[NodeStatus]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +14,11 @@ from tests.fleet import TestFleet, start_fleet
 from tests.replica_support import manager_with_replica, ready_replica, start_replica
 
 SHARD_COUNT = 4
+
+# a process with no stored ring looks for one this often, and a first ring install waits that long
+# (sa_shardkit.placement.unstored_recheck_seconds): short here, where every test installs a ring;
+# subprocesses (the CLI under test) inherit it
+os.environ.setdefault("SHARDKIT_RING_RECHECK_SECONDS", "0.2")
 
 
 @pytest.fixture(scope="session")

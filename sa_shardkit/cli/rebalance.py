@@ -40,6 +40,7 @@ from ..rebalance import (
     table_set,
 )
 from ..rebalance import resume as resume_move
+from ..rebalance.join import alembic_config
 from ..rebalance.rebalancer import drop_leftovers
 from ..ring import HashRing
 from ..summary import hidden, summarise, tally, verbose_requested
@@ -138,6 +139,7 @@ def rebalance_command(
         if dry_run:
             console.print("[bold]Dry run:[/] nothing was moved.")
             return
+        migrations = alembic_config(config_path)  # a joining shard is migrated to the fleet's revision
         result = _run_with_progress(
             console,
             lambda p: rebalance(
@@ -147,6 +149,7 @@ def rebalance_command(
                 options=options or MoveOptions(),
                 progress=p,
                 rows_expected=plan.rows_to_move,
+                migrations=migrations,
             ),
         )
         _print_result(console, result)

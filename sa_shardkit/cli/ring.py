@@ -106,6 +106,7 @@ def ring(
 ) -> None:
     """Each shard's share of the keys; with --add/--remove/--weight, before and after the change."""
     with load_manager(config_path, urls) as manager:
-        current = manager.ring
+        # the ring the shards store (what every process routes by), else the configured one
+        current = manager.placement.refresh(log_failures=False).ring
     planned = planned_ring(current, add, remove, weight) if (add or remove or weight) else None
     render_ring(output_console(), current, planned)

@@ -45,17 +45,30 @@ def _revision(node: NodeStatus) -> str:
 
 
 def _state(node: NodeStatus) -> str:
+    if not node.configured:
+        return "NOT CONFIGURED"
     if node.problem and not node.reachable:
         return "DOWN"
     return "BEHIND" if node.problem else "ok"
 
 
-_STYLE = {"DOWN": "[red]DOWN[/]", "BEHIND": "[yellow]BEHIND[/]", "ok": "[green]ok[/]"}
+_STYLE = {
+    "NOT CONFIGURED": "[red]NOT CONFIGURED[/]",
+    "DOWN": "[red]DOWN[/]",
+    "BEHIND": "[yellow]BEHIND[/]",
+    "ok": "[green]ok[/]",
+}
 
 
 def render_status(console: Console, report: FleetStatusReport, verbose: bool | None = None) -> None:
     """The shard table and rows per table; over 16 shards, counts and only the servers with a problem."""
     ring = f"ring version {report.ring_version}" if report.ring_version is not None else "configured ring"
+    if report.ring_version is None:
+        console.print("no ring is stored on the shards (never rebalanced): routing by the configured ring")
+    else:
+        console.print(
+            f"ring version {report.ring_version} is stored on the shards; every process routes by it"
+        )
     primaries = [n for n in report.nodes if n.role == "primary"]
     many = summarise(len(primaries), verbose)
     listed = [n for n in report.nodes if n.problem] if many else list(report.nodes)
@@ -99,6 +112,8 @@ def render_status(console: Console, report: FleetStatusReport, verbose: bool | N
         console.print(table)
     if report.tables:
         console.print(_rows_table(report, primaries, many))
+    complete = "" if report.counts_complete else "+ (a lower bound: not every shard was counted)"
+    console.print(f"fleet total: {report.total_rows():,}{complete} rows")
     if report.healthy:
         console.print(f"[green]OK[/]: {len(primaries)} shard(s), every server reachable and up to date")
     else:
@@ -134,8 +149,9 @@ def _rows_table(report: FleetStatusReport, primaries: list[NodeStatus], many: bo
 def status(config_path: str | None, urls: tuple[str, ...], estimate: bool, as_json: bool) -> None:
     """Every shard and replica: reachable, latency, version, migrations, rows, ring share.
 
-    Exit code 1 when a shard or replica is down, a replica lags past its bound, or a shard's
-    migrations are behind (or differ between shards when the Alembic scripts are not known).
+    Lists every shard of the ring the shards store. Exit code 1 when a shard or replica is down, a
+    replica lags past its bound, a shard's migrations are behind (or differ between shards when the
+    Alembic scripts are not known), or the stored ring has a shard this configuration lacks.
     """
     scripts = migration_scripts(config_path)
     with load_manager(config_path, urls) as manager:
@@ -145,6 +161,9 @@ def status(config_path: str | None, urls: tuple[str, ...], estimate: bool, as_js
             "healthy": report.healthy,
             "script_heads": report.script_heads,
             "ring_version": report.ring_version,
+            "unlisted_shards": list(report.unlisted),
+            "total_rows": report.total_rows(),
+            "counts_complete": report.counts_complete,
             "nodes": [asdict(node) for node in report.nodes],
         }
         click.echo(json.dumps(payload, indent=2, default=str))

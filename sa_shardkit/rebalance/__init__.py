@@ -2,8 +2,8 @@
 
 The fleet's ring lives in the shards themselves (:mod:`.catalog`); a move copies, verifies and
 deletes one key batch at a time under a fence that only writers of the moving keys wait for
-(:mod:`.mover`); application processes route through :class:`.fence.RingRouter`, which follows the
-stored version without a restart.
+(:mod:`.mover`); every application process's :class:`~sa_shardkit.ShardManager` follows the stored
+version by itself, without a restart (:mod:`sa_shardkit.placement`; ``RingRouter`` is a deprecated alias).
 """
 
 from __future__ import annotations

@@ -19,10 +19,8 @@ every copy before the final bump. Locking rules (see :mod:`.fence`):
 from __future__ import annotations
 
 import json
-import re
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import text
@@ -30,130 +28,26 @@ from sqlalchemy.engine import Connection
 
 from ..errors import RebalanceError
 from ..manager import ShardManager
-from ..ring import HashRing, ShardKey
+from ..placement import unstored_recheck_seconds
+from ..ring import HashRing
+from ..ring_state import (
+    STATE_DDL,
+    STATE_TABLE,
+    RingState,
+    ShardState,
+    check_key_type,
+    create_state_table,
+    load_ring_state,
+    read_fleet_state,
+    read_shard_state,
+    ring_from_json,
+    row_to_state,
+    state_table_exists,
+)
 from .record import MOVE_DDL
 
-STATE_TABLE = "shardkit_ring_state"
-
-_DDL = (
-    f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} ("
-    " version bigint PRIMARY KEY,"
-    " ring text NOT NULL,"
-    " target_ring text,"
-    " key_type text,"
-    " watermark text,"
-    " drained boolean NOT NULL DEFAULT false,"
-    " updated_at timestamptz NOT NULL DEFAULT now())",
-    # one row per shard: a unique index on a constant
-    f"CREATE UNIQUE INDEX IF NOT EXISTS {STATE_TABLE}_one_row ON {STATE_TABLE} ((true))",
-)
-
-_SQL_TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_ ]*(\(\d+(,\s*\d+)?\))?$")
-
-
-@dataclass(frozen=True)
-class RingState:
-    """The ring the fleet routes by at one version, and the ring it is moving to (if any)."""
-
-    version: int
-    ring: HashRing
-    target: HashRing | None = None
-    key_type: str | None = None
-    """SQL type of the shard-key column (e.g. ``BIGINT``): the watermark is compared in that type."""
-
-    @property
-    def in_flight(self) -> bool:
-        return self.target is not None
-
-    def move_of(self, key: ShardKey) -> tuple[str, str] | None:
-        """``(source, target)`` when ``key`` changes shard in the move in flight, else None."""
-        if self.target is None:
-            return None
-        source = self.ring.get_shard(key)
-        target = self.target.get_shard(key)
-        return None if source == target else (source, target)
-
-    def owner(self, key: ShardKey) -> str:
-        """The key's shard when it is not moving (the ring; it equals the target ring then)."""
-        return self.ring.get_shard(key)
-
-    @property
-    def shard_ids(self) -> tuple[str, ...]:
-        """Every shard that holds a state row at this version: old and new members."""
-        ids = dict.fromkeys(self.ring.shard_ids)
-        if self.target is not None:
-            ids.update(dict.fromkeys(self.target.shard_ids))
-        return tuple(ids)
-
-
-@dataclass(frozen=True)
-class ShardState:
-    """One shard's row: the fleet state it has seen, and its own progress as a source."""
-
-    shard_id: str
-    state: RingState
-    watermark: str | None
-    drained: bool
-
-
-def create_state_table(conn: Connection) -> None:
-    for ddl in _DDL:
-        conn.execute(text(ddl))
-
-
-@lru_cache(maxsize=64)
-def ring_from_json(data: str) -> HashRing:
-    """Parse a stored ring once: building one hashes every virtual node (~0.1 s); rings are immutable."""
-    return HashRing.from_json(data)
-
-
-@lru_cache(maxsize=64)
-def _state(version: int, ring: str, target: str | None, key_type: str | None) -> RingState:
-    return RingState(version, ring_from_json(ring), ring_from_json(target) if target else None, key_type)
-
-
-def row_to_state(shard_id: str, row: Any) -> ShardState:
-    state = _state(int(row.version), row.ring, row.target_ring, row.key_type)
-    return ShardState(shard_id, state, row.watermark, bool(row.drained))
-
-
-def state_table_exists(conn: Connection) -> bool:
-    return conn.execute(text("SELECT to_regclass(:t)"), {"t": STATE_TABLE}).scalar() is not None
-
-
-def read_shard_state(
-    conn: Connection, shard_id: str, *, lock: str = "", check_table: bool = True
-) -> ShardState | None:
-    """This shard's row (``lock``: '', 'FOR KEY SHARE', 'FOR SHARE', 'FOR NO KEY UPDATE', 'FOR UPDATE')."""
-    if check_table and not state_table_exists(conn):
-        return None
-    row = conn.execute(
-        text(f"SELECT version, ring, target_ring, key_type, watermark, drained FROM {STATE_TABLE} {lock}")
-    ).first()
-    return None if row is None else row_to_state(shard_id, row)
-
-
-def read_fleet_state(manager: ShardManager, shard_ids: Iterable[str] | None = None) -> dict[str, ShardState]:
-    """Every reachable shard's row, read in parallel (shards without the table are left out)."""
-    ids = list(manager.shard_ids if shard_ids is None else shard_ids)
-    rows = manager.run_on_all(lambda conn: _read_any(conn), shard_ids=ids)
-    return {s: row_to_state(s, r) for s, r in rows.items() if r is not None}
-
-
-def _read_any(conn: Connection) -> Any:
-    if not state_table_exists(conn):
-        return None
-    return conn.execute(
-        text(f"SELECT version, ring, target_ring, key_type, watermark, drained FROM {STATE_TABLE}")
-    ).first()
-
-
-def load_ring_state(manager: ShardManager) -> RingState | None:
-    """The fleet's newest state (the highest version any shard holds), or None before ``install``."""
-    states = read_fleet_state(manager)
-    if not states:
-        return None
-    return max((s.state for s in states.values()), key=lambda st: st.version)
+INSTALL_WAIT_LIMIT = 60.0
+"""How long a first install waits for transactions that began before it to end (then refuses)."""
 
 
 def install_ring(manager: ShardManager, ring: HashRing | None = None) -> RingState:
@@ -173,9 +67,52 @@ def install_ring(manager: ShardManager, ring: HashRing | None = None) -> RingSta
             )
         return current
     state = RingState(1, ring)
+    installed_at = time.time()
     write_state(manager, state, ring.shard_ids)
+    wait_out_unstored_writers(manager, ring.shard_ids, installed_at)
     manager.set_ring(ring)
     return state
+
+
+def wait_out_unstored_writers(manager: ShardManager, shard_ids: Iterable[str], installed_at: float) -> None:
+    """Return once no write routed before the first ring was stored can still be in flight.
+
+    A process that has never seen a stored ring routes by its configured ring and writes without
+    the fence (so a fleet that never rebalances pays nothing); it looks for a stored ring at least
+    every :func:`~sa_shardkit.placement.unstored_recheck_seconds`. So every unfenced write was
+    routed before ``installed_at`` plus that interval, in a transaction that began before then:
+    wait for that moment, then for every such transaction on each shard to end. Only then may a
+    move (which relies on the fence) start.
+    """
+    horizon = installed_at + unstored_recheck_seconds()
+    time.sleep(max(0.0, horizon - time.time()))
+    deadline = time.monotonic() + INSTALL_WAIT_LIMIT
+    for shard_id in shard_ids:
+        while True:
+            with manager.connect(shard_id) as conn:
+                if conn.dialect.name != "postgresql":
+                    break
+                pids = (
+                    conn.execute(
+                        text(
+                            "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+                            " AND datname = current_database() AND xact_start < to_timestamp(:t)"
+                        ),
+                        {"t": horizon},
+                    )
+                    .scalars()
+                    .all()
+                )
+                conn.rollback()
+            if not pids:
+                break
+            if time.monotonic() > deadline:
+                raise RebalanceError(
+                    f"shard {shard_id!r}: transactions that began before the ring was stored are still "
+                    f"open after {INSTALL_WAIT_LIMIT:g}s (backend pids {sorted(pids)}): they may write "
+                    "by the unstored ring; end them and run again (the stored ring is kept)"
+                )
+            time.sleep(0.05)
 
 
 def write_state(manager: ShardManager, state: RingState, shard_ids: Iterable[str]) -> None:
@@ -193,7 +130,7 @@ def write_state(manager: ShardManager, state: RingState, shard_ids: Iterable[str
     }
 
     # the state table and the move record's table, which cut-overs update (.record), in one round trip
-    ddl = text("; ".join((*_DDL, MOVE_DDL)))
+    ddl = text("; ".join((*STATE_DDL, MOVE_DDL)))
 
     def bump(conn: Connection, shard_id: str) -> None:
         conn.execute(ddl)
@@ -226,13 +163,6 @@ def write_state(manager: ShardManager, state: RingState, shard_ids: Iterable[str
             bump(conn, shard_id)
 
 
-def check_key_type(key_type: str) -> str:
-    """Guard the SQL type name that fence queries splice into ``CAST(... AS <type>)``."""
-    if not _SQL_TYPE.match(key_type):
-        raise RebalanceError(f"unsupported shard-key SQL type {key_type!r}")
-    return key_type
-
-
 def describe(state: RingState) -> dict[str, Any]:
     """A JSON-ready summary for CLI output and logs."""
     return {
@@ -253,5 +183,9 @@ __all__ = [
     "load_ring_state",
     "read_fleet_state",
     "read_shard_state",
+    "ring_from_json",
+    "row_to_state",
+    "state_table_exists",
+    "wait_out_unstored_writers",
     "write_state",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 
+from alembic.config import Config
 from sqlalchemy import delete, insert, select
 
 from ..config import ShardConfig
@@ -34,6 +35,7 @@ from .catalog import (
 )
 from .control import MoveControl
 from .fleet import FleetView
+from .join import prepare_joining_shard
 from .mover import MoveOptions, SourceMover, drop_leftover_stages
 from .plan import RebalancePlan, plan_rebalance, range_moves
 from .progress import ProgressCallback, ProgressTracker
@@ -100,11 +102,14 @@ def rebalance(
     rows_expected: int | None = None,
     control: MoveControl | None = None,
     tracker: ProgressTracker | None = None,
+    migrations: Config | None = None,
 ) -> RebalanceResult:
     """Move the fleet from its stored ring to ``new_ring`` online (see the module docstring).
 
     ``options``: for a new move, :class:`MoveOptions` (default ones when None); when resuming,
-    None means the options the move was started with (stored in its record).
+    None means the options the move was started with (stored in its record). ``migrations``: the
+    project's Alembic config, to bring a joining shard to the fleet's revision first (required
+    when the fleet uses Alembic and the new shard is not at its revision).
     """
     spec = table_set(tables)
     key_type = check_key_type(spec.key_sql_type)
@@ -132,7 +137,7 @@ def rebalance(
     if moving is None:
         _require_configured(manager, new_ring)
         joining = [s for s in new_ring.shard_ids if s not in newest.ring]
-        _prepare(manager, spec, newest.ring, joining)
+        _prepare(manager, spec, newest.ring, joining, migrations)
         moving = RingState(newest.version + 1, newest.ring, new_ring, key_type)
         options = options or MoveOptions()
         record = MoveRecord(
@@ -249,16 +254,18 @@ def add_shard(
     weight: float | None = None,
     options: MoveOptions | None = None,
     progress: ProgressCallback | None = None,
+    migrations: Config | None = None,
 ) -> RebalanceResult:
     """Put a shard on the ring and move its share of the rows to it, online.
 
     ``shard`` is a :class:`ShardConfig` (its engine is opened if the manager lacks it) or the id of
     a shard the manager already has. A move in flight (or one whose last step was interrupted) is
-    finished instead.
+    finished instead. The new shard is first brought to the fleet's Alembic revision through
+    ``migrations`` (the project's Alembic config) and given the reference rows.
     """
     new_ring = target_ring(manager, add=shard, weight=weight)
     assert new_ring is not None
-    return rebalance(manager, new_ring, tables, options=options, progress=progress)
+    return rebalance(manager, new_ring, tables, options=options, progress=progress, migrations=migrations)
 
 
 def remove_shard(
@@ -329,12 +336,17 @@ def _require_configured(manager: ShardManager, ring: HashRing) -> None:
         )
 
 
-def _prepare(manager: ShardManager, spec: TableSet, old: HashRing, joining: list[str]) -> None:
-    """Schema and reference rows on joining shards, before any routing can reach them."""
+def _prepare(
+    manager: ShardManager,
+    spec: TableSet,
+    old: HashRing,
+    joining: list[str],
+    migrations: Config | None = None,
+) -> None:
+    """Schema (the fleet's Alembic revision) and reference rows on joining shards, before any
+    routing can reach them (:mod:`.join`); raises before anything moves when that fails."""
     for shard_id in joining:
-        engine = manager.engine(shard_id)
-        for metadata in {t.metadata for t in spec.tables}:
-            metadata.create_all(engine, tables=[t for t in spec.tables if t.metadata is metadata])
+        prepare_joining_shard(manager, shard_id, old.shard_ids, spec, migrations)
     if joining:
         _copy_reference(manager, spec, old.shard_ids[0], joining)
 

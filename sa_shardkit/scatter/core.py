@@ -36,10 +36,18 @@ def query_all_shards(
     per_shard_results: bool = False,
     write: bool = True,
 ) -> ScatterResult:
-    """Run a query on every shard in parallel and return one merged :class:`ScatterResult`."""
-    from ..manager import require_shards
+    """Run a query on every shard in parallel and return one merged :class:`ScatterResult`.
 
-    targets = require_shards(manager, manager.shard_ids if shard_ids is None else shard_ids)
+    By default every shard of the stored ring (old and new members mid-move); a member this
+    process's configuration lacks is an :class:`UnknownShardError` (``allow_partial``: missing).
+    """
+    if shard_ids is None:
+        targets = list(manager.placement.scatter_shards())
+        unlisted: dict[str, BaseException] = {
+            s: manager.placement.unlisted(s) for s in targets if not manager.has_shard(s)
+        }
+    else:
+        targets, unlisted = manager.require_shards(shard_ids), {}
     plan: ScatterPlan | None = None
     if isinstance(statement, str):
         statement = text(statement)
@@ -56,22 +64,25 @@ def query_all_shards(
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
         return conn.execute(shard_statement, dict(params or {})).freeze()()
 
-    engines = {s: manager.engine(s, write=write) for s in targets}
+    reachable = [s for s in targets if s not in unlisted]
+    engines = {s: manager.engine(s, write=write) for s in reachable}
     if in_greenlet():  # under an AsyncSession's greenlet: its connections only work on its loop
-        errors = probe(engines, {s: manager.config(s).connect_timeout for s in targets})
+        errors = probe(engines, {s: manager.config(s).connect_timeout for s in reachable})
         outcome = fan_out(
             {
                 s: functools.partial(_connect_and_run, manager, s, write, run)
-                for s in targets
+                for s in reachable
                 if s not in errors
             }
         )
     else:
         errors = {}
         outcome = fan_out_connected(
-            engines, manager.scatter_timeouts(targets), run, limit=manager.budget.limit
+            engines, manager.scatter_timeouts(reachable), run, limit=manager.budget.limit
         )
-    errors = {s: e for s in targets if (e := errors.get(s) or outcome.errors.get(s)) is not None}
+    errors = {
+        s: e for s in targets if (e := unlisted.get(s) or errors.get(s) or outcome.errors.get(s)) is not None
+    }
     raise_for_errors(
         errors,
         allow_partial=allow_partial,

@@ -26,7 +26,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, QueuePool
 from sqlalchemy.util.concurrency import await_only, greenlet_spawn, in_greenlet
 
-from ..errors import ShardUnavailableError
+from ..errors import ShardUnavailableError, UnknownShardError
 
 T = TypeVar("T")
 
@@ -194,8 +194,10 @@ def raise_for_errors(
     schema difference), and needs at least one shard that answered.
     """
     for shard, error in errors.items():
-        if allow_partial and any_result and is_unavailable(error):
-            continue
+        if allow_partial and any_result and (is_unavailable(error) or isinstance(error, UnknownShardError)):
+            continue  # reported in missing_shards (a ring member the configuration lacks, too)
+        if isinstance(error, UnknownShardError):
+            raise error
         if is_unavailable(error) and not isinstance(error, ShardUnavailableError):
             raise describe(shard, error) from error
         raise name_shard(error, shard)

@@ -64,6 +64,14 @@ def _sequential(orm_context: ORMExecuteState, shard_ids: Sequence[str]) -> Resul
     return partial[0].merge(*partial[1:])
 
 
+def _unlisted(session: Any, shard_ids: Sequence[str]) -> dict[str, BaseException]:
+    """The shards of ``shard_ids`` the session's manager does not list (stored ring members)."""
+    manager = getattr(session, "manager", None)
+    if manager is None:
+        return {}
+    return {s: manager.placement.unlisted(s) for s in shard_ids if not manager.has_shard(s)}
+
+
 def _invoke(orm_context: ORMExecuteState, shard_id: str, statement: Any) -> Result[Any]:
     """What the stock session does per shard: the rest of the listeners, then Session.execute."""
     bind_arguments = dict(orm_context.bind_arguments, shard_id=shard_id)
@@ -88,6 +96,13 @@ class _ScatterRun:
         self.allow_partial = allow_partial
         self.compile_state_cls = orm_context._compile_state_cls
         self.statement = orm_context.statement if plan is None else plan.statement
+        self.all_shard_ids = shard_ids
+        self.unlisted = _unlisted(self.session, shard_ids)
+        """Ring members this process's configuration lacks: never queried; errors (``allow_partial``: missing)."""
+        if self.unlisted:
+            if not allow_partial:
+                raise next(iter(self.unlisted.values()))
+            self.shard_ids = [s for s in shard_ids if s not in self.unlisted]
 
     def concurrent(self) -> bool:
         """Whether the shards may run at once: thread-safe engines, no later listener to honour."""
@@ -118,11 +133,12 @@ class _ScatterRun:
         return self._merge(results, errors)
 
     def _merge(self, results: dict[str, Result[Any]], errors: dict[str, BaseException]) -> ScatterResult:
-        errors = {s: self._named(s, errors[s]) for s in self.shard_ids if s in errors}
+        errors = {**self.unlisted, **errors}
+        errors = {s: self._named(s, errors[s]) for s in self.all_shard_ids if s in errors}
         raise_for_errors(
             errors, allow_partial=self.allow_partial, any_result=bool(results), describe=self._describe
         )
-        merged = gather(self.plan, results, self.shard_ids, errors)
+        merged = gather(self.plan, results, self.all_shard_ids, errors)
         self._restore_result_attributes(merged, results)
         yield_per = self.context.execution_options.get("yield_per")
         return merged.yield_per(yield_per) if yield_per else merged

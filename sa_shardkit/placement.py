@@ -1,0 +1,488 @@
+"""Where a key's rows are now: the ring the shards store, followed by every process by itself.
+
+Every :class:`~sa_shardkit.ShardManager` owns one :class:`Placement` (``manager.placement``), and
+every key -> shard decision asks it (sessions, ``shard_for``/``engine_for``, scatters, sagas, 2PC,
+the CLI). It reads the stored ring (:mod:`sa_shardkit.ring_state`) on first use and again at most
+every ``refresh_seconds``, and after a keyed read found nothing. A fleet that stores no ring (never
+rebalanced, or SQLite files) routes by the configured ring and pays nothing per statement.
+
+A stored ring may name a shard this process's configuration lacks (the fleet grew after the
+process was configured): routing a key there raises :class:`~sa_shardkit.UnknownShardError`
+naming the shard and the ring version; the old shard is never used instead.
+
+Every write transaction on a shard first reads that shard's state row with a lock (the fence):
+
+* a key that is not moving: ``FOR KEY SHARE``. Only a version bump (a key update, preceded by
+  ``FOR UPDATE``) conflicts, so after a bump no writer of the older version is still in flight, and
+  a writer that arrives later sees the newer version and re-routes;
+* a key that is moving: ``FOR SHARE`` on the *source* shard's row, which conflicts with the
+  ``FOR NO KEY UPDATE`` the mover holds while it cuts a batch over. If the source's watermark has
+  passed the key (or the source is drained), the key lives on the target now and the write goes
+  there; otherwise it stays on the source, and the batch that moves the key waits for the commit.
+
+Before any ring is stored there is nothing to lock: such writes are unfenced, and the first
+install waits until none of them can be in flight (:func:`unstored_recheck_seconds`).
+
+Reads are validated afterwards (a seqlock): read where the state says, then re-read the state; if
+the version changed or the key was cut over meanwhile, read again. So a key-routed reader sees each
+committed row exactly once, on the shard that holds it at that moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.util.concurrency import await_only, in_greenlet
+
+from .errors import ShardUnavailableError, StaleRingError, UnknownShardError
+from .replicas import INTERNAL
+from .ring import HashRing, ShardKey
+from .ring_state import RingState, read_any_state, read_fence, row_to_state
+
+if TYPE_CHECKING:
+    from .manager import ShardManager
+
+T = TypeVar("T")
+log = logging.getLogger("sa_shardkit.placement")
+
+MovingRead = tuple[ShardKey, str, RingState]
+"""A read routing answer that a cut-over may invalidate: (key, shard answered, state it was under)."""
+
+_watched_reads: ContextVar[list[MovingRead] | None] = ContextVar("shardkit_watched_reads", default=None)
+
+MAX_REROUTES = 20
+REFRESH_SECONDS = 5.0
+"""How often (at most) a process re-reads the stored ring before routing (``refresh_seconds``)."""
+STICKY_SECONDS = 0.5
+"""How long a session write keeps a moving key's routing answer (see ``shard_for_write``)."""
+RECHECK_ENV = "SHARDKIT_RING_RECHECK_SECONDS"
+
+
+def unstored_recheck_seconds() -> float:
+    """How often (at most) a process that has seen no stored ring looks for one.
+
+    ``SHARDKIT_RING_RECHECK_SECONDS`` (default 5). The first ring install waits this long (and for
+    the transactions that began meanwhile) before any move may start, so set it the same for every
+    process of a fleet.
+    """
+    value = os.environ.get(RECHECK_ENV)
+    return REFRESH_SECONDS if not value else max(0.0, float(value))
+
+
+def _blocking(work: Callable[[], T]) -> T:
+    """Run sync database work; inside an async session's greenlet, in a worker thread."""
+    if in_greenlet():
+        return await_only(asyncio.to_thread(work))  # type: ignore[no-any-return]
+    return work()
+
+
+class Placement:
+    """The fleet's routing for one process: the stored ring, followed as it changes.
+
+    ``manager.shard_for`` answers through it. Writers that manage their own Core transactions use
+    :meth:`begin_write` (``manager.transaction``) or :meth:`fence_write`; readers :meth:`read`.
+    """
+
+    def __init__(
+        self, manager: ShardManager, configured: HashRing, *, refresh_seconds: float = REFRESH_SECONDS
+    ) -> None:
+        self.manager = manager
+        self.refresh_seconds = refresh_seconds
+        """At most this often routing re-reads the stored ring first (:meth:`maybe_refresh`)."""
+        self._configured = configured
+        self._state = RingState(0, configured)
+        self._lock = threading.Lock()
+        self._refreshing = threading.Lock()
+        self._loaded = False
+        self._unsure = False
+        """The last fleet read failed somewhere: unstored-ring writes check for a ring themselves."""
+        self._refresh_at = 0.0  # first use reads the stored ring
+        self._sticky: dict[Any, tuple[int, str, float]] = {}
+        self._scatter: tuple[RingState, tuple[str, ...], tuple[str, ...]] | None = None
+
+    # -- the state -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> RingState:
+        """The state routing uses now (version 0: no stored ring, the configured one)."""
+        return self._state
+
+    @property
+    def ring(self) -> HashRing:
+        """The ring keys are routed by (the stored one when there is one); refreshed when due."""
+        self.maybe_refresh()
+        return self._state.ring
+
+    @property
+    def configured_ring(self) -> HashRing:
+        return self._configured
+
+    def configure(self, ring: HashRing) -> None:
+        """The ring to use while none is stored; the stored ring is re-read on next use."""
+        with self._lock:
+            self._configured = ring
+            if self._state.version == 0:
+                self._state = RingState(0, ring)
+            self._refresh_at = 0.0
+
+    def moving(self) -> bool:
+        """Is a move in flight (reads of moving keys need re-checking)? Refreshes when due."""
+        self.maybe_refresh()
+        return self._state.target is not None
+
+    def fences_writes(self) -> bool:
+        """Do writes take the fence? Whenever a ring is stored (or it is unknown whether one is)."""
+        return self._state.version > 0 or self._unsure
+
+    def refresh(self, *, log_failures: bool = True) -> RingState:
+        """Re-read the stored state on every configured shard now; adopt it when newer.
+
+        A shard that cannot be read is skipped (logged unless ``log_failures=False``).
+        """
+        self._refresh_at = time.monotonic() + self._interval()
+        ids = [s for s in self.manager.shard_ids if self.manager.engine(s).dialect.name == "postgresql"]
+        if not ids:
+            self._refresh_at = math.inf  # SQLite files and the like: nothing is ever stored
+            self._loaded = True
+            return self._state
+        found = _blocking(lambda: self.manager.parallel(self._read_one, ids))
+        errors = {s: r for s, r in found.items() if isinstance(r, BaseException)}
+        states = [row_to_state(s, r).state for s, r in found.items() if r is not None and s not in errors]
+        if states:
+            self._adopt(max(states, key=lambda st: st.version))
+        self._unsure = bool(errors)
+        self._loaded = True
+        if errors and log_failures:
+            error = next(iter(errors.values()))
+            log.warning(
+                "could not read the stored ring on %s (%s); routing by version %s",
+                ", ".join(errors),
+                str(error).splitlines()[0] if str(error) else type(error).__name__,
+                self._state.version,
+            )
+        self._refresh_at = time.monotonic() + self._interval()
+        return self._state
+
+    def maybe_refresh(self) -> None:
+        """:meth:`refresh` at most every ``refresh_seconds``; the first call waits for the first
+        read, later ones let other threads route by the current state meanwhile."""
+        if time.monotonic() < self._refresh_at:
+            return
+        if not self._loaded:
+            if in_greenlet():  # a lock held across an await would stall the event loop: read too
+                self.refresh()
+                return
+            with self._refreshing:
+                if not self._loaded:
+                    self.refresh()
+            return
+        if self._refreshing.acquire(blocking=False):
+            try:
+                if time.monotonic() >= self._refresh_at:
+                    self.refresh()
+            finally:
+                self._refreshing.release()
+
+    def expire(self) -> None:
+        """Re-read the stored ring before the next routing decision."""
+        self._refresh_at = 0.0
+
+    def _interval(self) -> float:
+        if self._state.version == 0:
+            return min(self.refresh_seconds, unstored_recheck_seconds())
+        return self.refresh_seconds
+
+    def _read_one(self, shard_id: str) -> Any:
+        try:
+            with self.manager.connect(shard_id) as conn:
+                conn.execution_options(**{INTERNAL: True})  # routing's own query, not the application's
+                row = read_any_state(conn)
+                conn.rollback()
+                return row
+        except (SQLAlchemyError, ShardUnavailableError) as error:
+            return error
+
+    def _adopt(self, state: RingState | None) -> bool:
+        """Switch to ``state`` when it is newer; True when it was."""
+        if state is None or state.version <= self._state.version:
+            return False
+        with self._lock:
+            if state.version > self._state.version:
+                self._state = state
+        return True
+
+    # -- shards the configuration lacks ----------------------------------------------------------
+
+    def _require(self, shard_id: str, key: ShardKey, state: RingState) -> str:
+        if not self.manager.has_shard(shard_id):
+            raise UnknownShardError(
+                f"ring version {state.version} places key {key!r} on {shard_id}, which this process's "
+                f"configuration does not list: add {shard_id}.url",
+                shard_id=shard_id,
+            )
+        return shard_id
+
+    def unlisted(self, shard_id: str) -> UnknownShardError:
+        """The error for a scatter that must reach ``shard_id``, a ring member the config lacks."""
+        return UnknownShardError(
+            f"ring version {self._state.version} places keys on {shard_id}, which this process's "
+            f"configuration does not list: add {shard_id}.url",
+            shard_id=shard_id,
+        )
+
+    def scatter_shards(self) -> tuple[str, ...]:
+        """Every shard that may hold rows now: the stored ring's members (old and new while a move
+        is in flight), in configuration order, then members the configuration lacks."""
+        self.maybe_refresh()
+        state, configured = self._state, self.manager.shard_ids
+        cached = self._scatter
+        if cached is not None and cached[0] is state and cached[1] == configured:
+            return cached[2]
+        members = state.shard_ids
+        shards = (*(s for s in configured if s in members), *(s for s in members if s not in configured))
+        self._scatter = (state, configured, shards)
+        return shards
+
+    def require_listed(self) -> None:
+        """Raise :class:`UnknownShardError` when the stored ring has a member the config lacks."""
+        for shard_id in self.scatter_shards():
+            if not self.manager.has_shard(shard_id):
+                raise self.unlisted(shard_id)
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def shard_for(self, key: ShardKey) -> str:
+        """The shard a write of ``key`` goes to now (for a key not moving: its owner)."""
+        return self.shards_for_key(key, write=True)[0]
+
+    def shards_for_key(self, key: ShardKey, *, write: bool = False) -> tuple[str, ...]:
+        """For :func:`sa_shardkit.routing.shards_for_key`: where the key's rows are now.
+
+        A read answer that a cut-over can invalidate (the key's old shard, or any answer given
+        while the ring version changed) is recorded for the :meth:`watch_reads` in progress.
+        """
+        if time.monotonic() >= self._refresh_at:
+            self.maybe_refresh()
+        state = self._state
+        if state.target is None:
+            return (self._require(state.ring.get_shard(key), key, state),)
+        shard = self.shard_for_write(key, sticky=write)
+        if not write:
+            watched = _watched_reads.get()
+            if watched is not None:
+                move = state.move_of(key)
+                if self._state is not state or (move is not None and shard == move[0]):
+                    watched.append((key, shard, state))
+        return (shard,)
+
+    @contextmanager
+    def watch_reads(self) -> Iterator[list[MovingRead]]:
+        """Collect the read routing answers a concurrent cut-over may invalidate (this context
+        only); check them with :meth:`reads_still_valid` after the read ran. Also the moment a
+        due :meth:`maybe_refresh` runs, before the read is routed."""
+        self.maybe_refresh()
+        watched: list[MovingRead] = []
+        token = _watched_reads.set(watched)
+        try:
+            yield watched
+        finally:
+            _watched_reads.reset(token)
+
+    def reads_still_valid(self, reads: list[MovingRead]) -> bool:
+        """After a read: are the rows of every watched key still on the shard it was read from?
+
+        False when a key was cut over meanwhile (its rows left the old shard, maybe before the
+        read) or the ring version changed: route and read again.
+        """
+        for key, shard, state in reads:
+            if self._state is not state:
+                return False
+            try:
+                if self._moved(shard, key, state) or self._state is not state:
+                    return False
+            except _Reroute:
+                return False
+        return True
+
+    def ring_changed(self, shard_ids: Iterable[str]) -> bool:
+        """After a keyed read found nothing: does one of ``shard_ids`` store a newer ring version?
+
+        One small query per shard (its state row), adopting what it finds; True means the rows may
+        have moved under a version this process had not seen yet: route and read again. Every
+        source shard of a move stores the new version before any row leaves it, so asking the
+        shard that was read is enough.
+        """
+        state = self._state
+        for shard_id in shard_ids:
+            if self.manager.engine(shard_id).dialect.name != "postgresql":
+                continue
+            row = _blocking(lambda s=shard_id: self._fence_row(s, None, None, state.version > 0))  # type: ignore[misc]
+            self._adopt(row.state)
+        return self._state is not state
+
+    def _fence_row(self, shard_id: str, key: ShardKey | None, key_type: str | None, installed: bool) -> Any:
+        with self.manager.connect(shard_id) as conn:
+            conn.execution_options(**{INTERNAL: True})
+            row = read_fence(conn, key, key_type, installed=installed)
+            conn.rollback()
+        return row
+
+    def _moved(self, source: str, key: ShardKey, state: RingState) -> bool:
+        """Whether ``key`` has been cut over from ``source`` (an unlocked read; adopts newer state)."""
+        self._require(source, key, state)
+        row = _blocking(lambda: self._fence_row(source, key, state.key_type, True))
+        if row.state is not None and row.state.version > state.version:
+            self._adopt(row.state)
+            raise _Reroute
+        return bool(row.moved) and row.state is not None and row.state.version == state.version
+
+    def shard_for_write(self, key: ShardKey, *, sticky: bool = False) -> str:
+        """Where a write of ``key`` goes now (the fence in the transaction confirms it).
+
+        ``sticky=True`` (writes routed by the session) repeats the answer for a moving key for
+        :data:`STICKY_SECONDS`, so the rows of one flush (an order and its items) cannot be split
+        between the old and the new shard by a cut-over that lands between them. A stale answer
+        is caught by the fence (:class:`StaleRingError`), which also forgets it.
+        """
+        for _ in range(MAX_REROUTES):
+            state = self._state
+            move = state.move_of(key)
+            if move is None:
+                return self._require(state.owner(key), key, state)
+            now = time.monotonic()
+            if sticky:
+                hit = self._sticky.get(key)
+                if hit is not None and hit[0] == state.version and hit[2] > now:
+                    return hit[1]
+            try:
+                shard = move[1] if self._moved(move[0], key, state) else move[0]
+            except _Reroute:
+                continue
+            self._require(shard, key, state)
+            if sticky:
+                if len(self._sticky) > 10_000:
+                    self._sticky.clear()
+                self._sticky[key] = (state.version, shard, now + STICKY_SECONDS)
+            return shard
+        raise StaleRingError(f"the ring kept changing while routing key {key!r}; retry")
+
+    # -- the write fence -------------------------------------------------------------------------
+
+    def fence_write(self, conn: Connection, shard_id: str, key: ShardKey) -> None:
+        """Hold the fence for writing ``key`` on ``shard_id`` in ``conn``'s transaction.
+
+        Call it before the transaction's first write of ``key``. Raises :class:`StaleRingError`
+        (naming the right shard) when ``key`` does not belong on ``shard_id``; the transaction must
+        then be rolled back and retried there. With no stored ring this costs nothing.
+        """
+        if not self.fences_writes() or conn.dialect.name != "postgresql":
+            return
+        try:
+            self._fence_write(conn, shard_id, key)
+        except StaleRingError as stale:
+            self._sticky.pop(key, None)
+            if stale.shard_id is not None:  # where the key belongs now must be listed, or name it
+                self._require(stale.shard_id, key, self._state)
+            raise
+
+    def _fence_write(self, conn: Connection, shard_id: str, key: ShardKey) -> None:
+        for _ in range(MAX_REROUTES):
+            state = self._state
+            move = state.move_of(key)
+            lock = "FOR SHARE" if move is not None and move[0] == shard_id else "FOR KEY SHARE"
+            row = read_fence(conn, key, state.key_type if move else None, lock, installed=state.version > 0)
+            if row.state is not None and self._adopt(row.state):
+                continue  # the shard knows a newer ring: decide again under it
+            if move is None:
+                owner = state.owner(key)
+                if owner != shard_id:
+                    raise StaleRingError(
+                        f"key {key!r} belongs on {owner!r}, not {shard_id!r}", shard_id=owner
+                    )
+                return
+            source, target = move
+            current = row.state is not None and row.state.version == state.version
+            if shard_id == source:
+                if current and row.moved:
+                    raise StaleRingError(f"key {key!r} was moved to {target!r}", shard_id=target)
+                return  # not cut over, and the batch that moves it now waits for our commit
+            if shard_id == target:
+                try:
+                    if self._moved(source, key, state):
+                        return  # cut over, and a cut-over is never undone within a version
+                except _Reroute:
+                    continue
+                raise StaleRingError(f"key {key!r} has not moved to {target!r} yet", shard_id=source)
+            raise StaleRingError(f"key {key!r} belongs on {source!r}, not {shard_id!r}", shard_id=source)
+        raise StaleRingError(f"the ring kept changing while fencing key {key!r}; retry")
+
+    @contextmanager
+    def begin_write(self, key: ShardKey) -> Iterator[Connection]:
+        """A connection in a transaction on ``key``'s shard with the fence held; commits on exit.
+
+        A key that moved meanwhile is re-routed before the block runs (the block runs once).
+        """
+        for _ in range(MAX_REROUTES):
+            shard_id = self.shards_for_key(key, write=True)[0]
+            conn = self.manager.connect(shard_id)
+            try:
+                conn.begin()
+                try:
+                    self.fence_write(conn, shard_id, key)
+                except StaleRingError:
+                    conn.rollback()
+                    continue
+                yield conn
+                conn.commit()
+                return
+            finally:
+                conn.close()
+        raise StaleRingError(f"could not find a stable shard for key {key!r}; retry")
+
+    def read(self, key: ShardKey, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` on the shard holding ``key``'s rows, validated against concurrent moves."""
+        for _ in range(MAX_REROUTES):
+            self.maybe_refresh()
+            state = self._state
+            move = state.move_of(key)
+            try:
+                shard_id = self.shard_for_write(key) if move else self._require(state.owner(key), key, state)
+                with self.manager.connect(shard_id) as conn:
+                    result = work(conn)
+                    conn.rollback()
+                if self._still_valid(state, key, shard_id, move):
+                    return result
+            except _Reroute:
+                continue
+        raise StaleRingError(f"the ring kept changing while reading key {key!r}; retry")
+
+    def _still_valid(self, state: RingState, key: ShardKey, shard_id: str, move: Any) -> bool:
+        """After a read: did the rows of ``key`` stay on ``shard_id`` while we read?"""
+        if move is not None and shard_id == move[0]:
+            return not self._moved(shard_id, key, state) and self._state is state
+        if self.manager.engine(shard_id).dialect.name != "postgresql":
+            return True
+        row = self._fence_row(shard_id, None, None, state.version > 0)
+        if row.state is not None and self._adopt(row.state):
+            return False
+        return self._state is state
+
+    def describe(self, key: ShardKey) -> dict[str, Any]:
+        """Where ``key`` lives now, for logs and the CLI."""
+        state = self._state
+        return {"version": state.version, "moving": state.move_of(key), "shard": self.shard_for_write(key)}
+
+
+class _Reroute(Exception):
+    """Internal: the shard knows a newer ring; decide again."""

@@ -1,0 +1,214 @@
+"""The ring state the shards store: the row format, and reading it (one shard, or the fleet).
+
+Every shard holds a one-row table ``shardkit_ring_state`` with the ring every application process
+routes by (``ring``), the ring being moved to while a rebalance is in flight (``target_ring``),
+and, for the rebalance, this shard's own progress as a *source*: ``watermark`` (every moving key
+``<=`` it, in the shard-key column's SQL order, has been cut over) and ``drained`` (all of them).
+The row holds shard ids and weights only: never a URL or a password (each process's own
+configuration says where a shard is).
+
+This module sits below the manager: :mod:`sa_shardkit.placement` (which every
+:class:`~sa_shardkit.ShardManager` routes through) reads the row here; :mod:`sa_shardkit.rebalance`
+writes it (:mod:`sa_shardkit.rebalance.catalog`). Locking rules: see :mod:`sa_shardkit.placement`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from .errors import RebalanceError
+from .ring import HashRing, ShardKey
+
+if TYPE_CHECKING:
+    from .manager import ShardManager
+
+STATE_TABLE = "shardkit_ring_state"
+
+STATE_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} ("
+    " version bigint PRIMARY KEY,"
+    " ring text NOT NULL,"
+    " target_ring text,"
+    " key_type text,"
+    " watermark text,"
+    " drained boolean NOT NULL DEFAULT false,"
+    " updated_at timestamptz NOT NULL DEFAULT now())",
+    # one row per shard: a unique index on a constant
+    f"CREATE UNIQUE INDEX IF NOT EXISTS {STATE_TABLE}_one_row ON {STATE_TABLE} ((true))",
+)
+
+_SQL_TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_ ]*(\(\d+(,\s*\d+)?\))?$")
+
+
+@dataclass(frozen=True)
+class RingState:
+    """The ring the fleet routes by at one version, and the ring it is moving to (if any)."""
+
+    version: int
+    ring: HashRing
+    target: HashRing | None = None
+    key_type: str | None = None
+    """SQL type of the shard-key column (e.g. ``BIGINT``): the watermark is compared in that type."""
+
+    @property
+    def in_flight(self) -> bool:
+        return self.target is not None
+
+    def move_of(self, key: ShardKey) -> tuple[str, str] | None:
+        """``(source, target)`` when ``key`` changes shard in the move in flight, else None."""
+        if self.target is None:
+            return None
+        source = self.ring.get_shard(key)
+        target = self.target.get_shard(key)
+        return None if source == target else (source, target)
+
+    def owner(self, key: ShardKey) -> str:
+        """The key's shard when it is not moving (the ring; it equals the target ring then)."""
+        return self.ring.get_shard(key)
+
+    @property
+    def shard_ids(self) -> tuple[str, ...]:
+        """Every shard that holds a state row at this version: old and new members."""
+        ids = dict.fromkeys(self.ring.shard_ids)
+        if self.target is not None:
+            ids.update(dict.fromkeys(self.target.shard_ids))
+        return tuple(ids)
+
+
+@dataclass(frozen=True)
+class ShardState:
+    """One shard's row: the fleet state it has seen, and its own progress as a source."""
+
+    shard_id: str
+    state: RingState
+    watermark: str | None
+    drained: bool
+
+
+def create_state_table(conn: Connection) -> None:
+    for ddl in STATE_DDL:
+        conn.execute(text(ddl))
+
+
+@lru_cache(maxsize=64)
+def ring_from_json(data: str) -> HashRing:
+    """Parse a stored ring once: building one hashes every virtual node (~0.1 s); rings are immutable."""
+    return HashRing.from_json(data)
+
+
+@lru_cache(maxsize=64)
+def _state(version: int, ring: str, target: str | None, key_type: str | None) -> RingState:
+    return RingState(version, ring_from_json(ring), ring_from_json(target) if target else None, key_type)
+
+
+def row_to_state(shard_id: str, row: Any) -> ShardState:
+    state = _state(int(row.version), row.ring, row.target_ring, row.key_type)
+    return ShardState(shard_id, state, row.watermark, bool(row.drained))
+
+
+def state_table_exists(conn: Connection) -> bool:
+    return conn.execute(text("SELECT to_regclass(:t)"), {"t": STATE_TABLE}).scalar() is not None
+
+
+def read_shard_state(
+    conn: Connection, shard_id: str, *, lock: str = "", check_table: bool = True
+) -> ShardState | None:
+    """This shard's row (``lock``: '', 'FOR KEY SHARE', 'FOR SHARE', 'FOR NO KEY UPDATE', 'FOR UPDATE')."""
+    if check_table and not state_table_exists(conn):
+        return None
+    row = conn.execute(
+        text(f"SELECT version, ring, target_ring, key_type, watermark, drained FROM {STATE_TABLE} {lock}")
+    ).first()
+    return None if row is None else row_to_state(shard_id, row)
+
+
+def read_fleet_state(manager: ShardManager, shard_ids: Iterable[str] | None = None) -> dict[str, ShardState]:
+    """Every reachable shard's row, read in parallel (shards without the table, or not on
+    PostgreSQL, are left out)."""
+    ids = list(manager.shard_ids if shard_ids is None else shard_ids)
+    rows = manager.run_on_all(lambda conn: read_any_state(conn), shard_ids=ids)
+    return {s: row_to_state(s, r) for s, r in rows.items() if r is not None}
+
+
+def read_any_state(conn: Connection) -> Any:
+    """This shard's raw state row, or None (no table, or not PostgreSQL)."""
+    if conn.dialect.name != "postgresql" or not state_table_exists(conn):
+        return None
+    return conn.execute(
+        text(f"SELECT version, ring, target_ring, key_type, watermark, drained FROM {STATE_TABLE}")
+    ).first()
+
+
+def load_ring_state(manager: ShardManager) -> RingState | None:
+    """The fleet's newest state (the highest version any shard holds), or None before ``install``."""
+    states = read_fleet_state(manager)
+    if not states:
+        return None
+    return max((s.state for s in states.values()), key=lambda st: st.version)
+
+
+def check_key_type(key_type: str) -> str:
+    """Guard the SQL type name that fence queries splice into ``CAST(... AS <type>)``."""
+    if not _SQL_TYPE.match(key_type):
+        raise RebalanceError(f"unsupported shard-key SQL type {key_type!r}")
+    return key_type
+
+
+@dataclass(frozen=True)
+class FenceRow:
+    """A shard's state row as a writer or reader sees it, with the key's cut-over status."""
+
+    state: RingState | None
+    moved: bool
+
+
+def read_fence(
+    conn: Connection, key: ShardKey | None, key_type: str | None, lock: str = "", *, installed: bool = True
+) -> FenceRow:
+    """The shard's state row (locked as asked) and whether ``key`` was cut over from this shard.
+
+    ``installed=False`` first checks that the state table exists (a fleet without a stored ring).
+    """
+    if key is None or key_type is None:
+        row = read_shard_state(conn, "", lock=lock, check_table=not installed)
+        return FenceRow(row.state if row else None, False)
+    sql_type = check_key_type(key_type)
+    moved = (
+        f"(drained OR (watermark IS NOT NULL AND CAST(:k AS {sql_type}) <= CAST(watermark AS {sql_type})))"
+    )
+    result = conn.execute(
+        text(
+            f"SELECT version, ring, target_ring, key_type, watermark, drained, {moved} AS moved "
+            f"FROM {STATE_TABLE} {lock}"
+        ),
+        {"k": key},
+    ).first()
+    if result is None:
+        return FenceRow(None, False)
+    return FenceRow(row_to_state("", result).state, bool(result.moved))
+
+
+__all__ = [
+    "STATE_DDL",
+    "STATE_TABLE",
+    "FenceRow",
+    "RingState",
+    "ShardState",
+    "check_key_type",
+    "create_state_table",
+    "load_ring_state",
+    "read_fence",
+    "read_any_state",
+    "read_fleet_state",
+    "read_shard_state",
+    "ring_from_json",
+    "row_to_state",
+    "state_table_exists",
+]
