@@ -40,7 +40,7 @@ from sa_shardkit import (
     ShardUnavailableError,
 )
 from sa_shardkit.demo.models import Base, Customer, Order, OrderItem
-from sa_shardkit.rebalance import MoveOptions, RebalanceProgress, RingRouter, add_shard, read_fleet_state
+from sa_shardkit.rebalance import MoveOptions, RebalanceProgress, add_shard, read_fleet_state
 from sa_shardkit.saga import create_saga_tables, transfer
 
 # --- request and response bodies ------------------------------------------------------------
@@ -174,7 +174,6 @@ class RebalanceMonitor:
 def create_app(manager: ShardManager) -> FastAPI:
     """The service over ``manager``'s shards (the schema must exist: ``alembic upgrade head``)."""
     app = FastAPI(title="sharded orders")
-    RingRouter(manager)  # route by the ring stored on the shards, and follow it while it moves
     app.state.manager = manager
     app.state.Session = manager.sessionmaker()
     app.state.monitor = RebalanceMonitor()

@@ -42,13 +42,14 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.util.concurrency import await_only, in_greenlet
 
-from .errors import ShardUnavailableError, StaleRingError, UnknownShardError
+from .errors import StaleRingError, UnknownShardError
 from .replicas import INTERNAL
 from .ring import HashRing, ShardKey
 from .ring_state import RingState, read_any_state, read_fence, row_to_state
+from .scatter.connected import fan_out_connected
+from .scatter.fanout import FanOut
 
 if TYPE_CHECKING:
     from .manager import ShardManager
@@ -156,9 +157,9 @@ class Placement:
             self._refresh_at = math.inf  # SQLite files and the like: nothing is ever stored
             self._loaded = True
             return self._state
-        found = _blocking(lambda: self.manager.parallel(self._read_one, ids))
-        errors = {s: r for s, r in found.items() if isinstance(r, BaseException)}
-        states = [row_to_state(s, r).state for s, r in found.items() if r is not None and s not in errors]
+        outcome = _blocking(lambda: self._read_fleet(ids))
+        errors = outcome.errors
+        states = [row_to_state(s, r).state for s, r in outcome.results.items() if r is not None]
         if states:
             self._adopt(max(states, key=lambda st: st.version))
         self._unsure = bool(errors)
@@ -203,15 +204,19 @@ class Placement:
             return min(self.refresh_seconds, unstored_recheck_seconds())
         return self.refresh_seconds
 
-    def _read_one(self, shard_id: str) -> Any:
-        try:
-            with self.manager.connect(shard_id) as conn:
-                conn.execution_options(**{INTERNAL: True})  # routing's own query, not the application's
-                row = read_any_state(conn)
-                conn.rollback()
-                return row
-        except (SQLAlchemyError, ShardUnavailableError) as error:
-            return error
+    def _read_fleet(self, ids: list[str]) -> FanOut[Any]:
+        """Every shard's state row at once; a shard that is down or frozen costs one connect
+        timeout (it is skipped, and reported), never a hang."""
+
+        def one(shard_id: str, conn: Connection) -> Any:
+            conn.execution_options(**{INTERNAL: True})  # routing's own query, not the application's
+            row = read_any_state(conn)
+            conn.rollback()
+            return row
+
+        engines = {s: self.manager.engine(s) for s in ids}
+        timeouts = self.manager.scatter_timeouts(ids)
+        return fan_out_connected(engines, timeouts, one, limit=self.manager.budget.limit)
 
     def _adopt(self, state: RingState | None) -> bool:
         """Switch to ``state`` when it is newer; True when it was."""

@@ -188,8 +188,9 @@ def test_old_config_async_session_raises_for_moved_keys(old_config: ShardManager
 
 def test_old_config_saga_refuses_before_anything_is_recorded(old_config: ShardManager) -> None:
     sender, receiver = STAYED[0], MOVED[0]
+    saga_id = next(f"t-{n}" for n in range(100) if FIVE.get_shard(f"t-{n}") != "shard-5")  # its log's home
     with pytest.raises(UnknownShardError, match=unlisted(receiver)):
-        transfer(old_config, sender, receiver, 5, transfer_id="t-moved")
+        transfer(old_config, sender, receiver, 5, transfer_id=saga_id)
     for shard_id in old_config.shard_ids:
         with old_config.connect(shard_id) as conn:
             assert conn.execute(select(func.count()).select_from(sagas_table)).scalar_one() == 0

@@ -17,7 +17,6 @@ from ..manager import ShardManager
 from ..rebalance import (
     MoveOptions,
     RebalanceProgress,
-    RingRouter,
     add_shard,
     install_ring,
     misplaced_rows,
@@ -72,9 +71,8 @@ def add_fifth_shard(
     manager: ShardManager, spare_url: str, customers: int, console: Console
 ) -> tuple[list[RenderableType], dict[str, Any]]:
     new_id = f"shard-{len(manager.shard_ids) + 1}"
-    install_ring(manager, manager.ring)  # the ring every process routes by, stored on the shards
+    install_ring(manager, manager.ring)  # stored on the shards: every process routes by it
     manager.add_shard(ShardConfig(id=new_id, url=spare_url))  # configured everywhere; not on the ring yet
-    RingRouter(manager)  # sessions follow the stored ring (and its moves) from here on
     migrate(manager, [new_id])  # the new shard gets the schema the same way as the others
     before = rows_per_shard(manager)
     orders_before = orders_total(manager)
