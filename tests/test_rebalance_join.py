@@ -81,7 +81,9 @@ def test_a_fleet_on_alembic_refuses_a_new_shard_it_cannot_migrate(
 def test_shardkit_rebalance_add_migrates_the_new_shard(
     project: AlembicProject, shard_map: dict[str, str], shard5_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    shardkit(["rebalance", "--config", str(project.ini), "--add", "shard-5", shard5_url])  # returns on success
+    shardkit(
+        ["rebalance", "--config", str(project.ini), "--add", "shard-5", shard5_url]
+    )  # returns on success
     assert revision_on(shard5_url) == (project.head,)
     with ShardManager.from_urls({**shard_map, "shard-5": shard5_url}) as manager:
         with manager.connect("shard-5") as conn:
