@@ -68,6 +68,8 @@ REFRESH_SECONDS = 5.0
 STICKY_SECONDS = 0.5
 """How long a session write keeps a moving key's routing answer (see ``shard_for_write``)."""
 RECHECK_ENV = "SHARDKIT_RING_RECHECK_SECONDS"
+REFRESH_WAIT_SECONDS = 0.5
+"""How long a routing call waits for a due re-read of the stored ring before using the current one."""
 
 
 def unstored_recheck_seconds() -> float:
@@ -177,7 +179,9 @@ class Placement:
 
     def maybe_refresh(self) -> None:
         """:meth:`refresh` at most every ``refresh_seconds``; the first call waits for the first
-        read, later ones let other threads route by the current state meanwhile."""
+        read; a later one re-reads in a worker thread and waits for it up to
+        :data:`REFRESH_WAIT_SECONDS` (a slow or frozen shard never stalls routing); other threads
+        route by the current state meanwhile."""
         if time.monotonic() < self._refresh_at:
             return
         if not self._loaded:
@@ -188,12 +192,23 @@ class Placement:
                 if not self._loaded:
                     self.refresh()
             return
-        if self._refreshing.acquire(blocking=False):
-            try:
-                if time.monotonic() >= self._refresh_at:
-                    self.refresh()
-            finally:
-                self._refreshing.release()
+        if not self._refreshing.acquire(blocking=False):
+            return  # another thread is re-reading it: route by the current state meanwhile
+        if time.monotonic() < self._refresh_at:
+            self._refreshing.release()
+            return
+        worker = threading.Thread(target=self._refresh_and_release, name="shardkit-ring", daemon=True)
+        worker.start()
+        if not in_greenlet():  # a quick answer is used now; a shard that is down never stalls routing
+            worker.join(REFRESH_WAIT_SECONDS)
+
+    def _refresh_and_release(self) -> None:
+        try:
+            self.refresh()
+        except Exception as error:  # noqa: BLE001 - logged; routing keeps the current state
+            log.warning("could not re-read the stored ring: %s", error)
+        finally:
+            self._refreshing.release()
 
     def expire(self) -> None:
         """Re-read the stored ring before the next routing decision."""

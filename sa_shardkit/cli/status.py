@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import configparser
 import json
 from dataclasses import asdict
-from pathlib import Path
 
 import click
-from alembic.config import Config
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from rich import box
@@ -16,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import ConfigError
+from ..rebalance.join import alembic_config
 from ..status import FleetStatusReport, NodeStatus, collect_status
 from ..summary import hidden, summarise, tally
 from .options import config_options, load_manager
@@ -24,17 +22,13 @@ from .output import output_console
 
 def migration_scripts(config_path: str | None) -> ScriptDirectory | None:
     """The Alembic scripts named by ``--config`` (or ./alembic.ini), when it has ``[alembic]``."""
-    path = Path(config_path) if config_path else Path("alembic.ini")
-    if not path.exists() or path.suffix == ".toml":
-        return None
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read(path)
-    if not parser.has_option("alembic", "script_location"):
+    config = alembic_config(config_path)
+    if config is None:
         return None
     try:
-        return ScriptDirectory.from_config(Config(str(path)))
+        return ScriptDirectory.from_config(config)
     except CommandError as error:
-        raise ConfigError(f"{path}: {error}") from None
+        raise ConfigError(f"{config.config_file_name}: {error}") from None
 
 
 def _revision(node: NodeStatus) -> str:
