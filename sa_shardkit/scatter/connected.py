@@ -23,10 +23,9 @@ from contextvars import copy_context
 from typing import TypeVar
 
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 from ..errors import ShardUnavailableError
-from .fanout import FanOut, scatter_pool
+from .fanout import FanOut, runs_in_threads, scatter_pool
 
 T = TypeVar("T")
 
@@ -54,11 +53,6 @@ _stuck_lock = threading.Lock()
 _stuck: dict[int, _Attempt] = {}  # id(engine) -> an abandoned checkout that has not returned yet
 
 
-def thread_safe(engine: Engine) -> bool:
-    """Whether the engine's connections may be used from worker threads (not SQLite's one-per-thread)."""
-    return not isinstance(engine.pool, (SingletonThreadPool, StaticPool))
-
-
 def fan_out_connected(
     engines: Mapping[str, Engine],
     timeouts: Mapping[str, float],
@@ -70,7 +64,7 @@ def fan_out_connected(
     outcome: FanOut[T] = FanOut()
     if not engines:
         return outcome
-    if not all(thread_safe(e) for e in engines.values()):
+    if not all(runs_in_threads(e) for e in engines.values()):
         for shard, engine in engines.items():  # one thread's connections: one shard after another
             try:
                 with engine.connect() as conn:
