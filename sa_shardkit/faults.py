@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine, ExceptionContext
+from sqlalchemy.engine import URL, Engine, ExceptionContext
 
 from .errors import ShardUnavailableError
 
@@ -36,8 +36,12 @@ _REASON = "_shardkit_reason"
 _local = threading.local()  # the driver call of this thread the watchdog cut short, for the error
 
 
-def unavailable(shard_id: str, safe_url: str, error: BaseException) -> ShardUnavailableError:
-    """Wrap a connection failure so the message names the shard and never shows a password."""
+def unavailable(shard_id: str, where: str | URL, error: BaseException | str) -> ShardUnavailableError:
+    """Wrap a connection failure so the message names the shard and never shows a password.
+
+    ``where`` is the shard's URL (rendered with the password hidden) or an already safe string.
+    """
+    safe_url = where if isinstance(where, str) else where.render_as_string(hide_password=True)
     reason = getattr(error, "orig", None) or error
     first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
     return ShardUnavailableError(
@@ -160,9 +164,7 @@ def guard(engine: Engine, shard_id: str, *, connect_timeout: float, query_timeou
     def mark(context: ExceptionContext) -> None:
         timed_out, _local.timed_out = getattr(_local, "timed_out", None), None
         if timed_out is not None and context.is_pre_ping:  # frozen: a reconnect would hang as well
-            raise ShardUnavailableError(
-                f"shard {shard_id!r} ({safe_url}) is unavailable: {timed_out}", shard_id=shard_id
-            )
+            raise unavailable(shard_id, safe_url, timed_out)
         error = context.sqlalchemy_exception
         if error is None or context.is_pre_ping:
             return  # a failed pre-ping is followed by a fresh connect, which may well succeed

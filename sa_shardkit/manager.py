@@ -328,7 +328,7 @@ class ShardManager:
         try:
             return engine.connect()
         except (OperationalError, PoolTimeoutError, DBAPIError) as error:
-            raise unavailable(shard_id, engine.url.render_as_string(hide_password=True), error) from error
+            raise unavailable(shard_id, engine.url, error) from error
 
     def connect_direct(self, shard_id: str) -> Connection:
         """A connection for session-level state (advisory locks, ``SET``), bypassing any PgBouncer.
@@ -347,7 +347,7 @@ class ShardManager:
         try:
             return engine.connect()
         except (OperationalError, PoolTimeoutError, DBAPIError) as error:
-            raise unavailable(shard_id, url.render_as_string(hide_password=True), error) from error
+            raise unavailable(shard_id, url, error) from error
 
     def safe_url(self, shard_id: str) -> str:
         return self.config(shard_id).safe_url()
@@ -463,8 +463,7 @@ class ShardManager:
                 with engine.connect() as conn:
                     conn.execute(text("SELECT 1"))
             except Exception as error:  # noqa: BLE001 - reported, not raised
-                safe = engine.url.render_as_string(hide_password=True)
-                return ShardHealth(shard_id, False, None, str(unavailable(shard_id, safe, error)), role)
+                return ShardHealth(shard_id, False, None, str(unavailable(shard_id, engine.url, error)), role)
             return ShardHealth(shard_id, True, (time.perf_counter() - started) * 1000, None, role)
 
         limit = timeout if timeout is not None else max(c[3] for c in checks) + 2

@@ -77,7 +77,7 @@ def autocommit_rows(manager: ShardManager, shard: str, query: Any) -> list[Any]:
     try:
         raw = engine.raw_connection()
     except (OperationalError, DBAPIError) as error:
-        raise unavailable(shard, engine.url.render_as_string(hide_password=True), error) from error
+        raise unavailable(shard, engine.url, error) from error
     driver: Any = raw.dbapi_connection
     try:
         driver.autocommit = True

@@ -211,7 +211,7 @@ class _ScatterRun:
 
     def _describe(self, shard_id: str, error: BaseException) -> BaseException:
         bind = self.session.get_bind(**dict(self.context.bind_arguments, shard_id=shard_id))
-        return unavailable(shard_id, bind.engine.url.render_as_string(hide_password=True), error)
+        return unavailable(shard_id, bind.engine.url, error)
 
     def _restore_result_attributes(self, merged: ScatterResult, results: dict[str, Result[Any]]) -> None:
         """Keep what the ORM tells legacy ``Query`` about the rows (single entity, uniquing)."""
