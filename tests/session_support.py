@@ -16,6 +16,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship,
 
 from sa_shardkit import ShardManager
 from sa_shardkit.demo.models import Base, Customer, Order, OrderItem
+from sa_shardkit.replicas import INTERNAL
 
 
 class ExtraBase(DeclarativeBase):
@@ -113,6 +114,8 @@ class SqlLog:
         for shard_id, engine in manager.engines.items():
 
             def record(conn: Any, cursor: Any, statement: str, *args: Any, _shard: str = shard_id) -> None:
+                if conn.get_execution_options().get(INTERNAL):
+                    return  # routing's own periodic read of the stored ring, not the application's
                 self.statements.append((_shard, statement))
 
             event.listen(engine, "before_cursor_execute", record)
