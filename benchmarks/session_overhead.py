@@ -23,15 +23,17 @@ import os
 import pstats
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 
-from sqlalchemy import insert, select, text
+from sqlalchemy import event, insert, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from sa_shardkit import ShardManager
 from sa_shardkit.demo.models import Base, Customer, Order
+from sa_shardkit.ring_state import STATE_TABLE
 
 PHASES = ("insert", "get", "select")
 PLAIN = "plain Session"
@@ -119,6 +121,7 @@ def main() -> None:
         ][: len(kinds) * args.n]
         with engine.begin() as conn:
             conn.execute(insert(Customer), [{"customer_id": k, "name": f"c{k}"} for k in keys])
+        checks = {count: count_ring_checks(manager) for count, manager in managers.items()}
         factories: dict[str, Callable[[], Session]] = {PLAIN: sessionmaker(engine)}
         for count, manager in managers.items():
             factories[sharded_name(count)] = manager.sessionmaker()
@@ -130,6 +133,7 @@ def main() -> None:
             run_round(factories, work, args.chunk, totals if round_no else None)
         report(totals, args.n * args.rounds)
         calls_per_operation(factories, keys[: args.chunk], engine)
+        ring_checks(managers, checks)
 
 
 def calls_per_operation(factories: dict[str, Callable[[], Session]], keys: list[int], engine: Engine) -> None:
@@ -154,6 +158,30 @@ def calls_per_operation(factories: dict[str, Callable[[], Session]], keys: list[
             profile.disable()
             counts[kind][phase] = pstats.Stats(profile).total_calls / len(work)
         print(f"{phase:<8}" + "".join(f"{counts[kind][phase]:>28,.0f}" for kind in factories))
+
+
+def count_ring_checks(manager: ShardManager) -> Counter[str]:
+    """Statements the manager's routing sends to read the stored ring, per shard, from now on."""
+    seen: Counter[str] = Counter()
+    for shard_id in manager.shard_ids:
+
+        def count(conn: object, cursor: object, statement: str, *args: object, s: str = shard_id) -> None:
+            if STATE_TABLE in statement or "to_regclass" in statement:
+                seen[s] += 1
+
+        event.listen(manager.engine(shard_id), "before_cursor_execute", count)
+    return seen
+
+
+def ring_checks(managers: dict[int, ShardManager], checks: dict[int, Counter[str]]) -> None:
+    """The stored-ring checks each manager made in the background while the workload ran."""
+    print("\nStored-ring checks during the run (every refresh_seconds; O(1) in N: one shard each)")
+    for count, manager in managers.items():
+        placement, seen = manager.placement, checks[count]
+        print(
+            f"{sharded_name(count):<28} checks {placement.probes:>4}  fleet reads {placement.fleet_reads:>3}"
+            f"  ring-state statements {sum(seen.values()):>5} on {len(seen)} of {count} shards"
+        )
 
 
 def phase_seconds(times: dict[str, float], phase: str) -> float:

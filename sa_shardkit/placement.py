@@ -2,9 +2,11 @@
 
 Every :class:`~sa_shardkit.ShardManager` owns one :class:`Placement` (``manager.placement``), and
 every key -> shard decision asks it (sessions, ``shard_for``/``engine_for``, scatters, sagas, 2PC,
-the CLI). It reads the stored ring (:mod:`sa_shardkit.ring_state`) on first use and again at most
-every ``refresh_seconds``, and after a keyed read found nothing. A fleet that stores no ring (never
-rebalanced, or SQLite files) routes by the configured ring and pays nothing per statement.
+the CLI). It reads the stored ring (:mod:`sa_shardkit.ring_state`) on first use and checks it again
+at most every ``refresh_seconds``, and after a keyed read found nothing. A periodic check is O(1):
+one shard's row (:meth:`Placement.refresh`), every shard only after that row showed a change. A fleet
+that stores no ring (never rebalanced, or SQLite files) routes by the configured ring and pays
+nothing per statement.
 
 A stored ring may name a shard this process's configuration lacks (the fleet grew after the
 process was configured): routing a key there raises :class:`~sa_shardkit.UnknownShardError`
@@ -70,6 +72,9 @@ STICKY_SECONDS = 0.5
 RECHECK_ENV = "SHARDKIT_RING_RECHECK_SECONDS"
 REFRESH_WAIT_SECONDS = 0.5
 """How long a routing call waits for a due re-read of the stored ring before using the current one."""
+PROBE_FALLBACKS = 2
+"""Further shards a stored-ring check tries, one after another, when the probed one fails."""
+"""How long a routing call waits for a due re-read of the stored ring before using the current one."""
 
 
 def unstored_recheck_seconds() -> float:
@@ -113,6 +118,12 @@ class Placement:
         self._refresh_at = 0.0  # first use reads the stored ring
         self._sticky: dict[Any, tuple[int, str, float]] = {}
         self._scatter: tuple[RingState, tuple[str, ...], tuple[str, ...]] | None = None
+        self._probe: str | None = None
+        """The shard that answered the last probe (probed first next time)."""
+        self.probes = 0
+        """Stored-ring checks so far (one shard's row each)."""
+        self.fleet_reads = 0
+        """Of which read every shard (a version change was seen, or the probes failed)."""
 
     # -- the state -----------------------------------------------------------------------------
 
@@ -149,33 +160,92 @@ class Placement:
         return self._state.version > 0 or self._unsure
 
     def refresh(self, *, log_failures: bool = True) -> RingState:
-        """Re-read the stored state on every configured shard now; adopt it when newer.
+        """Check the stored ring now, in O(1): one shard's state row; the whole fleet only when
+        that row shows a version other than this process's (adopting the newest one found).
 
-        A shard that cannot be read is skipped (logged unless ``log_failures=False``).
+        The probed shard is the first member of the current state's ring that this configuration
+        lists (the first shard configured while no ring is stored): every version bump of a move
+        and the first install write the shards in ring order, so it is the first to show a new
+        version. A probe that fails falls back to the next member (logged, naming the shard,
+        unless ``log_failures=False``) and later probes start from the shard that answered.
+        Routing never depends on the probe for safety: every fenced write and validated read
+        checks the version stored on the shard it uses (see the module docstring).
         """
-        self._refresh_at = time.monotonic() + self._interval()
-        ids = [s for s in self.manager.shard_ids if self.manager.engine(s).dialect.name == "postgresql"]
-        if not ids:
+        started = time.monotonic()
+        self._refresh_at = started + self._interval()
+        candidates = self._probe_order()
+        if not candidates:
             self._refresh_at = math.inf  # SQLite files and the like: nothing is ever stored
             self._loaded = True
             return self._state
+        known = self._state.version
+        errors: dict[str, BaseException] = {}
+        probed: RingState | None = None
+        answered: str | None = None
+        for shard_id in candidates[: 1 + PROBE_FALLBACKS]:
+            outcome = _blocking(lambda s=shard_id: self._read_fleet([s], check_table=known == 0))  # type: ignore[misc]
+            if shard_id in outcome.results:
+                row = outcome.results[shard_id]
+                probed = None if row is None else row_to_state(shard_id, row).state
+                answered = shard_id
+                break
+            errors[shard_id] = outcome.errors.get(shard_id) or RuntimeError("no answer")
+        self.probes += 1
+        if answered is not None:
+            self._probe = answered
+        if answered is None or (probed.version if probed is not None else 0) != known:
+            self._refresh_fleet(errors, log_failures)  # a change (or no answer): read every shard
+        else:
+            self._unsure = bool(errors) and known == 0
+            self._loaded = True
+            if errors and log_failures:
+                self._log_unread(errors, f"read it on {answered}")
+        self._refresh_at = started + self._interval()
+        return self._state
+
+    def _refresh_fleet(self, errors: dict[str, BaseException], log_failures: bool) -> None:
+        """Read every configured shard's state row; adopt the newest (rare: after a change)."""
+        ids = self._postgres_shards()
+        self.fleet_reads += 1
         outcome = _blocking(lambda: self._read_fleet(ids))
-        errors = outcome.errors
         states = [row_to_state(s, r).state for s, r in outcome.results.items() if r is not None]
         if states:
             self._adopt(max(states, key=lambda st: st.version))
-        self._unsure = bool(errors)
+        self._unsure = bool(outcome.errors)
         self._loaded = True
-        if errors and log_failures:
-            error = next(iter(errors.values()))
-            log.warning(
-                "could not read the stored ring on %s (%s); routing by version %s",
-                ", ".join(errors),
-                str(error).splitlines()[0] if str(error) else type(error).__name__,
-                self._state.version,
-            )
-        self._refresh_at = time.monotonic() + self._interval()
-        return self._state
+        if outcome.errors and log_failures:
+            self._log_unread(outcome.errors, f"routing by version {self._state.version}")
+        elif errors and log_failures:
+            self._log_unread(errors, f"read the other shards; routing by version {self._state.version}")
+
+    @staticmethod
+    def _log_unread(errors: dict[str, BaseException], then: str) -> None:
+        error = next(iter(errors.values()))
+        log.warning(
+            "could not read the stored ring on %s (%s); %s",
+            ", ".join(errors),
+            str(error).splitlines()[0] if str(error) else type(error).__name__,
+            then,
+        )
+
+    def _postgres_shards(self) -> list[str]:
+        return [s for s in self.manager.shard_ids if self.manager.engine(s).dialect.name == "postgresql"]
+
+    def _probe_order(self) -> list[str]:
+        """Shards to probe, best first: the stored ring's members this configuration lists, in
+        ring order (the order bumps are written), then the other configured shards; the shard
+        that answered the last probe goes first."""
+        listed = self._postgres_shards()
+        if not listed:
+            return []
+        listed_set = set(listed)
+        members = [s for s in self._state.shard_ids if s in listed_set]
+        order = [*members, *(s for s in listed if s not in members)]
+        preferred = self._probe
+        if preferred is not None and preferred in members:
+            order.remove(preferred)
+            order.insert(0, preferred)
+        return order
 
     def maybe_refresh(self) -> None:
         """:meth:`refresh` at most every ``refresh_seconds``; the first call waits for the first
@@ -219,13 +289,14 @@ class Placement:
             return min(self.refresh_seconds, unstored_recheck_seconds())
         return self.refresh_seconds
 
-    def _read_fleet(self, ids: list[str]) -> FanOut[Any]:
+    def _read_fleet(self, ids: list[str], *, check_table: bool = True) -> FanOut[Any]:
         """Every shard's state row at once; a shard that is down or frozen costs one connect
-        timeout (it is skipped, and reported), never a hang."""
+        timeout (it is skipped, and reported), never a hang. ``check_table=False``: one statement
+        per shard (a shard without the table fails)."""
 
         def one(shard_id: str, conn: Connection) -> Any:
             conn.execution_options(**{INTERNAL: True})  # routing's own query, not the application's
-            row = read_any_state(conn)
+            row = read_any_state(conn, check_table=check_table)
             conn.rollback()
             return row
 

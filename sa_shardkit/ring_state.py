@@ -137,9 +137,12 @@ def read_fleet_state(manager: ShardManager, shard_ids: Iterable[str] | None = No
     return {s: row_to_state(s, r) for s, r in rows.items() if r is not None}
 
 
-def read_any_state(conn: Connection) -> Any:
-    """This shard's raw state row, or None (no table, or not PostgreSQL)."""
-    if conn.dialect.name != "postgresql" or not state_table_exists(conn):
+def read_any_state(conn: Connection, *, check_table: bool = True) -> Any:
+    """This shard's raw state row, or None (no table, or not PostgreSQL).
+
+    ``check_table=False``: one statement, for a fleet known to store a ring (no table raises).
+    """
+    if conn.dialect.name != "postgresql" or (check_table and not state_table_exists(conn)):
         return None
     return conn.execute(
         text(f"SELECT version, ring, target_ring, key_type, watermark, drained FROM {STATE_TABLE}")

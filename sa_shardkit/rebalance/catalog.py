@@ -67,9 +67,8 @@ def install_ring(manager: ShardManager, ring: HashRing | None = None) -> RingSta
             )
         return current
     state = RingState(1, ring)
-    installed_at = time.time()
     write_state(manager, state, ring.shard_ids)
-    wait_out_unstored_writers(manager, ring.shard_ids, installed_at)
+    wait_out_unstored_writers(manager, ring.shard_ids, time.time())  # every shard holds it from now
     manager.set_ring(ring)
     return state
 
@@ -79,8 +78,10 @@ def wait_out_unstored_writers(manager: ShardManager, shard_ids: Iterable[str], i
 
     A process that has never seen a stored ring routes by its configured ring and writes without
     the fence (so a fleet that never rebalances pays nothing); it looks for a stored ring at least
-    every :func:`~sa_shardkit.placement.unstored_recheck_seconds`. So every unfenced write was
-    routed before ``installed_at`` plus that interval, in a transaction that began before then:
+    every :func:`~sa_shardkit.placement.unstored_recheck_seconds` (one shard's row: the first of
+    its configured shards, which the install writes first). Every shard held the ring by
+    ``installed_at``, so every unfenced write was routed before ``installed_at`` plus that
+    interval, in a transaction that began before then:
     wait for that moment, then for every such transaction on each shard to end. Only then may a
     move (which relies on the fence) start.
     """
