@@ -49,7 +49,14 @@ from sqlalchemy.util.concurrency import await_only, in_greenlet
 from .errors import StaleRingError, UnknownShardError
 from .replicas import INTERNAL
 from .ring import HashRing, ShardKey
-from .ring_state import RingState, read_any_state, read_fence, row_to_state
+from .ring_state import (
+    RingState,
+    SourceMarks,
+    read_any_state,
+    read_fence,
+    read_shard_state,
+    row_to_state,
+)
 from .scatter.connected import fan_out_connected
 from .scatter.fanout import FanOut
 
@@ -124,6 +131,7 @@ class Placement:
         """Stored-ring checks so far (one shard's row each)."""
         self.fleet_reads = 0
         """Of which read every shard (a version change was seen, or the probes failed)."""
+        self._held: dict[int, list[Connection]] = {}
 
     # -- the state -----------------------------------------------------------------------------
 
@@ -569,10 +577,89 @@ class Placement:
             return False
         return self._state is state
 
+    # -- scatters during a move -----------------------------------------------------------------
+
+    def source_marks(self, *, hold: bool = False) -> SourceMarks | None:
+        """How far each source of the move in flight has cut over, read from the sources now
+        (in parallel); None when no move is in flight. Version -1 when the state changed (a
+        source stores a newer one, which is adopted): route again.
+
+        ``hold=True`` keeps every source's fence (``FOR SHARE``, as a writer of a moving key
+        does) until :meth:`release_marks`: no cut-over commits meanwhile, so the marks hold for
+        the whole scatter (it waits for a cut-over in progress, at most one batch's fence)."""
+        state = self._state
+        if state.target is None:
+            return None
+        sources = [s for s in state.sources if self.manager.has_shard(s)]
+        if hold:
+            return self._hold_marks(state, sources)
+        outcome = _blocking(lambda: self._read_marks(sources))
+        if outcome.errors:
+            raise next(iter(outcome.errors.values()))
+        rows = {s: row_to_state(s, r) for s, r in outcome.results.items() if r is not None}
+        return self._marks(state, sources, rows)
+
+    def _read_marks(self, sources: list[str]) -> FanOut[Any]:
+        def one(shard_id: str, conn: Connection) -> Any:
+            conn.execution_options(**{INTERNAL: True})
+            row = read_any_state(conn)
+            conn.rollback()
+            return row
+
+        engines = {s: self.manager.engine(s) for s in sources}
+        return fan_out_connected(engines, self.manager.scatter_timeouts(sources), one)
+
+    def _hold_marks(self, state: RingState, sources: list[str]) -> SourceMarks:
+        held: list[Connection] = []
+        rows: dict[str, Any] = {}
+        try:
+            for shard_id in sources:
+                conn = self.manager.connect(shard_id)
+                held.append(conn)
+                conn.execution_options(**{INTERNAL: True})
+                conn.begin()
+                rows[shard_id] = read_shard_state(conn, shard_id, lock="FOR SHARE", check_table=False)
+        except BaseException:
+            _close(held)
+            raise
+        marks = self._marks(state, sources, rows)
+        if marks.version < 0:
+            _close(held)
+            return marks
+        self._held[id(marks)] = held
+        return marks
+
+    def release_marks(self, marks: SourceMarks | None) -> None:
+        """End the fences :meth:`source_marks` holds for ``marks`` (if any)."""
+        if marks is not None:
+            _close(self._held.pop(id(marks), []))
+
+    def _marks(self, state: RingState, sources: list[str], rows: dict[str, Any]) -> SourceMarks:
+        """The marks of ``state``'s sources; version -1 when a source is at another version (a
+        newer state found is adopted): the caller routes again."""
+        found = [r.state for r in rows.values() if r is not None]
+        if found:
+            self._adopt(max(found, key=lambda st: st.version))
+        marks = tuple(
+            (s, rows[s].watermark, rows[s].drained)
+            for s in sources
+            if rows.get(s) is not None and rows[s].state.version == state.version
+        )
+        current = len(marks) == len(sources) and self._state is state
+        return SourceMarks(state.version if current else -1, state.key_type, marks)
+
     def describe(self, key: ShardKey) -> dict[str, Any]:
         """Where ``key`` lives now, for logs and the CLI."""
         state = self._state
         return {"version": state.version, "moving": state.move_of(key), "shard": self.shard_for_write(key)}
+
+
+def _close(connections: list[Connection]) -> None:
+    for conn in connections:
+        try:
+            conn.rollback()
+        finally:
+            conn.close()
 
 
 class _Reroute(Exception):

@@ -17,14 +17,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from .errors import RebalanceError
-from .ring import HashRing, ShardKey
+from .ring import HashRing, ShardKey, moved_arcs
 
 if TYPE_CHECKING:
     from .manager import ShardManager
@@ -42,6 +42,18 @@ STATE_DDL = (
     " updated_at timestamptz NOT NULL DEFAULT now())",
     # one row per shard: a unique index on a constant
     f"CREATE UNIQUE INDEX IF NOT EXISTS {STATE_TABLE}_one_row ON {STATE_TABLE} ((true))",
+)
+
+MOVED_KEYS_TABLE = "shardkit_moved_keys"
+"""Keys a move copied to this shard (as a target) and committed here before their source cut them
+over: ``(k, version, source)``, ``k`` the key as text. A key listed for ``(version, source)`` whose
+source has not cut it over yet (above the source's watermark, source not drained) is a copy no reader
+may see: scatters during a move hide its rows (:mod:`sa_shardkit.scatter.ownership`)."""
+
+MOVED_KEYS_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {MOVED_KEYS_TABLE} ("
+    " k text NOT NULL, version bigint NOT NULL, source text NOT NULL,"
+    " PRIMARY KEY (k, version, source))"
 )
 
 _SQL_TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_ ]*(\(\d+(,\s*\d+)?\))?$")
@@ -73,6 +85,14 @@ class RingState:
         """The key's shard when it is not moving (the ring; it equals the target ring then)."""
         return self.ring.get_shard(key)
 
+    @cached_property
+    def sources(self) -> tuple[str, ...]:
+        """The shards that lose keys in the move in flight (none without one), in ring order."""
+        if self.target is None:
+            return ()
+        losing = {arc.source for arc in moved_arcs(self.ring, self.target)}
+        return tuple(s for s in self.ring.shard_ids if s in losing)
+
     @property
     def shard_ids(self) -> tuple[str, ...]:
         """Every shard that holds a state row at this version: old and new members."""
@@ -90,6 +110,23 @@ class ShardState:
     state: RingState
     watermark: str | None
     drained: bool
+
+
+@dataclass(frozen=True)
+class SourceMarks:
+    """How far each source of the move at ``version`` has cut over, read from the sources
+    themselves: ``(source, watermark, drained)`` per source. A scatter during the move hides the
+    journaled copies (:data:`MOVED_KEYS_TABLE`) of keys its sources have not cut over by these
+    marks; it is valid if the marks read after it are the same (no cut-over committed meanwhile)."""
+
+    version: int
+    key_type: str | None
+    marks: tuple[tuple[str, str | None, bool], ...]
+
+    @property
+    def pending(self) -> tuple[tuple[str, str | None], ...]:
+        """``(source, watermark)`` of the sources not drained yet (their copies may be hidden)."""
+        return tuple((s, wm) for s, wm, drained in self.marks if not drained)
 
 
 def create_state_table(conn: Connection) -> None:
@@ -199,9 +236,12 @@ def read_fence(
 
 
 __all__ = [
+    "MOVED_KEYS_DDL",
+    "MOVED_KEYS_TABLE",
     "STATE_DDL",
     "STATE_TABLE",
     "FenceRow",
+    "SourceMarks",
     "RingState",
     "ShardState",
     "check_key_type",

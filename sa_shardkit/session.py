@@ -38,6 +38,7 @@ from sqlalchemy.ext.horizontal_shard import ShardedSession as _StockShardedSessi
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.schema import Table
+from sqlalchemy.sql.selectable import Select
 from sqlalchemy.sql.util import find_tables
 
 from .declarative import Sharding, sharding_of, table_sharding
@@ -70,11 +71,14 @@ from .routing import (
     watch_moving_reads,
 )
 from .scatter import execute_scatter
+from .scatter.ownership import own_rows_only
 
 SCATTER_MODES = ("allow", "warn", "forbid")
 """``ShardedSession(scatter=...)``: what a statement that runs on several shards does."""
 
 MAX_MOVING_READS = 20
+OPTIMISTIC_SCATTERS = 3
+"""Tries a scatter during a move makes unfenced before it holds the sources' fences while it runs."""
 """Reads of a key range that is mid-move re-run at most this often when cut-overs keep landing."""
 
 if TYPE_CHECKING:
@@ -710,6 +714,8 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
     session._check_scatter(orm_context, route)
     orm_context.update_execution_options(**{SHARD_COUNT: len(shards)})
     if not is_write:
+        if not route.reference and follows_placement(session.manager):
+            return _scatter_moving(orm_context, session, shards)
         return execute_scatter(orm_context, shards)
     if session.manager is not None:
         unlisted = [s for s in shards if not session.manager.has_shard(s)]
@@ -734,12 +740,46 @@ def _read_moving(
         if len(route.shard_ids) == 1:
             result = _invoke(orm_context, route.shard_ids[0])
         else:
-            result = execute_scatter(orm_context, route.shard_ids)
+            result = _scatter_moving(orm_context, session, route.shard_ids)
         rows = result.freeze()
         if moving_reads_valid(session.manager, moving):
             return rows()
         with watch_moving_reads(session.manager) as moving:
             route = session.route(orm_context)
+    raise StaleRingError(f"the ring kept changing while running {_statement_name(orm_context)}; retry")
+
+
+def _scatter_moving(
+    orm_context: ORMExecuteState, session: ShardedSession, shards: Sequence[str]
+) -> Result[Any]:
+    """A SELECT on several shards while a move is in flight: each shard's rows of keys it holds
+    only as a copy its source has not cut over yet are hidden (:mod:`.scatter.ownership`), by the
+    sources' marks read first; if the marks read afterwards differ (a batch was cut over while the
+    shards ran), it runs again; after :data:`OPTIMISTIC_SCATTERS` tries, with the sources' fences
+    held while it runs. So no row is seen twice or missed, killed mover or not."""
+    assert session.manager is not None
+    placement = session.manager.placement
+    original = orm_context.statement
+    for attempt in range(MAX_MOVING_READS):
+        hold = attempt >= OPTIMISTIC_SCATTERS
+        marks = placement.source_marks(hold=hold)
+        if marks is None:  # the move finished: route by the ring now stored
+            shards = session.route(orm_context).shard_ids
+            if len(shards) == 1:
+                return _invoke(orm_context, shards[0])
+            return execute_scatter(orm_context, shards)
+        if marks.version < 0:  # the state changed: route again
+            shards = session.route(orm_context).shard_ids
+            continue
+        try:
+            if isinstance(original, Select):
+                orm_context.statement = own_rows_only(original, marks)
+            rows = execute_scatter(orm_context, shards).freeze()
+        finally:
+            orm_context.statement = original
+            placement.release_marks(marks)
+        if hold or placement.source_marks() == marks:
+            return rows()
     raise StaleRingError(f"the ring kept changing while running {_statement_name(orm_context)}; retry")
 
 

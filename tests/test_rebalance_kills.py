@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import make_url, select, text
+from sqlalchemy import func, make_url, select, text
+from sqlalchemy.orm import Session
 
 from sa_shardkit import HashRing, ShardManager
 from sa_shardkit.cli.rebalance import rebalance_command
@@ -179,3 +180,61 @@ def test_keyed_reads_in_the_crash_window_of_a_remove_see_each_row_once(manager: 
             assert len(orders) == ORDERS_EACH, (key, len(orders))
     _resume(manager)
     _assert_finished(manager, FOUR.remove_shard("shard-2"), 3)
+
+
+def _scatter_sees_each_row_once(session: Session, manager: ShardManager) -> None:
+    """Scatter reads through the session: a count, every id, ORDER BY ... LIMIT (rows and ORM
+    entities), and a GROUP BY over the child table; and Core ``query_all_shards``: each committed
+    row exactly once."""
+    everyone = list(range(1, CUSTOMERS + 1))
+    core = manager.query_all_shards(select(Customer.customer_id).order_by(Customer.customer_id))
+    assert core.scalars().all() == everyone
+    assert session.scalar(select(func.count()).select_from(Customer)) == CUSTOMERS
+    ids = session.scalars(select(Customer.customer_id)).all()
+    assert sorted(ids) == everyone, (len(ids), len(set(ids)))
+    first = session.scalars(select(Customer.customer_id).order_by(Customer.customer_id).limit(150)).all()
+    assert first == everyone[:150]
+    last = session.scalars(select(Customer).order_by(Customer.customer_id.desc()).limit(150)).all()
+    assert [c.customer_id for c in last] == everyone[::-1][:150]
+    assert session.scalar(select(func.count(Order.order_id))) == CUSTOMERS * ORDERS_EACH
+    per_customer = session.execute(select(Order.customer_id, func.count()).group_by(Order.customer_id)).all()
+    assert sorted(per_customer) == [(c, ORDERS_EACH) for c in everyone]
+
+
+SCATTER_CHANGES = {
+    "add": lambda url: ["--add", "shard-5", url],
+    "remove": lambda url: ["--remove", "shard-2"],
+}
+
+
+@pytest.mark.parametrize("change", list(SCATTER_CHANGES))
+def test_scatter_reads_in_the_crash_window_see_each_row_once(
+    manager: ShardManager, shard5_url: str, change: str
+) -> None:
+    """The mover is SIGKILLed right after a batch's targets committed and before its source did
+    (its second cut-over: the first batch has moved for good). The batch's rows are on two shards,
+    the first batch's on their new shard only; ShardedSession scatters (count, ids, ORDER BY ...
+    LIMIT, GROUP BY) see each row exactly once, before and after ``--resume``."""
+    seed(manager, FOUR, CUSTOMERS, ORDERS_EACH, 0)
+    install_ring(manager, FOUR)
+    argv = [*_urls(manager), *SCATTER_CHANGES[change](shard5_url), "--batch-size", str(BATCH)]
+    _kill_at(argv, {"sql": "SET watermark", "nth": 2})
+    four = {s: manager.config(s).primary_url.render_as_string(False) for s in FOUR.shard_ids}
+    urls = {**four, "shard-5": shard5_url} if change == "add" else four
+    new = FOUR.add_shard("shard-5") if change == "add" else FOUR.remove_shard("shard-2")
+    with ShardManager.from_urls(urls) as reader:
+        copies = rows_everywhere(reader, list(urls))
+        twice = [pk for pk, n in copies["customers"].items() if n == 2]
+        assert twice, "the crash window is real: some customers are on two shards"
+        moved = [
+            pk
+            for (pk, shard), n in copies["customers@"].items()
+            if shard == new.get_shard(pk) != FOUR.get_shard(pk) and copies["customers"][(pk,)] == 1
+        ]
+        assert moved, "the first batch moved for good"
+        with reader.sessionmaker()() as session:
+            _scatter_sees_each_row_once(session, reader)
+        _resume(manager)
+        _assert_finished(reader, new, 3)
+        with ShardManager.from_urls(urls) as after, after.sessionmaker()() as session:
+            _scatter_sees_each_row_once(session, after)

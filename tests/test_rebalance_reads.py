@@ -139,3 +139,63 @@ def test_readers_hammering_moving_keys_never_miss_a_row_during_a_move(
     assert reads[0] > 50
     assert misses == []
     assert sum(_rows_of(manager, "shard-3", k) for k in keys) == 0
+
+
+def test_a_scatter_overtaken_by_a_cut_over_sees_each_row_once(manager: ShardManager, shard5_url: str) -> None:
+    """A batch is cut over (targets, then source, committed) just before the scatter's query reaches
+    the source: the source no longer has the rows, and the target was maybe read before they got
+    there. The session sees the source's marks changed, runs the scatter again, and counts each
+    row once (without the re-check it misses them; without the filter it could count them twice)."""
+    customers = 100
+    state = start_move(manager, shard5_url, customers)
+    RingRouter(manager)
+    mover = _mover(manager, state, "shard-1", 10_000)
+    with _cut_over_before_read_of(manager, mover, "customers") as cut:
+        with manager.sessionmaker()() as session:
+            count = session.scalar(select(func.count()).select_from(Customer))
+            ids = session.scalars(select(Customer.customer_id).order_by(Customer.customer_id)).all()
+    assert cut
+    assert _moving_keys("shard-1") and all(
+        _rows_of(manager, "shard-1", k) == 0 for k in _moving_keys("shard-1")
+    )
+    assert count == customers
+    assert ids == list(range(1, customers + 1))
+
+
+def test_a_scatter_that_keeps_being_overtaken_holds_the_sources_fences(
+    manager: ShardManager, shard5_url: str, monkeypatch: Any
+) -> None:
+    """After its unfenced tries, a scatter holds each source's fence (``FOR SHARE``) while its
+    shards run: a cut-over (``FOR NO KEY UPDATE``) cannot commit in the middle of it."""
+    from sqlalchemy.exc import OperationalError
+
+    import sa_shardkit.session as session_module
+
+    monkeypatch.setattr(session_module, "OPTIMISTIC_SCATTERS", 0)
+    state = start_move(manager, shard5_url, 100)
+    RingRouter(manager)
+    blocked: list[bool] = []
+
+    def try_cut_over(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if blocked or "FROM customers" not in statement:
+            return
+        with manager.connect("shard-1") as other:
+            try:
+                other.execute(text(f"SELECT 1 FROM {STATE_TABLE} FOR NO KEY UPDATE NOWAIT"))
+                blocked.append(False)
+            except OperationalError:
+                blocked.append(True)
+            other.rollback()
+
+    engine = manager.engine("shard-5")
+    event.listen(engine, "before_cursor_execute", try_cut_over)
+    try:
+        with manager.sessionmaker()() as session:
+            assert session.scalar(select(func.count()).select_from(Customer)) == 100
+    finally:
+        event.remove(engine, "before_cursor_execute", try_cut_over)
+    assert blocked == [True]
+    assert state.sources == ("shard-1", "shard-2", "shard-3", "shard-4")
+    with manager.connect("shard-1") as conn:  # released afterwards
+        conn.execute(text(f"SELECT 1 FROM {STATE_TABLE} FOR NO KEY UPDATE NOWAIT"))
+        conn.rollback()

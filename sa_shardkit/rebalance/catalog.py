@@ -31,6 +31,7 @@ from ..manager import ShardManager
 from ..placement import unstored_recheck_seconds
 from ..ring import HashRing
 from ..ring_state import (
+    MOVED_KEYS_DDL,
     STATE_DDL,
     STATE_TABLE,
     RingState,
@@ -130,8 +131,9 @@ def write_state(manager: ShardManager, state: RingState, shard_ids: Iterable[str
         "key_type": state.key_type,
     }
 
-    # the state table and the move record's table, which cut-overs update (.record), in one round trip
-    ddl = text("; ".join((*STATE_DDL, MOVE_DDL)))
+    # the state table, the move record's table, which cut-overs update (.record), and the moved-keys
+    # journal that targets keep and scatters read (before any reader can see a move), in one round trip
+    ddl = text("; ".join((*STATE_DDL, MOVE_DDL, MOVED_KEYS_DDL)))
 
     def bump(conn: Connection, shard_id: str) -> None:
         conn.execute(ddl)

@@ -51,6 +51,7 @@ from xxhash import xxh3_128
 
 from ..errors import RebalanceError
 from ..manager import ShardManager
+from ..ring_state import MOVED_KEYS_TABLE
 from .catalog import STATE_TABLE, RingState, ShardState, read_shard_state
 from .control import MoveControl
 from .parallel import for_shards
@@ -75,6 +76,13 @@ _SETTINGS = (
     " SET LOCAL intervalstyle = 'postgres'; SET LOCAL extra_float_digits = 3"
 )
 _CANONICAL = text(_SETTINGS)
+# the moved-keys journal of a target (see _journal): entries of keys already cut over are dropped
+_FORGET = f"DELETE FROM {MOVED_KEYS_TABLE} WHERE version = %s AND source = %s"
+_JOURNAL = (
+    f"INSERT INTO {MOVED_KEYS_TABLE} (k, version, source)"
+    " SELECT CAST(k AS text), %s, %s FROM unnest(CAST(%s AS {key_type}[])) AS k ON CONFLICT DO NOTHING"
+)
+_JOURNAL_AFTER_FORGET = f"WITH forgotten AS ({_FORGET}) {_JOURNAL}"
 # phase 1: the copy, its checksums and its fingerprints all read one snapshot of the source
 _SNAPSHOT = text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; " + _SETTINGS)
 
@@ -215,7 +223,19 @@ class SourceMover:
                             f"DELETE FROM {names.live} WHERE {names.key_in}", (orphans,)
                         )
                         removed += result.rowcount
+                tconn.exec_driver_sql(_FORGET, (self.state.version, self.source))
         return removed
+
+    def _journal(self, tconn: Connection, keys: list[Any], *, forget: bool = False) -> None:
+        """List ``keys`` in the target's :data:`~sa_shardkit.ring_state.MOVED_KEYS_TABLE` (in its
+        open transaction, with the copies): until the source's watermark passes them, scatters hide
+        their rows here. ``forget``: first drop this source's earlier entries (all cut over)."""
+        if not keys:
+            return
+        sql = _JOURNAL_AFTER_FORGET if forget else _JOURNAL
+        key_type = self.tables.key_sql_type
+        args = (self.state.version, self.source) if forget else ()
+        tconn.exec_driver_sql(sql.format(key_type=key_type), (*args, self.state.version, self.source, keys))
 
     def _next_batch(self, conn: Connection, watermark: str | None) -> tuple[list[Any], str | None]:
         """The next ``batch_keys`` moving keys above ``watermark`` and the batch's last key (the
@@ -278,6 +298,7 @@ class SourceMover:
         """
         keys = [k for ks in by_target.values() for k in ks]
         for target, target_keys in by_target.items():
+            self._journal(targets[target], target_keys, forget=True)
             sent = self._replace(source, targets[target], target_keys, fresh=True)
             self._verify(target, targets[target], target_keys, sent)
         return key_checksums(source, self.names, keys)
@@ -378,6 +399,7 @@ class SourceMover:
                 redo = [k for k in [*known, *arrived] if k in stale and self.new.get_shard(k) == target]
                 if target not in targets:  # a key arrived for a target phase 1 did not copy to
                     targets[target] = stack.enter_context(self._target(target))
+                self._journal(targets[target], [k for k in arrived if self.new.get_shard(k) == target])
                 if redo:  # under the fence: these keys' rows cannot change meanwhile
                     self._verify(target, targets[target], redo, self._replace(conn, targets[target], redo))
                     final.update(key_checksums(conn, self.names, redo))
@@ -428,7 +450,8 @@ class SourceMover:
 
 def drop_leftover_stages(manager: ShardManager, shard_ids: Sequence[str]) -> dict[str, int]:
     """Drop every ``shardkit_in_*`` table (the staging tables of older versions, or of a mover
-    killed while dropping them) on ``shard_ids``; returns ``{shard: tables dropped}``."""
+    killed while dropping them) on ``shard_ids`` and empty their moved-keys journals (call it only
+    with no move in flight); returns ``{shard: tables dropped}``."""
     dropped: dict[str, int] = {}
 
     def drop(conn: Connection, shard_id: str) -> None:
@@ -439,6 +462,8 @@ def drop_leftover_stages(manager: ShardManager, shard_ids: Sequence[str]) -> dic
         names = conn.execute(found, {"prefix": STAGE_PREFIX}).scalars().all()
         for name in names:
             conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+        if conn.execute(text("SELECT to_regclass(:t)"), {"t": MOVED_KEYS_TABLE}).scalar() is not None:
+            conn.exec_driver_sql(f"DELETE FROM {MOVED_KEYS_TABLE}")  # no move in flight: all stale
         if names:
             dropped[shard_id] = len(names)
 

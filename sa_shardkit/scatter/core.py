@@ -12,12 +12,18 @@ from sqlalchemy.sql import Executable
 from sqlalchemy.sql.selectable import Select
 from sqlalchemy.util.concurrency import in_greenlet
 
+from ..errors import StaleRingError
 from ..faults import unavailable
 from .connected import fan_out_connected
 from .fanout import fan_out, probe, raise_for_errors
 from .gather import gather
+from .ownership import own_rows_only
 from .plan import AggregatePlan, ScatterPlan, plan_scatter
 from .result import ScatterResult
+
+MAX_MOVE_TRIES = 20
+OPTIMISTIC_TRIES = 3
+"""Tries a scatter during a move makes unfenced before it holds the sources' fences while it runs."""
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -41,6 +47,62 @@ def query_all_shards(
     By default every shard of the stored ring (old and new members mid-move); a member this
     process's configuration lacks is an :class:`UnknownShardError` (``allow_partial``: missing).
     """
+    if shard_ids is None and isinstance(statement, Select) and manager.placement.moving():
+        return _during_move(
+            manager,
+            statement,
+            params,
+            with_shard_id=with_shard_id,
+            allow_partial=allow_partial,
+            per_shard_results=per_shard_results,
+            write=write,
+        )
+    return _query_all_shards(
+        manager,
+        statement,
+        params,
+        shard_ids=shard_ids,
+        with_shard_id=with_shard_id,
+        allow_partial=allow_partial,
+        per_shard_results=per_shard_results,
+        write=write,
+    )
+
+
+def _during_move(manager: ShardManager, statement: Select[Any], params: Any, **options: Any) -> ScatterResult:
+    """A ``select()`` on every shard while a move is in flight: each shard's not-yet-cut-over
+    copies hidden by the sources' marks, run again if they changed meanwhile (after a few tries
+    with the sources' fences held), as the session does (:mod:`.ownership`)."""
+    placement = manager.placement
+    for attempt in range(MAX_MOVE_TRIES):
+        hold = attempt >= OPTIMISTIC_TRIES
+        marks = placement.source_marks(hold=hold)
+        if marks is None:
+            return _query_all_shards(manager, statement, params, shard_ids=None, **options)
+        if marks.version < 0:
+            continue
+        try:
+            result = _query_all_shards(
+                manager, own_rows_only(statement, marks), params, shard_ids=None, **options
+            )
+        finally:
+            placement.release_marks(marks)
+        if hold or placement.source_marks() == marks:
+            return result
+    raise StaleRingError("the ring kept changing while querying every shard; retry")
+
+
+def _query_all_shards(
+    manager: ShardManager,
+    statement: str | Executable,
+    params: Mapping[str, Any] | None = None,
+    *,
+    shard_ids: Iterable[str] | None = None,
+    with_shard_id: bool = False,
+    allow_partial: bool = False,
+    per_shard_results: bool = False,
+    write: bool = True,
+) -> ScatterResult:
     if shard_ids is None:
         targets = list(manager.placement.scatter_shards())
         unlisted: dict[str, BaseException] = {
