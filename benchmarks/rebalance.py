@@ -174,6 +174,60 @@ def offset_loop(manager: ShardManager, new: HashRing, page: int) -> tuple[int, f
     return moved, time.perf_counter() - started
 
 
+def raw_copy(manager: ShardManager, new: HashRing) -> tuple[int, float]:
+    """The same-run ceiling: the moving rows streamed with binary COPY from each source into the
+    new shard's tables (parents first, the sources in parallel, one transaction each), and nothing
+    else: no key scan, no verification, no fence, no delete. Leaves the sources as they were."""
+    moved = [0]
+    lock = threading.Lock()
+
+    def one(source: str) -> None:
+        with manager.connect(source) as src:
+            keys = [
+                k
+                for k in src.execute(select(Customer.__table__.c.customer_id)).scalars()
+                if new.get_shard(k) != source
+            ]
+            with manager.connect("shard-5") as dst:
+                src_raw, dst_raw = src.connection.driver_connection, dst.connection.driver_connection
+                assert src_raw is not None and dst_raw is not None
+                count = 0
+                for table in TABLES:
+                    columns = ", ".join(c.name for c in table.c)
+                    order = ", ".join(c.name for c in table.primary_key.columns)
+                    out_sql = (
+                        f"COPY (SELECT {columns} FROM {table.name} WHERE customer_id = ANY(%s)"
+                        f" ORDER BY {order}) TO STDOUT (FORMAT binary)"
+                    )
+                    src_cursor = src_raw.cursor()
+                    with (
+                        src_cursor.copy(out_sql, (keys,)) as out,
+                        dst_raw.cursor().copy(
+                            f"COPY {table.name} ({columns}) FROM STDIN (FORMAT binary)"
+                        ) as into,
+                    ):
+                        for block in out:
+                            into.write(block)
+                    count += src_cursor.rowcount
+                dst.commit()
+            src.rollback()
+        with lock:
+            moved[0] += count
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(s,)) for s in FOUR]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return moved[0], time.perf_counter() - started
+
+
+def fresh_shard5(manager: ShardManager) -> None:
+    reset_shard5(manager)
+    Base.metadata.create_all(manager.engine("shard-5"))
+
+
 RESULTS: dict[str, float] = {}
 
 
@@ -204,6 +258,9 @@ def main() -> None:
                 f"data: {args.customers:,} customers, {args.customers * args.orders:,} orders, "
                 f"{args.customers * args.orders * args.items:,} items = {total:,} rows on 4 shards"
             )
+            fresh_shard5(manager)
+            copied, copy_seconds = raw_copy(manager, new)
+            reset_shard5(manager)
             install_ring(manager, ring)
             ours(manager, args, total)
 
@@ -213,6 +270,15 @@ def main() -> None:
             should_move = sum(
                 n for t in misplaced_rows(manager, new, Base, shard_ids=FOUR).values() for n in t.values()
             )
+            fresh_shard5(manager)
+            copied2, copy_seconds2 = raw_copy(manager, new)
+            fresh_shard5(manager)
+            ceiling = (copied + copied2) / (copy_seconds + copy_seconds2)
+            print("raw binary COPY of the moving rows into shard-5, nothing else (same-run ceiling):")
+            print(
+                f"  rows/s, before and after ours: {copied / copy_seconds:>10,.0f} {copied2 / copy_seconds2:>10,.0f}"
+            )
+            print(f"ratio rows/s sa_shardkit / raw COPY: {RESULTS['ours'] / ceiling:.2f}x")
             moved, seconds = offset_loop(manager, new, args.page_size)
             left = sum(
                 n for t in misplaced_rows(manager, new, Base, shard_ids=FOUR).values() for n in t.values()
