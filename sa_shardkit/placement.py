@@ -365,6 +365,36 @@ class Placement:
         """The shard a write of ``key`` goes to now (for a key not moving: its owner)."""
         return self.shards_for_key(key, write=True)[0]
 
+    def value_shards(
+        self, value: ShardKey, *, mode: str = "read", state: RingState | None = None
+    ) -> tuple[str, ...]:
+        """Where rows *positioned* by ``value``'s ring position live (lookup rows, saga log rows):
+        tables that the shard-key mover does not move, but :mod:`sa_shardkit.rebalance.positioned`
+        does, after every key moved and before the final version bump.
+
+        * ``"read"``: the value's shard in the ring, then, while a move changes it, its shard in
+          the target ring: read them **in this order** (the mover copies, then deletes);
+        * ``"write"``: where a new row goes: the target ring's shard while a move is in flight
+          (first check that the old shard stores this version, so no reader of the older version
+          reads the old shard alone);
+        * ``"lock"``: both shards, old first (the order writers take per-value locks in).
+
+        ``state`` (default: the current one) lets a caller keep one answer for a whole operation.
+        """
+        if state is None:
+            if time.monotonic() >= self._refresh_at:
+                self.maybe_refresh()
+            state = self._state
+        old = state.ring.get_shard(value)
+        if state.target is None:
+            return (self._require(old, value, state),)
+        new = state.target.get_shard(value)
+        if mode == "write":
+            return (self._require(new, value, state),)
+        if new == old:
+            return (self._require(old, value, state),)
+        return (self._require(old, value, state), self._require(new, value, state))
+
     def shards_for_key(self, key: ShardKey, *, write: bool = False) -> tuple[str, ...]:
         """For :func:`sa_shardkit.routing.shards_for_key`: where the key's rows are now.
 

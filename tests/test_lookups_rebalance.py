@@ -1,68 +1,267 @@
-"""An online shard addition keeps lookup-routed reads right: during the move every order is found by
-its order_id; afterwards the lookup (built under the old ring) is not trusted until rebuilt, and the
-rebuild puts the entries at the new ring's positions, shard-5 included."""
+"""Rebalancing moves lookup rows with their value's ring position, and lookup-routed reads stay
+exact throughout.
+
+For an online add and an online remove (each under a concurrent writer and reader), and for a real
+CLI mover SIGKILLed mid-way through moving the lookup rows and finished by ``--resume``:
+
+* during the move, every committed order is found by ``order_id ==``, by ``.in_``, by
+  ``session.get`` (order_id is the primary key) and every committed customer by its unique email,
+  each statement sent to one of the key's shards only (never a scatter);
+* afterwards, every lookup row sits on the shard its value hashes to in the new ring (each server
+  is read directly), exactly one per owning row, and the lookup is trusted without a rebuild:
+  every read goes to exactly the owner's shard and finds its row.
+"""
 
 from __future__ import annotations
 
+import itertools
 import threading
+from collections.abc import Iterator
+from typing import Any
 
+import pytest
+from click.testing import CliRunner
 from sqlalchemy import select
 
 from sa_shardkit import HashRing, ShardConfig, ShardManager
+from sa_shardkit.cli.rebalance import rebalance_command
 from sa_shardkit.lookups import lookup_named
-from sa_shardkit.lookups.build import build_lookup
 from sa_shardkit.lookups.store import forget_readiness, is_ready
-from sa_shardkit.rebalance import MoveOptions, RingRouter, add_shard, install_ring
-from tests.lookup_models import Base, LkOrder, create_schema
-from tests.test_lookups import entries, seed
+from sa_shardkit.rebalance import (
+    FleetView,
+    MoveOptions,
+    add_shard,
+    install_ring,
+    read_fleet_state,
+    remove_shard,
+)
+from tests.lookup_models import Base, LkCustomer, LkOrder, create_schema
+from tests.test_lookups import entries
+from tests.test_rebalance_kills import _kill_at
+
+FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
+ORDERS, EMAILS = "LkOrder.order_id", "LkCustomer.email"
 
 
-def test_lookup_reads_stay_right_through_an_online_move(manager: ShardManager, shard5_url: str) -> None:
-    install_ring(manager, HashRing(manager.shard_ids))
+class Fleet:
+    """What was committed: order_id -> customer_id, email -> customer_id (grows under the writer)."""
+
+    def __init__(self) -> None:
+        self.orders: dict[int, int] = {}
+        self.emails: dict[str, int] = {}
+        self.ids = itertools.count(1)
+        self.lock = threading.Lock()
+
+    def write(self, manager: ShardManager, customers: int = 1, orders_each: int = 2) -> None:
+        for _ in range(customers):  # one transaction per customer (one shard each)
+            with manager.sessionmaker()() as session:
+                cid = next(self.ids)
+                email = f"c{cid}@example.com"
+                orders = [LkOrder(customer_id=cid) for _ in range(orders_each)]
+                session.add(LkCustomer(customer_id=cid, email=email))
+                session.add_all(orders)
+                session.commit()
+                with self.lock:
+                    self.emails[email] = cid
+                    self.orders.update({o.order_id: cid for o in orders})
+
+    def snapshot(self) -> tuple[dict[int, int], dict[str, int]]:
+        with self.lock:
+            return dict(self.orders), dict(self.emails)
+
+
+def _check_reads(manager: ShardManager, fleet: Fleet, wrong: list[str], sample: int = 1) -> int:
+    """One round of lookup-routed reads of committed rows; returns the statements checked."""
+    orders, emails = fleet.snapshot()
+    sent: dict[int, list[str]] = {}
+    me = threading.get_ident()
+
+    def record(event: Any) -> None:
+        if threading.get_ident() == me and (
+            "FROM lk_orders" in event.statement or "FROM lk_customers" in event.statement
+        ):
+            sent.setdefault(me, []).append(event.shard_id)
+
+    manager.events.add(record)
+    checked = 0
+
+    def shards_of(key: int) -> set[str]:
+        state = manager.placement.state
+        return {state.ring.get_shard(key), *([state.target.get_shard(key)] if state.target else [])}
+
+    def expect(what: str, key_set: set[int], found: list[int], wanted: list[int]) -> None:
+        nonlocal checked
+        went = sent.pop(me, [])
+        allowed = set().union(*(shards_of(k) for k in key_set))
+        if sorted(found) != sorted(wanted):
+            wrong.append(f"{what}: found {found}, expected {wanted}")
+        if not went or not set(went) <= allowed or len(went) > 2 * len(allowed):
+            wrong.append(f"{what}: sent to {went}, the keys' shards are {sorted(allowed)}")
+        checked += 1
+
+    try:
+        maker = manager.sessionmaker()
+        with maker() as session:
+            for order_id, cid in list(orders.items())[::sample]:
+                found = [
+                    o.customer_id
+                    for o in session.scalars(select(LkOrder).where(LkOrder.order_id == order_id))
+                ]
+                expect(f"order_id == {order_id}", {cid}, found, [cid])
+                session.expunge_all()
+                got = session.get(LkOrder, order_id)
+                expect(f"get(LkOrder, {order_id})", {cid}, [got.customer_id] if got else [], [cid])
+                session.expunge_all()
+            some = list(orders.items())[:: max(1, len(orders) // 6)][:6]
+            if some:
+                found = [
+                    o.order_id
+                    for o in session.scalars(
+                        select(LkOrder).where(LkOrder.order_id.in_([o for o, _ in some]))
+                    )
+                ]
+                expect("order_id.in_", {c for _, c in some}, found, [o for o, _ in some])
+                session.expunge_all()
+            for email, cid in list(emails.items())[::sample]:
+                found = [
+                    c.customer_id
+                    for c in session.scalars(select(LkCustomer).where(LkCustomer.email == email))
+                ]
+                expect(f"email == {email}", {cid}, found, [cid])
+                session.expunge_all()
+    finally:
+        manager.events.remove(record)
+    return checked
+
+
+@pytest.fixture
+def fleet(manager: ShardManager) -> Iterator[Fleet]:
+    install_ring(manager, FOUR)
     create_schema(manager)
     forget_readiness()
-    owners = seed(manager, customers=40, per_customer=2)
-    router = RingRouter(manager)
+    made = Fleet()
+    made.write(manager, customers=60)
+    yield made
+
+
+def _assert_placed(manager: ShardManager, ring: HashRing, fleet: Fleet) -> None:
+    """Each server read directly: every entry on its value's shard in ``ring``, one per owning row."""
+    orders, emails = fleet.snapshot()
+    for name, owners in ((ORDERS, orders), (EMAILS, emails)):
+        stored = entries(manager, name)
+        misplaced = [(s, v) for s, pairs in stored.items() for v, _ in pairs if ring.get_shard(v) != s]
+        assert not misplaced, (
+            f"{name}: {len(misplaced)} entries off their value's shard, e.g. {misplaced[:3]}"
+        )
+        everything = sorted(p for pairs in stored.values() for p in pairs)
+        assert everything == sorted(owners.items()), name
+        assert is_ready(manager, lookup_named(name)), f"{name} is not trusted after the move"
+
+
+def _assert_exact_routes(manager: ShardManager, fleet: Fleet) -> None:
+    orders, emails = fleet.snapshot()
+    with manager.sessionmaker()() as session:
+        for order_id, cid in orders.items():
+            stmt = select(LkOrder).where(LkOrder.order_id == order_id)
+            assert manager.shards_for(stmt) == (manager.shard_for(cid),)
+            assert session.scalars(stmt).one().customer_id == cid
+        for email, cid in emails.items():
+            stmt = select(LkCustomer).where(LkCustomer.email == email)
+            assert manager.shards_for(stmt) == (manager.shard_for(cid),)
+        some = list(orders)[:7]
+        wanted = {manager.shard_for(orders[o]) for o in some}
+        assert set(manager.shards_for(select(LkOrder).where(LkOrder.order_id.in_(some)))) == wanted
+
+
+def _online(manager: ShardManager, fleet: Fleet, move: Any) -> None:
+    """Run ``move()`` under a writer and a reader; the reader's findings must be empty."""
     stop = threading.Event()
     wrong: list[str] = []
-    reads = [0]
+    checked = [0]
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            while not stop.is_set():
+                fleet.write(manager, customers=1, orders_each=2)
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            errors.append(error)
 
     def reader() -> None:
-        maker = manager.sessionmaker()
-        while not stop.is_set():
-            for order_id, customer_id in list(owners.items())[::7]:
-                with maker() as session:
-                    found = [
-                        o.customer_id
-                        for o in session.scalars(select(LkOrder).where(LkOrder.order_id == order_id))
-                    ]
-                if found != [customer_id]:
-                    wrong.append(f"order {order_id}: {found}")
-                reads[0] += 1
+        try:
+            while not stop.is_set():
+                checked[0] += _check_reads(manager, fleet, wrong, sample=5)
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            errors.append(error)
 
-    thread = threading.Thread(target=reader)
-    thread.start()
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for thread in threads:
+        thread.start()
     try:
-        add_shard(
-            manager, ShardConfig(id="shard-5", url=shard5_url), Base, options=MoveOptions(batch_size=10)
-        )
+        move()
     finally:
         stop.set()
-        thread.join()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors[:3]
     assert not wrong, wrong[:5]
-    assert reads[0] > 0
-    assert "shard-5" in router.refresh().ring
-    assert manager.ring == router.state.ring
-    index = lookup_named("LkOrder.order_id")
-    assert not is_ready(manager, index)  # entries sit at the old ring's positions: reads scatter
-    some = next(iter(owners))
-    assert len(manager.shards_for(select(LkOrder).where(LkOrder.order_id == some))) == 5
-    build_lookup(manager, index)
-    assert is_ready(manager, index)
-    moved_here = [o for o in owners if manager.shard_for(o) == "shard-5"]
-    assert moved_here and {v for v, _ in entries(manager, "LkOrder.order_id")["shard-5"]} >= set(moved_here)
-    with manager.sessionmaker()() as session:
-        for order_id, customer_id in owners.items():
-            stmt = select(LkOrder).where(LkOrder.order_id == order_id)
-            assert manager.shards_for(stmt) == (manager.shard_for(customer_id),)
-            assert session.scalars(stmt).one().customer_id == customer_id
+    assert checked[0] > 0
+
+
+def test_an_online_add_then_remove_moves_every_lookup_row(
+    manager: ShardManager, shard5_url: str, fleet: Fleet
+) -> None:
+    before = len(fleet.orders)
+    manager.add_shard(ShardConfig(id="shard-5", url=shard5_url))  # before the sessions are made
+    _online(manager, fleet, lambda: add_shard(manager, "shard-5", Base, options=MoveOptions(batch_size=10)))
+    five = FOUR.add_shard("shard-5")
+    assert manager.ring == five and len(fleet.orders) > before  # the writer wrote during the move
+    on_five = [v for v, _ in entries(manager, ORDERS)["shard-5"]]
+    assert on_five, "no order_id entry moved to the new shard"
+    _assert_placed(manager, five, fleet)
+    _assert_exact_routes(manager, fleet)
+
+    _online(
+        manager, fleet, lambda: remove_shard(manager, "shard-2", Base, options=MoveOptions(batch_size=10))
+    )
+    four = five.remove_shard("shard-2")
+    assert manager.ring == four
+    assert entries(manager, ORDERS)["shard-2"] == set() and entries(manager, EMAILS)["shard-2"] == set()
+    _assert_placed(manager, four, fleet)
+    _assert_exact_routes(manager, fleet)
+
+
+LOOKUP_STOPS = {
+    "email rows copied, not yet deleted on the source": {
+        "sql": "DELETE FROM shardkit_lookup_lk_customers_email",
+        "nth": 1,
+    },
+    "order_id rows half moved": {"sql": "DELETE FROM shardkit_lookup_lk_orders_order_id", "nth": 2},
+}
+
+
+@pytest.mark.parametrize("stop", list(LOOKUP_STOPS.values()), ids=list(LOOKUP_STOPS))
+def test_a_mover_killed_while_moving_lookup_rows_is_finished_by_resume(
+    manager: ShardManager, shard5_url: str, fleet: Fleet, stop: dict[str, Any]
+) -> None:
+    urls = [
+        a for s in FOUR.shard_ids for a in ("--url", manager.config(s).primary_url.render_as_string(False))
+    ]
+    models = ["--models", "tests.lookup_models:Base"]
+    _kill_at([*urls, *models, "--add", "shard-5", shard5_url, "--batch-size", "50"], stop)
+    five = FOUR.add_shard("shard-5")
+    config = {**{s: manager.config(s).primary_url for s in FOUR.shard_ids}, "shard-5": shard5_url}
+    with ShardManager.from_urls(config) as everything:
+        view = FleetView(read_fleet_state(everything))
+        assert view.unfinished is not None and view.unfinished.target == five  # killed mid-move
+        wrong: list[str] = []
+        forget_readiness()
+        assert _check_reads(everything, fleet, wrong) > 0  # in the crash window: every row found
+        assert not wrong, wrong[:5]
+    result = CliRunner().invoke(rebalance_command, [*urls, *models, "--resume"])
+    assert result.exit_code == 0, result.output
+    with ShardManager.from_urls(config) as everything:
+        forget_readiness()
+        assert everything.ring == five
+        _assert_placed(everything, five, fleet)
+        _assert_exact_routes(everything, fleet)

@@ -17,24 +17,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, func, select, tuple_
+from sqlalchemy import and_, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Connection
 
 from ..errors import LookupIndexError
+from ..ring import HashRing
 from ..routing import ring_shards, shards_for_key
 from .declaration import LookupIndex, declared_lookups, lookup_metadata, lookup_state_table
 from .store import (
     RING_KEY,
+    RINGS_KEY,
     Entry,
     LookupConnections,
     delete_entries,
-    existing_keys,
     forget_readiness,
     insert_entries,
     lock_values,
+    other_holders,
     owner_has,
     ring_fingerprint,
     take_over,
+    trusted_rings,
 )
 
 if TYPE_CHECKING:
@@ -132,15 +136,10 @@ def _backfill(manager: ShardManager, index: LookupIndex, entries: list[Entry], r
         return 0
     conns = LookupConnections(manager)
     try:
-        created = insert_entries(conns, entries, shared=not index.unique)
+        old_holders: dict[Any, Any] = {}
+        created = insert_entries(conns, entries, shared=not index.unique, old_holders=old_holders)
         if index.unique:
-            made = {(e.value, e.key) for e in created}
-            pending = [e for e in entries if (e.value, e.key) not in made]
-            current = existing_keys(conns, index, [e.value for e in pending]) if pending else {}
-            for entry in pending:
-                holder = current.get(entry.value)
-                if holder is None or holder == entry.key:
-                    continue
+            for entry, holder in other_holders(conns, entries, created, old_holders):
                 if owner_has(manager, index, entry.value, holder):
                     report.duplicates.append((entry.value, holder, entry.key))
                 else:
@@ -228,3 +227,56 @@ def _store_state(manager: ShardManager, index: LookupIndex, state: str, progress
         with manager.connect(shard) as conn:
             conn.execute(stmt)
             conn.commit()
+
+
+# -- rebalancing (sa_shardkit.rebalance.lookup_tables) ---------------------------------------------
+
+
+def carry_readiness(manager: ShardManager, index: LookupIndex, old: HashRing, new: HashRing) -> None:
+    """Every entry was moved to its value's position in ``new``: trust the lookup under ``new`` as
+    under ``old`` (a lookup not ready under ``old`` stays as it is; its build starts again)."""
+    create_lookup_tables(manager, [index])  # joining shards get the state and lookup tables too
+    shard = ring_shards(manager)[0]
+    with manager.connect(shard) as conn:
+        row = conn.execute(
+            select(lookup_state_table.c.state, lookup_state_table.c.progress).where(
+                lookup_state_table.c.name == index.name
+            )
+        ).first()
+        conn.rollback()
+    if row is None or row.state != "ready":
+        return
+    progress = dict(json.loads(row.progress) if isinstance(row.progress, str) else row.progress)
+    trusted = list(trusted_rings(progress))
+    fingerprint = ring_fingerprint(new)
+    if ring_fingerprint(old) not in trusted or fingerprint in trusted:
+        return
+    progress[RINGS_KEY] = [*trusted[-3:], fingerprint]
+    _store_state(manager, index, "ready", progress)
+    forget_readiness()
+
+
+def settle_move_conflict(
+    manager: ShardManager, index: LookupIndex, conn: Connection, source_key: Any, target_key: Any, value: Any
+) -> bool:
+    """A unique entry being moved meets another key's entry for ``value`` on the target (``conn``,
+    in the mover's open target transaction). Under the value's lock, the entry whose owning row
+    exists wins; True when the source's entry may be deleted, False when a writer holds the
+    value (the mover retries). Two owning rows holding the value raise :class:`LookupIndexError`."""
+    if not conn.execute(select(func.pg_try_advisory_xact_lock(index.lock_id(value)))).scalar():
+        return False
+    source_owned = owner_has(manager, index, value, source_key)
+    if source_owned and owner_has(manager, index, value, target_key):
+        raise LookupIndexError(
+            f"lookup {index.describe()} is unique, but {index.describe()} = {value!r} is held by two rows "
+            f"({index.key_attribute}={source_key!r} and {target_key!r}); make one of them unique and run "
+            "the rebalance again (--resume): nothing was lost"
+        )
+    if source_owned:
+        table = index.table
+        conn.execute(
+            update(table)
+            .where(and_(table.c.value == value, table.c.shard_key == target_key))
+            .values(shard_key=source_key)
+        )
+    return True

@@ -34,9 +34,9 @@ from .store import (
     Entry,
     LookupConnections,
     delete_entries,
-    existing_keys,
     insert_entries,
     lock_values,
+    other_holders,
     owner_has,
     take_over,
 )
@@ -147,24 +147,19 @@ def write_entries(
         for other in (prior, mine):
             if other is not None and other != entry.key:
                 raise _duplicate(manager, index, entry, other, True)
-    created = insert_entries(work.conns, entries, shared=False)
+    old_holders: dict[Any, Any] = {}  # entries at the old position of values a move changes
+    created = insert_entries(work.conns, entries, shared=False, old_holders=old_holders)
     work.created.extend(created)
     for entry in created:
         work.written[(index.name, entry.value)] = entry.key
     done = {e.value for e in created}
-    pending = [e for e in entries if e.value not in done]
-    if not pending:
-        return
-    current = existing_keys(work.conns, index, [e.value for e in pending])
-    for entry in pending:
-        holder = current.get(entry.value)
-        if holder is None:  # removed between the two statements? not under our lock; insert again
-            work.created.extend(insert_entries(work.conns, [entry], shared=False))
-        elif holder != entry.key:
-            if owner_has(manager, index, entry.value, holder):
-                raise _duplicate(manager, index, entry, holder, False)
-            take_over(work.conns, entry, holder)  # a stale entry: its row never committed or is gone
+    for entry, holder in other_holders(work.conns, entries, created, old_holders):
+        if owner_has(manager, index, entry.value, holder):
+            raise _duplicate(manager, index, entry, holder, False)
+        take_over(work.conns, entry, holder)  # a stale entry: its row never committed or is gone
+        if entry.value not in done:
             work.created.append(entry)
+    for entry in entries:
         work.written[(index.name, entry.value)] = entry.key
 
 

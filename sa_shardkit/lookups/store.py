@@ -18,15 +18,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, delete, func, literal_column, select, text, update
+from sqlalchemy import and_, column, delete, func, literal_column, null, select, table, text, tuple_, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 from xxhash import xxh3_64_intdigest
 
-from ..errors import LookupIndexError, ShardUnavailableError
+from ..errors import LookupIndexError, ShardUnavailableError, StaleRingError
 from ..faults import unavailable
 from ..ring import HashRing
+from ..ring_state import STATE_TABLE, RingState
 from ..routing import ring_shards, shards_for_key
 from .declaration import LookupIndex, lookup_state_table
 
@@ -40,13 +41,32 @@ READY_RECHECK_SECONDS = 5.0
 """A lookup not built yet is re-checked at most this often (reads scatter until it is built)."""
 
 
-def lookup_shards(manager: ShardManager, values: Iterable[Any], *, write: bool) -> dict[str, list[Any]]:
-    """Lookup shard -> the values whose entries it holds (a lookup row lives at its value's ring position)."""
+def lookup_shards(
+    manager: ShardManager, values: Iterable[Any], *, write: bool, state: RingState | None = None
+) -> dict[str, list[Any]]:
+    """Lookup shard -> the values whose entries it holds (a lookup row lives at its value's ring
+    position). ``write``: where new entries go (the target ring's position while a move is in
+    flight); else every position an entry may be at (old first)."""
+    return value_groups(manager, values, "write" if write else "lock", state)
+
+
+def value_groups(
+    manager: ShardManager, values: Iterable[Any], mode: str, state: RingState | None = None
+) -> dict[str, list[Any]]:
+    """Shard -> values, for :meth:`~sa_shardkit.placement.Placement.value_shards` ``mode``."""
+    placement = manager.placement
     groups: dict[str, list[Any]] = {}
     for value in values:
-        for shard in shards_for_key(manager, value, write=write):
+        for shard in placement.value_shards(value, mode=mode, state=state):
             groups.setdefault(shard, []).append(value)
     return groups
+
+
+def current_state(manager: ShardManager) -> RingState:
+    """The ring state routing uses now (re-read first when due): one answer for one operation."""
+    placement = manager.placement
+    placement.maybe_refresh()
+    return placement.state
 
 
 def sql_type(column: Any) -> str:
@@ -54,17 +74,67 @@ def sql_type(column: Any) -> str:
 
 
 def resolve(manager: ShardManager, index: LookupIndex, values: Sequence[Any]) -> dict[Any, set[Any]]:
-    """value -> the shard keys its entries name (one query per lookup shard, committed data)."""
-    found: dict[Any, set[Any]] = {}
-    table = index.table
-    groups = lookup_shards(manager, values, write=False)
-    for shard, group in lookup_shards(manager, values, write=True).items():  # mid-move: both places
-        groups[shard] = list({*groups.get(shard, []), *group})
-    for shard, group in groups.items():
-        query = select(table.c.value, table.c.shard_key).where(table.c.value.in_(group))
-        for value, key in autocommit_rows(manager, shard, query):
-            found.setdefault(value, set()).add(key)
-    return found
+    """value -> the shard keys its entries name (one query per lookup shard, committed data).
+
+    While a move changes a value's position, its old shard is read before its new one (the mover
+    copies, then deletes), so an entry committed before the call is seen on one of them. Each query
+    also reads the shard's stored ring version: a newer one than routing used means entries may
+    have moved under it, so the ring is re-read and the lookup read again.
+    """
+    for _ in range(MAX_REREADS):
+        state = current_state(manager)
+        first: dict[str, list[Any]] = {}
+        then: dict[str, list[Any]] = {}
+        for value in values:
+            shards = manager.placement.value_shards(value, mode="read", state=state)
+            first.setdefault(shards[0], []).append(value)
+            if len(shards) > 1:
+                then.setdefault(shards[1], []).append(value)
+        found: dict[Any, set[Any]] = {}
+        newer = False
+        for groups in (first, then):
+            for shard, group in groups.items():
+                try:
+                    rows = autocommit_rows(manager, shard, _entries_query(index, group, state))
+                except Exception as error:
+                    if not (_no_ring_table(error) and shard not in state.ring):
+                        raise
+                    continue  # a joining shard before its start bump: no writer wrote there yet
+                for row in rows:
+                    if state.version and row[0] is not None and int(row[0]) > state.version:
+                        newer = True
+                    if row[1] is not None:
+                        found.setdefault(row[1], set()).add(row[2])
+                if newer:
+                    break
+            if newer:
+                break
+        if not newer:
+            return found
+        manager.placement.refresh(log_failures=False)
+    raise StaleRingError(f"lookup {index.describe()}: the ring kept changing while it was read; retry")
+
+
+MAX_REREADS = 20
+
+_ring_state = table("shardkit_ring_state", column("version"))
+
+
+def _no_ring_table(error: BaseException) -> bool:
+    """The shard has no ``shardkit_ring_state`` (a joining shard before the move's start bump)."""
+    orig = getattr(error, "orig", error)
+    return getattr(orig, "sqlstate", None) == "42P01" and STATE_TABLE in str(orig)
+
+
+def _entries_query(index: LookupIndex, values: Sequence[Any], state: RingState) -> Any:
+    """(shard's ring version, value, key) of the values' entries; the version row comes even when
+    none matches. Without a stored ring, (None, value, key)."""
+    entries = index.table
+    if not state.version:
+        return select(null(), entries.c.value, entries.c.shard_key).where(entries.c.value.in_(values))
+    return select(_ring_state.c.version, entries.c.value, entries.c.shard_key).select_from(
+        _ring_state.outerjoin(entries, entries.c.value.in_(values))
+    )
 
 
 def autocommit_rows(manager: ShardManager, shard: str, query: Any) -> list[Any]:
@@ -111,10 +181,11 @@ def owner_has(manager: ShardManager, index: LookupIndex, value: Any, key: Any) -
 
 # -- readiness ------------------------------------------------------------------------------------
 
-_ready: weakref.WeakKeyDictionary[ShardManager, dict[str, tuple[str | None, float]]] = (
+_ready: weakref.WeakKeyDictionary[ShardManager, dict[str, tuple[tuple[str, ...], float, str]]] = (
     weakref.WeakKeyDictionary()
 )
-"""manager -> lookup -> (the ring fingerprint it was built for, when that was read)."""
+"""manager -> lookup -> (the ring fingerprints it is trusted under, when that was read, the
+fingerprint of the ring routing used then)."""
 _fingerprints: dict[int, tuple[HashRing, str]] = {}
 
 
@@ -131,21 +202,26 @@ def ring_fingerprint(ring: HashRing) -> str:
 
 
 def is_ready(manager: ShardManager, index: LookupIndex) -> bool:
-    """Whether reads may trust ``index``: built (``shardkit lookups build``) under the current ring.
+    """Whether reads may trust ``index``: built (``shardkit lookups build``) and its entries at the
+    positions of the ring routing uses.
 
-    Before it is built a missing entry could hide a row; after the ring changed (a rebalance) the
-    entries sit at the old ring's positions. Both read every shard until the next build; the stored
-    state is re-read at most every READY_RECHECK_SECONDS.
+    Before it is built a missing entry could hide a row. A rebalance moves the entries with their
+    values' positions (:mod:`sa_shardkit.rebalance.lookup_tables`) and then adds the new ring to
+    the rings the lookup is trusted under, before the final version bump; a ring it was not moved
+    to (a ring changed some other way) reads every shard until the next build. The stored state
+    is re-read at most every READY_RECHECK_SECONDS.
     """
     current = ring_fingerprint(manager.ring)
     known = _ready.setdefault(manager, {})
     cached = known.get(index.name)
     now = time.monotonic()
-    if cached is not None and (cached[0] == current or now - cached[1] < READY_RECHECK_SECONDS):
-        return cached[0] == current
-    state, built_for = read_state(manager, index)
-    known[index.name] = (built_for if state == "ready" else None, now)
-    return state == "ready" and built_for == current
+    if cached is not None and (
+        current in cached[0] or (cached[2] == current and now - cached[1] < READY_RECHECK_SECONDS)
+    ):
+        return current in cached[0]
+    state, trusted = read_state(manager, index)  # also at once when the ring changed (a move ended)
+    known[index.name] = (trusted if state == "ready" else (), now, current)
+    return state == "ready" and current in trusted
 
 
 def forget_readiness() -> None:
@@ -153,8 +229,8 @@ def forget_readiness() -> None:
     _ready.clear()
 
 
-def read_state(manager: ShardManager, index: LookupIndex) -> tuple[str | None, str | None]:
-    """(state, ring fingerprint it was built for) on the catalog shard (the first ring shard)."""
+def read_state(manager: ShardManager, index: LookupIndex) -> tuple[str | None, tuple[str, ...]]:
+    """(state, ring fingerprints it is trusted under) on the catalog shard (the first ring shard)."""
     shard = ring_shards(manager)[0]
     query = select(lookup_state_table.c.state, lookup_state_table.c.progress).where(
         lookup_state_table.c.name == index.name
@@ -165,15 +241,26 @@ def read_state(manager: ShardManager, index: LookupIndex) -> tuple[str | None, s
     except ShardUnavailableError:
         raise
     except DBAPIError:  # no state table yet: not built
-        return None, None
+        return None, ()
     if row is None:
-        return None, None
+        return None, ()
     progress = row.progress if isinstance(row.progress, dict) else {}
-    return row.state, progress.get(RING_KEY)
+    return row.state, trusted_rings(progress)
+
+
+def trusted_rings(progress: dict[str, Any]) -> tuple[str, ...]:
+    """The ring fingerprints a state row's progress says the entries are placed for."""
+    rings = progress.get(RINGS_KEY)
+    if isinstance(rings, list):
+        return tuple(str(r) for r in rings)
+    built = progress.get(RING_KEY)
+    return (str(built),) if built else ()
 
 
 RING_KEY = "_ring"
 """The key of the build's ring fingerprint in the state row's progress."""
+RINGS_KEY = "_rings"
+"""The rings (fingerprints) a rebalance moved the entries to, the build's first."""
 
 
 # -- writes ---------------------------------------------------------------------------------------
@@ -238,60 +325,169 @@ def _unlock_all(conns: list[Connection]) -> None:
 
 
 def lock_values(conns: LookupConnections, index: LookupIndex, values: Sequence[Any], *, shared: bool) -> None:
-    """Take the advisory lock of each value (sorted, on its lookup shard), held until release()."""
-    for shard, group in lookup_shards(conns.manager, values, write=True).items():
-        _locked(conns.conn(shard), index, sorted({index.lock_id(v) for v in group}), shared, "SELECT 1")
+    """Take the advisory lock of each value at every position it has (old shard first, values
+    sorted per shard), held until release()."""
+    state = current_state(conns.manager)
+    for groups in _lock_phases(conns.manager, values, state):
+        for shard in sorted(groups):
+            _lock(conns.conn(shard), index, groups[shard], shared, state)
 
 
-def insert_entries(conns: LookupConnections, entries: Sequence[Entry], *, shared: bool) -> list[Entry]:
+def _lock_phases(
+    manager: ShardManager, values: Iterable[Any], state: RingState
+) -> list[dict[str, list[Any]]]:
+    """The values by shard, old positions (of values a move changes) first, then current/new ones."""
+    old: dict[str, list[Any]] = {}
+    new: dict[str, list[Any]] = {}
+    for value in values:
+        shards = manager.placement.value_shards(value, mode="lock", state=state)
+        if len(shards) > 1:
+            old.setdefault(shards[0], []).append(value)
+        new.setdefault(shards[-1], []).append(value)
+    return [old, new]
+
+
+def insert_entries(
+    conns: LookupConnections,
+    entries: Sequence[Entry],
+    *,
+    shared: bool,
+    old_holders: dict[Any, Any] | None = None,
+) -> list[Entry]:
     """Lock each value and insert its entry (existing entries are left alone): one statement per
     lookup shard. Returns the entries that were not there before (for a unique lookup: the
-    values whose entry already names some key, to be checked by the caller, are not among them)."""
+    values whose entry already names some key, to be checked by the caller, are not among them).
+
+    Each insert checks the shard's stored ring version in the same statement (``FOR KEY SHARE``
+    of its state row, so a version bump waits for it): a newer version than routing used makes
+    it insert nothing, re-read the ring and start again. While a move changes a value's
+    position, the value is first locked at its old shard, which also tells that shard's version:
+    once the move's start bump reached it, the entry goes to the new position (the mover copies
+    the old shard's entries after every shard was bumped); before, to the old shard, fenced so
+    that the bump waits for it (the mover copies it then). Either way a reader of either version
+    finds it. Nothing waits for a bump. ``old_holders`` (unique lookups) receives value -> key of
+    the entries found at old positions.
+    """
     if not entries:
         return []
     index = entries[0].index
-    created: list[Entry] = []
-    for shard, group in lookup_shards(conns.manager, [e.value for e in entries], write=True).items():
-        mine = [e for e in entries if e.value in group]
-        table = index.table
-        sql = (
-            f"INSERT INTO {table.name} (value, shard_key) "
-            f"SELECT v, k FROM unnest(CAST(:values AS {sql_type(index.column)}[]), "
-            f"CAST(:keys AS {sql_type(index.key_column)}[])) AS u(v, k), locked "
-            "ON CONFLICT DO NOTHING RETURNING value, shard_key"
-        )
-        ids = sorted({index.lock_id(e.value) for e in mine})
-        rows = _locked(
-            conns.conn(shard),
-            index,
-            ids,
-            shared,
-            sql,
-            values=[e.value for e in mine],
-            keys=[e.key for e in mine],
-        )
-        inserted = {(value, key) for value, key in rows}
-        created.extend(e for e in mine if (e.value, e.key) in inserted)
-    return created
+    manager = conns.manager
+    inserted: set[tuple[Any, Any]] = set()
+    for _ in range(MAX_REREADS):
+        state = current_state(manager)
+        old, new = _lock_phases(manager, [e.value for e in entries], state)
+        newer = False
+        # shard -> (values to write there, the newest stored version the write may find there)
+        targets: dict[str, tuple[set[Any], int | None]] = {}
+        pre_bump: set[Any] = set()
+        for shard in sorted(old):
+            version = _lock(conns.conn(shard), index, old[shard], shared, state)
+            if version is not None and version > state.version:
+                newer = True
+                break
+            if version is not None and version < state.version:  # not bumped yet: a write of before
+                pre_bump.update(old[shard])
+                targets[shard] = (set(old[shard]), state.version - 1)
+            if old_holders is not None:
+                old_holders.update(_read_entries(conns.conn(shard), index, old[shard]))
+        if not newer:
+            for shard in sorted(new):
+                wanted = {v for v in new[shard] if v not in pre_bump}
+                if wanted:
+                    targets[shard] = (wanted, state.version or None)
+            for shard in sorted(targets):
+                wanted, limit = targets[shard]
+                mine = [e for e in entries if e.value in wanted]
+                rows, version = _insert(conns.conn(shard), index, mine, shared, limit)
+                inserted.update(rows)
+                if version is not None and limit is not None and version > limit:
+                    newer = version > state.version  # else the old shard was just bumped: again
+                    break
+            else:
+                return [e for e in entries if (e.value, e.key) in inserted]
+        if newer:
+            manager.placement.refresh(log_failures=False)
+    raise StaleRingError(f"lookup {index.describe()}: the ring kept changing while it was written; retry")
 
 
-def _locked(
-    conn: Connection, index: LookupIndex, ids: list[int], shared: bool, statement: str, **params: Any
-) -> list[Any]:
-    """Run ``statement`` after taking the advisory locks ``ids`` in the same round trip.
+def _lock_sql(index: LookupIndex, shared: bool) -> str:
+    """CTEs taking the advisory locks ``:ids`` (sorted) in the statement that uses them.
 
     ``set_config(..., true)`` bounds the wait for this statement only: the pooled connection keeps
     its own settings for whoever uses it next.
     """
     function = "pg_advisory_lock_shared" if shared else "pg_advisory_lock"
-    sql = (
+    return (
         f"WITH cfg AS (SELECT set_config('lock_timeout', '{LOCK_TIMEOUT_MS}', true) AS s), "
         f"locked AS (SELECT count({function}(id)) AS n FROM (SELECT unnest(CAST(:ids AS bigint[])) AS id "
         "ORDER BY 1) AS ordered, cfg) "
     )
-    sql += statement if statement.startswith("INSERT") else f"{statement} FROM locked"
+
+
+def _lock(
+    conn: Connection, index: LookupIndex, values: Sequence[Any], shared: bool, state: RingState
+) -> int | None:
+    """Take the values' locks on ``conn``; returns the shard's stored ring version (None: no ring)."""
+    ids = sorted({index.lock_id(v) for v in values})
+    fenced = bool(state.version)
+    tail = f"SELECT version FROM {STATE_TABLE}, locked" if fenced else "SELECT NULL FROM locked"
     try:
-        return list(conn.execute(text(sql), {"ids": ids, **params}))
+        rows = _run(conn, index, _lock_sql(index, shared) + tail, ids=ids)
+    except DBAPIError as error:
+        if fenced and _no_ring_table(error):
+            return -1  # a joining shard before the move's start bump: behind
+        raise
+    return int(rows[0][0]) if fenced and rows else None
+
+
+def _insert(
+    conn: Connection, index: LookupIndex, entries: Sequence[Entry], shared: bool, limit: int | None
+) -> tuple[set[tuple[Any, Any]], int | None]:
+    """Lock and insert ``entries`` in one statement; returns the (value, key) pairs inserted and
+    the shard's stored ring version. With ``limit`` (a stored ring), nothing is inserted when that
+    version is newer than ``limit``; a joining shard that stores no ring yet is written unfenced
+    (nothing newer can be stored there)."""
+    ids = sorted({index.lock_id(e.value) for e in entries})
+    rows_sql = (
+        f"SELECT v, k FROM unnest(CAST(:values AS {sql_type(index.column)}[]), "
+        f"CAST(:keys AS {sql_type(index.key_column)}[])) AS u(v, k)"
+    )
+    insert = f"INSERT INTO {index.table.name} (value, shard_key) "
+    params: dict[str, Any] = {
+        "ids": ids,
+        "values": [e.value for e in entries],
+        "keys": [e.key for e in entries],
+    }
+    plain = f"{_lock_sql(index, shared)}{insert}{rows_sql}, locked ON CONFLICT DO NOTHING RETURNING value, shard_key"
+    if limit is None:
+        return {(v, k) for v, k in _run(conn, index, plain, **params)}, None
+    sql = (
+        f"{_lock_sql(index, shared)}, fence AS (SELECT version FROM {STATE_TABLE}, locked FOR KEY SHARE OF "
+        f"{STATE_TABLE}), ins AS ({insert}{rows_sql}, fence WHERE fence.version <= :version "
+        "ON CONFLICT DO NOTHING RETURNING value, shard_key) "
+        "SELECT value, shard_key, NULL AS version FROM ins UNION ALL SELECT NULL, NULL, version FROM fence"
+    )
+    params["version"] = limit
+    inserted: set[tuple[Any, Any]] = set()
+    version: int | None = None
+    try:
+        rows = _run(conn, index, sql, **params)
+    except DBAPIError as error:
+        if not _no_ring_table(error):
+            raise
+        params.pop("version")  # a joining shard before the move's start bump
+        return {(v, k) for v, k in _run(conn, index, plain, **params)}, None
+    for value, key, stored in rows:
+        if stored is not None:
+            version = int(stored)
+        else:
+            inserted.add((value, key))
+    return inserted, version
+
+
+def _run(conn: Connection, index: LookupIndex, sql: str, **params: Any) -> list[Any]:
+    try:
+        return list(conn.execute(text(sql), params))
     except OperationalError as error:
         if "lock timeout" in str(error.orig).lower():
             raise LookupIndexError(
@@ -301,35 +497,71 @@ def _locked(
         raise
 
 
-def existing_keys(conns: LookupConnections, index: LookupIndex, values: Sequence[Any]) -> dict[Any, Any]:
-    """value -> the key its (unique) entry names, read on the connections holding the values' locks."""
-    out: dict[Any, Any] = {}
+def _read_entries(conn: Connection, index: LookupIndex, values: Sequence[Any]) -> dict[Any, Any]:
     table = index.table
-    for shard, group in lookup_shards(conns.manager, values, write=True).items():
-        query = select(table.c.value, table.c.shard_key).where(table.c.value.in_(group))
-        out.update({value: key for value, key in conns.conn(shard).execute(query)})
+    query = select(table.c.value, table.c.shard_key).where(table.c.value.in_(list(values)))
+    return {value: key for value, key in conn.execute(query)}
+
+
+def existing_keys(conns: LookupConnections, index: LookupIndex, values: Sequence[Any]) -> dict[Any, set[Any]]:
+    """value -> the keys its (unique) entries name at every position it has (one while no move
+    changes it), read on the connections holding the values' locks."""
+    out: dict[Any, set[Any]] = {}
+    for shard, group in lookup_shards(conns.manager, values, write=False).items():
+        for value, key in _read_entries(conns.conn(shard), index, group).items():
+            out.setdefault(value, set()).add(key)
     return out
 
 
+def other_holders(
+    conns: LookupConnections, entries: Sequence[Entry], created: Sequence[Entry], old_holders: dict[Any, Any]
+) -> list[tuple[Entry, Any]]:
+    """For a unique lookup after :func:`insert_entries`: (entry, key) for every other key an entry
+    of the entry's value names (values locked). An entry that was not inserted and whose value has
+    no entry at all any more is inserted again."""
+    if not entries:
+        return []
+    index = entries[0].index
+    done = {e.value for e in created}
+    pending = [e for e in entries if e.value not in done]
+    current = existing_keys(conns, index, [e.value for e in pending]) if pending else {}
+    found: list[tuple[Entry, Any]] = []
+    for entry in entries:
+        holders = set(current.get(entry.value, ()))
+        if entry.value in old_holders:
+            holders.add(old_holders[entry.value])
+        if entry.value not in done and not holders:  # gone between the two statements: again
+            insert_entries(conns, [entry], shared=False)
+        found.extend((entry, holder) for holder in sorted(holders - {entry.key}, key=repr))
+    return found
+
+
 def take_over(conns: LookupConnections, entry: Entry, stale_key: Any) -> None:
-    """Point a unique entry whose owning row does not exist at ``entry.key`` (the value's lock is held)."""
+    """Point a unique entry whose owning row does not exist at ``entry.key``, wherever it is (the
+    value's lock is held)."""
     table = entry.index.table
-    (shard,) = lookup_shards(conns.manager, [entry.value], write=True)
-    conns.conn(shard).execute(
-        update(table)
-        .where(and_(table.c.value == entry.value, table.c.shard_key == stale_key))
-        .values(shard_key=entry.key)
-    )
+    for shard in lookup_shards(conns.manager, [entry.value], write=False):
+        conns.conn(shard).execute(
+            update(table)
+            .where(and_(table.c.value == entry.value, table.c.shard_key == stale_key))
+            .values(shard_key=entry.key)
+        )
 
 
 def delete_entries(conns: LookupConnections, entries: Iterable[Entry]) -> int:
-    """Delete these exact entries (their values' exclusive locks are held by the caller)."""
-    removed = 0
+    """Delete these exact entries at every position they may be at (their values' exclusive locks
+    are held by the caller): one statement per lookup and shard."""
+    by_index: dict[LookupIndex, list[Entry]] = {}
     for entry in entries:
-        table = entry.index.table
-        for shard in lookup_shards(conns.manager, [entry.value], write=True):
+        by_index.setdefault(entry.index, []).append(entry)
+    removed = 0
+    for index, mine in by_index.items():
+        table = index.table
+        for shard, values in lookup_shards(conns.manager, [e.value for e in mine], write=False).items():
+            wanted = set(values)
+            pairs = list({(e.value, e.key) for e in mine if e.value in wanted})
             result = conns.conn(shard).execute(
-                delete(table).where(and_(table.c.value == entry.value, table.c.shard_key == entry.key))
+                delete(table).where(tuple_(table.c.value, table.c.shard_key).in_(pairs))
             )
             removed += result.rowcount
     return removed

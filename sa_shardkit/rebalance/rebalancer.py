@@ -6,6 +6,8 @@
    ring), each under ``FOR UPDATE`` of its state row, before any row moves; routing keeps every key
    on its old shard until that key's batch is cut over;
 3. **move**: each source shard is drained by a :class:`~.mover.SourceMover` (sources in parallel);
+   then rows positioned by another column's ring position (lookup rows: :mod:`.positioned`,
+   :mod:`.lookup_tables`) go to their target-ring shards;
 4. **finish**: every shard is bumped to ``v+2`` = (target ring, nothing in flight), the reference
    tables of joining shards are refreshed and the staging tables dropped on every shard of the move.
 
@@ -36,11 +38,15 @@ from .catalog import (
 from .control import MoveControl
 from .fleet import FleetView
 from .join import prepare_joining_shard
+from .lookup_tables import register as _register_lookup_tables
 from .mover import MoveOptions, SourceMover, drop_leftover_stages
 from .plan import RebalancePlan, plan_rebalance, range_moves
+from .positioned import finish_positioned, move_positioned, positioned_tables, prepare_positioned
 from .progress import ProgressCallback, ProgressTracker
 from .record import MoveRecord, read_records, url_without_password, write_record
 from .tables import TableSet, TableSource, table_set
+
+_register_lookup_tables()
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,8 @@ def rebalance(
     moving_from = {m.source for m in range_moves(moving.ring, new_ring)}
     sources = [s for s in moving.ring.shard_ids if s in moving_from]
     _drain(manager, moving, spec, sources, options, tracker, control or MoveControl())
+    # rows placed by another column's ring position (lookup rows, ...): after the keys, before the bump
+    move_positioned(manager, moving, positioned_tables(manager, spec), sources, timeout=options.lock_timeout)
     tracker.phase("finish")
     final = _finish(manager, spec, moving)
     tracker.phase("done")
@@ -176,6 +184,7 @@ def _finish(manager: ShardManager, spec: TableSet, moving: RingState) -> RingSta
     joining = [s for s in moving.target.shard_ids if s not in moving.ring]
     if joining:
         _copy_reference(manager, spec, moving.ring.shard_ids[0], joining)
+    finish_positioned(manager, moving, positioned_tables(manager, spec))
     final = RingState(moving.version + 1, moving.target)
     write_state(manager, final, moving.shard_ids)  # shards already bumped are kept as they are
     drop_leftover_stages(manager, _configured(manager, moving.shard_ids))  # of older versions
@@ -347,6 +356,7 @@ def _prepare(
     routing can reach them (:mod:`.join`); raises before anything moves when that fails."""
     for shard_id in joining:
         prepare_joining_shard(manager, shard_id, old.shard_ids, spec, migrations)
+        prepare_positioned(manager, positioned_tables(manager, spec), shard_id)
     if joining:
         _copy_reference(manager, spec, old.shard_ids[0], joining)
 
