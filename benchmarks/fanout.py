@@ -6,8 +6,12 @@ holds N / servers databases), each answering ``SELECT pg_sleep(0.05)``. Two path
 * ``thread pool (before)``: the path ``manager.query_all_shards`` took before the flat fan-out, kept
   here for comparison: a reachability probe (one checkout per shard), then the query in a shared
   32-thread pool, each shard in its own BEGIN/COMMIT (``SHARDKIT_SCATTER_WORKERS`` was 32).
-* ``query_all_shards`` and ``run_on_all`` (now): one checkout per shard whose pre-ping is the
-  reachability check, the statement autocommitted on it (one round trip), a thread per shard.
+* ``thread per shard``: the flat fan-out as it was before the hub (last session's path, kept here
+  for comparison): one checkout per shard whose pre-ping is the reachability check, the statement
+  autocommitted on it, each shard in its own worker thread.
+* ``query_all_shards`` and ``run_on_all`` (now): the same checkout and statement, but every shard
+  with a warm pooled connection runs as a greenlet of the calling thread and one selector waits for
+  all the sockets (``sa_shardkit.multiplex``): no thread per shard.
 
 Each figure is the best of ``--rounds`` (default 5) after a warm-up round; every path runs in the
 same process, interleaved round by round, so all see the same machine load. Targets: <= 1.3x one
@@ -19,6 +23,7 @@ Run: python benchmarks/fanout.py [--shards 1,4,16,64,256] [--servers 4] [--round
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +31,10 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import text
+from sqlalchemy.engine import Connection
 
 from sa_shardkit import ShardManager
+from sa_shardkit.scatter.connected import fan_out_connected
 from sa_shardkit.scatter.fanout import probe
 from sa_shardkit.testing import PostgresFleet
 
@@ -63,6 +70,23 @@ def thread_pool_before(manager: ShardManager, pool: ThreadPoolExecutor) -> Calla
     return run
 
 
+def thread_per_shard(manager: ShardManager) -> Callable[[], Any]:
+    """Last session's flat fan-out: the checkout and the autocommitted statement in a thread each."""
+    ids = list(manager.shard_ids)
+    engines = {s: manager.engine(s) for s in ids}
+    statement = text(SLEEP)
+
+    def one(shard_id: str, conn: Connection) -> Any:
+        return conn.execution_options(isolation_level="AUTOCOMMIT").execute(statement).freeze()()
+
+    def run() -> Any:
+        outcome = fan_out_connected(engines, manager.scatter_timeouts(ids), one)
+        assert not outcome.errors, outcome.errors
+        return outcome.results
+
+    return run
+
+
 def best_of(runs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
     best = dict.fromkeys(runs, float("inf"))
     for round_no in range(rounds + 1):  # round 0 opens the connections
@@ -81,13 +105,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds per path")
     args = parser.parse_args()
     counts = [int(c) for c in args.shards.split(",") if c.strip()]
-    paths = ("thread pool (before)", "query_all_shards", "run_on_all")
+    paths = ("thread pool (before)", "thread per shard", "query_all_shards", "run_on_all")
     with PostgresFleet(args.servers) as fleet:
         started = time.perf_counter()
         urls = create_databases(fleet, max(counts))
         print(f"{max(counts)} databases on {args.servers} servers in {time.perf_counter() - started:.0f}s")
-        print(f"best of {args.rounds}, each shard answering {SLEEP}\n")
-        print(f"{'shards':>6}" + "".join(f"{p:>24}{'x one':>7}" for p in paths))
+        print(f"best of {args.rounds}, each shard answering {SLEEP}; {_load()}\n")
+        print(f"{'shards':>6}" + "".join(f"{p:>22}{'x one':>7}" for p in paths))
         baseline: dict[str, float] = {}
         old_pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="before")
         for count in counts:
@@ -95,18 +119,26 @@ def main() -> None:
                 times = best_of(
                     {
                         paths[0]: thread_pool_before(manager, old_pool),
-                        paths[1]: lambda: manager.query_all_shards(SLEEP).all(),
-                        paths[2]: lambda: manager.run_on_all(SLEEP),
+                        paths[1]: thread_per_shard(manager),
+                        paths[2]: lambda: manager.query_all_shards(SLEEP).all(),
+                        paths[3]: lambda: manager.run_on_all(SLEEP),
                     },
                     args.rounds,
                 )
             baseline = baseline or times
             line = f"{count:>6}"
             for path in paths:
-                line += f"{times[path]:>21.1f} ms{times[path] / baseline[path]:>6.2f}x"
+                line += f"{times[path]:>19.1f} ms{times[path] / baseline[path]:>6.2f}x"
             target = TARGETS.get(count)
             print(line + (f"   (target <= {target}x)" if target else ""), flush=True)
         old_pool.shutdown()
+        print(f"\n{_load()}")
+
+
+def _load() -> str:
+    """The machine's load: the figures are only comparable at a similar load."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
 
 
 if __name__ == "__main__":

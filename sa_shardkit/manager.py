@@ -28,6 +28,7 @@ from .config import ShardConfig, ShardSettings, settings_from_env, settings_from
 from .errors import ConfigError, DuplicateShardError, UnknownShardError
 from .events import QueryEvents
 from .faults import guard, unavailable
+from .multiplex import make_cooperative
 from .placement import REFRESH_SECONDS, Placement
 from .replicas import ReplicaRouter
 from .ring import HashRing, ShardKey
@@ -79,6 +80,7 @@ def _engine_for(config: ShardConfig, url: Any) -> Engine:
     options.setdefault("pool_recycle", config.pool_recycle)
     options.setdefault("pool_pre_ping", config.pool_pre_ping)
     engine = create_engine(url, **options)
+    make_cooperative(engine)  # its waits for the server can share one thread in a fan-out
     return guard(
         engine, config.id, connect_timeout=config.connect_timeout, query_timeout=config.query_timeout
     )
@@ -392,6 +394,7 @@ class ShardManager:
             self.scatter_timeouts(targets),
             one,
             limit=self.budget.limit,
+            cooperative=isinstance(work, str),  # a callable may hold locks: it gets a thread
         )
         raise_for_errors(
             {s: outcome.errors[s] for s in targets if s in outcome.errors},

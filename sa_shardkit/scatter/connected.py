@@ -16,6 +16,7 @@ queue for a connection instead of failing.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -23,8 +24,10 @@ from contextvars import copy_context
 from typing import TypeVar
 
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import QueuePool
 
 from ..errors import ShardUnavailableError
+from ..multiplex import Hub, is_cooperative
 from .fanout import FanOut, runs_in_threads, scatter_pool
 
 T = TypeVar("T")
@@ -49,6 +52,11 @@ class _Attempt:
             return True
 
 
+HUB_SHARDS = 16
+"""Shards per hub. One thread's Python work for 256 shards outlasts their 50 ms round trip on a busy
+machine, so a fan-out runs one hub per 16 warm shards: the caller's thread and, for more than 16,
+threads of the shared scatter pool (256 shards: 16 threads, not 256)."""
+
 _stuck_lock = threading.Lock()
 _stuck: dict[int, _Attempt] = {}  # id(engine) -> an abandoned checkout that has not returned yet
 
@@ -59,8 +67,15 @@ def fan_out_connected(
     work: Callable[[str, Connection], T],
     *,
     limit: int | None = None,
+    cooperative: bool = False,
 ) -> FanOut[T]:
-    """Run ``work(shard, connection)`` on every shard concurrently; wait for all, collect errors."""
+    """Run ``work(shard, connection)`` on every shard concurrently; wait for all, collect errors.
+
+    ``cooperative``: ``work`` is the library's own (it holds no lock across a round trip), so
+    shards with a warm pooled connection run as greenlets, :data:`HUB_SHARDS` to a thread, each
+    thread's waits for the servers sharing one selector (:mod:`sa_shardkit.multiplex`); the others
+    (no idle connection: a connect blocks) get a worker thread each.
+    """
     outcome: FanOut[T] = FanOut()
     if not engines:
         return outcome
@@ -76,7 +91,13 @@ def fan_out_connected(
     pool = scatter_pool()
     attempts: dict[str, tuple[_Attempt, float]] = {}
     futures = {}
+    warm = {s for s, e in engines.items() if cooperative and limit is None and _warm(e)}
+    together = [s for s in engines if s in warm]
+    groups = [together[i : i + HUB_SHARDS] for i in range(0, len(together), HUB_SHARDS)]
+    hubs = [pool.submit(copy_context().run, _run_hub, group, engines, work) for group in groups[1:]]
     for shard, engine in engines.items():
+        if shard in warm:
+            continue
         waited = _wait_for_stuck(engine, timeouts.get(shard, 4.0))
         if waited is not None:
             outcome.errors[shard] = _frozen(shard, waited)
@@ -85,6 +106,14 @@ def fan_out_connected(
         attempts[shard] = (attempt, timeouts.get(shard, 4.0))
         # in a copy of the caller's contextvars context, as fan_out does (tracing spans join its trace)
         futures[shard] = pool.submit(copy_context().run, _run, shard, engine, work, attempt, slots)
+    # the first group's hub runs here; a BaseException in another hub's thread is raised by result()
+    for results, errors in [_run_hub(groups[0], engines, work)] if groups else []:
+        outcome.results.update(results)
+        outcome.errors.update(errors)
+    for hub in hubs:
+        results, errors = hub.result()
+        outcome.results.update(results)
+        outcome.errors.update(errors)
     for shard, (attempt, wait) in attempts.items():
         attempt.started.wait()  # queued behind ``limit``: not the shard's fault
         if not attempt.connected.wait(max(0.0, attempt.started_at + wait - time.monotonic())) and (
@@ -102,6 +131,29 @@ def fan_out_connected(
         except Exception as error:  # noqa: BLE001 - collected, the policy decides
             outcome.errors[shard] = error
     return outcome
+
+
+def _run_hub(
+    shards: list[str], engines: Mapping[str, Engine], work: Callable[[str, Connection], T]
+) -> tuple[dict[str, T], dict[str, Exception]]:
+    """One greenlet per shard on this thread, all waiting through one selector."""
+    return Hub().run((s, functools.partial(_checked_out, s, engines[s], work)) for s in shards)
+
+
+def _warm(engine: Engine) -> bool:
+    """Whether ``engine`` can serve a hub task: cooperative, an idle pooled connection, none stuck."""
+    pool = engine.pool
+    return (
+        is_cooperative(engine)
+        and isinstance(pool, QueuePool)
+        and pool.checkedin() > 0
+        and id(engine) not in _stuck
+    )
+
+
+def _checked_out(shard: str, engine: Engine, work: Callable[[str, Connection], T]) -> T:
+    with engine.connect() as conn:  # the pre-ping waits through the hub; the watchdog bounds it
+        return work(shard, conn)
 
 
 def _run(

@@ -140,7 +140,7 @@ def _query_all_shards(
     else:
         errors = {}
         outcome = fan_out_connected(
-            engines, manager.scatter_timeouts(reachable), run, limit=manager.budget.limit
+            engines, manager.scatter_timeouts(reachable), run, limit=manager.budget.limit, cooperative=True
         )
     errors = {
         s: e for s in targets if (e := unlisted.get(s) or errors.get(s) or outcome.errors.get(s)) is not None

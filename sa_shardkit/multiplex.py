@@ -1,0 +1,157 @@
+"""One thread waits for many shards at once: cooperative psycopg connections and the hub driving them.
+
+The flat fan-out. A thread per shard costs CPU the shards then wait for (at 256 shards on two
+cores, starting and switching threads cost more than the 50 ms a shard takes to answer). Instead
+each shard's task runs in its own greenlet on the calling thread, and the psycopg connections a
+:class:`~sa_shardkit.manager.ShardManager` makes (:class:`CooperativeConnection`) hand their wait
+for the server to the :class:`Hub`: one ``selectors`` loop waits on every shard's socket and
+resumes the task whose server answered. Everything else runs as it always does, in the task:
+SQLAlchemy's pool and pre-ping, events, the fault watchdog (which bounds a frozen server by
+shutting down its socket, which wakes the hub), the driver's protocol handling. Only the waiting is
+shared; the sync API stays sync.
+
+Outside a hub's task a :class:`CooperativeConnection` waits exactly as psycopg does. A task must
+not block the thread on a lock another task holds across a round trip (that task cannot run to
+release it), so only the library's own fan-out work (one statement per shard, each on its own
+connection) runs here; user callables and new connections (``connect`` blocks) go to threads.
+"""
+
+from __future__ import annotations
+
+import selectors
+from collections import deque
+from collections.abc import Callable, Iterable
+from contextvars import copy_context
+from typing import Any, TypeVar
+
+import greenlet  # type: ignore[import-untyped]  # no stubs shipped
+import psycopg
+from psycopg.abc import PQGen
+from sqlalchemy.engine import Engine
+
+T = TypeVar("T")
+RV = TypeVar("RV")
+
+_COOPERATIVE = "_shardkit_cooperative"
+
+
+class _Task(greenlet.greenlet):  # type: ignore[misc]  # greenlet ships no stubs for subclassing
+    """A greenlet running one shard's work; its connections wait through ``hub``."""
+
+    shardkit_hub: Hub
+
+
+class Hub:
+    """Runs tasks as greenlets of the calling thread; one selector waits for all their sockets."""
+
+    def __init__(self) -> None:
+        self._main = greenlet.getcurrent()
+        self._selector = selectors.DefaultSelector()
+        self._ready: deque[tuple[_Task, int]] = deque()
+        self._waiting: dict[int, _Task] = {}
+
+    # -- in a task -------------------------------------------------------------------------------
+
+    def wait_socket(self, fileno: int, events: int) -> int:
+        """Suspend the current task until ``fileno`` is ready for ``events``; the events ready."""
+        ready: int = self._main.switch((fileno, events))
+        return ready
+
+    # -- in the calling thread -------------------------------------------------------------------
+
+    def run(self, tasks: Iterable[tuple[str, Callable[[], T]]]) -> tuple[dict[str, T], dict[str, Exception]]:
+        """Run every task to its end; results and errors by name (a BaseException is re-raised)."""
+        results: dict[str, T] = {}
+        errors: dict[str, Exception] = {}
+        alive: list[_Task] = []
+        for name, fn in tasks:
+            task = _Task(_body(name, fn, results, errors), parent=self._main)
+            task.shardkit_hub = self
+            task.gr_context = copy_context()  # as a worker thread would: the caller's contextvars
+            alive.append(task)
+            self._ready.append((task, 0))
+        try:
+            while self._ready or self._waiting:
+                while self._ready:
+                    task, events = self._ready.popleft()
+                    request = task.switch(events) if events else task.switch()
+                    if not task.dead:
+                        fileno, wanted = request
+                        self._selector.register(fileno, wanted, task)
+                        self._waiting[fileno] = task
+                if self._waiting:
+                    for key, ready in self._selector.select():
+                        self._selector.unregister(key.fileobj)
+                        del self._waiting[key.fd]
+                        self._ready.append((key.data, ready))
+        except BaseException:
+            for task in alive:  # interrupted: end every task (its connection is closed, not reused)
+                for _ in range(3):  # a task's cleanup on a closed connection does not wait again
+                    if task.dead:
+                        break
+                    task.throw(greenlet.GreenletExit)
+            raise
+        finally:
+            self._selector.close()
+        return results, errors
+
+
+def _body(
+    name: str, fn: Callable[[], T], results: dict[str, T], errors: dict[str, Exception]
+) -> Callable[[], None]:
+    def body() -> None:
+        try:
+            results[name] = fn()
+        except Exception as error:  # noqa: BLE001 - collected, the caller's policy decides
+            errors[name] = error
+
+    return body
+
+
+def current_hub() -> Hub | None:
+    """The hub whose task is running now, or None (a plain thread, another greenlet)."""
+    return getattr(greenlet.getcurrent(), "shardkit_hub", None)
+
+
+class CooperativeConnection(psycopg.Connection[Any]):
+    """A psycopg connection whose waits go through the running :class:`Hub`, if any.
+
+    ``Connection.wait`` is psycopg's documented hook that every statement, commit and rollback
+    of a connection goes through; outside a hub's task (and for timed waits) it is psycopg's own.
+    """
+
+    def wait(self, gen: PQGen[RV], *args: Any, **kwargs: Any) -> RV:
+        hub = current_hub()
+        if hub is None or args or kwargs:
+            return super().wait(gen, *args, **kwargs)
+        fileno = self.pgconn.socket
+        try:
+            wanted = next(gen)
+            while True:
+                try:
+                    ready = hub.wait_socket(fileno, wanted)
+                except BaseException:  # the hub gave up on this task mid-exchange
+                    self.close()  # its protocol state is unknown: never reused
+                    raise
+                wanted = gen.send(ready)
+        except StopIteration as done:
+            result: RV = done.value
+            return result
+
+
+def make_cooperative(engine: Engine) -> bool:
+    """Have a sync psycopg ``engine`` create :class:`CooperativeConnection` s; whether it does."""
+    dialect: Any = engine.dialect
+    if dialect.driver != "psycopg" or dialect.is_async:
+        return False
+    dialect.connect = lambda *cargs, **cparams: CooperativeConnection.connect(*cargs, **cparams)
+    setattr(engine, _COOPERATIVE, True)
+    return True
+
+
+def is_cooperative(engine: Engine) -> bool:
+    """Whether ``engine``'s connections wait through a hub (see :func:`make_cooperative`)."""
+    return bool(getattr(engine, _COOPERATIVE, False))
+
+
+__all__ = ["CooperativeConnection", "Hub", "current_hub", "is_cooperative", "make_cooperative"]
