@@ -19,6 +19,8 @@ connection) runs here; user callables and new connections (``connect`` blocks) g
 from __future__ import annotations
 
 import selectors
+import socket
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from contextvars import copy_context
@@ -56,6 +58,43 @@ class Hub:
         """Suspend the current task until ``fileno`` is ready for ``events``; the events ready."""
         ready: int = self._main.switch((fileno, events))
         return ready
+
+    def call_in_thread(self, fn: Callable[[], T]) -> T:
+        """``fn()`` in a thread of its own while the current task waits through the hub.
+
+        For a call that would block the hub's thread, such as a new connection (psycopg connects
+        without ``Connection.wait``): the other tasks keep running meanwhile.
+        """
+        wake, signal = socket.socketpair()
+        outcome: list[Any] = []
+        abandoned = threading.Event()
+
+        def run() -> None:
+            try:
+                outcome.append((True, fn()))
+            except BaseException as error:  # noqa: BLE001 - handed to the waiting task
+                outcome.append((False, error))
+            if abandoned.is_set() and outcome[0][0]:
+                _close_quietly(outcome[0][1])  # nobody takes it any more
+            try:
+                signal.send(b"x")
+            except OSError:  # the task gave up and closed its end
+                pass
+
+        try:
+            threading.Thread(target=run, name="shardkit-hub-call", daemon=True).start()
+            self.wait_socket(wake.fileno(), selectors.EVENT_READ)
+        except BaseException:
+            abandoned.set()
+            raise
+        finally:
+            wake.close()
+            signal.close()
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        result: T = value
+        return result
 
     # -- in the calling thread -------------------------------------------------------------------
 
@@ -108,6 +147,13 @@ def _body(
     return body
 
 
+def _close_quietly(connection: Any) -> None:
+    try:
+        connection.close()
+    except Exception:  # noqa: BLE001 - best effort on an abandoned connection
+        pass
+
+
 def current_hub() -> Hub | None:
     """The hub whose task is running now, or None (a plain thread, another greenlet)."""
     return getattr(greenlet.getcurrent(), "shardkit_hub", None)
@@ -144,7 +190,15 @@ def make_cooperative(engine: Engine) -> bool:
     dialect: Any = engine.dialect
     if dialect.driver != "psycopg" or dialect.is_async:
         return False
-    dialect.connect = lambda *cargs, **cparams: CooperativeConnection.connect(*cargs, **cparams)
+
+    def connect(*cargs: Any, **cparams: Any) -> CooperativeConnection:
+        hub = current_hub()
+        if hub is None:
+            return CooperativeConnection.connect(*cargs, **cparams)
+        # in a hub's task (a pooled connection was invalidated): connect without stalling the others
+        return hub.call_in_thread(lambda: CooperativeConnection.connect(*cargs, **cparams))
+
+    dialect.connect = connect
     setattr(engine, _COOPERATIVE, True)
     return True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -56,8 +57,12 @@ def test_more_warm_shards_than_one_hub_serves_share_a_few_threads(pg_fleet: Test
         rows = [row for shard_rows in many.run_on_all(OVERLAP).values() for row in shard_rows]
     assert len(rows) == 40
     assert max(r.started for r in rows) < min(r.ended for r in rows)
-    assert len(set(names)) == -(-40 // HUB_SHARDS) == 3
-    assert threading.current_thread().name in names
+    per_thread = sorted(Counter(names).values(), reverse=True)
+    assert per_thread[0] <= HUB_SHARDS == 16
+    # three hubs (16 + 16 + 8); a shard whose connection routing's ring check held meanwhile
+    # connects in a worker thread of its own
+    assert sum(per_thread[:3]) >= 38 and len(per_thread) <= 5
+    assert Counter(names)[threading.current_thread().name] >= 8
 
 
 def test_cold_shards_and_callables_still_use_worker_threads(shard_map: dict[str, str]) -> None:

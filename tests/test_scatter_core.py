@@ -274,6 +274,6 @@ def test_frozen_shard_fails_within_the_connect_timeout(
             assert info.value.shard_id == "shard-2"
             assert time.perf_counter() - started < 3
             partial = fast.query_all_shards(select(c.item_id), allow_partial=True)
-            assert partial.missing_shards == ("shard-2",) and len(partial.all()) > 0
+            assert partial.missing_shards == ("shard-2",) and len(partial.all()) > 0, partial.shard_errors
         finally:
             pg_fleet.server(1).resume()
