@@ -13,7 +13,8 @@ where every row lives::
 
 A SELECT that targets several shards fans out on the event loop (one greenlet per shard, awaited
 together), with the same global merge (ORDER BY, LIMIT, aggregates) as the sync session.
-:meth:`AsyncShardManager.query_all_shards` is the session-less form.
+:meth:`AsyncShardManager.query_all_shards` is the session-less form, and
+:meth:`AsyncShardManager.transaction` the fenced Core transaction by key.
 
 Shards with a ``replica_url`` get an async replica engine too, and async sessions route reads
 like the sync session (:mod:`sa_shardkit.replica_reads`): outside a transaction that used the
@@ -25,20 +26,30 @@ it never blocks the event loop. Query listeners (``manager.events``) see the asy
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine, Result
 from sqlalchemy.engine.url import URL
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.selectable import Select
 from sqlalchemy.util.concurrency import await_only, in_greenlet
 
 from .config import ShardConfig
+from .errors import StaleRingError
 from .faults import unavailable
 from .manager import ShardManager, require_shards
+from .placement import MAX_REROUTES
+from .ring import ShardKey
 from .scatter.fanout import raise_for_errors
 from .scatter.gather import gather
 from .scatter.plan import AggregatePlan, ScatterPlan, plan_scatter
@@ -116,6 +127,30 @@ class AsyncShardManager:
             choose_replica=self.usable_replica,
             **kw,
         )
+
+    @asynccontextmanager
+    async def transaction(self, key: ShardKey) -> AsyncIterator[AsyncConnection]:
+        """``async with shards.transaction(key) as conn:`` a Core transaction on ``key``'s shard.
+
+        The same routing and fence as :meth:`ShardManager.transaction`: the key's shard by the
+        stored ring, the rebalance fence taken in the transaction before the block runs (a key that
+        moved meanwhile is routed again first; the block runs once); commits when the block ends,
+        rolls back on error. A raw ``engine(shard_id).connect()`` bypasses routing and the fence.
+        """
+        placement = self.manager.placement
+        for _ in range(MAX_REROUTES):
+            shard_id = (await asyncio.to_thread(placement.shards_for_key, key, write=True))[0]
+            async with self.engine(shard_id).connect() as conn:
+                await conn.begin()
+                try:
+                    await conn.run_sync(placement.fence_write, shard_id, key)
+                except StaleRingError:
+                    await conn.rollback()
+                    continue
+                yield conn
+                await conn.commit()
+                return
+        raise StaleRingError(f"could not find a stable shard for key {key!r}; retry")
 
     async def query_all_shards(
         self,

@@ -524,6 +524,83 @@ def _shards_in(
     return None
 
 
+# -- the keys a write names: what the rebalance fence must hold ------------------------------
+
+
+def write_keys(
+    manager: ShardManager,
+    statement: ClauseElement,
+    params: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+) -> dict[str, list[Any]] | None:
+    """Shard -> the shard keys a Core INSERT / UPDATE / DELETE writes there, routed now.
+
+    The keys are an INSERT's rows' keys, or the shard-key values an UPDATE's / DELETE's WHERE
+    limits it to (``key == v``, ``key.in_(...)``, combined by ``and_``/``or_``). None when the
+    statement names no keys (a write on every shard, or one routed by a lookup), or writes a
+    reference table: such a write cannot be fenced by key.
+    """
+    if isinstance(statement, Insert):
+        declared = _declared(statement.table)
+        if declared is None or declared.reference:
+            return None
+        names = [n for n in (declared.attribute, declared.column_key, declared.column_name) if n]
+        values = []
+        for row in _insert_rows(statement, params):
+            value = next((row[n] for n in names if row.get(n) is not None), None)
+            if isinstance(value, BindParameter):
+                value = value.effective_value
+            if value is None:
+                return None  # group_insert_rows raises for it
+            values.append(value)
+    elif isinstance(statement, (Update, Delete)):
+        declared = _declared(statement.table)
+        if declared is None or declared.reference or statement.whereclause is None:
+            return None
+        found = _key_values(statement.whereclause, params)
+        if found is None:
+            return None
+        values = list(found)
+    else:
+        return None
+    by_shard: dict[str, list[Any]] = {}
+    for value in values:
+        by_shard.setdefault(shard_for_key(manager, value), []).append(value)
+    return by_shard
+
+
+def _key_values(expr: Any, params: Any) -> list[Any] | None:
+    """The shard-key values ``expr`` limits the rows to; None when it does not limit them."""
+    while isinstance(expr, Grouping):
+        expr = expr.element
+    if isinstance(expr, BooleanClauseList):
+        parts = [_key_values(c, params) for c in expr.clauses]
+        if expr.operator is operators.and_:
+            known = [p for p in parts if p is not None]
+            if not known:
+                return None
+            common = set(known[0]).intersection(*known[1:]) if len(known) > 1 else set(known[0])
+            return [v for v in known[0] if v in common]
+        if expr.operator is operators.or_:
+            if any(p is None for p in parts):
+                return None
+            return list(dict.fromkeys(v for p in parts for v in p))  # type: ignore[union-attr]
+        return None
+    if not isinstance(expr, BinaryExpression):
+        return None
+    if expr.operator is operators.eq:
+        sides = [(expr.left, expr.right), (expr.right, expr.left)]
+    elif expr.operator is operators.in_op:
+        sides = [(expr.left, expr.right)]
+    else:
+        return None
+    for column, other in sides:
+        if _key_column(column) is not None:
+            values = _bound_values(other, params)
+            if values is not None:
+                return values
+    return None
+
+
 def _keys_reason(keys: list[Any]) -> str:
     if len(keys) <= _MAX_KEYS_IN_REASON:
         return f"shard key in {keys!r}"

@@ -54,7 +54,7 @@ from .errors import (
 )
 from .events import SHARD_COUNT
 from .faults import named_unavailable
-from .flush_fence import fence_flush, forget_fences
+from .flush_fence import fence_flush, fence_statement, forget_fences
 from .replica_reads import REPLICA_OK, ReplicaChooser, may_read_from_replica, replica_bind
 from .routing import (
     Route,
@@ -681,6 +681,8 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
         assert session.manager is not None
         statement: Any = orm_context.statement
         groups = group_insert_rows(session.manager, statement, orm_context.parameters)
+        if session.manager.placement.fences_writes():
+            groups = _fenced_groups(orm_context, session, groups)
         if debug:
             log.debug("%s -> %s", _statement_name(orm_context), insert_reason(groups))
         return _bulk_insert(orm_context, session, groups)
@@ -706,6 +708,14 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
     shards = route.shard_ids
     is_write = orm_context.is_insert or orm_context.is_update or orm_context.is_delete
     replicated = is_write and session.manager is not None and _replicated(orm_context)
+    if is_write and not replicated and session._routed_execute:
+        shards = fence_statement(
+            session,
+            orm_context.statement,
+            orm_context.parameters,
+            shards,
+            lambda: session.route(orm_context).shard_ids,
+        )
     if len(shards) == 1:
         if is_write and session.manager is not None and not replicated:
             session._note_writes({shards[0]: _statement_name(orm_context)})
@@ -728,6 +738,23 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
         )
     results = [_invoke(orm_context, s) for s in shards]
     return _combine_writes(results, replicated=replicated)
+
+
+def _fenced_groups(
+    orm_context: ORMExecuteState, session: ShardedSession, groups: dict[str, list[int]]
+) -> dict[str, list[int]]:
+    """A bulk INSERT's rows by shard, regrouped once every row's key holds the fence there."""
+    assert session.manager is not None
+    manager = session.manager
+    fenced = groups
+
+    def regroup() -> tuple[str, ...]:
+        nonlocal fenced
+        fenced = group_insert_rows(manager, orm_context.statement, orm_context.parameters)  # type: ignore[arg-type]
+        return tuple(fenced)
+
+    fence_statement(session, orm_context.statement, orm_context.parameters, tuple(groups), regroup)
+    return fenced
 
 
 def _read_moving(

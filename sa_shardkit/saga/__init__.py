@@ -26,7 +26,13 @@ from .recovery import RecoveryReport, recover, recovery_worker
 from .runner import home_of, new_saga_id, run_saga
 from .tables import create_saga_tables, receipts_table, saga_metadata, sagas_table
 from .transfer import CREDIT_TRANSFER, credit_transfer_saga, transfer, transfer_payload
-from .twophase import InDoubtReport, commit_across_shards, decisions_table, resolve_in_doubt
+from .twophase import (
+    InDoubtReport,
+    commit_across_keys,
+    commit_across_shards,
+    decisions_table,
+    resolve_in_doubt,
+)
 
 __all__ = [
     "CREDIT_TRANSFER",
@@ -45,6 +51,7 @@ __all__ = [
     "SessionStepFunction",
     "Step",
     "StepFunction",
+    "commit_across_keys",
     "commit_across_shards",
     "create_saga_tables",
     "credit_transfer_saga",

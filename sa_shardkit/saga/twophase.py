@@ -14,7 +14,7 @@ until it is resolved; PostgreSQL needs ``max_prepared_transactions`` > 0 on ever
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from sqlalchemy import Column, DateTime, String, Table, func, select, text
@@ -22,8 +22,10 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection, TwoPhaseTransaction
 from sqlalchemy.exc import DBAPIError
 
-from ..errors import SagaInputError, SagaPendingError, TwoPhaseAbortedError
+from ..errors import SagaInputError, SagaPendingError, StaleRingError, TwoPhaseAbortedError
 from ..manager import ShardManager, require_shards
+from ..placement import MAX_REROUTES
+from ..ring import ShardKey
 from .definition import CheckpointHook
 from .runner import describe, is_transient
 from .tables import saga_metadata
@@ -68,12 +70,58 @@ def _decide(conn: Connection, txid: str, outcome: str) -> str:
     )
 
 
+def commit_across_keys(
+    manager: ShardManager,
+    work: Mapping[ShardKey, Callable[[Connection], None]],
+    *,
+    txid: str | None = None,
+    on_checkpoint: CheckpointHook | None = None,
+) -> str:
+    """Two-phase commit routed by shard key: ``work[key](conn)`` runs on the shard ``key`` lives on
+    now, with the rebalance fence held for ``key`` there (like a session flush), and everything
+    commits or nothing does; returns the txid. Keys on one shard share its participant transaction.
+
+    A key that moved is routed again before any work runs; a key on a shard this configuration
+    lacks raises :class:`~sa_shardkit.UnknownShardError`. The fence is held until the prepared
+    transactions commit (a cut-over of a participant's key waits for it, an in-doubt one until
+    :func:`resolve_in_doubt` ends it). Otherwise as :func:`commit_across_shards`.
+    """
+    for _ in range(MAX_REROUTES):
+        by_shard: dict[str, list[ShardKey]] = {}
+        for key in work:
+            by_shard.setdefault(manager.placement.shard_for(key), []).append(key)
+
+        def participant(keys: list[ShardKey]) -> Callable[[Connection], None]:
+            def run(conn: Connection) -> None:
+                for key in keys:
+                    work[key](conn)
+
+            return run
+
+        try:
+            return commit_across_shards(
+                manager,
+                {shard: participant(keys) for shard, keys in by_shard.items()},
+                txid=txid,
+                on_checkpoint=on_checkpoint,
+                keys=by_shard,
+            )
+        except _Moved:
+            continue  # nothing ran: route the keys again
+    raise StaleRingError(f"the ring kept changing while routing keys {list(work)!r}; retry")
+
+
+class _Moved(StaleRingError):
+    """A participant's key does not belong on its shard (any more); raised before any work ran."""
+
+
 def commit_across_shards(
     manager: ShardManager,
     work: Mapping[str, Callable[[Connection], None]],
     *,
     txid: str | None = None,
     on_checkpoint: CheckpointHook | None = None,
+    keys: Mapping[str, Iterable[ShardKey]] | None = None,
 ) -> str:
     """Run ``work[shard_id](conn)`` on every shard and commit all of it or none; returns the txid.
 
@@ -81,6 +129,12 @@ def commit_across_shards(
     :class:`TwoPhaseAbortedError` if the resolver aborted it first, and :class:`SagaPendingError`
     when the commit is decided but a shard could not apply it yet (:func:`resolve_in_doubt` will).
     ``on_checkpoint(txid, "prepared" | "decided" | "committed")`` is for fault injection.
+
+    ``keys``: shard id -> the shard keys its work writes. Each is fenced on its shard (in the
+    participant's transaction, before any work runs); one that does not belong there raises
+    :class:`StaleRingError` naming its shard, with nothing run. Without ``keys`` the work is not
+    fenced: during a move it may write a key on its old shard (route by key with
+    :func:`commit_across_keys` instead).
     """
     shard_ids = sorted(require_shards(manager, work))
     bad = [s for s in shard_ids if "|" in s]
@@ -100,10 +154,14 @@ def commit_across_shards(
     prepared: list[tuple[str, TwoPhaseTransaction]] = []
     try:
         try:
-            for shard_id in shard_ids:
+            begun = []
+            for shard_id in shard_ids:  # every participant's fence first, then any work
                 conn = manager.connect(shard_id)
                 connections.append(conn)
                 transaction = conn.begin_twophase(_gid(txid, coordinator, shard_id))
+                _fence(manager, conn, shard_id, (keys or {}).get(shard_id, ()))
+                begun.append((shard_id, conn, transaction))
+            for shard_id, conn, transaction in begun:
                 work[shard_id](conn)
                 transaction.prepare()
                 prepared.append((shard_id, transaction))
@@ -153,6 +211,14 @@ def commit_across_shards(
     finally:
         for conn in connections:
             conn.close()
+
+
+def _fence(manager: ShardManager, conn: Connection, shard_id: str, keys: Iterable[ShardKey]) -> None:
+    try:
+        for key in keys:
+            manager.placement.fence_write(conn, shard_id, key)
+    except StaleRingError as stale:
+        raise _Moved(str(stale), shard_id=stale.shard_id) from stale
 
 
 @dataclass
