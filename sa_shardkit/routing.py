@@ -78,6 +78,7 @@ def add_column_router(router: ColumnRouter) -> None:
     """Consult ``router`` for comparisons on columns other than the shard key (see ColumnRouter)."""
     if router not in _column_routers:
         _column_routers.append(router)
+        _key_bind_positions.clear()  # shapes planned without it may now depend on a value
 
 
 def _routed_by_column(
@@ -307,21 +308,56 @@ def _route_keyed_select(manager: ShardManager, statement: Select[Any], params: A
 
     Skips the FROM analysis (subqueries can only narrow a keyed route further, and a wider
     route stays correct); undeclared tables among the selected entities still raise.
+    A SELECT limited by one shard-key comparison is analysed once per statement shape (its
+    SQLAlchemy cache key, see :func:`_key_bind_position`); later ones only look up that bound
+    value's shard, by the ring routing follows at that moment.
     """
     if statement._from_obj:
         return None
+    cache_key = statement._generate_cache_key()  # memoized: SQLAlchemy's compile reuses it
+    if cache_key is not None and (not params or isinstance(params, Mapping)):
+        position = _key_bind_positions.get(cache_key.key, _UNPLANNED)
+        if position is _UNPLANNED:
+            position = _key_bind_position(statement, cache_key.bindparams)
+            if len(_key_bind_positions) >= _MAX_PLANS:
+                _key_bind_positions.clear()
+            _key_bind_positions[cache_key.key] = position
+        if position is not None:
+            values = _bound_values(cache_key.bindparams[position], params)
+            if values is not None:
+                try:
+                    if len(values) == 1:
+                        shards = set(shards_for_key(manager, values[0]))
+                    else:
+                        shards = {s for v in values for s in shards_for_key(manager, v)}
+                except InvalidShardKeyError:
+                    pass  # analysed in full below: such a value does not route
+                else:
+                    return _keyed_route(manager, shards, _keys_reason(values))
+    criteria = _keyed_select_criteria(statement)
+    keys: list[Any] = []
+    shards_found: set[str] | None = None
+    for criterion in criteria:
+        found = _shards_in(manager, criterion, params, keys, False)
+        if found is not None:
+            shards_found = set(found) if shards_found is None else shards_found & found
+    if shards_found is None:
+        return None
+    _check_selected_declared(statement)
+    return _keyed_route(manager, shards_found, _keys_reason(keys))
+
+
+def _keyed_select_criteria(statement: Select[Any]) -> list[Any]:
+    """The WHERE criteria and inner-join ON clauses of a SELECT, all ANDed together."""
     criteria: list[Any] = list(statement._where_criteria)
     for _target, onclause, _from, flags in statement._setup_joins:
         if not flags.get("isouter") and isinstance(onclause, ColumnElement):
             criteria.append(onclause)
-    keys: list[Any] = []
-    shards: set[str] | None = None
-    for criterion in criteria:
-        found = _shards_in(manager, criterion, params, keys, False)
-        if found is not None:
-            shards = set(found) if shards is None else shards & found
-    if shards is None:
-        return None
+    return criteria
+
+
+def _check_selected_declared(statement: Select[Any]) -> None:
+    """Raise NotShardedError for an undeclared table among the selected entities and joins."""
     for column in statement._raw_columns:
         table = column if isinstance(column, FromClause) else getattr(column, "table", None)
         if table is not None:
@@ -329,7 +365,73 @@ def _route_keyed_select(manager: ShardManager, statement: Select[Any], params: A
     for target, *_ in statement._setup_joins:
         for table in _join_target_tables(target):
             _declared(table)
-    return _keyed_route(manager, shards, _keys_reason(keys))
+
+
+_UNPLANNED: Any = object()
+_MAX_PLANS = 4096
+_key_bind_positions: dict[Any, int | None] = {}
+"""SELECT cache key -> position (in its cache key's bound parameters) of the one shard-key value
+that routes it, or None: analysed in full every time. Structure only: no ring, no value is kept,
+so a ring change never makes an entry stale."""
+
+
+def _key_bind_position(statement: Select[Any], bindparams: Sequence[BindParameter[Any]]) -> int | None:
+    """Where the one bound shard-key value that routes ``statement`` sits among ``bindparams``.
+
+    The shape :func:`_shards_in` would route by that value alone: the criteria ANDed, exactly
+    one ``key == :value`` / ``key IN :values`` among them, and nothing else whose answer
+    depends on a value (an OR, a column a lookup routes). Anything else: None.
+    """
+    leaves: list[Any] = []
+    for criterion in _keyed_select_criteria(statement):
+        if not _and_leaves(criterion, leaves):
+            return None
+    key_bind: BindParameter[Any] | None = None
+    for leaf in leaves:
+        if not isinstance(leaf, BinaryExpression):
+            continue  # routes nothing (see _shards_in)
+        if leaf.operator is operators.eq:
+            sides = [(leaf.left, leaf.right), (leaf.right, leaf.left)]
+        elif leaf.operator is operators.in_op:
+            sides = [(leaf.left, leaf.right)]
+        else:
+            continue
+        for column, other in sides:
+            bind = _bind_of(other)
+            if _key_column(column) is None:
+                if _column_routers and bind is not None:
+                    return None  # a lookup's answer depends on the value
+                continue
+            if bind is None:
+                continue
+            if key_bind is not None:
+                return None  # two key comparisons: their shards intersect, value by value
+            key_bind = bind
+            break
+    if key_bind is None:
+        return None
+    position = next((i for i, b in enumerate(bindparams) if b is key_bind), None)
+    if position is not None:
+        _check_selected_declared(statement)
+    return position
+
+
+def _and_leaves(expr: Any, out: list[Any]) -> bool:
+    """Append the ANDed parts of ``expr`` to ``out``; False when an OR (or the like) is among them."""
+    while isinstance(expr, Grouping):
+        expr = expr.element
+    if isinstance(expr, BooleanClauseList):
+        if expr.operator is not operators.and_:
+            return False
+        return all(_and_leaves(clause, out) for clause in expr.clauses)
+    out.append(expr)
+    return True
+
+
+def _bind_of(element: Any) -> BindParameter[Any] | None:
+    while isinstance(element, Grouping):
+        element = element.element
+    return element if isinstance(element, BindParameter) else None
 
 
 def _keyed_route(manager: ShardManager, shards: set[str], reason: str) -> Route:
@@ -466,7 +568,7 @@ def _bound_values(element: Any, params: Any) -> list[Any] | None:
         element = element.element
     if not isinstance(element, BindParameter):
         return None
-    if isinstance(params, Mapping) and element.key in params:
+    if params and isinstance(params, Mapping) and element.key in params:
         value = params[element.key]
     else:
         value = element.effective_value

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -40,6 +39,7 @@ from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.schema import Table
 from sqlalchemy.sql.selectable import Select
 from sqlalchemy.sql.util import find_tables
+from sqlalchemy.util import immutabledict
 
 from .declarative import Sharding, sharding_of, table_sharding
 from .errors import (
@@ -90,6 +90,47 @@ log = logging.getLogger("sa_shardkit.session")
 
 __all__ = ["ShardedSession", "sessionmaker_for", "set_shard_id"]
 
+_DERIVED: Any = object()
+"""A hook argument standing for "derive it from the manager"."""
+
+ROUTED = "shardkit_routed"
+"""Bind argument: the execution's ``shard_id`` is this library's routing answer already (``get()``)."""
+KEYED_READ = "shardkit_keyed_read"
+"""Bind argument: where :func:`_execute_routed` notes the route of a keyed SELECT it let run on."""
+OWN_EXECUTE_HOOKS: list[Callable[..., Any]] = []
+"""This library's ``do_orm_execute`` listeners on ShardedSession (:func:`listen_execute`)."""
+_ROW_COUNTING_DRIVERS = frozenset({"psycopg", "psycopg2", "psycopg_async"})
+"""DBAPI drivers whose ``cursor.rowcount`` is the number of rows a SELECT returned."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _identity_option(shard_id: str) -> Any:
+    """The execution options of a directly routed SELECT: its rows' identity token is the shard."""
+    return immutabledict({"identity_token": shard_id})
+
+
+class _NoEvents:
+    """Stands in for the parent of a nested execution that has no ``do_orm_execute`` hook left."""
+
+    __slots__ = ()
+
+    def _remaining_events(self) -> tuple[()]:
+        return ()
+
+
+_NO_EVENTS = _NoEvents()
+
+
+def _run_named(session: Session, statement: Any, params: Any, kw: dict[str, Any]) -> Any:
+    """The stock execution, its marked connection failures raised as ShardUnavailableError."""
+    try:
+        return _StockShardedSession._execute_internal(session, statement, params, **kw)
+    except DBAPIError as error:
+        unavailable = named_unavailable(error)
+        if unavailable is not None:
+            raise unavailable from error
+        raise
+
 
 def _names_shards(method: Callable[..., Any]) -> Any:
     """``method`` raising a marked connection failure as the ShardUnavailableError naming its shard."""
@@ -105,23 +146,6 @@ def _names_shards(method: Callable[..., Any]) -> Any:
             raise
 
     return named
-
-
-class _WeakHook:
-    """A hook derived from the session's own method, holding the session weakly.
-
-    A bound method stored on the session would make every session a reference cycle that only
-    the cyclic garbage collector frees: short-lived sessions would pile up between its runs.
-    """
-
-    __slots__ = ("_function", "_session")
-
-    def __init__(self, session: ShardedSession, function: Callable[..., Any]) -> None:
-        self._session = weakref.ref(session)
-        self._function = function
-
-    def __call__(self, *args: Any, **kw: Any) -> Any:
-        return self._function(self._session(), *args, **kw)
 
 
 class ShardedSession(_StockShardedSession):
@@ -179,13 +203,20 @@ class ShardedSession(_StockShardedSession):
         self._affinity: str | None = None  # the shard this transaction works on, for reference reads
         self._planned_shards: dict[str, str] = {}
         self._reference_writes: list[tuple[object, str, tuple[Any, ...] | None]] = []
+        self._keyed_reads: list[list[Any] | None] = []  # per running execute: see _execute_internal
+        # None: the hook derived from the manager (a bound method, made when read: storing one
+        # would make every session a reference cycle that only the cyclic collector frees)
+        self._shard_chooser_hook: Any = None
+        self._identity_chooser_hook: Any = None
+        self._execute_chooser_hook: Any = None
         if manager is not None:
-            shards = {**manager.engines, **(shards or {})}
-            shard_chooser = shard_chooser or _WeakHook(self, type(self)._choose_shard)
+            shards = manager.engines if not shards else {**manager.engines, **shards}
+            derived = _DERIVED
+            shard_chooser = shard_chooser or derived
             if identity_chooser is None and "id_chooser" not in kwargs:
-                identity_chooser = _WeakHook(self, type(self)._choose_identity_shards)
+                identity_chooser = derived
             if execute_chooser is None and "query_chooser" not in kwargs:
-                execute_chooser = _WeakHook(self, type(self)._choose_execute_shards)
+                execute_chooser = derived
         elif shard_chooser is None:
             raise ArgumentError("ShardedSession needs shard_chooser (and the other hooks) or manager=")
         if "id_chooser" in kwargs or "query_chooser" in kwargs:  # deprecated stock arguments
@@ -216,16 +247,134 @@ class ShardedSession(_StockShardedSession):
             raise ArgumentError("identity_chooser or id_chooser is required")
         if execute_chooser is None:
             raise ArgumentError("execute_chooser or query_chooser is required")
-        self.shard_chooser = shard_chooser
-        self.identity_chooser = identity_chooser
-        self.execute_chooser = execute_chooser
+        self._shard_chooser_hook = None if shard_chooser is _DERIVED else shard_chooser
+        self._identity_chooser_hook = None if identity_chooser is _DERIVED else identity_chooser
+        self._execute_chooser_hook = None if execute_chooser is _DERIVED else execute_chooser
         self._ShardedSession__shards: dict[str, Any] = dict(shards or {})  # what bind_shard() fills
+
+    # -- the hooks: given ones, else derived from the manager --------------------------------------
+
+    @property
+    def shard_chooser(self) -> Any:
+        hook = self._shard_chooser_hook
+        return self._choose_shard if hook is None or hook is _DERIVED else hook
+
+    @shard_chooser.setter
+    def shard_chooser(self, hook: Any) -> None:
+        self._shard_chooser_hook = hook
+
+    @property
+    def identity_chooser(self) -> Any:
+        hook = self._identity_chooser_hook
+        return self._choose_identity_shards if hook is None or hook is _DERIVED else hook
+
+    @identity_chooser.setter
+    def identity_chooser(self, hook: Any) -> None:
+        self._identity_chooser_hook = hook
+
+    @property
+    def execute_chooser(self) -> Any:
+        hook = self._execute_chooser_hook
+        return self._choose_execute_shards if hook is None or hook is _DERIVED else hook
+
+    @execute_chooser.setter
+    def execute_chooser(self, hook: Any) -> None:
+        self._execute_chooser_hook = hook
 
     # -- shard faults named ------------------------------------------------------------------------
     # A manager's engines mark connection failures with their shard (sa_shardkit.faults); every
     # way into the database raises those as ShardUnavailableError naming the shard.
 
-    _execute_internal = _names_shards(_StockShardedSession._execute_internal)  # execute, get, scalars...
+    def _execute_internal(self, statement: Any, params: Any = None, **kw: Any) -> Any:
+        """Every execution (execute, scalars, get, lazy loads): shard faults named, and a keyed
+        read that found nothing re-checked against the stored ring.
+
+        :func:`_execute_routed` lets a keyed SELECT run straight on (one pass through execute, its
+        result untouched) and notes its route in the slot passed here as a bind argument; only an
+        empty answer costs the ring check (:func:`_read_keyed` explains why). When only this
+        library listens to ``do_orm_execute``, a plain keyed SELECT (:meth:`_direct_route`) and a
+        ``get()`` routed already (bind argument :data:`ROUTED`) skip the hooks: all they would do
+        is bind the shard named here.
+        """
+        if self.manager is None:
+            return _run_named(self, statement, params, kw)
+        given = kw.get("bind_arguments")
+        bind_arguments = dict(given) if given else {}
+        if bind_arguments.pop(ROUTED, False) and len(self.dispatch.do_orm_execute) == len(OWN_EXECUTE_HOOKS):
+            kw["_parent_execute_state"] = _NO_EVENTS
+            kw["bind_arguments"] = bind_arguments
+            if self._affinity is None:
+                self._affinity = bind_arguments["shard_id"]
+            return _run_named(self, statement, params, kw)
+        if not given and type(statement) is Select:
+            route = self._direct_route(statement, params, kw)
+            if route is not None:
+                shard = route.shard_ids[0]
+                if self._affinity is None:
+                    self._affinity = shard
+                bind: dict[str, Any] = {"shard_id": shard}
+                if statement._for_update_arg is None and self._replica_reads_now():
+                    bind[REPLICA_OK] = True
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("SELECT -> %s (%s, no execute hooks)", shard, route.reason)
+                direct = {
+                    **kw,
+                    "bind_arguments": bind,
+                    "execution_options": _identity_option(shard),
+                    "_parent_execute_state": _NO_EVENTS,
+                }
+                result, found = _rows_found(_run_named(self, statement, params, direct))
+                if found or not ring_moved_on(self.manager, route.shard_ids):
+                    return result
+                # the ring moved on since this process routed by it: the hooks route it again
+        if kw.get("_scalar_result"):  # a scalar answer cannot say "no rows": _read_keyed checks
+            kw["bind_arguments"] = bind_arguments
+            return _run_named(self, statement, params, kw)
+        for _ in range(MAX_MOVING_READS):
+            keyed: list[Route] = []
+            kw["bind_arguments"] = {**bind_arguments, KEYED_READ: keyed}
+            result = _run_named(self, statement, params, kw)
+            if not keyed:
+                return result
+            result, found = _rows_found(result)
+            if found or not ring_moved_on(self.manager, keyed[0].shard_ids):
+                return result
+            # the ring moved on since this process routed by it: route by the new state, again
+        raise StaleRingError(f"the ring kept changing while running {type(statement).__name__}; retry")
+
+    def _direct_route(self, statement: Select[Any], params: Any, kw: dict[str, Any]) -> Route | None:
+        """The route of a SELECT that :func:`_execute_routed` would send to one shard as a keyed
+        read and nothing more; None when anything could make the hooks do more: another
+        ``do_orm_execute`` listener, execution options (a shard, identity token, stream, load
+        options), a ``set_shard_id`` option, a pinned session, a move in flight, several shards.
+        """
+        if (
+            kw.get("execution_options")
+            or kw.get("_parent_execute_state")
+            or kw.get("_add_event")
+            or kw.get("_scalar_result")
+            or statement._execution_options
+            or self.execution_options
+            or not self._routed_execute
+            or self.pinned_shard_id is not None
+            or len(self.dispatch.do_orm_execute) != len(OWN_EXECUTE_HOOKS)
+        ):
+            return None
+        for option in statement._with_options:
+            if isinstance(option, set_shard_id):
+                return None
+        if follows_placement(self.manager):
+            return None
+        assert self.manager is not None
+        route = route_statement(self.manager, statement, params)
+        if route.reference or len(route.shard_ids) != 1:
+            return None
+        return route
+
+    def _replica_reads_now(self) -> bool:
+        """May a read of this session go to a replica now (before the transaction's own check)?"""
+        return self.replica_reads and not self._primary_reads and self._may_use_replicas()
+
     flush = _names_shards(_StockShardedSession.flush)
     commit = _names_shards(_StockShardedSession.commit)
     connection = _names_shards(_StockShardedSession.connection)
@@ -257,6 +406,10 @@ class ShardedSession(_StockShardedSession):
             replica = replica_bind(self, self.manager, shard_id, primary, self._choose_replica)
             if replica is not None:
                 return replica
+        if shard_id is not None:  # what the stock get_bind does with a shard_id, minus a call
+            bind = self._ShardedSession__shards.get(shard_id)
+            if bind is not None:
+                return bind
         try:
             return super().get_bind(mapper, shard_id=shard_id, instance=instance, clause=clause, **kw)
         except KeyError:
@@ -276,7 +429,15 @@ class ShardedSession(_StockShardedSession):
             return super().get(entity, ident, **kw)
         if not follows_placement(self.manager):  # no move in flight: only an empty answer is re-checked
             shard = self._get_shard(entity, ident, kw)
-            found = super().get(entity, ident, **(kw if shard is None else {**kw, "identity_token": shard}))
+            if shard is not None and not kw:  # routed here: the execute hooks have nothing to add
+                bind: dict[str, Any] = {"shard_id": shard, ROUTED: True}
+                if self.replica_reads and not self._primary_reads and self._may_use_replicas():
+                    bind[REPLICA_OK] = True
+                found = super().get(entity, ident, identity_token=shard, bind_arguments=bind)
+            else:
+                found = super().get(
+                    entity, ident, **(kw if shard is None else {**kw, "identity_token": shard})
+                )
             if found is not None or shard is None or not ring_moved_on(self.manager, (shard,)):
                 return found
         for _ in range(MAX_MOVING_READS):
@@ -290,6 +451,10 @@ class ShardedSession(_StockShardedSession):
             if shard is None or not ring_moved_on(self.manager, (shard,)):
                 return None  # else a move this process had not seen yet: route by it, again
         raise StaleRingError(f"the ring kept changing while reading {ident!r}; retry")
+
+    def _may_use_replicas(self) -> bool:
+        """Could any read of this session go to a replica (one is configured, or a chooser given)?"""
+        return self._choose_replica is not None or bool(self.manager._replicas)  # type: ignore[union-attr]
 
     def _get_shard(self, entity: Any, ident: Any, kw: dict[str, Any]) -> str | None:
         if kw.get("identity_token") is not None or self.pinned_shard_id is not None:
@@ -658,8 +823,9 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
     session = orm_context.session
     assert isinstance(session, ShardedSession)
     debug = log.isEnabledFor(logging.DEBUG)
+    keyed_slot: list[Route] | None = orm_context.bind_arguments.pop(KEYED_READ, None)
     shard_id, why = _explicit_shard(orm_context, session)
-    if session.manager is not None and may_read_from_replica(orm_context):
+    if session.manager is not None and session._may_use_replicas() and may_read_from_replica(orm_context):
         orm_context.bind_arguments[REPLICA_OK] = True  # get_bind picks the replica (scatter too)
     bulk_insert = (
         session.manager is not None and orm_context.is_insert and isinstance(orm_context.parameters, list)
@@ -689,7 +855,9 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
     if session._routed_execute and not follows_placement(session.manager):
         route = session.route(orm_context)  # no move in flight: only an empty keyed read is re-checked
         if _keyed_read(orm_context, route) and orm_context.lazy_loaded_from is None:
-            return _read_keyed(orm_context, session, route)
+            if keyed_slot is None:
+                return _read_keyed(orm_context, session, route)
+            keyed_slot.append(route)  # runs on below; ShardedSession._execute_internal checks no-rows
     elif session._routed_execute:
         with watch_moving_reads(session.manager) as moving:
             route = session.route(orm_context)
@@ -837,6 +1005,18 @@ def _read_keyed(orm_context: ORMExecuteState, session: ShardedSession, route: Ro
     raise StaleRingError(f"the ring kept changing while running {_statement_name(orm_context)}; retry")
 
 
+def _rows_found(result: Any) -> tuple[Any, bool]:
+    """``result`` (as good as new) and whether it holds rows: the driver's row count when it
+    reports one for a SELECT (psycopg), else the rows are buffered to look."""
+    raw = result if isinstance(result, CursorResult) else getattr(result, "raw", None)
+    if isinstance(raw, CursorResult) and raw.dialect.driver in _ROW_COUNTING_DRIVERS:
+        count = raw.rowcount
+        if count >= 0:
+            return result, count > 0
+    frozen = result.freeze()
+    return frozen(), bool(frozen.data)
+
+
 def _replicated(orm_context: ORMExecuteState) -> bool:
     """Does the statement write a reference table (same rows on every shard)?"""
     table = getattr(orm_context.statement, "table", None)
@@ -912,7 +1092,13 @@ def _statement_name(orm_context: ORMExecuteState) -> str:
     return f"{kind} {names}".strip()
 
 
-event.listen(ShardedSession, "do_orm_execute", _execute_routed, retval=True)
+def listen_execute(hook: Callable[..., Any], **kw: Any) -> None:
+    """Register one of this library's ``do_orm_execute`` hooks on ShardedSession (see ROUTED)."""
+    event.listen(ShardedSession, "do_orm_execute", hook, **kw)
+    OWN_EXECUTE_HOOKS.append(hook)
+
+
+listen_execute(_execute_routed, retval=True)
 event.listen(ShardedSession, "before_flush", _plan_flush)
 event.listen(ShardedSession, "before_flush", fence_flush)  # after the plan: it reads the chosen shards
 event.listen(ShardedSession, "after_transaction_end", forget_fences)

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from .lookups import maintain
 from .sequences import assign_sequence_ids
-from .session import ShardedSession
+from .session import ShardedSession, listen_execute
 
 
 def _assign_ids(session: Session, flush_context: Any, instances: Any) -> None:
@@ -30,4 +30,4 @@ event.listen(ShardedSession, "after_flush", maintain.after_flush)
 event.listen(ShardedSession, "after_commit", maintain.after_commit)
 event.listen(ShardedSession, "after_transaction_end", maintain.after_transaction_end)
 # insert=True: before the session routes (and runs) the statement
-event.listen(ShardedSession, "do_orm_execute", maintain.before_execute, insert=True)
+listen_execute(maintain.before_execute, insert=True)

@@ -10,11 +10,11 @@ import logging
 from typing import Any
 
 import pytest
-from sqlalchemy import and_, bindparam, or_, select, text
+from sqlalchemy import and_, bindparam, event, inspect, or_, select, text
 from sqlalchemy.ext.horizontal_shard import set_shard_id
-from sqlalchemy.orm import aliased, joinedload, selectinload, sessionmaker
+from sqlalchemy.orm import ORMExecuteState, aliased, joinedload, selectinload, sessionmaker
 
-from sa_shardkit import ShardManager, errors
+from sa_shardkit import ShardedSession, ShardManager, errors
 from sa_shardkit.demo.models import Customer, Order, OrderItem, Product
 from sa_shardkit.routing import ring_shards
 from tests.session_support import (  # noqa: F401 - fixtures
@@ -270,3 +270,46 @@ def test_legacy_query_api_is_routed_like_select(
         assert session.query(Order).set_shard("shard-1").count() == on_shard_1
     assert sql_log.shards("WHERE orders.customer_id") == {filled.shard_for(8)}
     assert sql_log.shards("count(*)") == {"shard-1"}
+
+
+def test_one_statement_shape_routes_every_key_to_its_own_shard(
+    Session: sessionmaker[Any],  # noqa: N803
+    filled: ShardManager,
+    sql_log: SqlLog,
+) -> None:
+    """Routing analyses a keyed SELECT's shape once (its cache key); each value still picks its shard."""
+    for customer_id in range(1, N_CUSTOMERS + 1):
+        sql_log.clear()
+        with Session() as session:
+            orders = session.scalars(select(Order).where(Order.customer_id == customer_id)).all()
+            assert {o.customer_id for o in orders} == {customer_id} and len(orders) == 2
+            assert {inspect(o).identity_token for o in orders} == {filled.shard_for(customer_id)}
+            found = session.get(Customer, customer_id)
+            assert found is not None and inspect(found).identity_token == filled.shard_for(customer_id)
+        assert sql_log.shards("FROM orders") == {filled.shard_for(customer_id)}
+        assert sql_log.shards("FROM customers") == {filled.shard_for(customer_id)}
+
+
+def test_keyed_reads_run_a_do_orm_execute_listener_added_later(
+    Session: sessionmaker[Any],  # noqa: N803
+    filled: ShardManager,
+    sql_log: SqlLog,
+) -> None:
+    """Keyed SELECTs and get() skip the execute hooks only while no one else listens."""
+    seen: list[tuple[str, Any]] = []
+
+    def listener(orm_context: ORMExecuteState) -> None:
+        seen.append((type(orm_context.statement).__name__, orm_context.bind_arguments.get("shard_id")))
+
+    event.listen(ShardedSession, "do_orm_execute", listener)
+    try:
+        with Session() as session:
+            assert len(session.scalars(select(Order).where(Order.customer_id == 3)).all()) == 2
+            assert session.get(Customer, 4) is not None
+    finally:
+        event.remove(ShardedSession, "do_orm_execute", listener)
+    assert seen == [("Select", filled.shard_for(3)), ("Select", filled.shard_for(4))]
+    assert sql_log.shards("FROM orders") == {filled.shard_for(3)}
+    with Session() as session:  # and without it, the same answers
+        assert len(session.scalars(select(Order).where(Order.customer_id == 3)).all()) == 2
+    assert len(seen) == 2

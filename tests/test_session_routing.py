@@ -6,7 +6,19 @@ import warnings
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import BigInteger, Column, Integer, MetaData, Table, and_, func, insert, select, union_all
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Integer,
+    MetaData,
+    Table,
+    and_,
+    bindparam,
+    func,
+    insert,
+    select,
+    union_all,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sa_shardkit import ShardKeyWarning, ShardManager, errors, route_statement, sharding_of
@@ -145,3 +157,31 @@ def test_a_key_naming_no_column_is_rejected() -> None:
 
     with pytest.raises(errors.NotShardedError, match="tenant_idd"):
         sharding_of(Typo)
+
+
+def test_one_select_shape_routes_each_bound_value_by_itself(router: ShardManager) -> None:
+    """The shape of a keyed SELECT is analysed once; every execution routes its own values."""
+    by_literal = [route_statement(router, select(Order).where(Order.customer_id == k)) for k in range(1, 40)]
+    assert [r.shard_ids for r in by_literal] == [(router.shard_for(k),) for k in range(1, 40)]
+    stmt = select(Order).where(Order.customer_id == bindparam("key"))
+    for key in range(1, 40):
+        assert route_statement(router, stmt, {"key": key}).shard_ids == (router.shard_for(key),)
+    a, b = _two_keys_on_two_shards(router)
+    listed = select(Order).where(Order.customer_id.in_([a, b]))
+    assert set(route_statement(router, listed).shard_ids) == {router.shard_for(a), router.shard_for(b)}
+    assert route_statement(router, select(Order).where(Order.customer_id.in_([a]))).shard_ids == (
+        router.shard_for(a),
+    )
+    for _ in range(2):  # an OR, or two keys, is analysed in full each time
+        either = select(Order).where((Order.customer_id == a) | (Order.customer_id == b))
+        assert set(route_statement(router, either).shard_ids) == {router.shard_for(a), router.shard_for(b)}
+        both = route_statement(router, select(Order).where(Order.customer_id == a, Order.customer_id == b))
+        assert "exclude every shard" in both.reason
+    for _ in range(2):  # a None key routes nowhere in particular, however often the shape is seen
+        assert route_statement(router, stmt, {"key": None}).shard_ids == ring_shards(router)
+
+
+def test_an_undeclared_table_raises_every_time_its_shape_is_routed(router: ShardManager) -> None:
+    for _ in range(2):
+        with pytest.raises(errors.NotShardedError, match="loose"):
+            router.shards_for(select(loose).where(events.c.tenant == 3))
