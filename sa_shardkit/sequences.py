@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import BigInteger, Column, MetaData, String, Table, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.orm.base import instance_state
 
 from .errors import ConfigError, SequenceError
 
@@ -91,6 +92,7 @@ class ShardSequence:
         self.name = name
         self.start = start
         self.block_size = block_size
+        _declared.append(name)
 
     def __call__(self, context: Any) -> int:
         # Reached only when a row is inserted without the sharded session's flush (plain Core).
@@ -222,14 +224,20 @@ def sequence_columns(mapper: Mapper[Any]) -> list[tuple[str, ShardSequence]]:
 _columns_cache: weakref.WeakKeyDictionary[Any, list[tuple[str, ShardSequence]]] = weakref.WeakKeyDictionary()
 
 
+_declared: list[str] = []
+"""Names of every ShardSequence made in this process: none, and flushes skip looking for them."""
+
+
+def any_sequence_declared() -> bool:
+    return bool(_declared)
+
+
 def assign_sequence_ids(allocator: SequenceAllocator, instances: Iterable[object]) -> None:
     """Give every new instance an id from its ShardSequence columns that are still unset."""
-    from sqlalchemy import inspect
-
     wanted: dict[str, list[tuple[object, str]]] = {}
     specs: dict[str, ShardSequence] = {}
     for obj in instances:
-        for attribute, sequence in sequence_columns(inspect(obj).mapper):
+        for attribute, sequence in sequence_columns(instance_state(obj).mapper):
             if obj.__dict__.get(attribute) is None:
                 wanted.setdefault(sequence.name, []).append((obj, attribute))
                 specs[sequence.name] = sequence

@@ -35,6 +35,7 @@ from sqlalchemy.ext.horizontal_shard import (
 )
 from sqlalchemy.ext.horizontal_shard import ShardedSession as _StockShardedSession
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction
+from sqlalchemy.orm.base import instance_state
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.schema import Table
 from sqlalchemy.sql.selectable import Select
@@ -257,29 +258,29 @@ class ShardedSession(_StockShardedSession):
     @property
     def shard_chooser(self) -> Any:
         hook = self._shard_chooser_hook
-        return self._choose_shard if hook is None or hook is _DERIVED else hook
+        return self._choose_shard if hook is None else hook
 
     @shard_chooser.setter
     def shard_chooser(self, hook: Any) -> None:
-        self._shard_chooser_hook = hook
+        self._shard_chooser_hook = None if hook is _DERIVED else hook
 
     @property
     def identity_chooser(self) -> Any:
         hook = self._identity_chooser_hook
-        return self._choose_identity_shards if hook is None or hook is _DERIVED else hook
+        return self._choose_identity_shards if hook is None else hook
 
     @identity_chooser.setter
     def identity_chooser(self, hook: Any) -> None:
-        self._identity_chooser_hook = hook
+        self._identity_chooser_hook = None if hook is _DERIVED else hook
 
     @property
     def execute_chooser(self) -> Any:
         hook = self._execute_chooser_hook
-        return self._choose_execute_shards if hook is None or hook is _DERIVED else hook
+        return self._choose_execute_shards if hook is None else hook
 
     @execute_chooser.setter
     def execute_chooser(self, hook: Any) -> None:
-        self._execute_chooser_hook = hook
+        self._execute_chooser_hook = None if hook is _DERIVED else hook
 
     # -- shard faults named ------------------------------------------------------------------------
     # A manager's engines mark connection failures with their shard (sa_shardkit.faults); every
@@ -457,17 +458,22 @@ class ShardedSession(_StockShardedSession):
         return self._choose_replica is not None or bool(self.manager._replicas)  # type: ignore[union-attr]
 
     def _get_shard(self, entity: Any, ident: Any, kw: dict[str, Any]) -> str | None:
-        if kw.get("identity_token") is not None or self.pinned_shard_id is not None:
+        if self.pinned_shard_id is not None:
             return None
-        if "shard_id" in (kw.get("bind_arguments") or {}) or "shard_id" in (
-            kw.get("execution_options") or {}
+        if kw and (
+            kw.get("identity_token") is not None
+            or "shard_id" in (kw.get("bind_arguments") or {})
+            or "shard_id" in (kw.get("execution_options") or {})
         ):
             return None
         if isinstance(ident, dict):
             return None
-        mapper = getattr(inspect(entity, raiseerr=False), "mapper", None)
-        if mapper is None:
-            return None
+        # a declarative class holds its mapper itself; anything else is asked the usual way
+        mapper = entity.__dict__.get("__mapper__") if isinstance(entity, type) else None
+        if not isinstance(mapper, Mapper):
+            mapper = getattr(inspect(entity, raiseerr=False), "mapper", None)
+            if mapper is None:
+                return None
         assert self.manager is not None
         route = route_identity(self.manager, mapper, ident if isinstance(ident, (tuple, list)) else (ident,))
         if len(route.shard_ids) != 1 or route.reference:
@@ -635,24 +641,33 @@ def _describe(obj: object, sharding: Sharding) -> str:
 def _plan_flush(session: Session, flush_context: Any, instances: Any) -> None:
     """Choose and check every row's shard before the unit of work writes anything."""
     assert isinstance(session, ShardedSession)
-    if session.manager is None:
+    manager = session.manager
+    if manager is None:
         return
     debug = log.isEnabledFor(logging.DEBUG)
     planned: dict[str, str] = {}
     reference_writes: list[tuple[object, str, tuple[Any, ...] | None]] = []
+    # the derived shard chooser, inlined for a row that carries its key (the common case)
+    by_key = session._shard_chooser_hook is None and session.pinned_shard_id is None
+    shard: Any
     for obj in session.new:
-        state = inspect(obj)
+        state = instance_state(obj)
         sharding = sharding_of(state.mapper)
-        shard = session.shard_chooser(state.mapper, obj, None)
+        key = obj.__dict__.get(sharding.attribute) if by_key and sharding.attribute else None
+        if key is not None:
+            shard = shard_for_key(manager, key)
+        else:
+            shard = session.shard_chooser(state.mapper, obj, None)
         state.identity_token = shard
         if sharding.reference:
             reference_writes.append((obj, "upsert", None))
             continue
-        planned.setdefault(shard, _describe(obj, sharding))
+        if shard not in planned:
+            planned[shard] = _describe(obj, sharding)
         if debug:
             log.debug("flush INSERT %s -> %s", _describe(obj, sharding), shard)
     for obj in session.dirty:
-        state = inspect(obj)
+        state = instance_state(obj)
         if not state.modified or state.key is None:
             continue
         sharding = sharding_of(state.mapper)
@@ -661,17 +676,19 @@ def _plan_flush(session: Session, flush_context: Any, instances: Any) -> None:
             reference_writes.append((obj, "upsert", state.key[1]))
             continue
         _check_key_unchanged(session, obj, state, sharding, shard)
-        planned.setdefault(shard, _describe(obj, sharding))
+        if shard not in planned:
+            planned[shard] = _describe(obj, sharding)
         if debug:
             log.debug("flush UPDATE %s -> %s (the shard it was loaded from)", _describe(obj, sharding), shard)
     for obj in session.deleted:
-        state = inspect(obj)
+        state = instance_state(obj)
         sharding = sharding_of(state.mapper)
         shard = state.key[2] if state.key is not None else state.identity_token
         if sharding.reference:
             reference_writes.append((obj, "delete", state.key[1] if state.key else None))
             continue
-        planned.setdefault(shard, _describe(obj, sharding))
+        if shard not in planned:
+            planned[shard] = _describe(obj, sharding)
         if debug:
             log.debug("flush DELETE %s -> %s", _describe(obj, sharding), shard)
     session._note_writes(planned)
@@ -717,6 +734,8 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
         assert isinstance(session, ShardedSession)
         session._written_shards = {}
         session._affinity = None
+    if "info" in session.__dict__:  # Session.info is made on first use: no fence was held without it
+        forget_fences(session, transaction)
 
 
 def _replicate_reference(session: ShardedSession, obj: object, action: str, old_pk: Any) -> None:
@@ -1101,7 +1120,6 @@ def listen_execute(hook: Callable[..., Any], **kw: Any) -> None:
 listen_execute(_execute_routed, retval=True)
 event.listen(ShardedSession, "before_flush", _plan_flush)
 event.listen(ShardedSession, "before_flush", fence_flush)  # after the plan: it reads the chosen shards
-event.listen(ShardedSession, "after_transaction_end", forget_fences)
 event.listen(ShardedSession, "after_flush_postexec", _after_flush)
 event.listen(ShardedSession, "after_transaction_end", _after_transaction_end)
 

@@ -14,13 +14,13 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from .lookups import maintain
-from .sequences import assign_sequence_ids
+from .sequences import any_sequence_declared, assign_sequence_ids
 from .session import ShardedSession, listen_execute
 
 
 def _assign_ids(session: Session, flush_context: Any, instances: Any) -> None:
     manager = getattr(session, "manager", None)
-    if manager is not None and session.new:
+    if manager is not None and any_sequence_declared() and session.new:
         assign_sequence_ids(manager.sequences, session.new)
 
 

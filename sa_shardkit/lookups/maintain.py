@@ -24,8 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import inspect
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
+from sqlalchemy.orm.base import instance_state
 
 from ..errors import DuplicateKeyError, LookupIndexError
 from ..routing import _insert_rows, shards_for_key
@@ -78,19 +78,19 @@ def after_flush(session: Session, flush_context: Any) -> None:
     inserts: dict[LookupIndex, list[Entry]] = {}
     removals: list[Entry] = []
     for obj in session.new:
-        state = inspect(obj)
+        state = instance_state(obj)
         for index in lookups_of(state.mapper):
             value, key = state.dict.get(index.attribute), state.dict.get(index.key_attribute)
             if value is not None and key is not None:
                 inserts.setdefault(index, []).append(Entry(index, value, key))
     for obj in session.dirty:
-        state = inspect(obj)
+        state = instance_state(obj)
         if state.key is None:
             continue
         for index in lookups_of(state.mapper):
             _changed(state, index, inserts, removals)
     for obj in session.deleted:
-        state = inspect(obj)
+        state = instance_state(obj)
         for index in lookups_of(state.mapper):
             value = _committed(state, index.attribute)
             key = _committed(state, index.key_attribute)
