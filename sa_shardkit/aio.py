@@ -16,6 +16,11 @@ together), with the same global merge (ORDER BY, LIMIT, aggregates) as the sync 
 :meth:`AsyncShardManager.query_all_shards` is the session-less form, and
 :meth:`AsyncShardManager.transaction` the fenced Core transaction by key.
 
+Shard faults are named as in the sync session: a keyed get, select, flush or commit on a shard that
+is down, frozen or rejects the password raises :class:`~sa_shardkit.ShardUnavailableError` naming
+it, a new connection is bounded by ``connect_timeout`` and a statement by ``query_timeout``
+(:func:`sa_shardkit.faults.guard` on each async engine's sync side).
+
 Shards with a ``replica_url`` get an async replica engine too, and async sessions route reads
 like the sync session (:mod:`sa_shardkit.replica_reads`): outside a transaction that used the
 primary, without ``use_primary``/``primary_reads()``/``FOR UPDATE``, to a usable replica. Usable is
@@ -46,7 +51,7 @@ from sqlalchemy.util.concurrency import await_only, in_greenlet
 
 from .config import ShardConfig
 from .errors import StaleRingError
-from .faults import unavailable
+from .faults import guard, unavailable
 from .manager import ShardManager, require_shards
 from .placement import MAX_REROUTES
 from .ring import ShardKey
@@ -66,7 +71,15 @@ def _async_engine(config: ShardConfig, url: URL) -> AsyncEngine:
     options.setdefault("pool_timeout", config.pool_timeout)
     options.setdefault("pool_recycle", config.pool_recycle)
     options.setdefault("pool_pre_ping", config.pool_pre_ping)
-    return create_async_engine(url, connect_args=connect_args, **options)
+    engine = create_async_engine(url, connect_args=connect_args, **options)
+    # the sync side is where SQLAlchemy runs the driver calls: named faults and the watchdog there
+    guard(
+        engine.sync_engine,
+        config.id,
+        connect_timeout=config.connect_timeout,
+        query_timeout=config.query_timeout,
+    )
+    return engine
 
 
 class AsyncShardManager:

@@ -5,7 +5,8 @@
 * a ``handle_error`` listener marks connection failures (refused, password rejected, connection
   lost) with the shard and its password-masked URL, so the session raises
   :class:`~sa_shardkit.errors.ShardUnavailableError` naming the shard (:func:`named_unavailable`);
-* a watchdog bounds each statement, ping, commit and rollback: a server that stopped answering (a
+* a watchdog bounds each statement, ping, commit and rollback (also on an ``AsyncEngine``'s sync
+  side, where the socket belongs to psycopg's async connection): a server that stopped answering (a
   frozen process still has its kernel ACK every packet, so TCP keepalives and ``tcp_user_timeout``
   never fire) gets its socket shut down after ``query_timeout`` seconds (pings: the connect
   timeout), which makes the blocked driver call fail as a lost connection. New connections are
@@ -68,6 +69,8 @@ class _Watchdog:
 
     def arm(self, dbapi_connection: Any, seconds: float) -> int | None:
         dbapi_connection = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)  # a pool proxy
+        if not hasattr(dbapi_connection, "fileno"):  # an asyncio adapter: its driver's connection has it
+            dbapi_connection = getattr(dbapi_connection, "_connection", dbapi_connection)
         try:
             fd = int(dbapi_connection.fileno())
             ref = weakref.ref(dbapi_connection)
@@ -181,7 +184,8 @@ def guard(engine: Engine, shard_id: str, *, connect_timeout: float, query_timeou
         return engine
 
     def of_cursor(cursor: Any) -> Any:
-        return cursor.connection
+        connection = getattr(cursor, "connection", None)  # an asyncio adapter's cursor has none
+        return connection if connection is not None else getattr(cursor, "_connection", None)
 
     def itself(dbapi_connection: Any) -> Any:
         return dbapi_connection

@@ -8,6 +8,7 @@ assertion): a frozen server would otherwise block these tests forever.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
@@ -21,6 +22,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from sa_shardkit import ShardedSession, ShardManager
+from sa_shardkit.aio import AsyncShardManager
 from sa_shardkit.demo.models import Customer
 from sa_shardkit.errors import ShardUnavailableError
 from tests.cli_support import PASSWORD, require_password
@@ -199,3 +201,41 @@ def test_a_statement_on_a_server_that_froze_mid_query_is_bounded(
         freeze.join()
         _check(raised.value)
         assert "within 3s" in str(raised.value)
+
+
+async def _async_path(
+    manager: ShardManager, fleet: TestFleet, fault: str, path: str, key: int
+) -> ShardUnavailableError:
+    """Run ``path`` through an AsyncSession after ``fault``; the error it raised."""
+    async with AsyncShardManager(manager) as shards:
+        Session = shards.sessionmaker()  # noqa: N806
+        if fault != "password":  # a pooled connection first, as in a running app
+            async with Session() as session:
+                await session.get(Customer, key)
+        _break(fleet, fault)
+        async with Session() as session:
+            try:
+                if path == "get":
+                    await session.get(Customer, key)
+                elif path == "select":
+                    (await session.scalars(select(Customer).where(Customer.customer_id == key))).all()
+                else:
+                    session.add(Customer(customer_id=key, name="new"))
+                    await session.flush()
+            except ShardUnavailableError as error:
+                return error
+    raise AssertionError(f"async {path} on a broken shard raised nothing")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("path", ["get", "select", "flush"])
+def test_each_async_path_names_the_unavailable_shard(
+    pg_fleet: TestFleet, shard_map: dict[str, str], fault: str, path: str
+) -> None:
+    """The async engines are guarded like the sync ones: the shard is named, the wait bounded by
+    its connect/query timeout (pytest-timeout catches a hang)."""
+    with _faulty_manager(pg_fleet, shard_map, fault) as manager:
+        key = _key_on(manager, "shard-2")
+        error = asyncio.run(_async_path(manager, pg_fleet, fault, path, key))
+    _check(error)
