@@ -96,6 +96,8 @@ _DERIVED: Any = object()
 
 ROUTED = "shardkit_routed"
 """Bind argument: the execution's ``shard_id`` is this library's routing answer already (``get()``)."""
+ROUTE_HINT = "shardkit_route"
+"""Bind argument: the route :meth:`ShardedSession._direct_route` found for a SELECT it did not run."""
 KEYED_READ = "shardkit_keyed_read"
 """Bind argument: where :func:`_execute_routed` notes the route of a keyed SELECT it let run on."""
 OWN_EXECUTE_HOOKS: list[Callable[..., Any]] = []
@@ -309,7 +311,9 @@ class ShardedSession(_StockShardedSession):
             return _run_named(self, statement, params, kw)
         if not given and type(statement) is Select:
             route = self._direct_route(statement, params, kw)
-            if route is not None:
+            if route is not None and (route.reference or len(route.shard_ids) != 1):
+                bind_arguments[ROUTE_HINT] = route  # a scatter: the hook need not route it again
+            elif route is not None:
                 shard = route.shard_ids[0]
                 if self._affinity is None:
                     self._affinity = shard
@@ -344,10 +348,10 @@ class ShardedSession(_StockShardedSession):
         raise StaleRingError(f"the ring kept changing while running {type(statement).__name__}; retry")
 
     def _direct_route(self, statement: Select[Any], params: Any, kw: dict[str, Any]) -> Route | None:
-        """The route of a SELECT that :func:`_execute_routed` would send to one shard as a keyed
+        """The route :func:`_execute_routed` would give this SELECT, when one shard means a keyed
         read and nothing more; None when anything could make the hooks do more: another
         ``do_orm_execute`` listener, execution options (a shard, identity token, stream, load
-        options), a ``set_shard_id`` option, a pinned session, a move in flight, several shards.
+        options), a ``set_shard_id`` option, a pinned session, a move in flight.
         """
         if (
             kw.get("execution_options")
@@ -367,10 +371,7 @@ class ShardedSession(_StockShardedSession):
         if follows_placement(self.manager):
             return None
         assert self.manager is not None
-        route = route_statement(self.manager, statement, params)
-        if route.reference or len(route.shard_ids) != 1:
-            return None
-        return route
+        return route_statement(self.manager, statement, params)
 
     def _replica_reads_now(self) -> bool:
         """May a read of this session go to a replica now (before the transaction's own check)?"""
@@ -843,6 +844,7 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
     assert isinstance(session, ShardedSession)
     debug = log.isEnabledFor(logging.DEBUG)
     keyed_slot: list[Route] | None = orm_context.bind_arguments.pop(KEYED_READ, None)
+    hint: Route | None = orm_context.bind_arguments.pop(ROUTE_HINT, None)
     shard_id, why = _explicit_shard(orm_context, session)
     if session.manager is not None and session._may_use_replicas() and may_read_from_replica(orm_context):
         orm_context.bind_arguments[REPLICA_OK] = True  # get_bind picks the replica (scatter too)
@@ -872,7 +874,9 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
             log.debug("%s -> %s", _statement_name(orm_context), insert_reason(groups))
         return _bulk_insert(orm_context, session, groups)
     if session._routed_execute and not follows_placement(session.manager):
-        route = session.route(orm_context)  # no move in flight: only an empty keyed read is re-checked
+        route = hint or session.route(
+            orm_context
+        )  # no move in flight: only an empty keyed read is re-checked
         if _keyed_read(orm_context, route) and orm_context.lazy_loaded_from is None:
             if keyed_slot is None:
                 return _read_keyed(orm_context, session, route)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import decimal
 import heapq
 import itertools
+import operator
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -43,6 +44,13 @@ def merge_rows(
 ) -> Iterator[tuple[Any, ...]]:
     """The globally ordered, de-duplicated and limited visible rows (plus the shard tag if given)."""
     hidden = plan.hidden
+    stop = None if plan.limit is None else plan.offset + plan.limit
+    if tags is None and not plan.distinct:  # the common case, without a Python frame per row
+        merged_rows: Iterator[Sequence[Any]] = (
+            heapq.merge(*streams, key=row_key(plan.order)) if plan.order else itertools.chain(*streams)
+        )
+        cut = operator.itemgetter(slice(None, -hidden)) if hidden else tuple
+        return itertools.islice(map(cut, merged_rows), plan.offset, stop)
 
     def visible(row: Sequence[Any]) -> tuple[Any, ...]:
         return tuple(row[:-hidden]) if hidden else tuple(row)
@@ -59,7 +67,6 @@ def merge_rows(
     if plan.distinct:
         out = _distinct(merged, visible, key)
     rows = (row if tags is None else (*row, tag) for row, tag in out)
-    stop = None if plan.limit is None else plan.offset + plan.limit
     return itertools.islice(rows, plan.offset, stop)
 
 

@@ -77,10 +77,43 @@ def _identity(value: Any) -> Any:
     return value
 
 
-def row_key(terms: Sequence[SortTerm]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
-    """A key function for whole rows: the tuple of every term's key part."""
-    parts = [(term.index, term.part()) for term in terms]
-    if len(parts) == 1:
-        index, part = parts[0]
-        return lambda row: (part(row[index]),)
-    return lambda row: tuple(part(row[index]) for index, part in parts)
+def row_key(
+    terms: Sequence[SortTerm], indexes: Sequence[int] | None = None
+) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """A key function for whole rows: the tuple of every term's key part (:meth:`SortTerm.part`).
+
+    ``indexes`` overrides where each term's value sits in the row. One call per row: the parts are
+    computed inline (the merge of a LIMIT scatter computes a key for every row it looks at).
+    """
+    spec = [
+        (
+            term.index if indexes is None else indexes[n],
+            (0,) if (term.descending if term.nulls_first is None else term.nulls_first) else (2,),
+            term.ranks,
+            term.descending,
+        )
+        for n, term in enumerate(terms)
+    ]
+
+    def key(row: Sequence[Any]) -> tuple[Any, ...]:
+        parts: list[Any] = []
+        for index, null_key, ranks, descending in spec:
+            value = row[index]
+            if value is None:
+                parts.append(null_key)
+                continue
+            if ranks is not None:
+                value = ranks[value]
+            nan = (
+                (value != value)
+                if isinstance(value, float)
+                else (isinstance(value, Decimal) and value.is_nan())
+            )
+            if nan:
+                inner: Any = (1,)
+            else:
+                inner = (0, value)
+            parts.append((1, _Descending(inner) if descending else inner))
+        return tuple(parts)
+
+    return key

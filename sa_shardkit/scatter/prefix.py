@@ -9,7 +9,6 @@ the merge uses, and the ORM loads just those. Skipped whenever rows and entities
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
@@ -59,16 +58,18 @@ def _keyed(
 ) -> Iterator[tuple[Any, str]]:
     """(sort key, shard) per raw row, computed lazily: the merge stops after offset + limit rows."""
     processors = getattr(result._metadata, "_processors", None) or []
-    terms = [dataclasses.replace(t, index=i) for t, i in zip(plan.order, positions, strict=True)]
-    key = row_key(terms)
+    active = [(i, processors[i]) for i in positions if i < len(processors) and processors[i] is not None]
+    key = row_key(plan.order, positions)
+    if not active:  # the driver's values are the ORDER BY values (psycopg: datetimes, numbers, text)
+        for row in rows:
+            yield key(row), shard
+        return
     for row in rows:
-        yield key(_processed(row, positions, processors)), shard
+        yield key(_processed(row, active)), shard
 
 
-def _processed(row: Sequence[Any], indexes: Sequence[int], processors: Sequence[Any]) -> list[Any]:
+def _processed(row: Sequence[Any], processors: Sequence[tuple[int, Any]]) -> list[Any]:
     values = list(row)
-    for i in indexes:
-        processor = processors[i] if i < len(processors) else None
-        if processor is not None:
-            values[i] = processor(values[i])
+    for i, processor in processors:
+        values[i] = processor(values[i])
     return values
