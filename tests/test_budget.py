@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import insert, inspect, select, text
 
 from sa_shardkit import ConnectionBudgetError, ShardConfig, ShardManager
-from tests.fleet import TestFleet
+from sa_shardkit.demo.models import Base, Customer
+from tests.fleet import TestFleet, _connect
 from tests.many_shards import backends, many_databases
 
 APP = "shardkit-budget-test"
@@ -31,6 +32,13 @@ def budgeted(shards: dict[str, str], limit: int | None, **options: Any) -> Shard
     return ShardManager(configs, max_connections=limit)
 
 
+def _running(conn: Any) -> int:
+    """Our queries running on this server now (each needs an open connection of ours)."""
+    sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND state = 'active'"
+    row = conn.execute(sql, (APP,)).fetchone()
+    return int(row[0]) if row else 0
+
+
 class Sampler:
     """Counts our backends on every server, over and over, until stopped; keeps the maximum."""
 
@@ -41,8 +49,15 @@ class Sampler:
         self._thread = threading.Thread(target=self._run)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, backends(self.fleet, APP, active=True))
+        # one connection per server for the whole run, so a sweep of the servers takes a moment
+        # only (a sweep that lasted a reconnect could count a query that ended and the next one)
+        conns = [_connect(url) for url in self.fleet.urls]
+        try:
+            while not self._stop.is_set():
+                self.peak = max(self.peak, sum(_running(conn) for conn in conns))
+        finally:
+            for conn in conns:
+                conn.close()
 
     def __enter__(self) -> Sampler:
         self._thread.start()
@@ -111,3 +126,52 @@ def test_idle_pools_shrink_to_zero(pg_fleet: TestFleet, sixteen: dict[str, str])
         assert manager.budget.open_connections == 0
         assert backends(pg_fleet, APP) == 0
         assert manager.run_on_all("SELECT 1", shard_ids=["shard-3"]) == {"shard-3": [(1,)]}  # reconnects
+
+
+SLOW = text("(SELECT pg_sleep(0.2)) IS NOT NULL")
+
+
+def _one_customer_per_shard(manager: ShardManager) -> dict[str, int]:
+    """Schema on every shard and one customer on each; customer id by shard."""
+    manager.run_on_all(lambda conn: Base.metadata.create_all(conn))
+    manager.run_on_all("TRUNCATE customers CASCADE")
+    keys: dict[str, int] = {}
+    key = 0
+    while len(keys) < len(manager.shard_ids):
+        key += 1
+        keys.setdefault(manager.shard_for(key), key)
+    for k in keys.values():
+        with manager.transaction(k) as conn:
+            conn.execute(insert(Customer), {"customer_id": k, "name": f"c{k}", "balance": 0})
+    return keys
+
+
+def test_a_session_scatter_over_16_shards_with_a_budget_of_4_queues_and_completes(
+    pg_fleet: TestFleet, sixteen: dict[str, str]
+) -> None:
+    with budgeted(sixteen, 4) as manager:
+        keys = _one_customer_per_shard(manager)
+        with manager.sessionmaker()() as session, Sampler(pg_fleet) as sampler:
+            found = session.scalars(select(Customer).where(SLOW).order_by(Customer.customer_id)).all()
+            peak = manager.budget.peak
+        assert (sampler.peak, peak) == (4, 4)  # the budget used in full, never exceeded
+        assert [c.customer_id for c in found] == sorted(keys.values())
+        assert {inspect(c).identity_token for c in found} == set(sixteen)
+        assert {inspect(c).identity_token: c.customer_id for c in found} == keys
+
+
+def test_a_session_scatter_reads_its_own_writes_on_the_shards_it_holds_within_the_budget(
+    pg_fleet: TestFleet, sixteen: dict[str, str]
+) -> None:
+    """Shards the session's transaction holds are read in it (its uncommitted rows); the rest queue."""
+    with budgeted(sixteen, 4) as manager:
+        keys = _one_customer_per_shard(manager)
+        with manager.sessionmaker()() as session, Sampler(pg_fleet) as sampler:
+            session.get(Customer, keys["shard-5"]).name = "renamed"  # type: ignore[union-attr]
+            session.flush()  # shard-5's transaction is open, its change uncommitted
+            names = {c.customer_id: c.name for c in session.scalars(select(Customer).where(SLOW))}
+            session.rollback()
+        assert sampler.peak <= 4
+        assert len(names) == 16 and names[keys["shard-5"]] == "renamed"
+        with manager.sessionmaker()() as session:  # rolled back: nothing leaked
+            assert session.get(Customer, keys["shard-5"]).name == f"c{keys['shard-5']}"  # type: ignore[union-attr]

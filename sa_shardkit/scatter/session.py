@@ -25,7 +25,10 @@ step moved to the worker threads.
 from __future__ import annotations
 
 import functools
+import queue
+import threading
 from collections.abc import Sequence
+from contextvars import copy_context
 from typing import Any
 
 from sqlalchemy import inspect
@@ -34,10 +37,12 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.sql.selectable import Select
+from sqlalchemy.util.concurrency import in_greenlet
 
 from ..errors import ShardUnavailableError
 from ..faults import named_unavailable, unavailable
-from .fanout import fan_out, is_unavailable, probe, raise_for_errors, runs_in_threads
+from .connected import fan_out_connected
+from .fanout import fan_out, is_unavailable, probe, raise_for_errors, runs_in_threads, scatter_pool
 from .gather import ALLOW_PARTIAL, PER_SHARD_RESULTS, gather
 from .plan import RowPlan, ScatterPlan, plan_scatter
 from .prefix import trim_to_merged_prefix
@@ -144,34 +149,102 @@ class _ScatterRun:
         return merged.yield_per(yield_per) if yield_per else merged
 
     def run(self) -> ScatterResult:
-        prepared: dict[str, tuple[Any, Any, Any, dict[str, Any], Connection]] = {}
+        prepared: dict[str, Prepared] = {}
         errors: dict[str, BaseException] = {}
         if self.compile_state_cls is None:
             self.session._autoflush()
-        errors.update(self._probe_unheld())
+        queued = self._beyond_budget()
+        if not queued:
+            errors.update(self._probe_unheld())
         for position, shard_id in enumerate(self.shard_ids):
             if shard_id in errors:
                 continue
             try:
-                prepared[shard_id] = self._prepare(shard_id, autoflush=position == 0)
+                prepared[shard_id] = self._prepare(
+                    shard_id, autoflush=position == 0, connect=shard_id not in queued
+                )
             except (OperationalError, PoolTimeoutError, DBAPIError, ShardUnavailableError) as error:
                 errors[shard_id] = error
-        outcome = fan_out(
-            {s: functools.partial(_execute, p[4], p[0], p[1], p[2]) for s, p in prepared.items()}
-        )
+        held = {s: (p, c) for s, p in prepared.items() if (c := p[4]) is not None}
+        outcome = fan_out({s: functools.partial(_execute, c, p[0], p[1], p[2]) for s, (p, c) in held.items()})
         errors.update(outcome.errors)
-        if self.compile_state_cls is not None and isinstance(self.plan, RowPlan):
+        if self.compile_state_cls is not None and isinstance(self.plan, RowPlan) and not queued:
             trim_to_merged_prefix(self.plan, outcome.results, self.shard_ids)
         results = {s: self._load(s, prepared[s], r) for s, r in outcome.results.items()}
-        return self._merge(results, errors)
+        if queued:
+            loaded, failed = self._run_queued({s: p for s, p in prepared.items() if s not in held})
+            results.update(loaded)
+            errors.update(failed)
+        return self._merge({s: results[s] for s in self.shard_ids if s in results}, errors)
 
-    def _probe_unheld(self) -> dict[str, BaseException]:
-        """Probe the shards this session holds no connection to yet (see :func:`fanout.probe`)."""
+    def _beyond_budget(self) -> set[str]:
+        """The shards to read outside the session's transaction: with a connection budget smaller
+        than the scatter, those the session holds no connection to (else none)."""
+        manager = getattr(self.session, "manager", None)
+        limit = manager.budget.limit if manager is not None else None
+        if limit is None or len(self.shard_ids) <= limit or in_greenlet():  # AsyncSession: its loop
+            return set()
+        held = self._held()
+        binds = {s: self.session.get_bind(**self._bind_arguments(s)) for s in self.shard_ids}
+        return {s for s, b in binds.items() if isinstance(b, Engine) and b not in held}
+
+    def _run_queued(
+        self, prepared: dict[str, Prepared]
+    ) -> tuple[dict[str, Result[Any]], dict[str, BaseException]]:
+        """Each shard on a pool connection of its own, queued behind the connection budget.
+
+        One autocommitted statement per shard, at most ``max_connections`` at once; a shard's
+        connection goes back to its pool once this thread has loaded its rows (the session is
+        used by this thread only), which lets the next queued shard start.
+        """
+        manager: Any = getattr(self.session, "manager")  # noqa: B009 - set on every ShardedSession
+        arrived: queue.SimpleQueue[tuple[str, Result[Any], threading.Event] | None] = queue.SimpleQueue()
+        giving_up = threading.Event()
+
+        def work(shard_id: str, conn: Connection) -> None:
+            statement, options, params, _, _ = prepared[shard_id]
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            loaded = threading.Event()
+            arrived.put((shard_id, conn.execute(statement, params or {}, execution_options=options), loaded))
+            while not loaded.wait(0.5) and not giving_up.is_set():
+                pass
+
+        engines = {
+            s: b for s, p in prepared.items() if isinstance(b := self.session.get_bind(**p[3]), Engine)
+        }
+        run = functools.partial(
+            fan_out_connected, engines, manager.scatter_timeouts(engines), work, limit=manager.budget.limit
+        )
+        runner = scatter_pool().submit(copy_context().run, run)
+        runner.add_done_callback(lambda _: arrived.put(None))
+        results: dict[str, Result[Any]] = {}
+        errors: dict[str, BaseException] = {}
+        try:
+            while (item := arrived.get()) is not None:
+                shard_id, cursor_result, loaded = item
+                try:
+                    results[shard_id] = self._load(shard_id, prepared[shard_id], cursor_result).freeze()()
+                except Exception as error:  # noqa: BLE001 - the policy decides (and names the shard)
+                    errors[shard_id] = error
+                finally:
+                    loaded.set()
+        finally:
+            giving_up.set()  # interrupted: no task waits for this thread any more
+        errors.update(runner.result().errors)
+        return results, errors
+
+    def _held(self) -> set[Any]:
+        """The binds (engines) the session's transaction holds a connection to."""
         held: set[Any] = set()
         transaction = self.session.get_transaction()
         while transaction is not None:
             held.update(transaction._connections)
             transaction = transaction.parent
+        return held
+
+    def _probe_unheld(self) -> dict[str, BaseException]:
+        """Probe the shards this session holds no connection to yet (see :func:`fanout.probe`)."""
+        held = self._held()
         engines = {}
         for shard_id in self.shard_ids:
             bind = self.session.get_bind(**dict(self.context.bind_arguments, shard_id=shard_id))
@@ -181,8 +254,9 @@ class _ScatterRun:
         timeouts = {s: manager.config(s).connect_timeout for s in engines} if manager is not None else {}
         return probe(engines, timeouts)
 
-    def _prepare(self, shard_id: str, *, autoflush: bool) -> tuple[Any, Any, Any, dict[str, Any], Connection]:
-        """Statement, options and params as Session.execute would use them, and the shard's connection."""
+    def _prepare(self, shard_id: str, *, autoflush: bool, connect: bool = True) -> Prepared:
+        """Statement, options and params as Session.execute would use them, and (``connect``) the
+        shard's connection in the session's transaction."""
         bind_arguments = dict(self.context.bind_arguments, shard_id=shard_id)
         options = self.context.local_execution_options.union({"identity_token": shard_id})
         statement, params = self.statement, self.context.parameters
@@ -190,7 +264,7 @@ class _ScatterRun:
             statement, options, params = self.compile_state_cls.orm_pre_session_exec(  # type: ignore[no-untyped-call]
                 self.session, statement, params, options, bind_arguments, not autoflush
             )
-        connection = self.session.connection(bind_arguments=bind_arguments)
+        connection = self.session.connection(bind_arguments=bind_arguments) if connect else None
         return statement, options, params, bind_arguments, connection
 
     def _load(self, shard_id: str, prepared: tuple[Any, ...], cursor_result: Result[Any]) -> Result[Any]:
@@ -221,6 +295,10 @@ class _ScatterRun:
         if isinstance(self.plan, RowPlan) and self.plan.hidden:
             attributes = attributes.union({"is_single_entity": _is_single_entity(self.context)})
         merged._attributes = attributes
+
+
+Prepared = tuple[Any, Any, Any, dict[str, Any], Connection | None]
+"""A shard's statement, options, params and bind arguments, and its session connection (if held)."""
 
 
 def _execute(connection: Connection, statement: Any, options: Any, params: Any) -> Result[Any]:
