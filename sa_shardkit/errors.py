@@ -6,6 +6,8 @@ catches ``sqlalchemy.exc.InvalidRequestError`` or ``OperationalError``-like fail
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from sqlalchemy import exc as sa_exc
 
 
@@ -90,10 +92,20 @@ class SequenceError(ShardKitError):
 class DuplicateKeyError(ShardKitError, sa_exc.InvalidRequestError):
     """A value of a fleet-wide unique column (a unique lookup) is already taken by another row."""
 
-    def __init__(self, message: str, *, column: str, value: object) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        column: str,
+        value: object,
+        holders: Sequence[tuple[object, Sequence[tuple[object, str]]]] = (),
+    ) -> None:
         super().__init__(message)
         self.column = column
         self.value = value
+        self.holders = tuple(holders)
+        """For a build over existing rows: every duplicated value with the ``(shard key, shard)``
+        of each row holding it."""
 
 
 class LookupIndexError(ShardKitError):

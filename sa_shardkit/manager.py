@@ -497,6 +497,9 @@ class ShardManager:
 
     def dispose(self) -> None:
         """Close every pooled connection of every shard and replica; idempotent."""
+        from .lookups.store import drop_idle
+
+        drop_idle(self)  # lookup connections kept between transactions go back to their pools first
         with self._lock:
             for engine in [*self._engines.values(), *self._replicas.values(), *self._direct.values()]:
                 engine.dispose()

@@ -3,7 +3,8 @@
 Kept apart from session.py so the session's own routing stays one readable module: fleet-wide ids
 (:mod:`sa_shardkit.sequences`) are assigned here before the session routes the new rows (a
 sequence can feed the shard key itself), and lookup entries (:mod:`sa_shardkit.lookups`) are
-written after each flush and finished when the transaction ends.
+written during each flush (those of new rows whose values are known start before it, beside it),
+committed before it returns, and finished when the transaction ends.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def _assign_ids(session: Session, flush_context: Any, instances: Any) -> None:
     manager = getattr(session, "manager", None)
     if manager is not None and any_sequence_declared() and session.new:
         assign_sequence_ids(manager.sequences, session.new)
+        if instances is None:  # a whole flush: new rows' lookup entries start now, beside the flush
+            maintain.before_flush(session, manager)
 
 
 # insert=True: before the session's own before_flush, which routes rows by their (now set) keys

@@ -1,6 +1,7 @@
 """A writer process for the lookup crash and race tests: ``python -m tests.lookup_writer URLS SCENARIO POINT ARGS``.
 
-POINT is where it SIGKILLs itself: ``after_entries`` (entries committed, owning rows not),
+POINT is where it SIGKILLs itself: ``mid_flush`` (as the owning row's statement is sent, new
+rows' entries being written beside the flush), ``after_entries`` (entries committed, owning rows not),
 ``before_removals`` (owning transaction committed, old entries not yet removed), ``before_unlock``
 (everything done but the value locks), or ``none``.
 """
@@ -14,6 +15,7 @@ import time
 from typing import Any
 
 from sqlalchemy import event, select
+from sqlalchemy.engine import Engine
 
 from sa_shardkit import DuplicateKeyError, ShardedSession, ShardManager
 from tests.lookup_models import LkCustomer, LkOrder
@@ -23,8 +25,15 @@ def _die(*_: Any) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _die_on_owner_write(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+    if statement.startswith(("INSERT INTO lk_", "UPDATE lk_", "DELETE FROM lk_")):
+        _die()
+
+
 def arm(point: str) -> None:
-    if point == "after_entries":
+    if point == "mid_flush":  # the owning row's statement is about to run; a new row's entry may be in flight
+        event.listen(Engine, "before_cursor_execute", _die_on_owner_write)
+    elif point == "after_entries":
         event.listen(ShardedSession, "after_flush", _die)  # after the lookup hook's own after_flush
     elif point == "before_removals":
         event.listen(ShardedSession, "after_commit", _die, insert=True)

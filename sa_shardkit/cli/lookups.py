@@ -7,9 +7,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..errors import ConfigError, NotShardedError
+from ..errors import ConfigError, DuplicateKeyError, NotShardedError
 from ..lookups import LookupIndex, declared_lookups, lookup_named
-from ..lookups.build import build_lookup, repair_lookup
+from ..lookups.build import DUPLICATES_STATE, build_lookup, repair_lookup
 from ..lookups.store import count_entries, is_ready, read_state
 from ..manager import ShardManager
 from .options import config_options, load_manager
@@ -45,7 +45,11 @@ def build_command(
     batch_size: int,
     restart: bool,
 ) -> None:
-    """Backfill lookups from the existing rows (online, batched, resumable), then mark them ready."""
+    """Backfill lookups from the existing rows (online, batched, resumable), then mark them ready.
+
+    A unique lookup whose existing rows share a value fails (exit 1) naming every such value and
+    the rows holding it, and is marked 'duplicates' (reads do not use it) until a build finds none.
+    """
     console = Console()
     with load_manager(config_path, urls) as manager:
         for index in _chosen(models, targets):
@@ -64,17 +68,19 @@ def _build_one(
                 tasks[shard] = bar.add_task(f"{index.describe()} {shard}", total=total)
             bar.update(tasks[shard], completed=done, total=max(total, done))
 
-        report = build_lookup(manager, index, batch_size=batch_size, progress=progress, restart=restart)
+        try:
+            report = build_lookup(manager, index, batch_size=batch_size, progress=progress, restart=restart)
+        except DuplicateKeyError as error:
+            bar.stop()
+            for value, holders in error.holders:  # every one (the error line shows the first five)
+                rows = ", ".join(f"{index.key_attribute}={key!r} on {shard}" for key, shard in holders)
+                console.print(f"  duplicate {index.attribute}={value!r}: {rows}")
+            raise
     resumed = " (resumed)" if report.resumed else ""
     console.print(
         f"{index.describe()}: ready{resumed}; {sum(report.rows.values())} rows scanned, "
         f"{report.entries} entries added"
     )
-    for value, kept, refused in report.duplicates:
-        console.print(
-            f"  duplicate {index.attribute}={value!r}: kept {index.key_attribute}={kept!r}, "
-            f"not {refused!r} (fix the data; uniqueness holds for new writes)"
-        )
 
 
 @lookups.command("repair")
@@ -98,7 +104,7 @@ def repair_command(
 @config_options
 @click.option("--models", required=True, help=MODELS_HELP)
 def status_command(config_path: str | None, urls: tuple[str, ...], models: str) -> None:
-    """Each lookup's state (building/ready) and entries per shard."""
+    """Each lookup's state (building/ready/duplicates) and entries per shard."""
     with load_manager(config_path, urls) as manager:
         table = Table("lookup", "table", "unique", "state", *manager.shard_ids)
         for index in _chosen(models, ()):
@@ -106,6 +112,8 @@ def status_command(config_path: str | None, urls: tuple[str, ...], models: str) 
             state = read_state(manager, index)[0] or "not built"
             if state == "ready" and not is_ready(manager, index):
                 state = "stale: built under another ring, run build"
+            elif state == DUPLICATES_STATE:
+                state = "duplicates: not used by reads; fix the values, then run build"
             table.add_row(
                 index.describe(),
                 index.name,

@@ -21,7 +21,7 @@ from sqlalchemy import and_, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
-from ..errors import LookupIndexError
+from ..errors import DuplicateKeyError, LookupIndexError
 from ..ring import HashRing
 from ..routing import ring_shards, shards_for_key
 from .declaration import LookupIndex, declared_lookups, lookup_metadata, lookup_state_table
@@ -116,6 +116,8 @@ def build_lookup(
             scanned += len(rows)
             last = [_jsonable(v) for v in rows[-1][: len(pk)]]
             done[shard] = last
+            if report.duplicates:  # kept across an interruption: re-checked at the end
+                _remember(done, [value for value, _, _ in report.duplicates])
             _store_state(manager, index, "building", done)
             if progress is not None:
                 progress(shard, scanned, total)
@@ -126,9 +128,80 @@ def build_lookup(
         raise LookupIndexError(
             f"lookup {index.describe()}: the ring changed while it was built; run the build again"
         )
+    if index.unique and done.get(DUPLICATES_KEY):
+        held = _still_duplicated(manager, index, list(done[DUPLICATES_KEY]), report)
+        if held:
+            done[DUPLICATES_KEY] = []
+            _remember(done, [value for value, _ in held])
+            _store_state(manager, index, DUPLICATES_STATE, done)
+            forget_readiness()
+            raise _duplicates_error(manager, index, held)
+        done.pop(DUPLICATES_KEY)
     _store_state(manager, index, "ready", done)
     forget_readiness()
     return report
+
+
+DUPLICATES_KEY = "_duplicates"
+"""The values a unique build found held by more than one row (in the state row's progress)."""
+DUPLICATES_STATE = "duplicates"
+"""A unique lookup whose existing rows share values: not trusted by reads until a build finds none."""
+
+
+def _remember(done: dict[str, Any], values: list[Any]) -> None:
+    known = list(done.get(DUPLICATES_KEY) or [])
+    for value in values:
+        if _jsonable(value) not in known:
+            known.append(_jsonable(value))
+    done[DUPLICATES_KEY] = known
+
+
+def _still_duplicated(
+    manager: ShardManager, index: LookupIndex, values: list[Any], report: BuildReport
+) -> list[tuple[Any, list[tuple[Any, str]]]]:
+    """The values more than one shard key's committed rows still hold, with (key, shard) of each.
+
+    A value only one key holds now (the data was fixed) gets its entry (again: the entry may have
+    named a row since deleted), so marking the lookup ready afterwards hides no row.
+    """
+    holders: dict[Any, list[tuple[Any, Any, str]]] = {}
+    for start in range(0, len(values), 1000):
+        chunk = values[start : start + 1000]
+        query = select(index.column, index.key_column).where(index.column.in_(chunk))
+        for shard in ring_shards(manager):
+            with manager.connect(shard) as conn:
+                for value, key in conn.execute(query):
+                    holders.setdefault(_jsonable(value), []).append((value, key, shard))
+    held: list[tuple[Any, list[tuple[Any, str]]]] = []
+    for found in holders.values():
+        keys = sorted({(key, shard) for _, key, shard in found}, key=repr)
+        if len({key for key, _ in keys}) > 1:
+            held.append((found[0][0], keys))
+        else:
+            value, key, _ = found[0]
+            report.entries += _backfill(
+                manager, index, [Entry(index, value, key)], BuildReport(report.lookup)
+            )
+    return held
+
+
+def _duplicates_error(
+    manager: ShardManager, index: LookupIndex, held: list[tuple[Any, list[tuple[Any, str]]]]
+) -> DuplicateKeyError:
+    def holders(keys: list[tuple[Any, str]]) -> str:
+        return " and ".join(f"{index.key_attribute}={key!r} (shard {shard!r})" for key, shard in keys)
+
+    shown = "; ".join(f"{value!r} by {holders(keys)}" for value, keys in held[:5])
+    more = f"; and {len(held) - 5} more (shardkit lookups status)" if len(held) > 5 else ""
+    return DuplicateKeyError(
+        f"{index.describe()} is declared unique, but {len(held)} value(s) are held by more than one existing "
+        f"row: {shown}{more}. The lookup is marked '{DUPLICATES_STATE}': reads do not use it (they read every "
+        f"shard) and new writes of these values are refused; make them unique (change {index.describe()} "
+        f"of all but one row through the session) and run `shardkit lookups build {index.describe()}` again",
+        column=index.describe(),
+        value=held[0][0],
+        holders=held,
+    )
 
 
 def _backfill(manager: ShardManager, index: LookupIndex, entries: list[Entry], report: BuildReport) -> int:

@@ -20,7 +20,9 @@ duplicate if that key's committed row holds the value, otherwise it is stale and
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +63,60 @@ class TransactionWork:
     removals: list[Entry] = field(default_factory=list)
     """Entries to remove after commit, if no committed owning row needs them then."""
     committed: bool = False
+    early: dict[tuple[int, str], tuple[Any, Any]] = field(default_factory=dict)
+    """(id(obj), lookup) -> (value, key) of the entries :func:`before_flush` is writing."""
+    pending: Future[None] | None = None
+    """Those entries' write, running alongside the flush (waited for before anything else)."""
+
+    def wait(self) -> None:
+        """Finish the early write (raising its error, e.g. DuplicateKeyError) before the next step."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+
+_writers: ThreadPoolExecutor | None = None
+_writers_lock = threading.Lock()
+WRITER_THREADS = 8
+
+
+def _writer_pool() -> ThreadPoolExecutor:
+    global _writers
+    with _writers_lock:
+        if _writers is None:
+            _writers = ThreadPoolExecutor(
+                max_workers=WRITER_THREADS, thread_name_prefix="shardkit-lookup-write"
+            )
+        return _writers
+
+
+def before_flush(session: Session, manager: ShardManager) -> None:
+    """Start writing the entries of new rows whose values are already known (most are: set by
+    the application or a sequence) on a worker thread, so that their round trip to the lookup
+    shard overlaps the flush's own; :func:`after_flush` waits for it, before anything commits.
+    Called once the sequences assigned their ids, before the flush routes and writes the rows."""
+    if not session.new or not any(lookups_of(inspect(obj).mapper) for obj in session.new):
+        return
+    inserts: dict[LookupIndex, list[Entry]] = {}
+    early: dict[tuple[int, str], tuple[Any, Any]] = {}
+    for obj in session.new:
+        state = inspect(obj)
+        for index in lookups_of(state.mapper):
+            value, key = state.dict.get(index.attribute), state.dict.get(index.key_attribute)
+            if value is not None and key is not None:
+                inserts.setdefault(index, []).append(Entry(index, value, key))
+                early[(id(obj), index.name)] = (value, key)
+    if not inserts:
+        return
+    work = _work(session, manager)
+    work.wait()
+    work.early = early
+    work.pending = _writer_pool().submit(_write_all, manager, work, inserts)
+
+
+def _write_all(manager: ShardManager, work: TransactionWork, inserts: dict[LookupIndex, list[Entry]]) -> None:
+    for index, entries in inserts.items():
+        write_entries(manager, work, index, entries)
 
 
 def _work(session: Session, manager: ShardManager) -> TransactionWork:
@@ -75,13 +131,18 @@ def after_flush(session: Session, flush_context: Any) -> None:
     manager = getattr(session, "manager", None)
     if manager is None:
         return
+    early: dict[tuple[int, str], tuple[Any, Any]] = {}
+    found: TransactionWork | None = session.info.get(WORK_KEY)
+    if found is not None:
+        found.wait()  # the entries before_flush started are committed (or their error raised)
+        early, found.early = found.early, {}
     inserts: dict[LookupIndex, list[Entry]] = {}
     removals: list[Entry] = []
     for obj in session.new:
         state = instance_state(obj)
         for index in lookups_of(state.mapper):
             value, key = state.dict.get(index.attribute), state.dict.get(index.key_attribute)
-            if value is not None and key is not None:
+            if value is not None and key is not None and early.get((id(obj), index.name)) != (value, key):
                 inserts.setdefault(index, []).append(Entry(index, value, key))
     for obj in session.dirty:
         state = instance_state(obj)
@@ -184,6 +245,7 @@ def after_commit(session: Session) -> None:
     work: TransactionWork | None = session.info.get(WORK_KEY)
     if work is None:
         return
+    work.wait()  # (already done by after_flush; a no-op then)
     work.committed = True
     try:
         gone = [e for e in work.removals if not owner_has(work.conns.manager, e.index, e.value, e.key)]
@@ -200,6 +262,10 @@ def after_transaction_end(session: Session, transaction: SessionTransaction) -> 
     if work is None:
         return
     try:
+        try:
+            work.wait()  # a flush that failed before after_flush: its early write must end first
+        except Exception:  # noqa: BLE001, S110 - the flush already failed; what it wrote is removed below
+            pass
         if not work.committed and work.created:
             delete_entries(work.conns, work.created)
     except Exception as error:  # noqa: BLE001 - stale entries are harmless
@@ -230,6 +296,7 @@ def before_execute(orm_context: ORMExecuteState) -> None:
         return
     rows = _insert_rows(statement, orm_context.parameters)
     work = _work(session, manager)
+    work.wait()
     for index in indexes:
         entries = [
             Entry(index, row[index.column.key], row[index.key_column.key])

@@ -13,10 +13,11 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import and_, column, delete, func, literal_column, null, select, table, text, tuple_, update
 from sqlalchemy.dialects import postgresql
@@ -33,6 +34,8 @@ from .declaration import LookupIndex, lookup_state_table
 
 if TYPE_CHECKING:
     from ..manager import ShardManager
+
+T = TypeVar("T")
 
 LOCK_TIMEOUT_MS = 10_000
 """How long a write waits for another transaction's hold on the same value (then LookupIndexError)."""
@@ -275,17 +278,44 @@ class Entry:
 
 @dataclass
 class LookupConnections:
-    """The autocommit connections (and so the advisory locks) one session transaction holds."""
+    """The autocommit connections (and so the advisory locks) one session transaction holds.
+
+    They are direct connections (session-level advisory locks cannot go through a transaction-mode
+    PgBouncer), kept for the next transaction once their locks are released (:data:`IDLE_KEEP` per
+    shard, for at most :data:`IDLE_SECONDS`), so a lookup write costs its statement, not also a
+    checkout's liveness ping. A kept connection that turns out dead on its first statement is
+    replaced and the statement run again (it took no lock and wrote nothing).
+    """
 
     manager: ShardManager
     conns: dict[str, Connection] = field(default_factory=dict)
+    untested: set[str] = field(default_factory=set)
 
     def conn(self, shard: str) -> Connection:
         found = self.conns.get(shard)
         if found is None:
-            found = self.manager.connect(shard).execution_options(isolation_level="AUTOCOMMIT")
+            found = _idle_take(self.manager, shard)
+            if found is None:
+                found = self.manager.connect_direct(shard).execution_options(isolation_level="AUTOCOMMIT")
+            else:
+                self.untested.add(shard)
             self.conns[shard] = found
         return found
+
+    def call(self, shard: str, work: Callable[[Connection], T]) -> T:
+        """``work(conn)`` on the shard's connection (replaced once if a kept one was dead)."""
+        conn = self.conn(shard)
+        if shard not in self.untested:
+            return work(conn)
+        self.untested.discard(shard)
+        try:
+            return work(conn)
+        except DBAPIError as error:
+            if not error.connection_invalidated:
+                raise
+            self.conns.pop(shard, None)
+            conn.close()
+            return work(self.conn(shard))
 
     def release(self, *, background: bool = False) -> None:
         """Drop every advisory lock and return the connections (after the owning transaction ended).
@@ -294,12 +324,59 @@ class LookupConnections:
         longer is always safe; it only delays the next writer of the same value.
         """
         conns, self.conns = self.conns, {}
+        self.untested = set()
         if not conns:
             return
         if background:
-            _releaser().submit(_unlock_all, list(conns.values()))
+            _releaser().submit(_unlock_all, self.manager, conns)
         else:
-            _unlock_all(list(conns.values()))
+            _unlock_all(self.manager, conns)
+
+
+IDLE_KEEP = 4
+"""Lookup connections kept per shard between transactions."""
+IDLE_SECONDS = 10.0
+"""A kept lookup connection idle longer than this is returned to its pool (pinged on next checkout)."""
+
+_idle: weakref.WeakKeyDictionary[ShardManager, dict[str, list[tuple[Connection, float]]]] = (
+    weakref.WeakKeyDictionary()
+)
+_idle_lock = threading.Lock()
+
+
+def _idle_take(manager: ShardManager, shard: str) -> Connection | None:
+    now = time.monotonic()
+    expired: list[Connection] = []
+    found = None
+    with _idle_lock:
+        stack = _idle.get(manager, {}).get(shard)
+        while stack:
+            conn, since = stack.pop()
+            if now - since < IDLE_SECONDS:
+                found = conn
+                break
+            expired.append(conn)
+    for conn in expired:
+        conn.close()
+    return found
+
+
+def _idle_give(manager: ShardManager, shard: str, conn: Connection) -> None:
+    with _idle_lock:
+        stack = _idle.setdefault(manager, {}).setdefault(shard, [])
+        if len(stack) < IDLE_KEEP and not getattr(manager, "_disposed", False):
+            stack.append((conn, time.monotonic()))
+            return
+    conn.close()
+
+
+def drop_idle(manager: ShardManager) -> None:
+    """Return every kept lookup connection of ``manager`` to its pool."""
+    with _idle_lock:
+        stacks = _idle.pop(manager, {})
+    for stack in stacks.values():
+        for conn, _ in stack:
+            conn.close()
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -314,14 +391,15 @@ def _releaser() -> ThreadPoolExecutor:
         return _pool
 
 
-def _unlock_all(conns: list[Connection]) -> None:
-    for conn in conns:
+def _unlock_all(manager: ShardManager, conns: dict[str, Connection]) -> None:
+    for shard, conn in conns.items():
         try:
             conn.execute(text("SELECT pg_advisory_unlock_all()"))
         except DBAPIError:
             conn.invalidate()  # a broken connection holds no lock anymore either
-        finally:
             conn.close()
+        else:
+            _idle_give(manager, shard, conn)
 
 
 def lock_values(conns: LookupConnections, index: LookupIndex, values: Sequence[Any], *, shared: bool) -> None:
@@ -330,7 +408,7 @@ def lock_values(conns: LookupConnections, index: LookupIndex, values: Sequence[A
     state = current_state(conns.manager)
     for groups in _lock_phases(conns.manager, values, state):
         for shard in sorted(groups):
-            _lock(conns.conn(shard), index, groups[shard], shared, state)
+            conns.call(shard, partial(_lock, index=index, values=groups[shard], shared=shared, state=state))
 
 
 def _lock_phases(
@@ -381,7 +459,9 @@ def insert_entries(
         targets: dict[str, tuple[set[Any], int | None]] = {}
         pre_bump: set[Any] = set()
         for shard in sorted(old):
-            version = _lock(conns.conn(shard), index, old[shard], shared, state)
+            version = conns.call(
+                shard, partial(_lock, index=index, values=old[shard], shared=shared, state=state)
+            )
             if version is not None and version > state.version:
                 newer = True
                 break
@@ -398,7 +478,8 @@ def insert_entries(
             for shard in sorted(targets):
                 wanted, limit = targets[shard]
                 mine = [e for e in entries if e.value in wanted]
-                rows, version = _insert(conns.conn(shard), index, mine, shared, limit)
+                insert = partial(_insert, index=index, entries=mine, shared=shared, limit=limit)
+                rows, version = conns.call(shard, insert)
                 inserted.update(rows)
                 if version is not None and limit is not None and version > limit:
                     newer = version > state.version  # else the old shard was just bumped: again
