@@ -55,6 +55,7 @@ from .ring_state import (
     read_any_state,
     read_fence,
     read_shard_state,
+    read_value_fence,
     row_to_state,
 )
 from .scatter.connected import fan_out_connected
@@ -555,6 +556,117 @@ class Placement:
                 raise StaleRingError(f"key {key!r} has not moved to {target!r} yet", shard_id=source)
             raise StaleRingError(f"key {key!r} belongs on {source!r}, not {shard_id!r}", shard_id=source)
         raise StaleRingError(f"the ring kept changing while fencing key {key!r}; retry")
+
+    # -- rows placed by another column, moved by fenced cut-over (the saga log by saga id) --------
+
+    def shard_for_value(self, table: str, value: ShardKey) -> str:
+        """The shard holding ``table``'s rows positioned at ``value`` now (rows placed by the ring
+        position of a column other than the shard key: the saga log by saga id, see
+        :mod:`sa_shardkit.rebalance.saga_log`). While a move is in flight they stay on the
+        value's old shard until the mover cut ``table`` over past ``value`` on that shard."""
+        if time.monotonic() >= self._refresh_at:
+            self.maybe_refresh()
+        for _ in range(MAX_REROUTES):
+            state = self._state
+            move = state.move_of(value)
+            if move is None:
+                return self._require(state.owner(value), value, state)
+            try:
+                shard = move[1] if self._value_moved(move[0], table, value, state) else move[0]
+            except _Reroute:
+                continue
+            return self._require(shard, value, state)
+        raise StaleRingError(f"the ring kept changing while routing {table} row {value!r}; retry")
+
+    def _value_moved(self, source: str, table: str, value: ShardKey, state: RingState) -> bool:
+        self._require(source, value, state)
+
+        def read() -> Any:
+            with self.manager.connect(source) as conn:
+                conn.execution_options(**{INTERNAL: True})
+                row = read_value_fence(conn, table, value)
+                conn.rollback()
+            return row
+
+        row = _blocking(read)
+        if row.state is not None and row.state.version > state.version:
+            self._adopt(row.state)
+            raise _Reroute
+        return bool(row.moved) and row.state is not None and row.state.version == state.version
+
+    def fence_value(self, conn: Connection, shard_id: str, table: str, value: ShardKey) -> None:
+        """:meth:`fence_write` for ``table``'s rows placed at ``value`` (see
+        :meth:`shard_for_value`): raises :class:`StaleRingError` naming the right shard when they
+        do not live on ``shard_id``; while it is held, the mover cannot cut them over."""
+        if not self.fences_writes() or conn.dialect.name != "postgresql":
+            return
+        for _ in range(MAX_REROUTES):
+            state = self._state
+            move = state.move_of(value)
+            if move is None or move[0] == shard_id:
+                lock = "FOR KEY SHARE" if move is None else "FOR SHARE"
+                row = (
+                    read_value_fence(conn, table, value, lock)
+                    if move
+                    else read_fence(conn, None, None, lock, installed=state.version > 0)
+                )
+                if row.state is not None and self._adopt(row.state):
+                    continue
+                if move is None:
+                    owner = state.owner(value)
+                    if owner != shard_id:
+                        raise StaleRingError(
+                            f"{table} row {value!r} belongs on {owner!r}, not {shard_id!r}", shard_id=owner
+                        )
+                    return
+                if row.state is not None and row.state.version == state.version and row.moved:
+                    raise StaleRingError(f"{table} row {value!r} was moved to {move[1]!r}", shard_id=move[1])
+                return  # not cut over; the batch that moves it waits for our commit
+            if move[1] == shard_id:
+                row = read_fence(conn, None, None, "FOR KEY SHARE", installed=True)
+                if row.state is not None and self._adopt(row.state):
+                    continue
+                try:
+                    if self._value_moved(move[0], table, value, state):
+                        return  # cut over, and a cut-over is never undone within a version
+                except _Reroute:
+                    continue
+                raise StaleRingError(
+                    f"{table} row {value!r} has not moved to {shard_id!r} yet", shard_id=move[0]
+                )
+            raise StaleRingError(
+                f"{table} row {value!r} belongs on {move[0]!r}, not {shard_id!r}", shard_id=move[0]
+            )
+        raise StaleRingError(f"the ring kept changing while fencing {table} row {value!r}; retry")
+
+    def fence(
+        self,
+        conn: Connection,
+        shard_id: str,
+        keys: Iterable[ShardKey] = (),
+        values: Iterable[tuple[str, ShardKey]] = (),
+    ) -> None:
+        """:meth:`fence_write` for each of ``keys`` and :meth:`fence_value` for each ``(table,
+        value)`` in one transaction; with no move in flight all of it is one read of the state row."""
+        if not self.fences_writes() or conn.dialect.name != "postgresql":
+            return
+        keys, values = list(keys), list(values)
+        state = self._state
+        if state.target is None:
+            row = read_fence(conn, None, None, "FOR KEY SHARE", installed=state.version > 0)
+            if row.state is None or not self._adopt(row.state):
+                for item in [*keys, *(v for _, v in values)]:
+                    owner = state.owner(item)
+                    if owner != shard_id:
+                        self._sticky.pop(item, None)
+                        raise StaleRingError(
+                            f"{item!r} belongs on {owner!r}, not {shard_id!r}", shard_id=owner
+                        )
+                return
+        for key in keys:
+            self.fence_write(conn, shard_id, key)
+        for table, value in values:
+            self.fence_value(conn, shard_id, table, value)
 
     @contextmanager
     def begin_write(self, key: ShardKey) -> Iterator[Connection]:

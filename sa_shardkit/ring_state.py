@@ -39,9 +39,17 @@ STATE_DDL = (
     " key_type text,"
     " watermark text,"
     " drained boolean NOT NULL DEFAULT false,"
+    # per table moved by fenced cut-over (rows placed by a column other than the shard key: the saga
+    # log by saga id): {"<table>": {"watermark": text, "drained": bool}} of this shard as a source
+    " carried jsonb,"
     " updated_at timestamptz NOT NULL DEFAULT now())",
     # one row per shard: a unique index on a constant
     f"CREATE UNIQUE INDEX IF NOT EXISTS {STATE_TABLE}_one_row ON {STATE_TABLE} ((true))",
+    # a table made before ``carried`` existed: the ALTER (an exclusive lock, which would queue every
+    # writer's fence behind in-flight ones) runs only when the column is missing
+    "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass("
+    f"'{STATE_TABLE}') AND attname = 'carried' AND NOT attisdropped) THEN"
+    f" ALTER TABLE {STATE_TABLE} ADD COLUMN carried jsonb; END IF; END $$",
 )
 
 MOVED_KEYS_TABLE = "shardkit_moved_keys"
@@ -235,6 +243,33 @@ def read_fence(
     return FenceRow(row_to_state("", result).state, bool(result.moved))
 
 
+def value_text(value: ShardKey) -> str:
+    """A value (a saga id) as the text its ring position and its watermark order are taken from
+    (``str`` of an int, a str or a UUID: the bytes :func:`sa_shardkit.ring.key_bytes` hashes)."""
+    return value if isinstance(value, str) else str(value)
+
+
+def read_value_fence(conn: Connection, table: str, value: ShardKey, lock: str = "") -> FenceRow:
+    """The shard's state row (locked as asked) and whether the rows of ``table`` placed at
+    ``value`` were cut over from this shard (its progress in ``carried``, compared as text in
+    the "C" collation, which is the order the mover walks them in)."""
+    progress = "to_jsonb(st) -> 'carried' -> CAST(:t AS text)"
+    moved = (
+        f"(COALESCE(CAST({progress} ->> 'drained' AS boolean), false)"
+        f' OR ({progress} ->> \'watermark\') COLLATE "C" >= CAST(:v AS text) COLLATE "C")'
+    )
+    result = conn.execute(
+        text(
+            f"SELECT version, ring, target_ring, key_type, watermark, drained, COALESCE({moved}, false) AS moved "
+            f"FROM {STATE_TABLE} AS st {lock}"
+        ),
+        {"t": table, "v": value_text(value)},
+    ).first()
+    if result is None:
+        return FenceRow(None, False)
+    return FenceRow(row_to_state("", result).state, bool(result.moved))
+
+
 __all__ = [
     "MOVED_KEYS_DDL",
     "MOVED_KEYS_TABLE",
@@ -248,6 +283,8 @@ __all__ = [
     "create_state_table",
     "load_ring_state",
     "read_fence",
+    "read_value_fence",
+    "value_text",
     "read_any_state",
     "read_fleet_state",
     "read_shard_state",

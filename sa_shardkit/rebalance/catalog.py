@@ -151,7 +151,7 @@ def write_state(manager: ShardManager, state: RingState, shard_ids: Iterable[str
                 text(
                     f"UPDATE {STATE_TABLE} SET version = :version, ring = :ring,"
                     " target_ring = :target_ring, key_type = :key_type, watermark = NULL,"
-                    " drained = false, updated_at = now()"
+                    " drained = false, carried = NULL, updated_at = now()"
                 ),
                 payload,
             )

@@ -53,11 +53,20 @@ from ..errors import RebalanceError
 from ..manager import ShardManager
 from ..ring_state import MOVED_KEYS_TABLE
 from .catalog import STATE_TABLE, RingState, ShardState, read_shard_state
+from .companions import (
+    KeyCompanion,
+    clean_companions,
+    key_companions,
+    move_companions,
+    present,
+    require_on_targets,
+)
 from .control import MoveControl
 from .parallel import for_shards
 from .plan import range_moves
 from .progress import BatchReport, ProgressTracker
 from .record import COUNT_BATCH
+from .saga_log import FencedTable, drain_fenced, fenced_tables
 from .tables import ShardedTable, TableSet
 
 STAGE_PREFIX = "shardkit_in_"
@@ -169,6 +178,10 @@ class SourceMover:
         self.names = [TableNames.of(spec) for spec in tables.sharded]
         self.batch_keys = min(FIRST_BATCH, options.batch_size)
         """Moving keys in the next batch (adapted to ``options.fence_seconds`` after each)."""
+        self.companions: tuple[KeyCompanion, ...] = ()
+        """Library tables whose rows move with their shard key (saga receipts), on this source."""
+        self.fenced: tuple[FencedTable, ...] = ()
+        """Tables placed by another column (the saga log), on this source (:mod:`.saga_log`)."""
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -181,15 +194,27 @@ class SourceMover:
             if not got:
                 raise RebalanceError(f"another mover is already draining shard {self.source!r}")
             try:
+                self._find_carried_tables()
                 self.clean_targets()
                 self.control.checkpoint()
                 while self.batch():
                     if self.options.sleep:
                         time.sleep(self.options.sleep)
                     self.control.checkpoint()
+                drain_fenced(self)
             finally:
                 guard.execute(text("SELECT pg_advisory_unlock(:a, :b)"), lock)
                 guard.commit()
+
+    def _find_carried_tables(self) -> None:
+        """The library's tables (saga log, receipts) this source holds; each target must have them."""
+        companions, fenced = key_companions(), fenced_tables()
+        with self.manager.connect(self.source) as conn:
+            here = present(conn, [*(c.table.name for c in companions), *(p.table.name for p in fenced)])
+            conn.rollback()
+        require_on_targets(self, here)
+        self.companions = tuple(c for c in companions if c.table.name in here)
+        self.fenced = tuple(p for p in fenced if p.table.name in here)
 
     def _moves(self, key: Any) -> str | None:
         """The key's target if it is this source's to move, else None."""
@@ -223,6 +248,8 @@ class SourceMover:
                             f"DELETE FROM {names.live} WHERE {names.key_in}", (orphans,)
                         )
                         removed += result.rowcount
+                    if orphans:
+                        clean_companions(self, tconn, orphans)
                 tconn.exec_driver_sql(_FORGET, (self.state.version, self.source))
         return removed
 
@@ -403,6 +430,7 @@ class SourceMover:
                 if redo:  # under the fence: these keys' rows cannot change meanwhile
                     self._verify(target, targets[target], redo, self._replace(conn, targets[target], redo))
                     final.update(key_checksums(conn, self.names, redo))
+            move_companions(self, conn, targets, keys)  # saga receipts travel with their keys
             for tconn in targets.values():
                 tconn.commit()
             rows_by_table: dict[str, int] = {}

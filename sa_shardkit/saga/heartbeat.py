@@ -18,13 +18,15 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from ..errors import StaleRingError
 from ..manager import ShardManager
 from . import log as saga_log
 from .definition import CheckpointHook
+from .tables import sagas_table
 
 logger = logging.getLogger("sa_shardkit.saga")
 
@@ -165,14 +167,32 @@ class LeaseKeeper:
         marks: dict[Held, tuple[str, float, dict[str, Any], CheckpointHook | None, str]],
     ) -> dict[Held, tuple[str, float, dict[str, Any], CheckpointHook | None, str]]:
         """One transaction per home shard; returns the marks to retry (their shard failed)."""
-        by_home: dict[str, list[Held]] = {}
-        for key, (home, *_) in marks.items():
-            by_home.setdefault(home, []).append(key)
+        failed = {}
+        stale = list(marks)
+        for _ in range(3):  # a move carried some rows to another shard meanwhile: route them again
+            by_home, stale = _by_current_home(manager, stale), []
+            failed.update(self._write_marks_once(manager, marks, by_home, stale))
+            if not stale:
+                break
+        failed.update({k: marks[k] for k in stale})
+        return failed
+
+    def _write_marks_once(
+        self,
+        manager: ShardManager,
+        marks: dict[Held, tuple[str, float, dict[str, Any], CheckpointHook | None, str]],
+        by_home: dict[str, list[Held]],
+        stale: list[Held],
+    ) -> dict[Held, tuple[str, float, dict[str, Any], CheckpointHook | None, str]]:
         failed = {}
         for home, keys in by_home.items():
             try:
                 with manager.engine(home).begin() as conn:
+                    _fence(manager, conn, home, keys)
                     saga_log.finish_many(conn, [(k[0], k[1], marks[k][2]) for k in keys])
+            except StaleRingError:
+                stale.extend(keys)
+                continue
             except Exception as error:  # noqa: BLE001 - kept and retried; recovery is the backstop
                 logger.warning("could not write saga completion marks on shard %s: %s", home, error)
                 failed.update({k: marks[k] for k in keys})
@@ -188,14 +208,32 @@ class LeaseKeeper:
 
     def _renew(self, manager: ShardManager, held: dict[Held, tuple[str, float]]) -> None:
         by_shard: dict[tuple[str, float], list[Held]] = {}
-        for key, (home, lease) in held.items():
-            by_shard.setdefault((home, lease), []).append(key)
+        for home, keys in _by_current_home(manager, held).items():
+            for key in keys:
+                by_shard.setdefault((home, held[key][1]), []).append(key)
         for (home, lease), keys in by_shard.items():
             try:
                 with manager.engine(home).begin() as conn:
+                    _fence(manager, conn, home, keys)
                     saga_log.renew(conn, keys, lease)
+            except StaleRingError:
+                continue  # a row moved meanwhile: the next round renews it where it is now
             except Exception as error:  # noqa: BLE001 - the runner itself will hit and report it
                 logger.warning("could not renew saga leases on shard %s: %s", home, error)
+
+
+def _by_current_home(manager: ShardManager, items: Iterable[Held]) -> dict[str, list[Held]]:
+    """The sagas grouped by the shard holding their log row now (a move may have carried it)."""
+    by_home: dict[str, list[Held]] = {}
+    for key in items:
+        home = manager.placement.shard_for_value(sagas_table.name, key[0])
+        by_home.setdefault(home, []).append(key)
+    return by_home
+
+
+def _fence(manager: ShardManager, conn: Any, home: str, keys: list[Held]) -> None:
+    """The rebalance fence for these log rows (one state-row read when no move is in flight)."""
+    manager.placement.fence(conn, home, (), [(sagas_table.name, k[0]) for k in keys])
 
 
 _keepers: weakref.WeakKeyDictionary[ShardManager, LeaseKeeper] = weakref.WeakKeyDictionary()

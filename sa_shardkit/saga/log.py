@@ -111,8 +111,9 @@ _CREATE_WITH_RECEIPT = """
         ON CONFLICT (saga_id) DO NOTHING
         RETURNING saga_id
     ), receipt AS (
-        INSERT INTO shardkit_saga_receipts (saga_id, step, phase, outcome, digest)
-        SELECT :sk_saga_id, :sk_step_name, 'do', 'applied', :sk_digest WHERE EXISTS (SELECT 1 FROM log)
+        INSERT INTO shardkit_saga_receipts (saga_id, step, phase, outcome, digest, shard_key)
+        SELECT :sk_saga_id, :sk_step_name, 'do', 'applied', :sk_digest, :sk_shard_key
+        WHERE EXISTS (SELECT 1 FROM log)
         ON CONFLICT DO NOTHING
         RETURNING saga_id
     ){act}
@@ -130,6 +131,7 @@ def create_with_receipt(
     shards_json: str,
     first: Mapping[str, Any],
     fused: tuple[str, Mapping[str, Any]] | None = None,
+    shard_key: str | None = None,
 ) -> tuple[bool, bool, bool]:
     """The fast start, one statement: insert the log row (already at the state after its first step)
     and that step's receipt, and with ``fused`` (a :class:`FusedAction`'s SQL and params) the step's
@@ -150,6 +152,7 @@ def create_with_receipt(
             "sk_shards": shards_json,
             "sk_step_name": first["step_name"],
             "sk_digest": first["digest"],
+            "sk_shard_key": shard_key,
         },
     ).one()
     return bool(row.created), bool(row.reserved), bool(row.applied)

@@ -42,6 +42,7 @@ _INSERT = (
         outcome=bindparam("outcome"),
         reason=bindparam("reason"),
         digest=bindparam("digest"),
+        shard_key=bindparam("shard_key"),
     )
     .on_conflict_do_nothing()
     .returning(_c.saga_id)
@@ -76,6 +77,8 @@ class StepInput:
     saga_id: str
     step: str
     digest: str
+    shard_key: str | None = None
+    """The step's shard key as text: a rebalance moves the receipt with that key's rows."""
 
 
 def _insert(conn: Connection, key: StepInput, phase: str, outcome: str, reason: str | None = None) -> bool:
@@ -86,6 +89,7 @@ def _insert(conn: Connection, key: StepInput, phase: str, outcome: str, reason: 
         "outcome": outcome,
         "reason": reason,
         "digest": key.digest,
+        "shard_key": key.shard_key,
     }
     return conn.execute(_INSERT, params).first() is not None
 
@@ -131,8 +135,8 @@ def fuse(act_sql: str | None) -> tuple[str, str]:
 
 _FUSED = """
     WITH receipt AS (
-        INSERT INTO shardkit_saga_receipts (saga_id, step, phase, outcome, digest)
-        VALUES (:sk_saga_id, :sk_step, 'do', 'applied', :sk_digest)
+        INSERT INTO shardkit_saga_receipts (saga_id, step, phase, outcome, digest, shard_key)
+        VALUES (:sk_saga_id, :sk_step, 'do', 'applied', :sk_digest, :sk_shard_key)
         ON CONFLICT DO NOTHING
         RETURNING saga_id
     ){act}
@@ -145,7 +149,13 @@ def do_fused(conn: Connection, key: StepInput, fused: tuple[str, Mapping[str, An
     the caller rolls back and takes the ordinary path, which also reports refusals and replays)."""
     row = conn.execute(
         fused_statement(_FUSED, fused[0]),
-        {**fused[1], "sk_saga_id": key.saga_id, "sk_step": key.step, "sk_digest": key.digest},
+        {
+            **fused[1],
+            "sk_saga_id": key.saga_id,
+            "sk_step": key.step,
+            "sk_digest": key.digest,
+            "sk_shard_key": key.shard_key,
+        },
     ).one()
     return bool(row.reserved) and bool(row.applied)
 

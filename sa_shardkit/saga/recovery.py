@@ -13,12 +13,14 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from ..errors import SagaError, SagaPendingError
+from sqlalchemy.engine import Connection
+
+from ..errors import SagaError, SagaPendingError, StaleRingError
 from ..manager import ShardManager, require_shards
 from . import log as saga_log
 from .definition import Saga, SagaOptions
 from .inspect import RUNNING, SagaInfo, list_sagas
-from .runner import SagaDriver, describe, is_transient, new_owner
+from .runner import SagaDriver, describe, fence_home, is_transient, new_owner
 
 logger = logging.getLogger("sa_shardkit.saga")
 
@@ -95,6 +97,10 @@ def recover(
             try:
                 with manager.connect(shard_id) as conn, conn.begin():
                     record = saga_log.claim_next(conn, owner, options.lease_seconds, types, seen)
+                    if record is not None and not _lives_here(manager, conn, shard_id, record.saga_id):
+                        conn.rollback()  # a copy a killed mover left on its target: not the saga's row
+                        seen.append(record.saga_id)
+                        continue
             except Exception as error:
                 if not is_transient(error):
                     raise
@@ -127,6 +133,15 @@ def recover(
         report.live = [s for s in still_open if s.state == RUNNING]
         report.overdue = [s for s in still_open if s.age_seconds > max_age]
     return report
+
+
+def _lives_here(manager: ShardManager, conn: Connection, shard_id: str, saga_id: str) -> bool:
+    """Whether ``shard_id`` holds saga ``saga_id``'s log row now (with the rebalance fence held)."""
+    try:
+        fence_home(manager, conn, shard_id, saga_id)
+    except StaleRingError:
+        return False
+    return True
 
 
 def recovery_worker(

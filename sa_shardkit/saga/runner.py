@@ -35,9 +35,12 @@ from ..errors import (
     SagaPendingError,
     SagaStepFailed,
     ShardUnavailableError,
+    StaleRingError,
 )
 from ..manager import ShardManager
+from ..placement import MAX_REROUTES
 from ..ring import ShardKey
+from ..ring_state import value_text
 from . import log as saga_log
 from . import receipts
 from .definition import (
@@ -51,6 +54,10 @@ from .definition import (
 )
 from .heartbeat import lease_keeper
 from .log import LeaseLost, SagaRecord
+from .tables import sagas_table
+
+SAGA_LOG = sagas_table.name
+"""The log's rows are positioned by saga id (:mod:`sa_shardkit.rebalance.positioned`)."""
 
 ID_CONFLICT = "id_conflict"
 """The failure of a saga stopped because a step's receipt was written for another operation."""
@@ -100,7 +107,9 @@ class _Forgotten(Exception):
 
 def is_transient(error: BaseException) -> bool:
     """A shard unreachable, a connection lost, a deadlock or serialization failure: worth a retry."""
-    if isinstance(error, (ShardUnavailableError, OperationalError, InterfaceError, PoolTimeoutError)):
+    if isinstance(
+        error, (ShardUnavailableError, StaleRingError, OperationalError, InterfaceError, PoolTimeoutError)
+    ):
         return True
     return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
 
@@ -128,8 +137,15 @@ def new_owner(role: str = "runner") -> str:
 
 def home_of(manager: ShardManager, saga_id: str) -> str:
     """The shard holding saga ``saga_id``'s log row: the id's own shard on the ring (the one place
-    that decides it, so every process and every payload agree)."""
-    return manager.shard_for(saga_id)
+    that decides it, so every process and every payload agree). While a move changes the id's
+    shard, the row stays on the old one until the mover carried it over (then it is the new one)."""
+    return manager.placement.shard_for_value(SAGA_LOG, saga_id)
+
+
+def fence_home(manager: ShardManager, conn: Connection, shard_id: str, saga_id: str) -> None:
+    """Hold the rebalance fence for saga ``saga_id``'s log row on ``shard_id`` in ``conn``'s
+    transaction (:class:`StaleRingError` when the row lives elsewhere now)."""
+    manager.placement.fence_value(conn, shard_id, SAGA_LOG, saga_id)
 
 
 def new_saga_id(manager: ShardManager, near: ShardKey | None = None) -> str:
@@ -182,11 +198,16 @@ class SagaDriver:
         self.failure = record.failure
         self.error = record.error
         canonical = _canonical(record.payload)
+        self.keys = [s.key(self.payload) for s in saga.steps]
         self.inputs = [
-            receipts.StepInput(self.saga_id, s.name, receipts.digest(saga.name, s.name, canonical))
-            for s in saga.steps
+            receipts.StepInput(
+                self.saga_id, s.name, receipts.digest(saga.name, s.name, canonical), value_text(key)
+            )
+            for s, key in zip(saga.steps, self.keys, strict=True)
         ]
-        self.shards = [manager.shard_for(s.key(self.payload)) for s in saga.steps]
+        self.shards = [manager.shard_for(key) for key in self.keys]
+        self.local = False
+        """Whether the transaction running now is on the home shard (it then writes the log too)."""
         # Steps whose forward attempt may have committed without us knowing. The first runner knows
         # its own attempts; a runner taking over from a dead one must assume the worst of every step
         # from the last logged one on (forward progress is not logged).
@@ -258,8 +279,13 @@ class SagaDriver:
     def _forget(self, error: BaseException) -> bool:
         """Nothing was applied: delete our log row so the id is free again (True if done)."""
         try:
-            with self.manager.connect(self.home) as conn, conn.begin():
-                return saga_log.forget(conn, self.saga_id, self.owner)
+            done = self._in_shard(
+                None,
+                lambda conn: {"done": saga_log.forget(conn, self.saga_id, self.owner)},
+                doubt_step=None,
+                attempts=1,
+            )
+            return bool(done["done"])
         except Exception:  # noqa: BLE001 - the row stays: the saga compensates (or recovery does)
             return False
 
@@ -309,7 +335,6 @@ class SagaDriver:
         back and records the refusal in a new one (no savepoint on the happy path).
         """
         step = self.saga.steps[i]
-        local = self.shards[i] == self.home
 
         if not reserved and step.fused is not None and i not in self.unfused:
             fused = step.fused
@@ -332,21 +357,18 @@ class SagaDriver:
             else:
                 receipt = prior  # an earlier attempt already decided this step
             # The fast start inserted the log row already showing this step's outcome.
-            return self._record_do(conn, i, receipt, local, logged=reserved)
+            return self._record_do(conn, i, receipt, self.local, logged=reserved)
 
         return work
 
     def record_fused(self, conn: Connection, i: int, *, logged: bool = False) -> dict[str, Any]:
         """Step ``i``'s fused statement applied it: its log values (written here on the home shard
         unless ``logged``: the fast start's row already shows them)."""
-        local = self.shards[i] == self.home
-        return self._record_do(conn, i, receipts.Receipt(receipts.APPLIED), local, logged=logged)
+        return self._record_do(conn, i, receipts.Receipt(receipts.APPLIED), self.local, logged=logged)
 
     def _refusal_work(self, i: int, reason: str) -> Callable[[Connection], dict[str, Any]]:
-        local = self.shards[i] == self.home
-
         def work(conn: Connection) -> dict[str, Any]:
-            return self._record_do(conn, i, receipts.refuse(conn, self.inputs[i], reason), local)
+            return self._record_do(conn, i, receipts.refuse(conn, self.inputs[i], reason), self.local)
 
         return work
 
@@ -361,18 +383,17 @@ class SagaDriver:
         return values
 
     def _forward(self, i: int) -> None:
-        shard = self.shards[i]
         try:
             try:
-                values = self._in_shard(shard, self.forward_work(i), doubt_step=i)
+                values = self._in_shard(i, self.forward_work(i), doubt_step=i)
             except _Unfused:
                 self.unfused.add(i)
-                values = self._in_shard(shard, self.forward_work(i), doubt_step=i)
+                values = self._in_shard(i, self.forward_work(i), doubt_step=i)
         except _Refused as refusal:
-            values = self._in_shard(shard, self._refusal_work(i, refusal.reason), doubt_step=i)
+            values = self._in_shard(i, self._refusal_work(i, refusal.reason), doubt_step=i)
         if values.get("status") != "compensating" and not values.get("compensating"):
             self.applied_by_us.add(i)
-        self.after_forward(i, values, local=shard == self.home)
+        self.after_forward(i, values, local=self.local)
 
     def after_forward(self, i: int, values: Mapping[str, Any], *, local: bool) -> None:
         """Step ``i`` committed: log it if it must be (compensation starts now, or the saga is done).
@@ -406,23 +427,21 @@ class SagaDriver:
 
     def _backward(self, j: int) -> None:
         step = self.saga.steps[j]
-        shard = self.shards[j]
-        local = shard == self.home
 
         def attempt(conn: Connection) -> dict[str, Any]:
             if receipts.begin_undo(conn, self.inputs[j]) and step.compensation is not None:
                 step.compensation(conn, self.payload)
             values = self._after_undo(j)
-            if local:
+            if self.local:
                 saga_log.write(conn, self.saga_id, self.owner, self.options.lease_seconds, values)
             return values
 
         try:
-            values = self._in_shard(shard, attempt, doubt_step=None)
+            values = self._in_shard(j, attempt, doubt_step=None)
         except _StepError as error:  # compensations must succeed eventually: retry later
             raise _Stuck(error.cause) from error
         self.checkpoint(f"undo:{step.name}")
-        if not local:
+        if not self.local:
             self._write_home(values)
         self._apply(values)
         self.checkpoint(f"log-undo:{step.name}")
@@ -430,15 +449,29 @@ class SagaDriver:
     # -- transactions ----------------------------------------------------------------------------
 
     def _in_shard(
-        self, shard: str, work: Callable[[Connection], dict[str, Any]], *, doubt_step: int | None
+        self,
+        step: int | None,
+        work: Callable[[Connection], dict[str, Any]],
+        *,
+        doubt_step: int | None,
+        attempts: int | None = None,
     ) -> dict[str, Any]:
-        """Run ``work`` in one transaction on ``shard``, retrying transient errors with back-off."""
-        attempts = max(1, self.options.step_attempts)
-        for number in range(attempts):
+        """Run ``work`` in one transaction on step ``step``'s shard (None: the home shard) with the
+        rebalance fence held for the step's key (and for the log row when that shard is home, where
+        ``work`` writes it too: :attr:`local`); retries transient errors with back-off."""
+        attempts = max(1, self.options.step_attempts if attempts is None else attempts)
+        number = reroutes = 0
+        while True:
             commit_sent = False
             try:
-                with self.manager.connect(shard) as conn:
+                with self.manager.connect(self._route(step)) as conn:
                     transaction = conn.begin()
+                    if not self._fenced(conn, step):
+                        transaction.rollback()
+                        reroutes += 1
+                        if reroutes > MAX_REROUTES:
+                            raise StaleRingError(f"saga {self.saga_id!r}: the ring kept changing; retry")
+                        continue
                     values = work(conn)
                     commit_sent = True
                     transaction.commit()
@@ -449,10 +482,36 @@ class SagaDriver:
                 if commit_sent and doubt_step is not None:
                     self.doubt.add(doubt_step)  # the commit may have happened
                 transient = is_transient(error)
-                if not transient or number + 1 == attempts:
+                number += 1
+                if not transient or number == attempts:
                     raise _StepError(error, transient=transient) from error
-                time.sleep(self.options.retry_delay * 2**number)
-        raise AssertionError("unreachable")
+                time.sleep(self.options.retry_delay * 2 ** (number - 1))
+
+    def _route(self, step: int | None) -> str:
+        """Where step ``step`` (None: the log row) runs now; :attr:`local` says whether that is home."""
+        shard = self.home if step is None else self.shards[step]
+        self.local = shard == self.home
+        return shard
+
+    def _fenced(self, conn: Connection, step: int | None) -> bool:
+        """Take the fence for the transaction :meth:`_route` chose; False (routes updated) when the
+        step's key or the log row lives elsewhere now: run it again there."""
+        shard = self.home if step is None else self.shards[step]
+        keys = [] if step is None else [self.keys[step]]
+        values = [(SAGA_LOG, self.saga_id)] if self.local else []
+        for _ in range(MAX_REROUTES):
+            try:
+                self.manager.placement.fence(conn, shard, keys, values)
+                return True
+            except StaleRingError:
+                self.home = home_of(self.manager, self.saga_id)
+                if step is not None:
+                    self.shards[step] = self.manager.shard_for(self.keys[step])
+                if (self.home if step is None else self.shards[step]) != shard:
+                    return False  # another shard: a new transaction there
+                self.local = shard == self.home
+                values = [(SAGA_LOG, self.saga_id)] if self.local else []
+        raise StaleRingError(f"saga {self.saga_id!r}: the ring kept changing while fencing a step; retry")
 
     def _write_home(self, values: Mapping[str, Any]) -> None:
         """Record progress in the log on the home shard (fenced by our lease)."""
@@ -462,15 +521,18 @@ class SagaDriver:
             return dict(values)
 
         try:
-            self._in_shard(self.home, write, doubt_step=None)
+            self._in_shard(None, write, doubt_step=None)
         except _StepError as error:
             raise _Stuck(error.cause) from error
         self._apply(values)
 
     def _release(self, error: str) -> None:
+        def release(conn: Connection) -> dict[str, Any]:
+            saga_log.release(conn, self.saga_id, self.owner, error)
+            return {}
+
         try:
-            with self.manager.connect(self.home) as conn, conn.begin():
-                saga_log.release(conn, self.saga_id, self.owner, error)
+            self._in_shard(None, release, doubt_step=None, attempts=1)
         except Exception:  # noqa: BLE001 - best effort: the lease runs out by itself anyway
             pass
 
@@ -493,10 +555,15 @@ def join(
     owner = new_owner("retry")
     while True:
         try:
+            home = home_of(manager, saga_id)  # a move may carry the row to another shard meanwhile
             with manager.connect(home) as conn, conn.begin():
+                fence_home(manager, conn, home, saga_id)
                 taken = saga_log.take_over(conn, saga_id, owner, options.lease_seconds) if saga else None
                 record = taken or saga_log.load(conn, saga_id)
             answered = True
+        except StaleRingError:
+            record = taken = None  # the row moved meanwhile: read it where it is now
+            answered = False
         except Exception as error:  # noqa: BLE001 - reported as pending below
             if not is_transient(error):
                 raise
@@ -625,13 +692,31 @@ def _begin(
 ) -> tuple[SagaRecord | None, dict[str, Any] | None]:
     """Record a new saga; when its first step lives on the home shard, run that step in the same
     transaction, with the log row and the receipt inserted by one statement (one commit instead of
-    two). Returns (the existing record if the id was taken, the first step's log values if it ran)."""
+    two). Returns (the existing record if the id was taken, the first step's log values if it ran).
+
+    The transaction holds the rebalance fence for the log row (and the first step's key): one read
+    of the home shard's state row when no move is in flight."""
+    for _ in range(MAX_REROUTES):
+        try:
+            return _begin_at_home(manager, driver, data)
+        except StaleRingError:
+            driver.home = home_of(manager, driver.saga_id)
+            driver.shards[0] = manager.shard_for(driver.keys[0])
+    raise _NotRecorded(StaleRingError(f"saga {driver.saga_id!r}: the ring kept changing; retry"))
+
+
+def _begin_at_home(
+    manager: ShardManager, driver: SagaDriver, data: dict[str, Any]
+) -> tuple[SagaRecord | None, dict[str, Any] | None]:
     saga, saga_id, owner, lease = driver.saga, driver.saga_id, driver.owner, driver.options.lease_seconds
     shards = list(dict.fromkeys(driver.shards))
     commit_sent = False
+    local = driver.shards[0] == driver.home
+    fences = ([driver.keys[0]] if local else [], [(SAGA_LOG, saga_id)])
     try:
         with manager.connect(driver.home) as conn:
-            if driver.shards[0] == driver.home:
+            if local:
+                driver.local = True
                 values = driver.after_do(0, receipts.APPLIED, None)
                 first = {**values, "step_name": saga.steps[0].name, "digest": driver.inputs[0].digest}
                 step = saga.steps[0]
@@ -639,6 +724,7 @@ def _begin(
                 transaction = conn.begin()
                 existing: SagaRecord | None = None
                 try:
+                    manager.placement.fence(conn, driver.home, *fences)
                     created, reserved, applied = saga_log.create_with_receipt(
                         conn,
                         saga_id,
@@ -649,6 +735,7 @@ def _begin(
                         json.dumps(shards),
                         first,
                         fused,
+                        driver.inputs[0].shard_key,
                     )
                     if created and reserved and (applied or fused is None):
                         if fused is None:
@@ -660,6 +747,9 @@ def _begin(
                         return None, done
                     if not created:
                         existing = saga_log.load(conn, saga_id)
+                except StaleRingError:
+                    transaction.rollback()
+                    raise
                 except Exception as error:  # noqa: BLE001 - a refusal or error: let the driver record it
                     transaction.rollback()
                     if is_transient(error) or isinstance(error, (LeaseLost, _Fenced)):
@@ -671,11 +761,14 @@ def _begin(
                     if existing is not None:
                         return existing, None
             with conn.begin():
+                manager.placement.fence(conn, driver.home, (), fences[1])
                 created = saga_log.create(conn, saga_id, saga.name, data, owner, lease, shards)
                 commit_sent = True
                 if created:
                     return None, None
                 return saga_log.load(conn, saga_id), None
+    except StaleRingError:
+        raise
     except Exception as error:
         if is_transient(error) and not commit_sent:
             raise _NotRecorded(error) from error

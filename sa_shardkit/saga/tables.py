@@ -67,10 +67,17 @@ receipts_table = Table(
     Column("outcome", String(16), nullable=False),  # 'applied' | 'failed' | 'fenced' | 'skipped'
     Column("reason", String(100)),
     Column("digest", String(32)),  # of (saga type, step, payload): the same id with other input conflicts
+    Column("shard_key", Text),  # the step's shard key as text: a rebalance moves the receipt with it
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("saga_id", "step", "phase", name="pk_shardkit_saga_receipts"),
     comment="sa_shardkit saga step receipts: idempotency records written with each step's effect",
 )
+
+
+# A rebalance moves receipts with their step's key (sa_shardkit.rebalance.positioned).
+Index("ix_shardkit_saga_receipts_shard_key", receipts_table.c.shard_key)
+# ... and log rows in their id's text order ("C" collation), one batch after another.
+Index("ix_shardkit_sagas_id_c", sagas_table.c.saga_id.collate("C"))
 
 
 def create_saga_tables(manager: ShardManager) -> None:
