@@ -95,12 +95,12 @@ def before_flush(session: Session, manager: ShardManager) -> None:
     the application or a sequence) on a worker thread, so that their round trip to the lookup
     shard overlaps the flush's own; :func:`after_flush` waits for it, before anything commits.
     Called once the sequences assigned their ids, before the flush routes and writes the rows."""
-    if not session.new or not any(lookups_of(inspect(obj).mapper) for obj in session.new):
+    if not session.new or not any(lookups_of(instance_state(obj).mapper) for obj in session.new):
         return
     inserts: dict[LookupIndex, list[Entry]] = {}
     early: dict[tuple[int, str], tuple[Any, Any]] = {}
     for obj in session.new:
-        state = inspect(obj)
+        state = instance_state(obj)
         for index in lookups_of(state.mapper):
             value, key = state.dict.get(index.attribute), state.dict.get(index.key_attribute)
             if value is not None and key is not None:
