@@ -15,21 +15,23 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
+import psycopg
 
 from sa_shardkit.cli.rebalance import rebalance_command
 
 
 def install_stop(stop: dict[str, Any]) -> None:
+    """Freeze at the stop point: hooked on psycopg's cursors, so statements the mover sends on the
+    raw driver connection (pipelines, COPY) count and freeze like the ones SQLAlchemy sends."""
     seen = [0]
     frozen = threading.Event()
     lock = threading.Lock()
 
-    def hook(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    def hook(cursor: Any, statement: Any) -> None:
         if frozen.is_set():
             time.sleep(3600)
-        if stop["sql"] not in statement or ("port" in stop and conn.engine.url.port != stop["port"]):
+        sql = statement if isinstance(statement, str) else str(statement)
+        if stop["sql"] not in sql or ("port" in stop and int(cursor.connection.info.port) != stop["port"]):
             return
         with lock:
             seen[0] += 1
@@ -39,7 +41,14 @@ def install_stop(stop: dict[str, Any]) -> None:
         print("stopped", flush=True)
         time.sleep(3600)
 
-    event.listen(Engine, "before_cursor_execute", hook)
+    for name in ("execute", "executemany", "copy"):
+        original = getattr(psycopg.Cursor, name)
+
+        def hooked(self: Any, query: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            hook(self, query)
+            return _original(self, query, *args, **kwargs)
+
+        setattr(psycopg.Cursor, name, hooked)
 
 
 def main(argv: list[str]) -> None:

@@ -6,11 +6,12 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import delete, event, insert, select, update
+from sqlalchemy import delete, insert, select, update
 
 from sa_shardkit import ShardManager
 from sa_shardkit.demo.models import Order
 from sa_shardkit.rebalance import RingRouter
+from sa_shardkit.rebalance.mover import SourceMover
 from tests.rebalance_data import start_move
 from tests.test_rebalance_reads import _mover, _moving_keys
 
@@ -24,7 +25,7 @@ def _orders(manager: ShardManager, shard_id: str, keys: list[int]) -> set[tuple[
 
 
 def test_rows_changed_after_staging_move_as_they_are_at_the_cut_over(
-    manager: ShardManager, shard5_url: str
+    manager: ShardManager, shard5_url: str, monkeypatch: Any
 ) -> None:
     state = start_move(manager, shard5_url)
     changed, emptied, grown = _moving_keys("shard-1")[:3]
@@ -32,10 +33,15 @@ def test_rows_changed_after_staging_move_as_they_are_at_the_cut_over(
     mover = _mover(manager, state, "shard-1", 10_000)
     new_order = uuid.uuid4()
 
-    def write_before_the_fence(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "FOR NO KEY UPDATE" not in statement or fired:
-            return
-        fired.append(1)  # phase 1 staged the batch; the cut-over is about to take the fence
+    take_the_fence = SourceMover._fence_and_fingerprints
+
+    def write_before_the_fence(self: SourceMover, *args: Any) -> Any:
+        if not fired:
+            writes()
+        return take_the_fence(self, *args)
+
+    def writes() -> None:
+        fired.append(1)  # phase 1 copied (and committed) the batch; the cut-over is about to take the fence
         with router.begin_write(changed) as wconn:
             wconn.execute(update(ORDERS).where(ORDERS.c.customer_id == changed).values(total=Decimal(99)))
         with router.begin_write(emptied) as wconn:
@@ -50,11 +56,8 @@ def test_rows_changed_after_staging_move_as_they_are_at_the_cut_over(
         *((c, o, Decimal(99)) for c, o, _ in _orders(manager, "shard-1", [changed])),
         (grown, new_order, Decimal(7)),
     }
-    event.listen(manager.engine("shard-1"), "before_cursor_execute", write_before_the_fence)
-    try:
-        assert mover.batch()
-    finally:
-        event.remove(manager.engine("shard-1"), "before_cursor_execute", write_before_the_fence)
+    monkeypatch.setattr(SourceMover, "_fence_and_fingerprints", write_before_the_fence)
+    assert mover.batch()
     assert fired
     assert _orders(manager, "shard-5", keys) == expected
     assert _orders(manager, "shard-1", keys) == set()

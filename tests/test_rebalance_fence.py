@@ -140,3 +140,24 @@ def test_failed_verification_deletes_nothing_and_a_rerun_converges(
     result = resume(manager, Base)
     assert result is not None and result.new == FIVE
     check_fleet(manager, FIVE, None, 200)
+
+
+def test_a_target_whose_column_type_differs_is_read_back_and_fails_verification(
+    manager: ShardManager, shard5_url: str
+) -> None:
+    """Without triggers the read-back is skipped only when the target's column types equal the
+    source's: here the target rounds ``total`` to one decimal, silently, and the move must refuse."""
+    seed(manager, FOUR, 100, 2, 1)
+    for shard_id in FOUR.shard_ids:
+        with manager.connect(shard_id) as conn:
+            conn.execute(text("UPDATE orders SET total = 10.25"))
+            conn.commit()
+    install_ring(manager, FOUR)
+    manager.add_shard(ShardConfig(id="shard-5", url=shard5_url))
+    Base.metadata.create_all(manager.engine("shard-5"))
+    with manager.connect("shard-5") as conn:  # schema drift: a narrower numeric
+        conn.execute(text("ALTER TABLE orders ALTER COLUMN total TYPE numeric(14, 1)"))
+        conn.commit()
+    with pytest.raises(RebalanceError, match="verification failed copying from"):
+        add_shard(manager, "shard-5", Base, options=MoveOptions(batch_size=1000))
+    check_fleet(manager, FOUR, None, 200)  # every row still where it was

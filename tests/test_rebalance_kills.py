@@ -212,13 +212,14 @@ def test_scatter_reads_in_the_crash_window_see_each_row_once(
     manager: ShardManager, shard5_url: str, change: str
 ) -> None:
     """The mover is SIGKILLed right after a batch's targets committed and before its source did
-    (its second cut-over: the first batch has moved for good). The batch's rows are on two shards,
+    (one source's second cut-over: its first batch has moved for good). The batch's rows are on two shards,
     the first batch's on their new shard only; ShardedSession scatters (count, ids, ORDER BY ...
     LIMIT, GROUP BY) see each row exactly once, before and after ``--resume``."""
     seed(manager, FOUR, CUSTOMERS, ORDERS_EACH, 0)
     install_ring(manager, FOUR)
     argv = [*_urls(manager), *SCATTER_CHANGES[change](shard5_url), "--batch-size", str(BATCH)]
-    _kill_at(argv, {"sql": "SET watermark", "nth": 2})
+    source = "shard-1" if change == "add" else "shard-2"  # its batches run one after the other
+    _kill_at(argv, {"sql": "SET watermark", "nth": 2, "port": manager.config(source).primary_url.port})
     four = {s: manager.config(s).primary_url.render_as_string(False) for s in FOUR.shard_ids}
     urls = {**four, "shard-5": shard5_url} if change == "add" else four
     new = FOUR.add_shard("shard-5") if change == "add" else FOUR.remove_shard("shard-2")
@@ -238,3 +239,35 @@ def test_scatter_reads_in_the_crash_window_see_each_row_once(
         _assert_finished(reader, new, 3)
         with ShardManager.from_urls(urls) as after, after.sessionmaker()() as session:
             _scatter_sees_each_row_once(session, after)
+
+
+def test_resume_on_a_password_server_says_what_it_needs_then_the_add_command_finishes_it(
+    manager: ShardManager, fifth_server: Any, shard5_url: str, tmp_path: Path
+) -> None:
+    """The joining shard's URL is stored without its password: ``--resume`` with no password at
+    hand fails with one line naming the shard and what to supply (no password printed, nothing
+    moved); the original ``--add ID URL`` command (password in the URL) then finishes the move."""
+    from tests.cli_support import PASSWORD, require_password, shardkit
+
+    seed(manager, FOUR, CUSTOMERS, ORDERS_EACH, 0)
+    install_ring(manager, FOUR)
+    bare = require_password(fifth_server.servers[0])
+    with ShardManager.from_urls({"x": shard5_url}) as admin, admin.connect("x") as conn:
+        conn.execute(text("GRANT ALL ON SCHEMA public TO shardkit_pw"))
+        conn.commit()
+    with_password = bare.replace("shardkit_pw@", f"shardkit_pw:{PASSWORD}@")
+    add = ["--add", "shard-5", with_password, "--batch-size", str(BATCH)]
+    _kill_at([*_urls(manager), *add], {"sql": "SET watermark", "nth": 3})
+    no_secrets = {"PGPASSWORD": "", "PGPASSFILE": str(tmp_path / "no-pgpass")}
+    resumed = shardkit("rebalance", *_urls(manager), "--resume", cwd=tmp_path, env=no_secrets)
+    errors = [line for line in resumed.stderr.splitlines() if line.startswith("shardkit: error:")]
+    assert resumed.returncode != 0 and len(errors) == 1, resumed.stderr
+    assert "shard-5" in errors[0] and "PGPASSWORD" in errors[0] and "--add shard-5" in errors[0]
+    assert PASSWORD not in resumed.stdout + resumed.stderr
+    again = shardkit("rebalance", *_urls(manager), *add[:3], cwd=tmp_path, env=no_secrets)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert PASSWORD not in again.stdout + again.stderr
+    with ShardManager.from_urls(
+        {**{s: manager.config(s).primary_url for s in FOUR.shard_ids}, "shard-5": with_password}
+    ) as five:
+        _assert_finished(five, FOUR.add_shard("shard-5"), 3)

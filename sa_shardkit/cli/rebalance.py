@@ -126,6 +126,8 @@ def rebalance_command(
                 return
             if not resume and not _same_change(moving, add, remove):
                 raise ConfigError(f"a move to {moving.target!r} is in flight: finish it with --resume first")
+            if add is not None and add[0] not in manager.shard_ids:  # its URL, password included
+                manager.add_shard(ShardConfig(id=add[0], url=add[1], weight=weight or 1))
             result = _run_with_progress(
                 console, lambda p: resume_move(manager, tables, options=options, progress=p)
             )

@@ -7,33 +7,41 @@ batch runs in two phases:
 
 1. **copy** (no fence; writers keep writing the keys on the source): in one ``REPEATABLE READ``
    snapshot of the source, the keys' rows are streamed with ``COPY ... TO STDOUT (FORMAT binary)``
-   straight into ``COPY ... FROM STDIN`` of the live tables of each target (parents first), in a
-   target transaction that stays **open** (so nobody sees the copies), in primary-key order; an
-   xxh3-128 digest of the bytes sent is compared with the target's rows read back the same way
-   (verified before the fence), and the same snapshot gives each key's version fingerprint
-   (row count and ``ctid``/``xmin`` of each row, which change with every write; no row rendered);
+   straight into ``COPY ... FROM STDIN`` of the live tables of each target (parents first), in
+   primary-key order, and the keys are listed in the target's moved-keys journal
+   (:data:`~sa_shardkit.ring_state.MOVED_KEYS_TABLE`) in the same transaction. The target is
+   checked to store exactly the bytes sent (binary COPY, no user trigger or rule, the source's
+   column types), else the rows are read back and their xxh3-128 digest compared with the bytes'.
+   The same snapshot gives each key's version fingerprint (row count and ``ctid``/``xmin`` of each
+   row, which change with every write; no row rendered). Then the targets **commit**: the copies
+   are invisible all the same -- routing sends keyed reads and writes to the source until the
+   cut-over, and scatters hide journaled keys the source's watermark has not passed
+   (:mod:`sa_shardkit.scatter.ownership`);
 2. **cut-over** (short): one source transaction locks the source's state row ``FOR NO KEY UPDATE``
-   -- writers of moving keys, who lock it ``FOR SHARE``, wait; nobody else does. It re-reads the
-   batch's key range (new keys included) and the fingerprints: only keys that changed since the
-   snapshot are copied and verified again. Then it commits the targets, deletes the rows from the
-   source (children first, row counts checked), advances the watermark, and commits: that commit
-   is the cut-over.
+   -- writers of moving keys, who lock it ``FOR SHARE``, wait; nobody else does -- and re-reads the
+   batch's key range (new keys included) and the fingerprints, in one round trip: only keys that
+   changed since the snapshot are copied again (and verified), in a new target transaction
+   committed under the fence. Then it deletes the rows from the source (children first) and
+   advances the watermark in one round trip, checks the row counts against what was copied, and
+   commits: that commit is the cut-over (three round trips when no key changed).
 
 Crash safety: targets commit before the source. A crash in between leaves copies on a target for
-keys above the source's watermark; routing never sends anyone there (the key has not moved), and
-the next run deletes them before it starts (:meth:`SourceMover.clean_targets`). A crash at any
-other moment leaves only open transactions, which the servers roll back. A session-level advisory
-lock on the source keeps a second mover of the same source out.
+keys above the source's watermark; routing never sends anyone there (the key has not moved),
+scatters hide them (the journal), and the next run deletes them before it starts
+(:meth:`SourceMover.clean_targets`). A crash at any other moment leaves only open transactions,
+which the servers roll back. A session-level advisory lock on the source keeps a second mover of
+the same source out.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from psycopg.rows import namedtuple_row
 from sqlalchemy import (
     String,
     bindparam,
@@ -52,7 +60,7 @@ from xxhash import xxh3_128
 from ..errors import RebalanceError
 from ..manager import ShardManager
 from ..ring_state import MOVED_KEYS_TABLE
-from .catalog import STATE_TABLE, RingState, ShardState, read_shard_state
+from .catalog import STATE_TABLE, RingState, ShardState, read_shard_state, row_to_state
 from .companions import (
     KeyCompanion,
     clean_companions,
@@ -85,6 +93,24 @@ _SETTINGS = (
     " SET LOCAL intervalstyle = 'postgres'; SET LOCAL extra_float_digits = 3"
 )
 _CANONICAL = text(_SETTINGS)
+_SETTING_STATEMENTS = [part.strip() for part in _SETTINGS.split(";") if part.strip()]
+_STATE_COLUMNS = "version, ring, target_ring, key_type, watermark, drained"
+# the cut-over's last statement on the source (with the deletes): counters and the watermark
+_ADVANCE = (
+    "WITH counted AS ("
+    + COUNT_BATCH.replace(":rows", "%(rows)s").replace(":keys", "%(keys)s").replace(":version", "%(version)s")
+    + f" RETURNING 1) UPDATE {STATE_TABLE} SET watermark = %(wm)s, updated_at = now()"
+)
+# what makes a table store other bytes than a binary COPY sent: user triggers and rules (count),
+# and its columns' types (the same on both ends, or the read-back runs)
+_SHAPE = (
+    "WITH t AS (SELECT CAST(CAST(%s AS text[]) AS regclass[]) AS ids) SELECT"
+    " (SELECT count(*) FROM pg_trigger, t WHERE tgrelid = ANY(t.ids) AND NOT tgisinternal)"
+    " + (SELECT count(*) FROM pg_rewrite, t WHERE ev_class = ANY(t.ids) AND rulename <> '_RETURN'),"
+    " (SELECT string_agg(attrelid::regclass::text || '.' || attname || ' '"
+    " || format_type(atttypid, atttypmod) || CAST(attgenerated AS text), ', ' ORDER BY attrelid::regclass::text, attname)"
+    " FROM pg_attribute, t WHERE attrelid = ANY(t.ids) AND attnum > 0 AND NOT attisdropped)"
+)
 # the moved-keys journal of a target (see _journal): entries of keys already cut over are dropped
 _FORGET = f"DELETE FROM {MOVED_KEYS_TABLE} WHERE version = %s AND source = %s"
 _JOURNAL = (
@@ -92,8 +118,6 @@ _JOURNAL = (
     " SELECT CAST(k AS text), %s, %s FROM unnest(CAST(%s AS {key_type}[])) AS k ON CONFLICT DO NOTHING"
 )
 _JOURNAL_AFTER_FORGET = f"WITH forgotten AS ({_FORGET}) {_JOURNAL}"
-# phase 1: the copy, its checksums and its fingerprints all read one snapshot of the source
-_SNAPSHOT = text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; " + _SETTINGS)
 
 
 @dataclass(frozen=True)
@@ -176,6 +200,12 @@ class SourceMover:
         # only the shards this source's ranges move to can hold its copies (clean_targets scans them)
         self.targets = sorted({m.target for m in range_moves(self.old, self.new) if m.source == source})
         self.names = [TableNames.of(spec) for spec in tables.sharded]
+        self.text_format = any(n.format == "text" for n in self.names)
+        """A table streams text COPY: both ends render under :data:`_SETTINGS` (binary needs none)."""
+        self._regclasses = [n.live for n in self.names]
+        self._source_shape: str | None = None
+        self._samples: list[tuple[int, float]] = []
+        """``(keys, cut-over seconds)`` of the last batches (:meth:`_adapt`)."""
         self.batch_keys = min(FIRST_BATCH, options.batch_size)
         """Moving keys in the next batch (adapted to ``options.fence_seconds`` after each)."""
         self.companions: tuple[KeyCompanion, ...] = ()
@@ -253,16 +283,26 @@ class SourceMover:
                 tconn.exec_driver_sql(_FORGET, (self.state.version, self.source))
         return removed
 
-    def _journal(self, tconn: Connection, keys: list[Any], *, forget: bool = False) -> None:
+    def _journal(self, tconn: Connection, keys: list[Any], *, forget: bool = False) -> tuple[int, str] | None:
         """List ``keys`` in the target's :data:`~sa_shardkit.ring_state.MOVED_KEYS_TABLE` (in its
         open transaction, with the copies): until the source's watermark passes them, scatters hide
-        their rows here. ``forget``: first drop this source's earlier entries (all cut over)."""
+        their rows here. ``forget``: first drop this source's earlier entries (all cut over), and
+        read the target tables' user triggers and rules and column types in the same round trip
+        (see :meth:`_stores_what_is_sent`)."""
         if not keys:
-            return
+            return None
         sql = _JOURNAL_AFTER_FORGET if forget else _JOURNAL
-        key_type = self.tables.key_sql_type
         args = (self.state.version, self.source) if forget else ()
-        tconn.exec_driver_sql(sql.format(key_type=key_type), (*args, self.state.version, self.source, keys))
+        journal = (
+            sql.format(key_type=self.tables.key_sql_type),
+            (*args, self.state.version, self.source, keys),
+        )
+        if not forget:
+            tconn.exec_driver_sql(*journal)
+            return None
+        _, shape = _pipeline(tconn, [journal, (_SHAPE, (self._regclasses,))])
+        found = shape.fetchone()
+        return int(found[0]), str(found[1])
 
     def _next_batch(self, conn: Connection, watermark: str | None) -> tuple[list[Any], str | None]:
         """The next ``batch_keys`` moving keys above ``watermark`` and the batch's last key (the
@@ -291,8 +331,7 @@ class SourceMover:
         started = time.perf_counter()
         with ExitStack() as targets:
             with self.manager.connect(self.source) as conn, conn.begin():
-                conn.execute(_SNAPSHOT)
-                row = self._state_row(conn, lock="")
+                row = self._snapshot_state(conn)
                 if row.drained:
                     return False
                 watermark = row.watermark
@@ -300,6 +339,8 @@ class SourceMover:
                 by_target = self._by_target(keys)
                 open_targets = {t: targets.enter_context(self._target(t)) for t in sorted(by_target)}
                 snapshot = self._copy(conn, open_targets, by_target)
+                for tconn in open_targets.values():  # outside the fence; no reader sees the copies
+                    tconn.commit()
             if not keys:
                 if last != watermark:
                     return self._skip_to(watermark, last)
@@ -308,12 +349,33 @@ class SourceMover:
             copy_seconds = time.perf_counter() - started
             return self._cut_over(watermark, last, open_targets, snapshot, copy_seconds, targets)
 
+    def _snapshot_state(self, conn: Connection) -> ShardState:
+        """Phase 1's ``REPEATABLE READ`` snapshot and the source's state row, one round trip."""
+        settings = _SETTING_STATEMENTS if self.text_format else []
+        statements = [
+            ("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ", None),
+            *((s, None) for s in settings),
+        ]
+        results = _pipeline(conn, [*statements, (f"SELECT {_STATE_COLUMNS} FROM {STATE_TABLE}", None)])
+        return self._checked(results[-1].fetchone())
+
+    def _checked(self, raw: Any) -> ShardState:
+        row = None if raw is None else row_to_state(self.source, raw)
+        if row is None or row.state.version != self.state.version:
+            found = "no state" if row is None else f"version {row.state.version}"
+            raise RebalanceError(
+                f"shard {self.source!r} has {found}, expected ring version {self.state.version}: "
+                "the fleet state changed under the mover"
+            )
+        return row
+
     @contextmanager
     def _target(self, target: str) -> Iterator[Connection]:
         """A target connection in an open transaction (rolled back unless the cut-over commits)."""
         with self.manager.connect(target) as tconn:
             tconn.begin()
-            tconn.execute(_CANONICAL)
+            if self.text_format:
+                tconn.execute(_CANONICAL)
             yield tconn
 
     def _copy(
@@ -325,10 +387,23 @@ class SourceMover:
         """
         keys = [k for ks in by_target.values() for k in ks]
         for target, target_keys in by_target.items():
-            self._journal(targets[target], target_keys, forget=True)
+            shape = self._journal(targets[target], target_keys, forget=True)
             sent = self._replace(source, targets[target], target_keys, fresh=True)
-            self._verify(target, targets[target], target_keys, sent)
+            if not self._stores_what_is_sent(source, shape):
+                self._verify(target, targets[target], target_keys, sent)
         return key_checksums(source, self.names, keys)
+
+    def _stores_what_is_sent(self, source: Connection, target_shape: tuple[int, str] | None) -> bool:
+        """Whether the target's tables store exactly the bytes a binary COPY sends them, so the
+        read-back can be skipped: binary COPY of every column, no user trigger or rule on the
+        target's tables (checked in this batch's transaction), and the same column types
+        (``format_type``, typmods included) as on the source. Otherwise :meth:`_verify` reads the
+        rows back and compares digests (a trigger that alters rows fails the batch there)."""
+        if self.text_format or target_shape is None or target_shape[0] != 0:
+            return False
+        if self._source_shape is None:
+            self._source_shape = source.exec_driver_sql(_SHAPE, (self._regclasses,)).one()[1]
+        return target_shape[1] == self._source_shape
 
     def _replace(
         self, source: Connection, tconn: Connection, keys: list[Any], *, fresh: bool = False
@@ -413,47 +488,46 @@ class SourceMover:
     ) -> bool:
         with self.manager.connect(self.source) as conn, conn.begin():
             fenced_at = time.perf_counter()
-            row = self._fence(conn)
+            known = list(dict.fromkeys(k for _, k in snapshot))
+            row, (now, arrived) = self._fence_and_fingerprints(conn, watermark, last, known)
             if row.watermark != watermark:
                 raise RebalanceError(f"the watermark of {self.source!r} moved under the mover")
-            known = list(dict.fromkeys(k for _, k in snapshot))
-            now, arrived = range_fingerprints(conn, self.tables, self.names, watermark, last, known)
             arrived = [k for k in arrived if self._moves(k) is not None]  # new keys in the range
             keys = [*(k for k in known if any((i, k) in now for i in range(len(self.names)))), *arrived]
             stale = set(_differing(snapshot, now, known)) | set(arrived)
             final = {tk: v for tk, v in now.items() if tk[1] not in stale}
             for target in sorted(set(targets) | {self.new.get_shard(k) for k in arrived}):
                 redo = [k for k in [*known, *arrived] if k in stale and self.new.get_shard(k) == target]
+                if not redo:
+                    continue
                 if target not in targets:  # a key arrived for a target phase 1 did not copy to
                     targets[target] = stack.enter_context(self._target(target))
+                elif not targets[target].in_transaction():  # phase 1 committed there: a new one
+                    targets[target].begin()  # (explicit: the copies go through the driver connection)
+                    if self.text_format:
+                        targets[target].execute(_CANONICAL)
                 self._journal(targets[target], [k for k in arrived if self.new.get_shard(k) == target])
                 if redo:  # under the fence: these keys' rows cannot change meanwhile
                     self._verify(target, targets[target], redo, self._replace(conn, targets[target], redo))
                     final.update(key_checksums(conn, self.names, redo))
             move_companions(self, conn, targets, keys)  # saga receipts travel with their keys
             for tconn in targets.values():
-                tconn.commit()
+                tconn.commit()  # the re-copies (nothing to commit where there were none)
             rows_by_table: dict[str, int] = {}
             for (index, _), (n, _) in final.items():
                 name = self.tables.sharded[index].name
                 rows_by_table[name] = rows_by_table.get(name, 0) + n
-            if keys:
-                statements = [f"DELETE FROM {n.live} WHERE {n.key_in}" for n in reversed(self.names)]
-                deleted = _pipelined(conn, statements, keys)
-                for spec, count in zip(reversed(self.tables.sharded), deleted, strict=True):
-                    if count != rows_by_table.get(spec.name, 0):
-                        raise RebalanceError(
-                            f"{spec.name} on {self.source!r}: deleting {count} rows but copied "
-                            f"{rows_by_table.get(spec.name, 0)}; rolled back"
-                        )
             rows = sum(rows_by_table.values())
-            conn.execute(
-                text(
-                    f"WITH counted AS ({COUNT_BATCH} RETURNING 1) "
-                    f"UPDATE {STATE_TABLE} SET watermark = :wm, updated_at = now()"
-                ),
-                {"wm": last, "rows": rows, "keys": len(keys), "version": self.state.version},
-            )
+            counts = {"wm": last, "rows": rows, "keys": len(keys), "version": self.state.version}
+            deletes = [(f"DELETE FROM {n.live} WHERE {n.key_in}", (keys,)) for n in reversed(self.names)]
+            # the deletes and the watermark in one round trip; the commit only after the counts match
+            done = _pipeline(conn, [*(deletes if keys else []), (_ADVANCE, counts)])
+            for spec, cursor in zip(reversed(self.tables.sharded), done[:-1], strict=False):
+                if int(cursor.rowcount) != rows_by_table.get(spec.name, 0):
+                    raise RebalanceError(
+                        f"{spec.name} on {self.source!r}: deleting {cursor.rowcount} rows but copied "
+                        f"{rows_by_table.get(spec.name, 0)}; rolled back"
+                    )
         fence_seconds = time.perf_counter() - fenced_at
         self._adapt(fence_seconds, len(keys))
         report = BatchReport(
@@ -462,18 +536,74 @@ class SourceMover:
         self.tracker.batch(report)
         return True
 
+    def _fence_and_fingerprints(
+        self, conn: Connection, watermark: str | None, last: str, known: list[Any]
+    ) -> tuple[ShardState, tuple[Checksums, list[Any]]]:
+        """Take the fence (see :meth:`_fence`) and read the batch range's fingerprints under it,
+        in one round trip (the server runs them in order: the query waits for the lock)."""
+        timeout = f"SET LOCAL lock_timeout = '{int(self.options.lock_timeout * 1000)}ms'"
+        settings = _SETTING_STATEMENTS if self.text_format else []
+        sql, params = range_fingerprints_query(self.tables, self.names, watermark, last, known)
+        results = _pipeline(
+            conn,
+            [
+                (timeout, None),
+                *((s, None) for s in settings),
+                (f"SELECT {_STATE_COLUMNS} FROM {STATE_TABLE} FOR NO KEY UPDATE", None),
+                (sql, params),
+            ],
+        )
+        row = self._checked(results[-2].fetchone())
+        return row, parse_fingerprints(results[-1].fetchall())
+
     def _adapt(self, fence_seconds: float, keys: int) -> None:
-        """Size the next batch so that its cut-over takes about ``options.fence_seconds``: double
-        it while a cut-over takes under half of that (quadruple under a quarter), shrink it in proportion when one took longer
-        (a cut-over has a fixed part -- round trips, commits -- so the rate per key is not linear)."""
-        target = self.options.fence_seconds
-        if fence_seconds > target:
-            wanted = int(self.batch_keys * target / fence_seconds)
-        elif fence_seconds < target / 2 and keys >= self.batch_keys:
-            wanted = self.batch_keys * (4 if fence_seconds < target / 4 else 2)
-        else:
+        """Size the next batch so that its cut-over takes about ``options.fence_seconds``.
+
+        A cut-over costs a fixed part (round trips, commits: more on a loaded machine) plus a part
+        per key (fingerprints, deletes). Both are fitted to the last batches (:func:`cut_over_model`);
+        the next batch gets the keys whose part fits in what the fixed part leaves of the target,
+        and never less than half the target: when the fixed part alone fills it, smaller batches
+        would not shorten the cut-over, only multiply them. At most 4x the last batch's size.
+        """
+        if keys <= 0:
             return
+        self._samples = [*self._samples[-5:], (keys, fence_seconds)]
+        target = self.options.fence_seconds
+        model = cut_over_model(self._samples)
+        if model is None:  # one batch size seen: grow while fast, and probe 2x once it is not
+            if fence_seconds > 1.5 * target:
+                wanted = int(self.batch_keys * target / fence_seconds)
+            else:
+                wanted = self.batch_keys * (4 if fence_seconds < target / 4 else 2)
+        else:
+            fixed, per_key = model
+            budget = max(target - fixed, target / 2)
+            wanted = int(budget / per_key) if per_key > 0 else self.batch_keys * 4
+        if keys < self.batch_keys:  # the range ran out before the batch filled: no news on larger ones
+            wanted = min(wanted, self.batch_keys)
+        wanted = min(wanted, self.batch_keys * 4)
         self.batch_keys = min(self.options.batch_size, max(MIN_BATCH, wanted))
+
+
+def cut_over_model(samples: Sequence[tuple[int, float]]) -> tuple[float, float] | None:
+    """``(fixed seconds, seconds per key)`` of a cut-over, least squares over ``(keys, seconds)``
+    samples; None until two batch sizes were seen. Both are kept >= 0: a fit whose slope is not
+    positive counts the time as fixed, one whose intercept is negative as per key."""
+    n = len(samples)
+    if n < 2:
+        return None
+    mean_k = sum(k for k, _ in samples) / n
+    mean_t = sum(t for _, t in samples) / n
+    spread = sum((k - mean_k) ** 2 for k, _ in samples)
+    if spread == 0:
+        return None
+    slope = sum((k - mean_k) * (t - mean_t) for k, t in samples) / spread
+    if slope <= 0:
+        return mean_t, 0.0
+    fixed = mean_t - slope * mean_k
+    if fixed < 0:
+        return 0.0, mean_t / mean_k
+    return fixed, slope
 
 
 def drop_leftover_stages(manager: ShardManager, shard_ids: Sequence[str]) -> dict[str, int]:
@@ -514,6 +644,19 @@ def keys_between(conn: Connection, tables: TableSet, after: str | None, upto: st
     return list(conn.execute(select(merged.c.k).order_by(merged.c.k), params).scalars())
 
 
+def _pipeline(conn: Connection, statements: list[tuple[str, Any]]) -> list[Any]:
+    """Run ``(sql, params)`` statements (psycopg ``%s`` / ``%(name)s`` parameters) in one round
+    trip (pipeline mode), in order, in the connection's transaction; returns their cursors (rows
+    are named tuples), read after the round trip. A failing statement raises (the rest is skipped)."""
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    cursors = [raw.cursor(row_factory=namedtuple_row) for _ in statements]
+    with raw.pipeline():
+        for cursor, (sql, params) in zip(cursors, statements, strict=True):
+            cursor.execute(sql, params)
+    return cursors
+
+
 def _pipelined(conn: Connection, statements: list[str], keys: list[Any]) -> list[int]:
     """Run ``statements`` (each taking the key list) in one round trip (psycopg pipeline mode),
     in the connection's transaction; returns each one's row count."""
@@ -536,6 +679,18 @@ def range_fingerprints(
 ) -> tuple[Checksums, list[Any]]:
     """In one query: the version fingerprints (:func:`key_checksums` without content) of the
     ``known`` keys, and every other key of the range ``(after, upto]`` (keys that arrived)."""
+    sql, params = range_fingerprints_query(tables, names, after, upto, known)
+    return parse_fingerprints(conn.exec_driver_sql(sql, params))
+
+
+def range_fingerprints_query(
+    tables: TableSet,
+    names: Sequence[TableNames],
+    after: str | None,
+    upto: str,
+    known: Sequence[Any],
+) -> tuple[str, tuple[Any, ...]]:
+    """The SQL (psycopg ``%s`` parameters) of :func:`range_fingerprints`."""
     parts = [
         f"SELECT {i} AS t, {n.key} AS k, count(*), sum(hashtextextended(ctid::text || xmin::text, 0))"
         f" FROM {n.live} WHERE {n.key_in} GROUP BY {n.key}"
@@ -550,9 +705,14 @@ def range_fingerprints(
             f"{n.key} <= CAST(%s AS {spec.key_sql_type}) AND NOT {n.key_in}"
         )
         params += [*([after] if after is not None else []), upto, list(known)]
+    return " UNION ALL ".join(parts), tuple(params)
+
+
+def parse_fingerprints(rows: Iterable[Any]) -> tuple[Checksums, list[Any]]:
+    """:func:`range_fingerprints` from the rows of :func:`range_fingerprints_query`."""
     found: Checksums = {}
     arrived: dict[Any, None] = {}
-    for t, k, c, v in conn.exec_driver_sql(" UNION ALL ".join(parts), tuple(params)):
+    for t, k, c, v in rows:
         if int(t) < 0:
             arrived[k] = None
         else:

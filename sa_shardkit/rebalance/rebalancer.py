@@ -23,9 +23,10 @@ from dataclasses import dataclass, field, fields
 
 from alembic.config import Config
 from sqlalchemy import delete, insert, select
+from sqlalchemy.exc import OperationalError
 
 from ..config import ShardConfig
-from ..errors import RebalanceError, UnknownShardError
+from ..errors import ConfigError, RebalanceError, UnknownShardError
 from ..manager import ShardManager
 from ..ring import HashRing
 from .catalog import (
@@ -245,14 +246,28 @@ def _configured(manager: ShardManager, shard_ids: tuple[str, ...] | list[str]) -
 
 
 def _configure_joining(manager: ShardManager, moving: RingState, record: MoveRecord | None) -> None:
-    """Give the manager the joining shards it lacks, from the move record's stored URLs."""
+    """Give the manager the joining shards it lacks, from the move record's stored URLs.
+
+    Those URLs have no password (none is ever stored): libpq takes it from ``PGPASSWORD`` or
+    ``~/.pgpass``. When the server asks for one and none is there, this raises a
+    :class:`ConfigError` saying so (one line) before anything moves."""
     assert moving.target is not None
     for shard_id in moving.target.shard_ids:
         if shard_id in manager.shard_ids or record is None or shard_id not in record.joining:
             continue
-        manager.add_shard(
-            ShardConfig(id=shard_id, url=record.joining[shard_id], weight=moving.target.weights[shard_id])
-        )
+        url = record.joining[shard_id]
+        manager.add_shard(ShardConfig(id=shard_id, url=url, weight=moving.target.weights[shard_id]))
+        try:
+            with manager.engine(shard_id).connect():
+                pass
+        except OperationalError as error:
+            if "password" not in str(error).lower():
+                raise
+            raise ConfigError(
+                f"shard {shard_id!r} joins the move in flight, and its URL is stored without its "
+                f"password ({url}): its server asks for one; set PGPASSWORD or a ~/.pgpass entry, or "
+                f"configure {shard_id} with its password (shardkit rebalance --add {shard_id} URL)"
+            ) from None
 
 
 def add_shard(
