@@ -141,30 +141,59 @@ def _entries_query(index: LookupIndex, values: Sequence[Any], state: RingState) 
 
 
 def autocommit_rows(manager: ShardManager, shard: str, query: Any) -> list[Any]:
-    """Run a read on a pooled connection in autocommit mode: one round trip, no BEGIN/ROLLBACK.
+    """Run a read on a connection in autocommit mode: one round trip, no BEGIN/ROLLBACK.
 
-    The lookup read sits in front of every lookup-routed query, so it is kept to the statement itself.
+    The lookup read sits in front of every lookup-routed query, so it is kept to the statement
+    itself: the connection is one kept from an earlier lookup read when there is one (no checkout
+    ping; a dead one is replaced and the read run again).
     """
     engine = manager.engine(shard)
     compiled = query.compile(dialect=engine.dialect, compile_kwargs={"render_postcompile": True})
+    sql, params = str(compiled), compiled.params
+    kept = _idle_take(manager, shard, READS)
+    if kept is not None:
+        try:
+            rows = _fetch(kept, sql, params)
+        except Exception:  # noqa: BLE001 - a kept connection may have died while idle: a fresh one
+            _discard_read(kept)
+        else:
+            _idle_give(manager, shard, kept, READS)
+            return rows
     try:
         raw = engine.raw_connection()
     except (OperationalError, DBAPIError) as error:
         raise unavailable(shard, engine.url, error) from error
-    driver: Any = raw.dbapi_connection
     try:
-        driver.autocommit = True
-        try:
-            cursor = raw.cursor()
-            cursor.execute(str(compiled), compiled.params)
-            return list(cursor.fetchall())
-        finally:
-            driver.autocommit = False
+        raw.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+        rows = _fetch(raw, sql, params)
     except Exception:
-        raw.invalidate()
+        _discard_read(raw)
         raise
+    _idle_give(manager, shard, raw, READS)
+    return rows
+
+
+def _fetch(raw: Any, sql: str, params: Any) -> list[Any]:
+    cursor = raw.cursor()
+    try:
+        cursor.execute(sql, params)
+        return list(cursor.fetchall())
     finally:
-        raw.close()
+        cursor.close()
+
+
+def _discard_read(raw: Any) -> None:
+    raw.invalidate()
+    raw.close()
+
+
+def _close_read(raw: Any) -> None:
+    """Back to the engine's pool, as the pool expects it (not in autocommit)."""
+    try:
+        raw.dbapi_connection.autocommit = False
+    except Exception:  # noqa: BLE001 - a broken connection: the pool discards it
+        raw.invalidate()
+    raw.close()
 
 
 def owner_has(manager: ShardManager, index: LookupIndex, value: Any, key: Any) -> bool:
@@ -338,18 +367,29 @@ IDLE_KEEP = 4
 IDLE_SECONDS = 10.0
 """A kept lookup connection idle longer than this is returned to its pool (pinged on next checkout)."""
 
-_idle: weakref.WeakKeyDictionary[ShardManager, dict[str, list[tuple[Connection, float]]]] = (
+WRITES, READS = "writes", "reads"
+"""The two kinds of kept connections: SQLAlchemy ones of lookup writes (holding advisory locks
+while in use), raw DBAPI ones of lookup reads."""
+
+_idle: weakref.WeakKeyDictionary[ShardManager, dict[tuple[str, str], list[tuple[Any, float]]]] = (
     weakref.WeakKeyDictionary()
 )
 _idle_lock = threading.Lock()
 
 
-def _idle_take(manager: ShardManager, shard: str) -> Connection | None:
+def _close_kept(kind: str, conn: Any) -> None:
+    if kind == READS:
+        _close_read(conn)
+    else:
+        conn.close()
+
+
+def _idle_take(manager: ShardManager, shard: str, kind: str = WRITES) -> Any:
     now = time.monotonic()
-    expired: list[Connection] = []
+    expired: list[Any] = []
     found = None
     with _idle_lock:
-        stack = _idle.get(manager, {}).get(shard)
+        stack = _idle.get(manager, {}).get((shard, kind))
         while stack:
             conn, since = stack.pop()
             if now - since < IDLE_SECONDS:
@@ -357,26 +397,26 @@ def _idle_take(manager: ShardManager, shard: str) -> Connection | None:
                 break
             expired.append(conn)
     for conn in expired:
-        conn.close()
+        _close_kept(kind, conn)
     return found
 
 
-def _idle_give(manager: ShardManager, shard: str, conn: Connection) -> None:
+def _idle_give(manager: ShardManager, shard: str, conn: Any, kind: str = WRITES) -> None:
     with _idle_lock:
-        stack = _idle.setdefault(manager, {}).setdefault(shard, [])
+        stack = _idle.setdefault(manager, {}).setdefault((shard, kind), [])
         if len(stack) < IDLE_KEEP and not getattr(manager, "_disposed", False):
             stack.append((conn, time.monotonic()))
             return
-    conn.close()
+    _close_kept(kind, conn)
 
 
 def drop_idle(manager: ShardManager) -> None:
     """Return every kept lookup connection of ``manager`` to its pool."""
     with _idle_lock:
         stacks = _idle.pop(manager, {})
-    for stack in stacks.values():
+    for (_, kind), stack in stacks.items():
         for conn, _ in stack:
-            conn.close()
+            _close_kept(kind, conn)
 
 
 _pool: ThreadPoolExecutor | None = None
