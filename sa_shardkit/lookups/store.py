@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import and_, column, delete, func, literal_column, null, select, table, text, tuple_, update
+from sqlalchemy import and_, delete, func, literal_column, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -98,7 +98,7 @@ def resolve(manager: ShardManager, index: LookupIndex, values: Sequence[Any]) ->
         for groups in (first, then):
             for shard, group in groups.items():
                 try:
-                    rows = autocommit_rows(manager, shard, _entries_query(index, group, state))
+                    rows = autocommit_sql(manager, shard, *_entries_query(index, group, state))
                 except Exception as error:
                     if not (_no_ring_table(error) and shard not in state.ring):
                         raise
@@ -120,8 +120,6 @@ def resolve(manager: ShardManager, index: LookupIndex, values: Sequence[Any]) ->
 
 MAX_REREADS = 20
 
-_ring_state = table("shardkit_ring_state", column("version"))
-
 
 def _no_ring_table(error: BaseException) -> bool:
     """The shard has no ``shardkit_ring_state`` (a joining shard before the move's start bump)."""
@@ -129,15 +127,23 @@ def _no_ring_table(error: BaseException) -> bool:
     return getattr(orig, "sqlstate", None) == "42P01" and STATE_TABLE in str(orig)
 
 
-def _entries_query(index: LookupIndex, values: Sequence[Any], state: RingState) -> Any:
+def _entries_query(index: LookupIndex, values: Sequence[Any], state: RingState) -> tuple[str, dict[str, Any]]:
     """(shard's ring version, value, key) of the values' entries; the version row comes even when
-    none matches. Without a stored ring, (None, value, key)."""
-    entries = index.table
-    if not state.version:
-        return select(null(), entries.c.value, entries.c.shard_key).where(entries.c.value.in_(values))
-    return select(_ring_state.c.version, entries.c.value, entries.c.shard_key).select_from(
-        _ring_state.outerjoin(entries, entries.c.value.in_(values))
-    )
+    none matches. Without a stored ring, (None, value, key). One SQL string per lookup (the values
+    are one array parameter), built once."""
+    versioned = bool(state.version)
+    sql = _entries_sql.get((index.name, versioned))
+    if sql is None:
+        match = f"l.value = ANY(CAST(%(values)s AS {sql_type(index.column)}[]))"
+        if versioned:
+            sql = f"SELECT s.version, l.value, l.shard_key FROM {STATE_TABLE} AS s LEFT JOIN {index.table.name} AS l ON {match}"
+        else:
+            sql = f"SELECT NULL, l.value, l.shard_key FROM {index.table.name} AS l WHERE {match}"
+        _entries_sql[(index.name, versioned)] = sql
+    return sql, {"values": list(values)}
+
+
+_entries_sql: dict[tuple[str, bool], str] = {}
 
 
 def autocommit_rows(manager: ShardManager, shard: str, query: Any) -> list[Any]:
@@ -149,7 +155,12 @@ def autocommit_rows(manager: ShardManager, shard: str, query: Any) -> list[Any]:
     """
     engine = manager.engine(shard)
     compiled = query.compile(dialect=engine.dialect, compile_kwargs={"render_postcompile": True})
-    sql, params = str(compiled), compiled.params
+    return autocommit_sql(manager, shard, str(compiled), compiled.params)
+
+
+def autocommit_sql(manager: ShardManager, shard: str, sql: str, params: Any) -> list[Any]:
+    """:func:`autocommit_rows` of a driver-level SQL string and its parameters."""
+    engine = manager.engine(shard)
     kept = _idle_take(manager, shard, READS)
     if kept is not None:
         try:
