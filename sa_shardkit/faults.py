@@ -69,10 +69,12 @@ class _Watchdog:
 
     def arm(self, dbapi_connection: Any, seconds: float) -> int | None:
         dbapi_connection = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)  # a pool proxy
-        if not hasattr(dbapi_connection, "fileno"):  # an asyncio adapter: its driver's connection has it
-            dbapi_connection = getattr(dbapi_connection, "_connection", dbapi_connection)
         try:
-            fd = int(dbapi_connection.fileno())
+            try:
+                fd = int(dbapi_connection.fileno())
+            except AttributeError:  # an asyncio adapter (or its cursor): its driver's connection has it
+                dbapi_connection = dbapi_connection._connection
+                fd = int(dbapi_connection.fileno())
             ref = weakref.ref(dbapi_connection)
         except Exception:  # noqa: BLE001 - closed or not a socket driver: nothing to bound
             return None
@@ -142,15 +144,18 @@ def _shut_down(dbapi_connection: Any, fd: int) -> None:
 _watchdog = _Watchdog()
 
 
-def _bounded(
-    call: Callable[..., Any], seconds: float | None, connection_of: Callable[..., Any], what: str
-) -> Any:
+def _bounded(call: Callable[..., Any], seconds: float | None, on_cursor: bool, what: str) -> Any:
+    """``call`` (a dialect's driver call on a cursor or a connection) under the watchdog."""
+
     def run(target: Any, *args: Any) -> Any:
         limit = seconds
         options = getattr(args[-1], "execution_options", None) if args else None  # the context
         if options is not None:
             limit = options.get(QUERY_TIMEOUT, seconds)
-        key = None if limit is None else _watchdog.arm(connection_of(target), limit)
+        if limit is None:
+            return call(target, *args)
+        # a cursor's connection (an asyncio adapter's cursor has none: arm() finds its driver's)
+        key = _watchdog.arm(getattr(target, "connection", target) if on_cursor else target, limit)
         try:
             return call(target, *args)
         finally:
@@ -183,18 +188,11 @@ def guard(engine: Engine, shard_id: str, *, connect_timeout: float, query_timeou
     if dialect.name == "sqlite":
         return engine
 
-    def of_cursor(cursor: Any) -> Any:
-        connection = getattr(cursor, "connection", None)  # an asyncio adapter's cursor has none
-        return connection if connection is not None else getattr(cursor, "_connection", None)
-
-    def itself(dbapi_connection: Any) -> Any:
-        return dbapi_connection
-
     for name in ("do_execute", "do_executemany", "do_execute_no_params"):
-        setattr(dialect, name, _bounded(getattr(dialect, name), query_timeout, of_cursor, "a statement"))
-    dialect.do_ping = _bounded(dialect.do_ping, connect_timeout, itself, "a ping")
+        setattr(dialect, name, _bounded(getattr(dialect, name), query_timeout, True, "a statement"))
+    dialect.do_ping = _bounded(dialect.do_ping, connect_timeout, False, "a ping")
     for name, what in (("do_commit", "COMMIT"), ("do_rollback", "ROLLBACK")):
-        setattr(dialect, name, _bounded(getattr(dialect, name), query_timeout, itself, what))
+        setattr(dialect, name, _bounded(getattr(dialect, name), query_timeout, False, what))
     return engine
 
 
