@@ -3,7 +3,9 @@
 Baseline: debit and credit of two customers on the SAME shard in one ordinary transaction (what a
 single database would do). Saga: the same transfer between customers on DIFFERENT shards, durable
 log + receipts + two shard transactions. Same process, same servers (4 throwaway local PostgreSQL
-servers unless SHARD_<N>_URL is set), sequential then 4 threads. Each timed run includes writing
+servers unless SHARD_<N>_URL is set), sequential then 4 threads, each timed REPEATS times
+interleaved (baseline, saga, caller's ids, baseline, ...); a ratio is taken within one repetition and
+the median of the repetitions is reported with their range. Each timed run includes writing
 the completion marks that sagas defer to the background (``flush_completion_marks``).
 
 Two kinds of saga ids: *generated* (``transfer_id=None``: the id is placed on the sender's shard, so
@@ -19,12 +21,15 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import statistics
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.orm import Session
@@ -34,7 +39,9 @@ from sa_shardkit.demo.models import Base, Customer
 from sa_shardkit.saga import create_saga_tables, flush_completion_marks, transfer
 
 CUSTOMERS = 400
-TRANSFERS = 400
+TRANSFERS = 200
+REPEATS = 5
+"""Interleaved repetitions per thread count; ratios are taken within each repetition."""
 
 
 @contextlib.contextmanager
@@ -68,22 +75,41 @@ def rate(manager: ShardManager, work: Callable[[int], None], threads: int) -> fl
     return TRANSFERS / (time.perf_counter() - started)
 
 
-def count_round_trips(manager: ShardManager, work: Callable[[int], None], n: int = 50) -> tuple[float, float]:
-    """(round trips, commits) per call of ``work``, averaged over ``n`` sequential calls."""
-    counts: Counter[str] = Counter()
+def count_round_trips(
+    manager: ShardManager, work: Callable[[int], None], n: int = 50
+) -> tuple[float, float, float, float]:
+    """(round trips, commits) per call of ``work`` on the caller's thread, then (round trips,
+    commits) in background threads (the deferred completion marks), averaged over ``n`` calls.
 
-    def statement(*args: object) -> None:
-        counts["trips"] += 1
+    A round trip is a message exchange with a server: a statement, a BEGIN, a COMMIT or ROLLBACK,
+    and the pool's pre-ping at checkout; on an autocommit connection SQLAlchemy's BEGIN/ROLLBACK
+    send nothing, and each statement is its own commit.
+    """
+    caller_thread = threading.current_thread()
+    caller: Counter[str] = Counter()
+    background: Counter[str] = Counter()
 
-    def begin(conn: object) -> None:
-        counts["trips"] += 1
+    def bucket() -> Counter[str]:
+        return caller if threading.current_thread() is caller_thread else background
 
-    def commit(conn: object) -> None:
-        counts["trips"] += 1
-        counts["commits"] += 1
+    def auto(conn: Any) -> bool:
+        return bool(getattr(conn.connection.driver_connection, "autocommit", False))
+
+    def statement(conn: Any, *args: object) -> None:
+        bucket()["trips"] += 1
+        if auto(conn):
+            bucket()["commits"] += 1
+
+    def begin(conn: Any) -> None:
+        if not auto(conn):
+            bucket()["trips"] += 1
+
+    def commit(conn: Any) -> None:
+        bucket()["trips"] += 1
+        bucket()["commits"] += 1
 
     def checkout(*args: object) -> None:
-        counts["trips"] += 1  # pool_pre_ping
+        bucket()["trips"] += 1  # pool_pre_ping
 
     hooks = [("before_cursor_execute", statement), ("begin", begin), ("commit", commit), ("rollback", begin)]
     engines = list(manager.engines.values())
@@ -100,7 +126,7 @@ def count_round_trips(manager: ShardManager, work: Callable[[int], None], n: int
             for name, fn in hooks:
                 event.remove(engine, name, fn)
             event.remove(engine.pool, "checkout", checkout)
-    return counts["trips"] / n, counts["commits"] / n
+    return caller["trips"] / n, caller["commits"] / n, background["trips"] / n, background["commits"] / n
 
 
 def main() -> None:
@@ -135,19 +161,27 @@ def main() -> None:
             ("saga, generated ids", saga),
             ("saga, caller's ids", saga_caller_id),
         ):
-            trips, commits = count_round_trips(manager, work)
-            print(f"per transfer: {label:<24} {trips:5.1f} round trips, {commits:4.2f} commits")
+            trips, commits, bg_trips, bg_commits = count_round_trips(manager, work)
+            print(
+                f"per transfer: {label:<24} caller waits {trips:4.1f} round trips, {commits:4.2f} commits;"
+                f" background {bg_trips:4.2f} round trips, {bg_commits:4.2f} commits"
+            )
         for threads in (1, 4):
-            base = rate(manager, baseline, threads)
-            sagas = rate(manager, saga, threads)
-            callers = rate(manager, saga_caller_id, threads)
-            print(f"{threads} thread(s): same-shard transaction  {base:8.0f} transfers/s")
+            runs: dict[str, list[float]] = {"base": [], "saga": [], "caller": []}
+            for _ in range(REPEATS):  # interleaved: each repetition times all three back to back
+                runs["base"].append(rate(manager, baseline, threads))
+                runs["saga"].append(rate(manager, saga, threads))
+                runs["caller"].append(rate(manager, saga_caller_id, threads))
+            base = statistics.median(runs["base"])
             print(
-                f"{threads} thread(s): saga, generated ids     {sagas:8.0f} transfers/s  {sagas / base:5.2f}x"
+                f"{threads} thread(s): same-shard transaction  {base:8.0f} transfers/s (median of {REPEATS})"
             )
-            print(
-                f"{threads} thread(s): saga, caller's ids      {callers:8.0f} transfers/s  {callers / base:5.2f}x"
-            )
+            for label, key in (("saga, generated ids", "saga"), ("saga, caller's ids", "caller")):
+                ratios = sorted(s / b for s, b in zip(runs[key], runs["base"], strict=True))
+                print(
+                    f"{threads} thread(s): {label:<23} {statistics.median(runs[key]):8.0f} transfers/s  "
+                    f"{statistics.median(ratios):5.2f}x median ({ratios[0]:.2f}-{ratios[-1]:.2f}x over {REPEATS})"
+                )
 
 
 if __name__ == "__main__":

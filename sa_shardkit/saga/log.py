@@ -102,7 +102,7 @@ def create(
     return conn.execute(statement).first() is not None
 
 
-_CREATE_WITH_RECEIPT = """
+CREATE_WITH_RECEIPT = """
     WITH log AS (
         INSERT INTO shardkit_sagas (saga_id, saga_type, payload, status, step, compensating, owner,
                                     lease_until, attempts, shards, created_at, updated_at)
@@ -138,24 +138,39 @@ def create_with_receipt(
     effect too. Returns (log row created, receipt reserved, fused action applied); without ``fused``
     the caller runs the step's action in the same transaction, and rolls back unless the first two
     are True."""
-    row = conn.execute(
-        fused_statement(_CREATE_WITH_RECEIPT, fused[0] if fused else None),
-        {
-            **(fused[1] if fused else {}),
-            "sk_saga_id": saga_id,
-            "sk_saga_type": saga_type,
-            "sk_payload": payload_json,
-            "sk_status": first["status"],
-            "sk_step": first["step"],
-            "sk_owner": owner,
-            "sk_lease": lease,
-            "sk_shards": shards_json,
-            "sk_step_name": first["step_name"],
-            "sk_digest": first["digest"],
-            "sk_shard_key": shard_key,
-        },
-    ).one()
+    params = start_params(
+        saga_id, saga_type, payload_json, owner, lease, shards_json, first, fused, shard_key
+    )
+    row = conn.execute(fused_statement(CREATE_WITH_RECEIPT, fused[0] if fused else None), params).one()
     return bool(row.created), bool(row.reserved), bool(row.applied)
+
+
+def start_params(
+    saga_id: str,
+    saga_type: str,
+    payload_json: str,
+    owner: str,
+    lease: float,
+    shards_json: str,
+    first: Mapping[str, Any],
+    fused: tuple[str, Mapping[str, Any]] | None = None,
+    shard_key: str | None = None,
+) -> dict[str, Any]:
+    """The bind parameters of the fast start's statement."""
+    return {
+        **(fused[1] if fused else {}),
+        "sk_saga_id": saga_id,
+        "sk_saga_type": saga_type,
+        "sk_payload": payload_json,
+        "sk_status": first["status"],
+        "sk_step": first["step"],
+        "sk_owner": owner,
+        "sk_lease": lease,
+        "sk_shards": shards_json,
+        "sk_step_name": first["step_name"],
+        "sk_digest": first["digest"],
+        "sk_shard_key": shard_key,
+    }
 
 
 def forget(conn: Connection, saga_id: str, owner: str) -> bool:

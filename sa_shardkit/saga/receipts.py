@@ -133,7 +133,7 @@ def fuse(act_sql: str | None) -> tuple[str, str]:
     return f", act AS ({condition})", "(SELECT count(*) FROM act)"
 
 
-_FUSED = """
+FUSED = """
     WITH receipt AS (
         INSERT INTO shardkit_saga_receipts (saga_id, step, phase, outcome, digest, shard_key)
         VALUES (:sk_saga_id, :sk_step, 'do', 'applied', :sk_digest, :sk_shard_key)
@@ -148,7 +148,7 @@ def do_fused(conn: Connection, key: StepInput, fused: tuple[str, Mapping[str, An
     """Reserve the step and apply its fused action in one statement; True when both happened (else
     the caller rolls back and takes the ordinary path, which also reports refusals and replays)."""
     row = conn.execute(
-        fused_statement(_FUSED, fused[0]),
+        fused_statement(FUSED, fused[0]),
         {
             **fused[1],
             "sk_saga_id": key.saga_id,

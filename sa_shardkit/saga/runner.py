@@ -41,8 +41,8 @@ from ..manager import ShardManager
 from ..placement import MAX_REROUTES
 from ..ring import ShardKey
 from ..ring_state import value_text
+from . import fast, receipts
 from . import log as saga_log
-from . import receipts
 from .definition import (
     FAILED_PREFIX,
     FINAL_COMPLETE,
@@ -383,6 +383,8 @@ class SagaDriver:
         return values
 
     def _forward(self, i: int) -> None:
+        if self._fast_forward(i):
+            return
         try:
             try:
                 values = self._in_shard(i, self.forward_work(i), doubt_step=i)
@@ -394,6 +396,33 @@ class SagaDriver:
         if values.get("status") != "compensating" and not values.get("compensating"):
             self.applied_by_us.add(i)
         self.after_forward(i, values, local=self.local)
+
+    def _fast_forward(self, i: int) -> bool:
+        """Step ``i`` as one autocommitted guarded statement (:mod:`.fast`); False: use the ordinary
+        path (the step is not fused, writes the log too, a move is in flight, or the statement did
+        not apply as a whole and was rolled back)."""
+        step = self.saga.steps[i]
+        shard = self.shards[i]
+        if step.fused is None or i in self.unfused or i in self.doubt or shard == self.home:
+            return False
+        version = fast.fast_version(self.manager, shard, [self.keys[i]])
+        if version is False:
+            return False
+        sent = False
+        try:
+            with self.manager.connect(shard) as conn:
+                sent = True
+                fast.step(fast.autocommit(conn), self.inputs[i], step.fused(self.payload), version)
+        except fast.FastMiss:
+            return False
+        except Exception:  # noqa: BLE001 - the ordinary path retries and classifies it
+            if sent:
+                self.doubt.add(i)  # the statement may have committed
+            return False
+        self.local = False
+        self.applied_by_us.add(i)
+        self.after_forward(i, self.after_do(i, receipts.APPLIED, None), local=False)
+        return True
 
     def after_forward(self, i: int, values: Mapping[str, Any], *, local: bool) -> None:
         """Step ``i`` committed: log it if it must be (compensation starts now, or the saga is done).
@@ -705,6 +734,84 @@ def _begin(
     raise _NotRecorded(StaleRingError(f"saga {driver.saga_id!r}: the ring kept changing; retry"))
 
 
+def _fast_start(
+    manager: ShardManager, driver: SagaDriver, data: dict[str, Any], shards: list[str]
+) -> dict[str, Any] | None:
+    """The fast start as one autocommitted guarded statement (:mod:`.fast`): the first step's log
+    values, or None (nothing was written) to take the ordinary path."""
+    saga, saga_id = driver.saga, driver.saga_id
+    version = fast.fast_version(manager, driver.home, [driver.keys[0], saga_id])
+    if version is False:
+        return None
+    fused = saga.steps[0].fused
+    assert fused is not None
+    values = driver.after_do(0, receipts.APPLIED, None)
+    first = {**values, "step_name": saga.steps[0].name, "digest": driver.inputs[0].digest}
+    action = fused(driver.payload)
+    params = saga_log.start_params(
+        saga_id,
+        saga.name,
+        _canonical(data),
+        driver.owner,
+        driver.options.lease_seconds,
+        json.dumps(shards),
+        first,
+        action,
+        driver.inputs[0].shard_key,
+    )
+    try:
+        conn = manager.connect(driver.home)
+    except Exception as error:
+        if is_transient(error):
+            raise _NotRecorded(error) from error
+        raise
+    with conn:
+        try:
+            fast.start(fast.autocommit(conn), params, action[0], version)
+        except fast.FastMiss:
+            return None  # rolled back: the id is taken, a refusal, a stale receipt or ring
+        except Exception as error:
+            if is_transient(error):
+                raise  # sent: it may have committed (the caller reports "recorded: unknown")
+            return None  # it failed as a whole: the ordinary path reports it
+    driver.local = True
+    return values
+
+
+def _fast_create(manager: ShardManager, driver: SagaDriver, data: dict[str, Any], shards: list[str]) -> bool:
+    """Record the saga (its first step lives elsewhere) in one autocommitted guarded statement;
+    False (nothing was written) to take the ordinary path (the id is taken, the ring changed...)."""
+    version = fast.fast_version(manager, driver.home, [driver.saga_id])
+    if version is False:
+        return False
+    first = {"status": "pending", "step": 0, "step_name": "", "digest": ""}
+    params = saga_log.start_params(
+        driver.saga_id,
+        driver.saga.name,
+        _canonical(data),
+        driver.owner,
+        driver.options.lease_seconds,
+        json.dumps(shards),
+        first,
+    )
+    try:
+        conn = manager.connect(driver.home)
+    except Exception as error:
+        if is_transient(error):
+            raise _NotRecorded(error) from error
+        raise
+    with conn:
+        try:
+            fast.create(fast.autocommit(conn), params, version)
+        except fast.FastMiss:
+            return False
+        except Exception as error:
+            if is_transient(error):
+                raise  # sent: it may have committed (the caller reports "recorded: unknown")
+            return False
+    return True
+
+
 def _begin_at_home(
     manager: ShardManager, driver: SagaDriver, data: dict[str, Any]
 ) -> tuple[SagaRecord | None, dict[str, Any] | None]:
@@ -712,6 +819,12 @@ def _begin_at_home(
     shards = list(dict.fromkeys(driver.shards))
     commit_sent = False
     local = driver.shards[0] == driver.home
+    if local and saga.steps[0].fused is not None and len(saga.steps) > 1:
+        done = _fast_start(manager, driver, data, shards)
+        if done is not None:
+            return None, done
+    elif not local and _fast_create(manager, driver, data, shards):
+        return None, None
     fences = ([driver.keys[0]] if local else [], [(SAGA_LOG, saga_id)])
     try:
         with manager.connect(driver.home) as conn:

@@ -1,0 +1,122 @@
+"""One round trip per step: a fused step (and the fast start) as ONE autocommitted statement.
+
+A fused step's receipt and effect (and, for a first step on the home shard, the log row) are one
+data-modifying statement already (:class:`~sa_shardkit.saga.definition.FusedAction`); a single
+statement is atomic by itself, so it needs no ``BEGIN``/``COMMIT`` around it. The statement guards
+itself: unless every part applied -- the log row created, the receipt reserved, the action applied
+and, when the fleet stores a ring, the shard's state row (read ``FOR KEY SHARE``, the write fence)
+still at the version this process routed by -- it divides by zero, which rolls the whole statement
+back, and the runner takes the ordinary transactional path (which reports refusals, replays and
+re-routes). So the happy path costs the pool's checkout ping and one statement per step; nothing
+else changes: a refused or replayed step, a move in flight, or a step that must also write the
+log, take the ordinary path.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.elements import TextClause
+
+from ..manager import ShardManager
+from ..ring import ShardKey
+from ..ring_state import STATE_TABLE
+from .log import CREATE_WITH_RECEIPT
+from .receipts import FUSED, StepInput, fuse
+
+DIVISION_BY_ZERO = "22012"
+
+_FENCE = f", sk_fence AS (SELECT version FROM {STATE_TABLE} FOR KEY SHARE)"
+_FENCE_OK = " AND (SELECT version FROM sk_fence) = :sk_version"
+# runtime-only (subqueries keep the planner from folding it, as it would fold 1/0): rolls back
+_MISS = "1 / ((SELECT count(*) FROM {cte}) - (SELECT count(*) FROM {cte}))"
+
+
+class FastMiss(Exception):
+    """The guarded statement did not apply as a whole (it was rolled back): use the ordinary path."""
+
+
+def fast_version(manager: ShardManager, shard_id: str, keys: Iterable[ShardKey]) -> int | None | bool:
+    """The ring version the statement must find on ``shard_id`` (None: no ring is stored, nothing to
+    check); False when the fast path cannot be used (a move in flight, the fleet state unknown, or a
+    key that does not belong there under the current ring)."""
+    placement = manager.placement
+    if not placement.fences_writes():
+        return None
+    state = placement.state
+    if state.target is not None or state.version == 0:
+        return False
+    if any(state.owner(key) != shard_id for key in keys):
+        return False
+    return state.version
+
+
+@functools.lru_cache(maxsize=256)
+def guarded(head: str, counts: str, act_sql: str | None, fenced: bool, cte: str = "receipt") -> TextClause:
+    """``head`` (CTEs ending where the action's CTE goes) + the action + the fence, then the guard
+    (``counts`` and the action applied and the fence's version; else a division by zero)."""
+    act, applied = fuse(act_sql) if act_sql is not None else ("", "1")
+    fence, fence_ok = (_FENCE, _FENCE_OK) if fenced else ("", "")
+    miss = _MISS.format(cte=cte)
+    return text(
+        f"{head}{act}{fence}\n    SELECT CASE WHEN {counts} AND {applied} > 0{fence_ok} THEN 1 ELSE {miss} END"
+    )
+
+
+def run_guarded(conn: Connection, statement: TextClause, params: dict[str, Any]) -> None:
+    """Execute a :func:`guarded` statement in autocommit; :class:`FastMiss` when it rolled back."""
+    try:
+        conn.execute(statement, params)
+    except DBAPIError as error:
+        if getattr(error.orig, "sqlstate", None) == DIVISION_BY_ZERO:
+            raise FastMiss from error
+        raise
+
+
+def autocommit(conn: Connection) -> Connection:
+    return conn.execution_options(isolation_level="AUTOCOMMIT")
+
+
+_START_HEAD = CREATE_WITH_RECEIPT.split("{act}")[0]
+_START_COUNTS = "(SELECT count(*) FROM log) = 1 AND (SELECT count(*) FROM receipt) = 1"
+_STEP_HEAD = FUSED.split("{act}")[0]
+_STEP_COUNTS = "(SELECT count(*) FROM receipt) = 1"
+
+
+def start(conn: Connection, params: dict[str, Any], act_sql: str, version: int | None) -> None:
+    """The fast start: log row, first receipt and first effect in one autocommitted statement
+    (``params`` as :func:`~sa_shardkit.saga.log.create_with_receipt` binds them)."""
+    statement = guarded(_START_HEAD, _START_COUNTS, act_sql, version is not None)
+    run_guarded(conn, statement, {**params, "sk_version": version})
+
+
+_CREATE_HEAD = CREATE_WITH_RECEIPT.split("), receipt AS (")[0] + ")"
+
+
+def create(conn: Connection, params: dict[str, Any], version: int | None) -> None:
+    """Only the log row (a first step on another shard), in one autocommitted statement;
+    :class:`FastMiss` when the id is taken (or the ring changed)."""
+    statement = guarded(_CREATE_HEAD, "(SELECT count(*) FROM log) = 1", None, version is not None, "log")
+    run_guarded(conn, statement, {**params, "sk_version": version})
+
+
+def step(conn: Connection, key: StepInput, fused: tuple[str, Mapping[str, Any]], version: int | None) -> None:
+    """A fused step's receipt and effect in one autocommitted statement."""
+    statement = guarded(_STEP_HEAD, _STEP_COUNTS, fused[0], version is not None)
+    params = {
+        **fused[1],
+        "sk_saga_id": key.saga_id,
+        "sk_step": key.step,
+        "sk_digest": key.digest,
+        "sk_shard_key": key.shard_key,
+        "sk_version": version,
+    }
+    run_guarded(conn, statement, params)
+
+
+__all__ = ["FastMiss", "autocommit", "create", "fast_version", "guarded", "run_guarded", "start", "step"]

@@ -1,0 +1,79 @@
+"""The one-statement steps (sa_shardkit.saga.fast): a step runs as ONE autocommitted statement that
+rolls itself back unless it applied as a whole -- under the ring version this process routed by.
+
+A process whose view of the stored ring is stale must not commit a step by the fast path: its
+statement finds another version on the shard's state row, rolls back, and the ordinary path
+(which takes the fence, adopts the newer ring and routes again) does the step, once.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from sa_shardkit import HashRing, ShardManager
+from sa_shardkit.rebalance import RingState, install_ring
+from sa_shardkit.rebalance.catalog import write_state
+from sa_shardkit.saga import fast, home_of, transfer
+from tests.saga_support import balances, cross_shard_pair, open_accounts, receipt_count, saga_rows
+
+FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    outcomes: list[str] = []
+    real = fast.run_guarded
+
+    def spy(conn: Any, statement: Any, params: dict[str, Any]) -> None:
+        try:
+            real(conn, statement, params)
+        except fast.FastMiss:
+            outcomes.append("rolled back")
+            raise
+        outcomes.append("applied")
+
+    monkeypatch.setattr(fast, "run_guarded", spy)
+    return outcomes
+
+
+def test_a_transfer_commits_each_step_in_one_statement(
+    manager: ShardManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    open_accounts(manager)
+    install_ring(manager, FOUR)
+    sender, receiver = cross_shard_pair(manager)
+    outcomes = _spy(monkeypatch)
+    before = balances(manager)
+    outcome = transfer(manager, sender, receiver, "2.50")
+    assert outcome.status == "complete" and outcomes == ["applied", "applied"]
+    after = balances(manager)
+    assert after[sender] == before[sender] - Decimal("2.50") and after[receiver] == before[
+        receiver
+    ] + Decimal("2.50")
+    assert saga_rows(manager)[outcome.saga_id]["status"] == "complete"
+
+
+def test_a_stale_ring_version_rolls_the_statement_back_and_the_step_runs_once(
+    manager: ShardManager, shard_map: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    open_accounts(manager)
+    install_ring(manager, FOUR)
+    with ShardManager.from_urls(shard_map) as stale:
+        stale.placement.refresh()
+        stale.placement.refresh_seconds = 3600.0  # it will not look again by itself
+        assert stale.placement.state.version == 1
+        write_state(manager, RingState(2, FOUR), FOUR.shard_ids)  # the fleet moves on (same ring)
+        sender, receiver = cross_shard_pair(stale)
+        outcomes = _spy(monkeypatch)
+        before = balances(manager)
+        outcome = transfer(stale, sender, receiver, "1.00", transfer_id="stale-1")
+        assert outcome.status == "complete"
+        assert outcomes[0] == "rolled back", outcomes  # the fast start found version 2, not 1
+        assert stale.placement.state.version == 2  # the ordinary path's fence adopted it
+        after = balances(manager)
+        assert after[sender] == before[sender] - 1 and after[receiver] == before[receiver] + 1
+        for step in ("debit", "credit"):
+            assert receipt_count(manager, "stale-1", step) == 1
+        assert saga_rows(manager)["stale-1"]["shard"] == home_of(manager, "stale-1")
