@@ -196,6 +196,8 @@ def _scatter_sees_each_row_once(session: Session, manager: ShardManager) -> None
     assert first == everyone[:150]
     last = session.scalars(select(Customer).order_by(Customer.customer_id.desc()).limit(150)).all()
     assert [c.customer_id for c in last] == everyone[::-1][:150]
+    keyed = session.scalars(select(Customer.customer_id).where(Customer.customer_id.in_(everyone))).all()
+    assert sorted(keyed) == everyone  # routed by key to old and new shards: the same filter
     assert session.scalar(select(func.count(Order.order_id))) == CUSTOMERS * ORDERS_EACH
     per_customer = session.execute(select(Order.customer_id, func.count()).group_by(Order.customer_id)).all()
     assert sorted(per_customer) == [(c, ORDERS_EACH) for c in everyone]
