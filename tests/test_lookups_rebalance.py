@@ -279,3 +279,32 @@ def test_a_mover_killed_while_moving_lookup_rows_is_finished_by_resume(
         assert everything.ring == five
         _assert_placed(everything, five, fleet)
         _assert_exact_routes(everything, fleet)
+
+
+def test_the_mover_settles_unique_entries_that_conflict_on_the_new_shard(
+    manager: ShardManager, shard5_url: str, fleet: Fleet
+) -> None:
+    """A unique entry meets another key's entry for its value on the new shard (left by a writer
+    that crashed): the entry whose owning row exists wins, whichever side it is on."""
+    five = FOUR.add_shard("shard-5")
+    moving = [e for e in fleet.emails if five.get_shard(e) == "shard-5"]
+    assert len(moving) >= 2
+    real_here, real_there = moving[0], moving[1]
+    table = lookup_named(EMAILS).table
+    manager.add_shard(ShardConfig(id="shard-5", url=shard5_url))
+    with manager.connect("shard-5") as conn:  # the new shard already holds two entries
+        table.create(conn, checkfirst=True)
+        conn.execute(table.insert(), [{"value": real_here, "shard_key": 999_001}])  # stale: no such row
+        conn.execute(table.insert(), [{"value": real_there, "shard_key": fleet.emails[real_there]}])
+        conn.commit()
+    old = FOUR.get_shard(real_there)
+    with manager.connect(old) as conn:  # and the old shard's entry of real_there is the stale one
+        conn.execute(table.update().where(table.c.value == real_there).values(shard_key=999_002))
+        conn.commit()
+    add_shard(manager, "shard-5", Base)
+    stored = entries(manager, EMAILS)
+    assert (real_here, fleet.emails[real_here]) in stored["shard-5"]
+    assert (real_there, fleet.emails[real_there]) in stored["shard-5"]
+    assert not [p for pairs in stored.values() for p in pairs if p[1] in (999_001, 999_002)]
+    _assert_placed(manager, five, fleet)
+    _assert_exact_routes(manager, fleet)
