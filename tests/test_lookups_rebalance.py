@@ -31,6 +31,7 @@ from sa_shardkit.lookups.store import forget_readiness, is_ready
 from sa_shardkit.rebalance import (
     FleetView,
     MoveOptions,
+    RebalanceResult,
     add_shard,
     install_ring,
     read_fleet_state,
@@ -227,7 +228,13 @@ def test_an_online_add_then_remove_moves_every_lookup_row(
 ) -> None:
     before = len(fleet.orders)
     manager.add_shard(ShardConfig(id="shard-5", url=shard5_url))  # before the sessions are made
-    _online(manager, fleet, lambda: add_shard(manager, "shard-5", Base, options=MoveOptions(batch_size=10)))
+    results: list[RebalanceResult] = []
+    _online(
+        manager,
+        fleet,
+        lambda: results.append(add_shard(manager, "shard-5", Base, options=MoveOptions(batch_size=10))),
+    )
+    assert results[0].positioned_rows.get(f"lookup {ORDERS}", 0) > 0  # reported apart from rows_moved
     five = FOUR.add_shard("shard-5")
     assert manager.ring == five and len(fleet.orders) > before  # the writer wrote during the move
     on_five = [v for v, _ in entries(manager, ORDERS)["shard-5"]]
@@ -274,6 +281,7 @@ def test_a_mover_killed_while_moving_lookup_rows_is_finished_by_resume(
         assert not wrong, wrong[:5]
     result = CliRunner().invoke(rebalance_command, [*urls, *models, "--resume"])
     assert result.exit_code == 0, result.output
+    assert "Moved with their value's ring position: lookup " in " ".join(result.output.split())
     with ShardManager.from_urls(config) as everything:
         forget_readiness()
         assert everything.ring == five

@@ -269,6 +269,9 @@ def _print_result(console: Console, result: RebalanceResult) -> None:
         f"{result.seconds:.1f} s ({result.rows_per_second:,.0f} rows/s); longest cut-over "
         f"{result.max_fence_seconds * 1000:.0f} ms."
     )
+    if result.positioned_rows:
+        moved = ", ".join(f"{name} {rows:,}" for name, rows in result.positioned_rows.items())
+        console.print(f"Moved with their value's ring position: {moved} rows.")
 
 
 def _print_status(console: Console, manager: ShardManager) -> None:

@@ -69,6 +69,9 @@ class RebalanceResult:
     """Wall time per step (see :attr:`RebalanceProgress.phase_seconds`)."""
     finished_interrupted: bool = False
     """This run only completed the final version bump of a move that had moved every row."""
+    positioned_rows: dict[str, int] = field(default_factory=dict)
+    """Rows of tables placed by another column's ring position (lookup entries) this run moved,
+    per table (:mod:`.positioned`); not counted in ``rows_moved``."""
 
     @property
     def rows_per_second(self) -> float:
@@ -172,11 +175,13 @@ def rebalance(
     sources = [s for s in moving.ring.shard_ids if s in moving_from]
     _drain(manager, moving, spec, sources, options, tracker, control or MoveControl())
     # rows placed by another column's ring position (lookup rows, ...): after the keys, before the bump
-    move_positioned(manager, moving, positioned_tables(manager, spec), sources, timeout=options.lock_timeout)
+    positioned = move_positioned(
+        manager, moving, positioned_tables(manager, spec), sources, timeout=options.lock_timeout
+    )
     tracker.phase("finish")
     final = _finish(manager, spec, moving)
     tracker.phase("done")
-    return _result(moving.ring, new_ring, final.version, tracker)
+    return _result(moving.ring, new_ring, final.version, tracker, positioned=positioned.rows)
 
 
 def _finish(manager: ShardManager, spec: TableSet, moving: RingState) -> RingState:
@@ -422,6 +427,7 @@ def _result(
     tracker: ProgressTracker,
     *,
     finished_interrupted: bool = False,
+    positioned: dict[str, int] | None = None,
 ) -> RebalanceResult:
     snap = tracker.snapshot("done")
     return RebalanceResult(
@@ -436,4 +442,5 @@ def _result(
         snap.max_fence_seconds,
         snap.phase_seconds,
         finished_interrupted,
+        dict(positioned or {}),
     )
