@@ -5,8 +5,8 @@ every key -> shard decision asks it (sessions, ``shard_for``/``engine_for``, sca
 the CLI). It reads the stored ring (:mod:`sa_shardkit.ring_state`) on first use and checks it again
 at most every ``refresh_seconds``, and after a keyed read found nothing. A periodic check is O(1):
 one shard's row (:meth:`Placement.refresh`), every shard only after that row showed a change. A fleet
-that stores no ring (never rebalanced, or SQLite files) routes by the configured ring and pays
-nothing per statement.
+that stores no ring (never rebalanced) routes by the configured ring; its write transactions pay
+one small query per shard (below); SQLite files pay nothing.
 
 A stored ring may name a shard this process's configuration lacks (the fleet grew after the
 process was configured): routing a key there raises :class:`~sa_shardkit.UnknownShardError`
@@ -22,8 +22,17 @@ Every write transaction on a shard first reads that shard's state row with a loc
   passed the key (or the source is drained), the key lives on the target now and the write goes
   there; otherwise it stays on the source, and the batch that moves the key waits for the commit.
 
-Before any ring is stored there is nothing to lock: such writes are unfenced, and the first
-install waits until none of them can be in flight (:func:`unstored_recheck_seconds`).
+Before any ring is stored there is no row to lock. A write transaction that routes by the
+configured ring (version 0) checks instead, once per transaction and shard, whether the state table
+exists in its statement's snapshot (:func:`~sa_shardkit.ring_state.state_table_committed`, one
+round trip). If it does, the stored ring is read and adopted and the fence above applies. If it does
+not, the statement began before the first install committed on that shard, so the transaction did
+too; the install then waits, on each shard, for every transaction that began before it committed
+there (read from ``pg_stat_activity`` against that server's own clock,
+:func:`sa_shardkit.rebalance.catalog.wait_out_unstored_writers`) before any move may start. No step of
+that argument depends on how often a process looks for a stored ring: a process that never looks
+is as safe as one that looks often (``refresh_seconds`` and ``SHARDKIT_RING_RECHECK_SECONDS`` only
+say how soon it routes by a new ring without first meeting it in a fence).
 
 Reads are validated afterwards (a seqlock): read where the state says, then re-read the state; if
 the version changed or the key was cut over meanwhile, read again. So a key-routed reader sees each
@@ -57,6 +66,7 @@ from .ring_state import (
     read_shard_state,
     read_value_fence,
     row_to_state,
+    state_table_committed,
 )
 from .scatter.connected import fan_out_connected
 from .scatter.fanout import FanOut
@@ -69,6 +79,9 @@ log = logging.getLogger("sa_shardkit.placement")
 
 MovingRead = tuple[ShardKey, str, RingState]
 """A read routing answer that a cut-over may invalidate: (key, shard answered, state it was under)."""
+
+_UNSTORED = "shardkit_unstored_in"
+"""``conn.info`` key: the transaction that found no stored ring on this connection's shard."""
 
 _watched_reads: ContextVar[list[MovingRead] | None] = ContextVar("shardkit_watched_reads", default=None)
 
@@ -88,9 +101,9 @@ PROBE_FALLBACKS = 2
 def unstored_recheck_seconds() -> float:
     """How often (at most) a process that has seen no stored ring looks for one.
 
-    ``SHARDKIT_RING_RECHECK_SECONDS`` (default 5). The first ring install waits this long (and for
-    the transactions that began meanwhile) before any move may start, so set it the same for every
-    process of a fleet.
+    ``SHARDKIT_RING_RECHECK_SECONDS`` (default 5). Only how soon such a process routes by a newly
+    stored ring without first meeting it in a write's fence: safety does not depend on it (the
+    unstored-ring check in every write transaction, see the module docstring).
     """
     value = os.environ.get(RECHECK_ENV)
     return REFRESH_SECONDS if not value else max(0.0, float(value))
@@ -126,6 +139,8 @@ class Placement:
         self._refresh_at = 0.0  # first use reads the stored ring
         self._sticky: dict[Any, tuple[int, str, float]] = {}
         self._scatter: tuple[RingState, tuple[str, ...], tuple[str, ...]] | None = None
+        self._postgres = False
+        self._postgres_for: object = None  # the manager's settings _postgres was computed for
         self._probe: str | None = None
         """The shard that answered the last probe (probed first next time)."""
         self.probes = 0
@@ -165,8 +180,16 @@ class Placement:
         return self._state.target is not None
 
     def fences_writes(self) -> bool:
-        """Do writes take the fence? Whenever a ring is stored (or it is unknown whether one is)."""
-        return self._state.version > 0 or self._unsure
+        """Do writes take the fence? Whenever the fleet has a PostgreSQL shard: with a stored ring
+        the state row is locked; before one is stored, the transaction checks that none is (see
+        the module docstring). SQLite files: never."""
+        if self._state.version > 0:
+            return True
+        settings = self.manager.settings
+        if self._postgres_for is not settings:
+            self._postgres = bool(self._postgres_shards())
+            self._postgres_for = settings
+        return self._postgres
 
     def refresh(self, *, log_failures: bool = True) -> RingState:
         """Check the stored ring now, in O(1): one shard's state row; the whole fleet only when
@@ -514,7 +537,8 @@ class Placement:
 
         Call it before the transaction's first write of ``key``. Raises :class:`StaleRingError`
         (naming the right shard) when ``key`` does not belong on ``shard_id``; the transaction must
-        then be rolled back and retried there. With no stored ring this costs nothing.
+        then be rolled back and retried there. With no stored ring it is one small query per
+        transaction (that none is stored yet); SQLite connections cost nothing.
         """
         if not self.fences_writes() or conn.dialect.name != "postgresql":
             return
@@ -529,6 +553,8 @@ class Placement:
     def _fence_write(self, conn: Connection, shard_id: str, key: ShardKey) -> None:
         for _ in range(MAX_REROUTES):
             state = self._state
+            if state.version == 0 and self._unstored_fence(conn):
+                return
             move = state.move_of(key)
             lock = "FOR SHARE" if move is not None and move[0] == shard_id else "FOR KEY SHARE"
             row = read_fence(conn, key, state.key_type if move else None, lock, installed=state.version > 0)
@@ -600,6 +626,8 @@ class Placement:
         do not live on ``shard_id``; while it is held, the mover cannot cut them over."""
         if not self.fences_writes() or conn.dialect.name != "postgresql":
             return
+        if self._state.version == 0 and self._unstored_fence(conn):
+            return
         for _ in range(MAX_REROUTES):
             state = self._state
             move = state.move_of(value)
@@ -650,6 +678,8 @@ class Placement:
         value)`` in one transaction; with no move in flight all of it is one read of the state row."""
         if not self.fences_writes() or conn.dialect.name != "postgresql":
             return
+        if self._state.version == 0 and self._unstored_fence(conn):
+            return
         keys, values = list(keys), list(values)
         state = self._state
         if state.target is None:
@@ -667,6 +697,32 @@ class Placement:
             self.fence_write(conn, shard_id, key)
         for table, value in values:
             self.fence_value(conn, shard_id, table, value)
+
+    def _unstored_fence(self, conn: Connection) -> bool:
+        """The fence while this process has seen no stored ring: True when none is stored on this
+        shard in this transaction's check (write as routed: nothing moves before the first
+        install, which waits for this transaction); else the shard's ring is adopted (False:
+        fence under it)."""
+        if self._unstored_here(conn):
+            return True
+        row = read_fence(conn, None, None, "FOR KEY SHARE")  # a ring is stored here
+        if row.state is None:
+            conn.info[_UNSTORED] = conn.get_transaction()  # a table without a ring: none stored
+            return True
+        self._adopt(row.state)
+        self.expire()  # and the fleet's newest, on the next routing decision
+        return False
+
+    @staticmethod
+    def _unstored_here(conn: Connection) -> bool:
+        """No ring stored on this shard as of this transaction's check (made once per transaction)."""
+        transaction = conn.get_transaction()
+        if transaction is not None and conn.info.get(_UNSTORED) is transaction:
+            return True
+        if state_table_committed(conn):
+            return False
+        conn.info[_UNSTORED] = transaction
+        return True
 
     @contextmanager
     def begin_write(self, key: ShardKey) -> Iterator[Connection]:

@@ -182,6 +182,24 @@ def read_fleet_state(manager: ShardManager, shard_ids: Iterable[str] | None = No
     return {s: row_to_state(s, r) for s, r in rows.items() if r is not None}
 
 
+_COMMITTED_TABLE = text(
+    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c"
+    " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    f" WHERE c.relname = '{STATE_TABLE}' AND n.nspname = ANY (current_schemas(false)))"
+)
+
+
+def state_table_committed(conn: Connection) -> bool:
+    """Whether the state table exists in this statement's snapshot (PostgreSQL).
+
+    Unlike ``to_regclass`` (the backend's catalog cache, which a transaction that began before the
+    table was created may not have refreshed), this reads ``pg_class`` under the statement's own
+    MVCC snapshot: False means the table's creation had not committed when the statement began.
+    The unstored-ring fence relies on that (:meth:`sa_shardkit.placement.Placement.fence_write`).
+    """
+    return bool(conn.execute(_COMMITTED_TABLE).scalar())
+
+
 def read_any_state(conn: Connection, *, check_table: bool = True) -> Any:
     """This shard's raw state row, or None (no table, or not PostgreSQL).
 
@@ -290,5 +308,6 @@ __all__ = [
     "read_shard_state",
     "ring_from_json",
     "row_to_state",
+    "state_table_committed",
     "state_table_exists",
 ]

@@ -15,9 +15,9 @@ from tests.replica_support import manager_with_replica, ready_replica, start_rep
 
 SHARD_COUNT = 4
 
-# a process with no stored ring looks for one this often, and a first ring install waits that long
-# (sa_shardkit.placement.unstored_recheck_seconds): short here, where every test installs a ring;
-# subprocesses (the CLI under test) inherit it
+# a process with no stored ring looks for one this often (sa_shardkit.placement.unstored_recheck_seconds;
+# safety does not depend on it, only how soon such a process routes by a new ring): short here, where
+# every test installs a ring; subprocesses (the CLI under test) inherit it
 os.environ.setdefault("SHARDKIT_RING_RECHECK_SECONDS", "0.2")
 
 

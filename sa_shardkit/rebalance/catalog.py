@@ -19,6 +19,7 @@ every copy before the final bump. Locking rules (see :mod:`.fence`):
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -28,7 +29,6 @@ from sqlalchemy.engine import Connection
 
 from ..errors import RebalanceError
 from ..manager import ShardManager
-from ..placement import unstored_recheck_seconds
 from ..ring import HashRing
 from ..ring_state import (
     MOVED_KEYS_DDL,
@@ -46,6 +46,8 @@ from ..ring_state import (
     state_table_exists,
 )
 from .record import MOVE_DDL
+
+log = logging.getLogger("sa_shardkit.rebalance")
 
 INSTALL_WAIT_LIMIT = 60.0
 """How long a first install waits for transactions that began before it to end (then refuses)."""
@@ -69,38 +71,40 @@ def install_ring(manager: ShardManager, ring: HashRing | None = None) -> RingSta
         return current
     state = RingState(1, ring)
     write_state(manager, state, ring.shard_ids)
-    wait_out_unstored_writers(manager, ring.shard_ids, time.time())  # every shard holds it from now
+    wait_out_unstored_writers(manager, ring.shard_ids)
     manager.set_ring(ring)
     return state
 
 
-def wait_out_unstored_writers(manager: ShardManager, shard_ids: Iterable[str], installed_at: float) -> None:
+def wait_out_unstored_writers(manager: ShardManager, shard_ids: Iterable[str]) -> None:
     """Return once no write routed before the first ring was stored can still be in flight.
 
-    A process that has never seen a stored ring routes by its configured ring and writes without
-    the fence (so a fleet that never rebalances pays nothing); it looks for a stored ring at least
-    every :func:`~sa_shardkit.placement.unstored_recheck_seconds` (one shard's row: the first of
-    its configured shards, which the install writes first). Every shard held the ring by
-    ``installed_at``, so every unfenced write was routed before ``installed_at`` plus that
-    interval, in a transaction that began before then:
-    wait for that moment, then for every such transaction on each shard to end. Only then may a
-    move (which relies on the fence) start.
+    Call it after the ring is stored on every shard of ``shard_ids``. A write transaction of a
+    process that has seen no stored ring checks, on the shard it writes, whether the ring-state table
+    exists in its statement's snapshot (:meth:`~sa_shardkit.placement.Placement.fence_write`); only
+    when it does not does it write unfenced, and then its transaction began before the ring was
+    stored on that shard. So on each shard it is enough to wait for every transaction that began
+    before now (the server's own clock, read after the ring was stored there): after that, every
+    write to the shard is fenced, whatever its process believes and however rarely it looks for a
+    stored ring. Only then may a move (which relies on the fence) start.
     """
-    horizon = installed_at + unstored_recheck_seconds()
-    time.sleep(max(0.0, horizon - time.time()))
     deadline = time.monotonic() + INSTALL_WAIT_LIMIT
     for shard_id in shard_ids:
+        horizon: Any = None
+        logged = False
         while True:
             with manager.connect(shard_id) as conn:
                 if conn.dialect.name != "postgresql":
                     break
+                if horizon is None:
+                    horizon = conn.execute(text("SELECT clock_timestamp()")).scalar_one()
                 pids = (
                     conn.execute(
                         text(
                             "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
-                            " AND datname = current_database() AND xact_start < to_timestamp(:t)"
+                            " AND datname = current_database() AND xact_start < :horizon"
                         ),
-                        {"t": horizon},
+                        {"horizon": horizon},
                     )
                     .scalars()
                     .all()
@@ -108,6 +112,15 @@ def wait_out_unstored_writers(manager: ShardManager, shard_ids: Iterable[str], i
                 conn.rollback()
             if not pids:
                 break
+            if not logged:
+                log.info(
+                    "shard %s: waiting for %d transaction(s) that began before the ring was stored "
+                    "(backend pids %s)",
+                    shard_id,
+                    len(pids),
+                    sorted(pids),
+                )
+                logged = True
             if time.monotonic() > deadline:
                 raise RebalanceError(
                     f"shard {shard_id!r}: transactions that began before the ring was stored are still "
