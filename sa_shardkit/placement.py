@@ -553,8 +553,10 @@ class Placement:
     def _fence_write(self, conn: Connection, shard_id: str, key: ShardKey) -> None:
         for _ in range(MAX_REROUTES):
             state = self._state
-            if state.version == 0 and self._unstored_fence(conn):
-                return
+            if state.version == 0:
+                if self._unstored_fence(conn):
+                    return
+                continue  # the shard's ring was adopted: fence under it
             move = state.move_of(key)
             lock = "FOR SHARE" if move is not None and move[0] == shard_id else "FOR KEY SHARE"
             row = read_fence(conn, key, state.key_type if move else None, lock, installed=state.version > 0)

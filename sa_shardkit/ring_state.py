@@ -182,7 +182,7 @@ def read_fleet_state(manager: ShardManager, shard_ids: Iterable[str] | None = No
     return {s: row_to_state(s, r) for s, r in rows.items() if r is not None}
 
 
-_COMMITTED_TABLE = text(
+_COMMITTED_TABLE = (
     "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c"
     " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
     f" WHERE c.relname = '{STATE_TABLE}' AND n.nspname = ANY (current_schemas(false)))"
@@ -197,7 +197,7 @@ def state_table_committed(conn: Connection) -> bool:
     MVCC snapshot: False means the table's creation had not committed when the statement began.
     The unstored-ring fence relies on that (:meth:`sa_shardkit.placement.Placement.fence_write`).
     """
-    return bool(conn.execute(_COMMITTED_TABLE).scalar())
+    return bool(conn.exec_driver_sql(_COMMITTED_TABLE).scalar())  # a fixed string: no compile step
 
 
 def read_any_state(conn: Connection, *, check_table: bool = True) -> Any:
