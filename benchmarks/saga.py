@@ -82,8 +82,9 @@ def count_round_trips(
     commits) in background threads (the deferred completion marks), averaged over ``n`` calls.
 
     A round trip is a message exchange with a server: a statement, a BEGIN, a COMMIT or ROLLBACK,
-    and the pool's pre-ping at checkout; on an autocommit connection SQLAlchemy's BEGIN/ROLLBACK
-    send nothing, and each statement is its own commit.
+    and the pool's pre-ping at checkout (a connection kept between saga steps is not checked out
+    again); on an autocommit connection SQLAlchemy's BEGIN/COMMIT/ROLLBACK send nothing, and each
+    statement is its own commit.
     """
     caller_thread = threading.current_thread()
     caller: Counter[str] = Counter()
@@ -105,8 +106,9 @@ def count_round_trips(
             bucket()["trips"] += 1
 
     def commit(conn: Any) -> None:
-        bucket()["trips"] += 1
-        bucket()["commits"] += 1
+        if not auto(conn):
+            bucket()["trips"] += 1
+            bucket()["commits"] += 1
 
     def checkout(*args: object) -> None:
         bucket()["trips"] += 1  # pool_pre_ping

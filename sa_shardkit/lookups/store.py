@@ -421,6 +421,18 @@ def _idle_give(manager: ShardManager, shard: str, conn: Any, kind: str = WRITES)
     _close_kept(kind, conn)
 
 
+def take_kept(manager: ShardManager, shard: str, kind: str) -> Any:
+    """A connection of ``kind`` kept idle for ``shard`` (None when there is none): the one store of
+    connections kept between uses, which :func:`drop_idle` empties when the manager is disposed
+    (saga steps keep their autocommit connections here too, kind ``"saga"``)."""
+    return _idle_take(manager, shard, kind)
+
+
+def give_kept(manager: ShardManager, shard: str, conn: Any, kind: str) -> None:
+    """Keep ``conn`` for the next :func:`take_kept` (closed instead when enough are kept)."""
+    _idle_give(manager, shard, conn, kind)
+
+
 def drop_idle(manager: ShardManager) -> None:
     """Return every kept lookup connection of ``manager`` to its pool."""
     with _idle_lock:

@@ -23,6 +23,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import TextClause
 
+from ..errors import ShardUnavailableError
+from ..lookups.store import give_kept, take_kept
 from ..manager import ShardManager
 from ..ring import ShardKey
 from ..ring_state import STATE_TABLE
@@ -82,30 +84,102 @@ def autocommit(conn: Connection) -> Connection:
     return conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
+KEPT = "saga"
+"""Connections the fast path keeps between steps (:func:`sa_shardkit.lookups.store.take_kept`)."""
+
+
+class NotSent(Exception):
+    """No connection to the shard could be made: nothing was sent."""
+
+    def __init__(self, cause: ShardUnavailableError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def execute(manager: ShardManager, shard_id: str, statement: TextClause, params: dict[str, Any]) -> None:
+    """:func:`run_guarded` on an autocommit connection to ``shard_id``: one kept from an earlier
+    step when there is one (no checkout ping), else a new one (:class:`NotSent` if that fails).
+
+    A kept connection found dead is replaced and the statement sent again: safe, because a guarded
+    statement applies only if the step's receipt (or the saga's log row) did not exist yet, so a
+    first attempt that did commit makes the second one roll back (:class:`FastMiss`).
+    """
+    keep = manager.budget.limit is None  # a connection budget: never hold connections idle
+    conn = take_kept(manager, shard_id, KEPT) if keep else None
+    if conn is not None:
+        try:
+            _run_and_keep(manager, shard_id, conn, statement, params, keep)
+            return
+        except DBAPIError as error:
+            if not error.connection_invalidated:
+                raise
+    try:
+        conn = autocommit(manager.connect(shard_id))
+    except ShardUnavailableError as error:
+        raise NotSent(error) from error
+    _run_and_keep(manager, shard_id, conn, statement, params, keep)
+
+
+def _run_and_keep(
+    manager: ShardManager,
+    shard_id: str,
+    conn: Connection,
+    statement: TextClause,
+    params: dict[str, Any],
+    keep: bool,
+) -> None:
+    try:
+        run_guarded(conn, statement, params)
+        conn.commit()  # ends SQLAlchemy's own transaction object: autocommit, nothing is sent
+    except FastMiss:
+        conn.rollback()  # nothing is sent either
+        _give(manager, shard_id, conn, keep)
+        raise
+    except BaseException:
+        conn.close()
+        raise
+    _give(manager, shard_id, conn, keep)
+
+
+def _give(manager: ShardManager, shard_id: str, conn: Connection, keep: bool) -> None:
+    if keep and conn.engine is manager.engine(shard_id):
+        give_kept(manager, shard_id, conn, KEPT)
+    else:
+        conn.close()
+
+
 _START_HEAD = CREATE_WITH_RECEIPT.split("{act}")[0]
 _START_COUNTS = "(SELECT count(*) FROM log) = 1 AND (SELECT count(*) FROM receipt) = 1"
 _STEP_HEAD = FUSED.split("{act}")[0]
 _STEP_COUNTS = "(SELECT count(*) FROM receipt) = 1"
 
 
-def start(conn: Connection, params: dict[str, Any], act_sql: str, version: int | None) -> None:
+def start(
+    manager: ShardManager, shard_id: str, params: dict[str, Any], act_sql: str, version: int | None
+) -> None:
     """The fast start: log row, first receipt and first effect in one autocommitted statement
     (``params`` as :func:`~sa_shardkit.saga.log.create_with_receipt` binds them)."""
     statement = guarded(_START_HEAD, _START_COUNTS, act_sql, version is not None)
-    run_guarded(conn, statement, {**params, "sk_version": version})
+    execute(manager, shard_id, statement, {**params, "sk_version": version})
 
 
 _CREATE_HEAD = CREATE_WITH_RECEIPT.split("), receipt AS (")[0] + ")"
 
 
-def create(conn: Connection, params: dict[str, Any], version: int | None) -> None:
+def create(manager: ShardManager, shard_id: str, params: dict[str, Any], version: int | None) -> None:
     """Only the log row (a first step on another shard), in one autocommitted statement;
     :class:`FastMiss` when the id is taken (or the ring changed)."""
     statement = guarded(_CREATE_HEAD, "(SELECT count(*) FROM log) = 1", None, version is not None, "log")
-    run_guarded(conn, statement, {**params, "sk_version": version})
+    execute(manager, shard_id, statement, {**params, "sk_version": version})
 
 
-def step(conn: Connection, key: StepInput, fused: tuple[str, Mapping[str, Any]], version: int | None) -> None:
+def step(
+    manager: ShardManager,
+    shard_id: str,
+    key: StepInput,
+    fused: tuple[str, Mapping[str, Any]],
+    version: int | None,
+) -> None:
     """A fused step's receipt and effect in one autocommitted statement."""
     statement = guarded(_STEP_HEAD, _STEP_COUNTS, fused[0], version is not None)
     params = {
@@ -116,7 +190,19 @@ def step(conn: Connection, key: StepInput, fused: tuple[str, Mapping[str, Any]],
         "sk_shard_key": key.shard_key,
         "sk_version": version,
     }
-    run_guarded(conn, statement, params)
+    execute(manager, shard_id, statement, params)
 
 
-__all__ = ["FastMiss", "autocommit", "create", "fast_version", "guarded", "run_guarded", "start", "step"]
+__all__ = [
+    "KEPT",
+    "NotSent",
+    "execute",
+    "FastMiss",
+    "autocommit",
+    "create",
+    "fast_version",
+    "guarded",
+    "run_guarded",
+    "start",
+    "step",
+]

@@ -408,16 +408,12 @@ class SagaDriver:
         version = fast.fast_version(self.manager, shard, [self.keys[i]])
         if version is False:
             return False
-        sent = False
         try:
-            with self.manager.connect(shard) as conn:
-                sent = True
-                fast.step(fast.autocommit(conn), self.inputs[i], step.fused(self.payload), version)
-        except fast.FastMiss:
+            fast.step(self.manager, shard, self.inputs[i], step.fused(self.payload), version)
+        except (fast.FastMiss, fast.NotSent):
             return False
         except Exception:  # noqa: BLE001 - the ordinary path retries and classifies it
-            if sent:
-                self.doubt.add(i)  # the statement may have committed
+            self.doubt.add(i)  # sent: the statement may have committed
             return False
         self.local = False
         self.applied_by_us.add(i)
@@ -760,20 +756,15 @@ def _fast_start(
         driver.inputs[0].shard_key,
     )
     try:
-        conn = manager.connect(driver.home)
+        fast.start(manager, driver.home, params, action[0], version)
+    except fast.NotSent as failure:
+        raise _NotRecorded(failure.cause) from failure.cause
+    except fast.FastMiss:
+        return None  # rolled back: the id is taken, a refusal, a stale receipt or ring
     except Exception as error:
         if is_transient(error):
-            raise _NotRecorded(error) from error
-        raise
-    with conn:
-        try:
-            fast.start(fast.autocommit(conn), params, action[0], version)
-        except fast.FastMiss:
-            return None  # rolled back: the id is taken, a refusal, a stale receipt or ring
-        except Exception as error:
-            if is_transient(error):
-                raise  # sent: it may have committed (the caller reports "recorded: unknown")
-            return None  # it failed as a whole: the ordinary path reports it
+            raise  # sent: it may have committed (the caller reports "recorded: unknown")
+        return None  # it failed as a whole: the ordinary path reports it
     driver.local = True
     return values
 
@@ -795,20 +786,15 @@ def _fast_create(manager: ShardManager, driver: SagaDriver, data: dict[str, Any]
         first,
     )
     try:
-        conn = manager.connect(driver.home)
+        fast.create(manager, driver.home, params, version)
+    except fast.NotSent as failure:
+        raise _NotRecorded(failure.cause) from failure.cause
+    except fast.FastMiss:
+        return False
     except Exception as error:
         if is_transient(error):
-            raise _NotRecorded(error) from error
-        raise
-    with conn:
-        try:
-            fast.create(fast.autocommit(conn), params, version)
-        except fast.FastMiss:
-            return False
-        except Exception as error:
-            if is_transient(error):
-                raise  # sent: it may have committed (the caller reports "recorded: unknown")
-            return False
+            raise  # sent: it may have committed (the caller reports "recorded: unknown")
+        return False
     return True
 
 
