@@ -2,7 +2,7 @@
 
 Prints ``start <id> <from> <to> <amount>`` before each transfer and ``done <id> <status>`` after it
 (``pending``/``notstarted`` when it raised so); every 5th round it also re-submits an id that
-completed earlier with another payload (another sender, another amount) and prints ``conflict <id>``
+completed earlier with another payload (another sender, another amount) and prints ``conflict <id> <unix time>``
 when that raised :class:`SagaConflictError` (as it must), ``BAD <id> ...`` otherwise. Runs until
 ``STOP_FILE`` exists.
 """
@@ -13,6 +13,7 @@ import json
 import os
 import random
 import sys
+import time
 
 from sa_shardkit import ShardManager
 from sa_shardkit.errors import SagaConflictError, SagaNotStartedError, SagaPendingError
@@ -35,7 +36,7 @@ def main(argv: list[str]) -> None:
                     transfer(manager, other, receiver, amount + 1, transfer_id=saga_id)
                     print(f"BAD {saga_id} reuse with another payload was accepted", flush=True)
                 except SagaConflictError:
-                    print(f"conflict {saga_id}", flush=True)
+                    print(f"conflict {saga_id} {time.time():.3f}", flush=True)
                 except Exception as error:  # noqa: BLE001 - reported to the test
                     print(f"BAD {saga_id} {type(error).__name__}: {error}", flush=True)
                 continue
