@@ -113,28 +113,26 @@ class ShardManager:
             settings = ShardSettings(settings.shards, vnodes=vnodes)
         self.settings = settings
         self._configs: dict[str, ShardConfig] = {c.id: c for c in settings.shards}
+        self._lock = threading.Lock()
+        # engines (and their pools) are created on a shard's first use, copy-on-write under _lock:
+        # a process that never touches a shard holds no engine, pool or connection for it
         self._engines: dict[str, Engine] = {}
         self._replicas: dict[str, Engine] = {}
-        self._direct: dict[str, Engine] = {}  # direct_url engines, created on first use
-        for config in settings.shards:
-            self._engines[config.id] = self._budgeted(config, "primary", config.primary_url)
-            if config.replica is not None:
-                self._replicas[config.id] = self._budgeted(config, "replica", config.replica)
+        self._direct: dict[str, Engine] = {}  # direct_url engines
+        self.events = QueryEvents(self._all_engines)
+        """Query listeners for metrics (:mod:`sa_shardkit.events`): ``manager.events.add(fn)``."""
         if ring is None:
             ring = HashRing(
                 self._configs, vnodes=settings.vnodes, weights={c.id: c.weight for c in settings.shards}
             )
         self._check_ring(ring)
-        self._lock = threading.Lock()
         self.placement = Placement(self, ring, refresh_seconds=refresh_seconds)
         """Where keys live now: the stored ring, followed as it changes (:mod:`sa_shardkit.placement`)."""
         self.replicas = ReplicaRouter(
-            lambda shard_id: self._replicas.get(shard_id),
+            lambda shard_id: self.replica_engine(shard_id) if self.has_shard(shard_id) else None,
             lambda shard_id: self.config(shard_id).max_replica_lag,
         )
         """Decides per shard whether reads may use the replica (lag and reachability checks)."""
-        self.events = QueryEvents(self._all_engines)
-        """Query listeners for metrics (:mod:`sa_shardkit.events`): ``manager.events.add(fn)``."""
         self._disposed = False
 
     # -- construction --------------------------------------------------------------------------
@@ -248,21 +246,35 @@ class ShardManager:
             yield conn
 
     def add_shard(self, config: ShardConfig) -> None:
-        """Open engines for one more shard at run time; the ring is unchanged (see rebalance)."""
+        """Configure one more shard at run time (its engine is created on first use); the ring is
+        unchanged (see rebalance)."""
         with self._lock:
             if config.id in self._configs:
                 raise DuplicateShardError(f"shard id {config.id!r} is already configured")
-            engine = self._budgeted(config, "primary", config.primary_url)
-            replica = (
-                self._budgeted(config, "replica", config.replica) if config.replica is not None else None
-            )
             self.settings = ShardSettings((*self.settings.shards, config), vnodes=self.settings.vnodes)
-            # copy-on-write: threads iterating the old dicts are not disturbed
-            self._engines = {**self._engines, config.id: engine}
-            if replica is not None:
-                self._replicas = {**self._replicas, config.id: replica}
+            # copy-on-write: threads iterating the old dict are not disturbed
             self._configs = {**self._configs, config.id: config}
+
+    def _created(self, shard_id: str, role: str) -> Engine:
+        """The shard's engine for ``role`` (primary or replica), created now if it was not yet."""
+        config = self.config(shard_id)
+        with self._lock:
+            engines = self._engines if role == "primary" else self._replicas
+            engine = engines.get(shard_id)
+            if engine is None:
+                url = config.primary_url if role == "primary" else config.replica
+                engine = self._budgeted(config, role, url)
+                if role == "primary":  # copy-on-write: threads iterating the old dict are not disturbed
+                    self._engines = {**self._engines, shard_id: engine}
+                else:
+                    self._replicas = {**self._replicas, shard_id: engine}
         self.events.attach_new_engines()
+        return engine
+
+    @property
+    def has_replicas(self) -> bool:
+        """Whether any configured shard has a replica."""
+        return any(c.replica is not None for c in self._configs.values())
 
     def _budgeted(self, config: ShardConfig, role: str, url: Any) -> Engine:
         engine = _engine_for(config, url)
@@ -297,19 +309,23 @@ class ShardManager:
         """The shard's primary engine; with ``write=False`` its replica's while that one is usable.
 
         A replica that is down, not in recovery or lagging past ``max_replica_lag`` is skipped
-        (reads go to the primary, a warning is logged): see :mod:`sa_shardkit.replicas`.
+        (reads go to the primary, a warning is logged): see :mod:`sa_shardkit.replicas`. The
+        engine is created on the shard's first use (raises :class:`UnknownShardError` for a
+        shard this configuration does not list).
         """
-        if shard_id not in self._engines:
-            self.config(shard_id)  # raises UnknownShardError
         if not write:
             replica = self.replicas.usable_replica(shard_id)
             if replica is not None:
                 return replica
-        return self._engines[shard_id]
+        engine = self._engines.get(shard_id)
+        return engine if engine is not None else self._created(shard_id, "primary")
 
     def replica_engine(self, shard_id: str) -> Engine | None:
-        self.config(shard_id)
-        return self._replicas.get(shard_id)
+        """The shard's replica engine (created on first use), or None when it has no replica."""
+        replica = self._replicas.get(shard_id)
+        if replica is not None:
+            return replica
+        return None if self.config(shard_id).replica is None else self._created(shard_id, "replica")
 
     def engine_for(self, key: ShardKey, *, write: bool = True) -> Engine:
         """The engine of the shard that holds ``key`` now (see :meth:`shard_for`).
@@ -320,8 +336,13 @@ class ShardManager:
         return self.engine(self.shard_for(key), write=write)
 
     @property
-    def engines(self) -> dict[str, Engine]:
-        """Primary engine per shard id (a copy)."""
+    def engines(self) -> Mapping[str, Engine]:
+        """Primary engine per shard id: looking a shard up creates its engine if needed (iterating
+        the ids creates none; ``values()``/``items()`` create every shard's)."""
+        return _Engines(self)
+
+    def created_engines(self) -> dict[str, Engine]:
+        """The primary engines created so far, by shard id (a copy; creates none)."""
         return dict(self._engines)
 
     def connect(self, shard_id: str, *, write: bool = True) -> Connection:
@@ -454,10 +475,12 @@ class ShardManager:
     def health(self, *, timeout: float | None = None) -> dict[str, ShardHealth]:
         """Reachability and latency of every shard (and replica); bounded by the connect timeout."""
         checks: list[tuple[str, str, Engine, float]] = []
-        for shard_id, engine in self._engines.items():
-            checks.append((shard_id, "primary", engine, self._configs[shard_id].connect_timeout))
-        for shard_id, engine in self._replicas.items():
-            checks.append((shard_id, "replica", engine, self._configs[shard_id].connect_timeout))
+        for shard_id, config in self._configs.items():
+            checks.append((shard_id, "primary", self.engine(shard_id), config.connect_timeout))
+        for shard_id, config in self._configs.items():
+            replica = self.replica_engine(shard_id)
+            if replica is not None:
+                checks.append((shard_id, "replica", replica, config.connect_timeout))
 
         def check(item: tuple[str, str, Engine, float]) -> ShardHealth:
             shard_id, role, engine, _ = item
@@ -515,6 +538,29 @@ class ShardManager:
     def __repr__(self) -> str:
         shards = ", ".join(f"{c.id}={c.safe_url()}" for c in self._configs.values())
         return f"ShardManager({shards})"
+
+
+class _Engines(Mapping[str, Engine]):
+    """``manager.engines``: the configured shard ids, each one's engine created when looked up."""
+
+    __slots__ = ("_manager",)
+
+    def __init__(self, manager: ShardManager) -> None:
+        self._manager = manager
+
+    def __getitem__(self, shard_id: str) -> Engine:
+        if not self._manager.has_shard(shard_id):
+            raise KeyError(shard_id)
+        return self._manager.engine(shard_id)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._manager.shard_ids)
+
+    def __len__(self) -> int:
+        return len(self._manager.shard_ids)
+
+    def __contains__(self, shard_id: object) -> bool:
+        return isinstance(shard_id, str) and self._manager.has_shard(shard_id)
 
 
 def require_shards(manager: ShardManager, shard_ids: Iterable[str]) -> list[str]:

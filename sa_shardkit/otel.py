@@ -199,7 +199,7 @@ class ShardTelemetry:
         return run
 
     def _shard_of(self, conn: Connection, step: Step, payload: Payload) -> str:
-        for shard_id, engine in self.manager.engines.items():
+        for shard_id, engine in self.manager.created_engines().items():
             if engine is conn.engine:
                 return shard_id
         shard: str = self.manager.shard_for(step.key(payload))

@@ -261,7 +261,12 @@ class Placement:
         )
 
     def _postgres_shards(self) -> list[str]:
-        return [s for s in self.manager.shard_ids if self.manager.engine(s).dialect.name == "postgresql"]
+        # by the configured URL: asking the engine would create every shard's
+        return [
+            s
+            for s in self.manager.shard_ids
+            if self.manager.config(s).primary_url.get_backend_name() == "postgresql"
+        ]
 
     def _probe_order(self) -> list[str]:
         """Shards to probe, best first: the stored ring's members this configuration lists, in

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -151,6 +151,42 @@ def _names_shards(method: Callable[..., Any]) -> Any:
     return named
 
 
+class _ShardBinds(MutableMapping[str, Any]):
+    """A session's bind per shard: its own (``shards=``, ``bind_shard``), else the manager's
+    engine, looked up (so created) only when the session uses that shard."""
+
+    __slots__ = ("_manager", "_own")
+
+    def __init__(self, manager: ShardManager, own: Mapping[str, Any] | None) -> None:
+        self._manager = manager
+        self._own: dict[str, Any] = dict(own or {})
+
+    def get(self, shard_id: str, default: Any = None) -> Any:  # type: ignore[override]
+        bind = self._own.get(shard_id)
+        if bind is None:
+            return self._manager.engine(shard_id) if self._manager.has_shard(shard_id) else default
+        return bind
+
+    def __getitem__(self, shard_id: str) -> Any:
+        bind = self.get(shard_id)
+        if bind is None:
+            raise KeyError(shard_id)
+        return bind
+
+    def __setitem__(self, shard_id: str, bind: Any) -> None:
+        self._own[shard_id] = bind
+
+    def __delitem__(self, shard_id: str) -> None:
+        del self._own[shard_id]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._manager.shard_ids
+        yield from (s for s in self._own if not self._manager.has_shard(s))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 class ShardedSession(_StockShardedSession):
     """A drop-in ``horizontal_shard.ShardedSession``; pass ``manager=`` to route by the ring.
 
@@ -212,8 +248,9 @@ class ShardedSession(_StockShardedSession):
         self._shard_chooser_hook: Any = None
         self._identity_chooser_hook: Any = None
         self._execute_chooser_hook: Any = None
+        binds: MutableMapping[str, Any] | None = shards
         if manager is not None:
-            shards = manager.engines if not shards else {**manager.engines, **shards}
+            binds = _ShardBinds(manager, shards)  # each shard's engine created on its first use
             derived = _DERIVED
             shard_chooser = shard_chooser or derived
             if identity_chooser is None and "id_chooser" not in kwargs:
@@ -223,11 +260,11 @@ class ShardedSession(_StockShardedSession):
         elif shard_chooser is None:
             raise ArgumentError("ShardedSession needs shard_chooser (and the other hooks) or manager=")
         if "id_chooser" in kwargs or "query_chooser" in kwargs:  # deprecated stock arguments
-            super().__init__(shard_chooser, identity_chooser, execute_chooser, shards, query_cls, **kwargs)
+            super().__init__(shard_chooser, identity_chooser, execute_chooser, binds, query_cls, **kwargs)  # type: ignore[arg-type]
             event.remove(self, "do_orm_execute", execute_and_instances)  # ours is class-level
         else:
             self._init_without_instance_events(
-                shard_chooser, identity_chooser, execute_chooser, shards, query_cls, kwargs
+                shard_chooser, identity_chooser, execute_chooser, binds, query_cls, kwargs
             )
         if shard_id is not None and shard_id not in self._shard_ids():
             raise UnknownShardError(f"cannot pin the session to unknown shard {shard_id!r}")
@@ -237,7 +274,7 @@ class ShardedSession(_StockShardedSession):
         shard_chooser: Any,
         identity_chooser: Any,
         execute_chooser: Any,
-        shards: dict[str, Any] | None,
+        shards: MutableMapping[str, Any] | None,
         query_cls: Any,
         kwargs: dict[str, Any],
     ) -> None:
@@ -253,7 +290,9 @@ class ShardedSession(_StockShardedSession):
         self._shard_chooser_hook = None if shard_chooser is _DERIVED else shard_chooser
         self._identity_chooser_hook = None if identity_chooser is _DERIVED else identity_chooser
         self._execute_chooser_hook = None if execute_chooser is _DERIVED else execute_chooser
-        self._ShardedSession__shards: dict[str, Any] = dict(shards or {})  # what bind_shard() fills
+        # what bind_shard() fills: the manager's engines, looked up (and created) as shards are used
+        binds = shards if isinstance(shards, _ShardBinds) else dict(shards or {})
+        self._ShardedSession__shards: MutableMapping[str, Any] = binds
 
     # -- the hooks: given ones, else derived from the manager --------------------------------------
 
@@ -456,7 +495,7 @@ class ShardedSession(_StockShardedSession):
 
     def _may_use_replicas(self) -> bool:
         """Could any read of this session go to a replica (one is configured, or a chooser given)?"""
-        return self._choose_replica is not None or bool(self.manager._replicas)  # type: ignore[union-attr]
+        return self._choose_replica is not None or self.manager.has_replicas  # type: ignore[union-attr]
 
     def _get_shard(self, entity: Any, ident: Any, kw: dict[str, Any]) -> str | None:
         if self.pinned_shard_id is not None:

@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 from alembic import command
 from click.testing import CliRunner
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from sa_shardkit import ShardManager
 from sa_shardkit.cli import cli
 from sa_shardkit.rebalance.catalog import install_ring
 from tests.alembic_support import AlembicProject, execute_on, revision_on
-from tests.fleet import TestFleet
+from tests.fleet import TestFleet, _connect
 from tests.many_shards import many_databases
 
 COUNT = 64
@@ -23,6 +25,38 @@ COUNT = 64
 def wide(pg_fleet: TestFleet) -> Iterator[dict[str, str]]:
     with many_databases(pg_fleet, COUNT, "wide") as shards:
         yield shards
+
+
+def _connections_to(fleet: TestFleet, databases: list[str]) -> int:
+    """Client connections to ``databases`` on the fleet's servers now."""
+    total = 0
+    for url in fleet.urls:
+        with _connect(url) as conn:
+            sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = ANY(%s)"
+            total += int(conn.execute(sql, (databases,)).fetchone()[0])  # type: ignore[index]
+    return total
+
+
+def test_a_64_shard_manager_creates_engines_only_for_the_shards_it_uses(
+    pg_fleet: TestFleet, wide: dict[str, str]
+) -> None:
+    """First in this module: no ring is stored yet (the first read of a stored one reads every shard)."""
+    with ShardManager.from_urls(wide) as manager:
+        assert manager.created_engines() == {} and manager.connection_stats() == []
+        key = 42
+        with manager.transaction(key) as conn:  # routing probes one shard for a stored ring
+            conn.execute(text("SELECT 1"))
+        shard = manager.shard_for(key)
+        with manager.sessionmaker()() as session:
+            session.execute(text("SELECT 1"), bind_arguments={"shard_id": shard})
+        assert list(manager.engines) == list(wide) and len(manager.engines) == COUNT  # ids: no engine
+        created = set(manager.created_engines())
+        assert shard in created and len(created) <= 2, created  # the key's shard, the ring probe's
+        assert {s.shard_id for s in manager.connection_stats()} == created
+        untouched = [make_url(u).database for s, u in wide.items() if s not in created]
+        assert len(untouched) >= COUNT - 2 and _connections_to(pg_fleet, untouched) == 0
+        assert len(manager.run_on_all("SELECT 1")) == COUNT  # a fan-out still reaches every shard
+        assert len(manager.created_engines()) == COUNT
 
 
 def test_status_over_64_shards_lists_only_the_shard_that_is_down(
