@@ -63,6 +63,8 @@ class _Watchdog:
     def __init__(self) -> None:
         self._armed: dict[int, tuple[float, int, weakref.ref[Any]]] = {}
         self._fired: set[int] = set()
+        self.shut: weakref.WeakSet[Any] = weakref.WeakSet()
+        """Connections whose socket it shut down: never to be handed out again (see :func:`_bounded`)."""
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._target = float("inf")
@@ -121,31 +123,44 @@ class _Watchdog:
                 if not expired:
                     self._wake.wait(None if self._target == float("inf") else self._target - now)
                     continue
-            for _, (_, fd, ref) in expired:
-                _shut_down(ref(), fd)
+                # under the lock: a disarm() that returns False ran before the shutdown, and one
+                # that returns True after it (the connection is then in ``shut``)
+                for _, (_, fd, ref) in expired:
+                    connection = ref()
+                    if _shut_down(connection, fd):
+                        self.shut.add(connection)
 
 
-def _shut_down(dbapi_connection: Any, fd: int) -> None:
+def _shut_down(dbapi_connection: Any, fd: int) -> bool:
     """Make the blocked call on ``fd`` fail, if it still belongs to ``dbapi_connection``."""
     try:
         if dbapi_connection is None or int(dbapi_connection.fileno()) != fd:
-            return
+            return False
         sock = socket.socket(fileno=fd)
     except Exception:  # noqa: BLE001 - closed meanwhile: nothing to do
-        return
+        return False
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
     finally:
         sock.detach()  # the driver still owns the descriptor
+    return True
 
 
 _watchdog = _Watchdog()
 
 
-def _bounded(call: Callable[..., Any], seconds: float | None, on_cursor: bool, what: str) -> Any:
-    """``call`` (a dialect's driver call on a cursor or a connection) under the watchdog."""
+def _bounded(
+    call: Callable[..., Any], seconds: float | None, on_cursor: bool, what: str, error: type[Exception]
+) -> Any:
+    """``call`` (a dialect's driver call on a cursor or a connection) under the watchdog.
+
+    A call whose answer came just as its deadline passed returns it, but the watchdog has shut
+    its socket down meanwhile: a ping then fails (with ``error``, the driver's OperationalError;
+    the pool connects anew), and any later ping of that connection too, so the pool never hands
+    out a connection whose socket is shut.
+    """
 
     def run(target: Any, *args: Any) -> Any:
         limit = seconds
@@ -154,15 +169,30 @@ def _bounded(call: Callable[..., Any], seconds: float | None, on_cursor: bool, w
             limit = options.get(QUERY_TIMEOUT, seconds)
         if limit is None:
             return call(target, *args)
+        if not on_cursor and what == "a ping" and target in _watchdog.shut:
+            _discard(target, error)
         # a cursor's connection (an asyncio adapter's cursor has none: arm() finds its driver's)
         key = _watchdog.arm(getattr(target, "connection", target) if on_cursor else target, limit)
         try:
-            return call(target, *args)
-        finally:
+            result = call(target, *args)
+        except BaseException:
             if _watchdog.disarm(key):
                 _local.timed_out = f"no answer to {what} within {limit:g}s (server frozen or unreachable)"
+            raise
+        if _watchdog.disarm(key) and what == "a ping":  # answered, then shut down: not usable
+            _discard(target, error)
+        return result
 
     return run
+
+
+def _discard(dbapi_connection: Any, error: type[Exception]) -> None:
+    """Close a connection the watchdog shut down and fail the ping with a disconnect."""
+    try:
+        dbapi_connection.close()
+    except Exception:  # noqa: BLE001 - its socket is shut down already
+        pass
+    raise error("the connection's socket was shut down by the shardkit watchdog (a late answer)")
 
 
 def guard(engine: Engine, shard_id: str, *, connect_timeout: float, query_timeout: float | None) -> Engine:
@@ -188,11 +218,12 @@ def guard(engine: Engine, shard_id: str, *, connect_timeout: float, query_timeou
     if dialect.name == "sqlite":
         return engine
 
+    lost = dialect.loaded_dbapi.OperationalError  # what a late-answered ping raises: a disconnect
     for name in ("do_execute", "do_executemany", "do_execute_no_params"):
-        setattr(dialect, name, _bounded(getattr(dialect, name), query_timeout, True, "a statement"))
-    dialect.do_ping = _bounded(dialect.do_ping, connect_timeout, False, "a ping")
+        setattr(dialect, name, _bounded(getattr(dialect, name), query_timeout, True, "a statement", lost))
+    dialect.do_ping = _bounded(dialect.do_ping, connect_timeout, False, "a ping", lost)
     for name, what in (("do_commit", "COMMIT"), ("do_rollback", "ROLLBACK")):
-        setattr(dialect, name, _bounded(getattr(dialect, name), query_timeout, False, what))
+        setattr(dialect, name, _bounded(getattr(dialect, name), query_timeout, False, what, lost))
     return engine
 
 
