@@ -77,3 +77,25 @@ def test_a_stale_ring_version_rolls_the_statement_back_and_the_step_runs_once(
         for step in ("debit", "credit"):
             assert receipt_count(manager, "stale-1", step) == 1
         assert saga_rows(manager)["stale-1"]["shard"] == home_of(manager, "stale-1")
+
+
+def test_a_process_that_has_seen_no_stored_ring_rolls_back_once_one_is_stored(
+    manager: ShardManager, shard_map: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    open_accounts(manager)
+    with ShardManager.from_urls(shard_map) as unaware:
+        unaware.placement.refresh()
+        unaware.placement.refresh_seconds = 3600.0
+        assert unaware.placement.state.version == 0
+        install_ring(manager, FOUR)  # the first ring is stored; this process does not look
+        sender, receiver = cross_shard_pair(unaware)
+        outcomes = _spy(monkeypatch)
+        before = balances(manager)
+        outcome = transfer(unaware, sender, receiver, "1.00", transfer_id="unaware-1")
+        assert outcome.status == "complete"
+        assert outcomes[0] == "rolled back", outcomes  # the statement found the state table
+        assert unaware.placement.state.version == 1
+        after = balances(manager)
+        assert after[sender] == before[sender] - 1 and after[receiver] == before[receiver] + 1
+        for step in ("debit", "credit"):
+            assert receipt_count(manager, "unaware-1", step) == 1

@@ -35,6 +35,12 @@ DIVISION_BY_ZERO = "22012"
 
 _FENCE = f", sk_fence AS (SELECT version FROM {STATE_TABLE} FOR KEY SHARE)"
 _FENCE_OK = " AND (SELECT version FROM sk_fence) = :sk_version"
+# no ring stored as this process knows: the state table must not be in the statement's snapshot
+# (pg_class under MVCC, as Placement's unstored-ring fence checks it: state_table_committed)
+_UNSTORED_OK = (
+    " AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
+    f" ON n.oid = c.relnamespace WHERE c.relname = '{STATE_TABLE}' AND n.nspname = ANY (current_schemas(false)))"
+)
 # runtime-only (subqueries keep the planner from folding it, as it would fold 1/0): rolls back
 _MISS = "1 / ((SELECT count(*) FROM {cte}) - (SELECT count(*) FROM {cte}))"
 
@@ -44,14 +50,14 @@ class FastMiss(Exception):
 
 
 def fast_version(manager: ShardManager, shard_id: str, keys: Iterable[ShardKey]) -> int | None | bool:
-    """The ring version the statement must find on ``shard_id`` (None: no ring is stored, nothing to
-    check); False when the fast path cannot be used (a move in flight, the fleet state unknown, or a
-    key that does not belong there under the current ring)."""
+    """The ring version the statement must find on ``shard_id`` (0: no ring stored, which the
+    statement checks; None: nothing to check, a fleet that never fences); False when the fast path
+    cannot be used (a move in flight, or a key that does not belong there under the current ring)."""
     placement = manager.placement
     if not placement.fences_writes():
         return None
     state = placement.state
-    if state.target is not None or state.version == 0:
+    if state.target is not None:
         return False
     if any(state.owner(key) != shard_id for key in keys):
         return False
@@ -59,11 +65,20 @@ def fast_version(manager: ShardManager, shard_id: str, keys: Iterable[ShardKey])
 
 
 @functools.lru_cache(maxsize=256)
-def guarded(head: str, counts: str, act_sql: str | None, fenced: bool, cte: str = "receipt") -> TextClause:
+def guarded(
+    head: str, counts: str, act_sql: str | None, version: int | None, cte: str = "receipt"
+) -> TextClause:
     """``head`` (CTEs ending where the action's CTE goes) + the action + the fence, then the guard
-    (``counts`` and the action applied and the fence's version; else a division by zero)."""
+    (``counts`` and the action applied and the fence: the state row at ``version``, or with
+    ``version`` 0 no state table; else a division by zero). Cached per distinct SQL, so pass a
+    version only as 0, 1 (any stored one: the value is bound) or None."""
     act, applied = fuse(act_sql) if act_sql is not None else ("", "1")
-    fence, fence_ok = (_FENCE, _FENCE_OK) if fenced else ("", "")
+    if version is None:
+        fence, fence_ok = "", ""
+    elif version == 0:
+        fence, fence_ok = "", _UNSTORED_OK
+    else:
+        fence, fence_ok = _FENCE, _FENCE_OK
     miss = _MISS.format(cte=cte)
     return text(
         f"{head}{act}{fence}\n    SELECT CASE WHEN {counts} AND {applied} > 0{fence_ok} THEN 1 ELSE {miss} END"
@@ -154,12 +169,17 @@ _STEP_HEAD = FUSED.split("{act}")[0]
 _STEP_COUNTS = "(SELECT count(*) FROM receipt) = 1"
 
 
+def _kind(version: int | None) -> int | None:
+    """What :func:`guarded` is built for: no check, no ring stored, or a stored ring (bound)."""
+    return None if version is None else min(version, 1)
+
+
 def start(
     manager: ShardManager, shard_id: str, params: dict[str, Any], act_sql: str, version: int | None
 ) -> None:
     """The fast start: log row, first receipt and first effect in one autocommitted statement
     (``params`` as :func:`~sa_shardkit.saga.log.create_with_receipt` binds them)."""
-    statement = guarded(_START_HEAD, _START_COUNTS, act_sql, version is not None)
+    statement = guarded(_START_HEAD, _START_COUNTS, act_sql, _kind(version))
     execute(manager, shard_id, statement, {**params, "sk_version": version})
 
 
@@ -169,7 +189,7 @@ _CREATE_HEAD = CREATE_WITH_RECEIPT.split("), receipt AS (")[0] + ")"
 def create(manager: ShardManager, shard_id: str, params: dict[str, Any], version: int | None) -> None:
     """Only the log row (a first step on another shard), in one autocommitted statement;
     :class:`FastMiss` when the id is taken (or the ring changed)."""
-    statement = guarded(_CREATE_HEAD, "(SELECT count(*) FROM log) = 1", None, version is not None, "log")
+    statement = guarded(_CREATE_HEAD, "(SELECT count(*) FROM log) = 1", None, _kind(version), "log")
     execute(manager, shard_id, statement, {**params, "sk_version": version})
 
 
@@ -181,7 +201,7 @@ def step(
     version: int | None,
 ) -> None:
     """A fused step's receipt and effect in one autocommitted statement."""
-    statement = guarded(_STEP_HEAD, _STEP_COUNTS, fused[0], version is not None)
+    statement = guarded(_STEP_HEAD, _STEP_COUNTS, fused[0], _kind(version))
     params = {
         **fused[1],
         "sk_saga_id": key.saga_id,

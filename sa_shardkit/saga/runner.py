@@ -399,11 +399,13 @@ class SagaDriver:
 
     def _fast_forward(self, i: int) -> bool:
         """Step ``i`` as one autocommitted guarded statement (:mod:`.fast`); False: use the ordinary
-        path (the step is not fused, writes the log too, a move is in flight, or the statement did
-        not apply as a whole and was rolled back)."""
+        path (the step is not fused, a move is in flight, or the statement did not apply as a whole
+        and was rolled back). On the home shard too: the step then does not write the log in its
+        own transaction, exactly as a step on another shard (forward progress is not logged; the
+        completion mark follows in the background)."""
         step = self.saga.steps[i]
         shard = self.shards[i]
-        if step.fused is None or i in self.unfused or i in self.doubt or shard == self.home:
+        if step.fused is None or i in self.unfused or i in self.doubt:
             return False
         version = fast.fast_version(self.manager, shard, [self.keys[i]])
         if version is False:
