@@ -180,11 +180,12 @@ class _ShardBinds(MutableMapping[str, Any]):
         del self._own[shard_id]
 
     def __iter__(self) -> Iterator[str]:
-        yield from self._manager.shard_ids
-        yield from (s for s in self._own if not self._manager.has_shard(s))
+        ids = self._manager.shard_ids
+        extra = [s for s in self._own if not self._manager.has_shard(s)] if self._own else []
+        return iter(ids if not extra else (*ids, *extra))  # a C-level iterator: no call per shard
 
     def __len__(self) -> int:
-        return sum(1 for _ in self)
+        return len(self._manager.shard_ids) + sum(1 for s in self._own if not self._manager.has_shard(s))
 
 
 class ShardedSession(_StockShardedSession):
