@@ -13,6 +13,7 @@ from tests.fleet import TestFleet, _connect
 @contextmanager
 def many_databases(fleet: TestFleet, count: int, prefix: str) -> Iterator[dict[str, str]]:
     """``{"shard-1": url, ...}`` for ``count`` fresh databases, dropped afterwards."""
+    fleet.reset()  # every server running and resumed (a test before may have left one frozen)
     servers = fleet.urls
     shards: dict[str, str] = {}
     for i in range(count):
