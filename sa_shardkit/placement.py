@@ -99,11 +99,15 @@ PROBE_FALLBACKS = 2
 
 
 def unstored_recheck_seconds() -> float:
-    """How often (at most) a process that has seen no stored ring looks for one.
+    """How often (at most) any process re-reads the stored ring (or looks for one, none stored):
+    ``refresh_seconds`` is capped at it.
 
-    ``SHARDKIT_RING_RECHECK_SECONDS`` (default 5). Only how soon such a process routes by a newly
-    stored ring without first meeting it in a write's fence: safety does not depend on it (the
-    unstored-ring check in every write transaction, see the module docstring).
+    ``SHARDKIT_RING_RECHECK_SECONDS`` (default 5). Before a ring is stored it is only how soon such
+    a process routes by a newly stored ring without first meeting it in a write's fence: safety does
+    not depend on it (the unstored-ring check in every write transaction, see the module
+    docstring). After a move's start bump the mover waits it out before it commits a copy
+    (:func:`sa_shardkit.rebalance.catalog.wait_out_move_start`): a process that has not seen the move
+    scatters unfiltered. So set it the same for every process of a fleet.
     """
     value = os.environ.get(RECHECK_ENV)
     return REFRESH_SECONDS if not value else max(0.0, float(value))
@@ -127,8 +131,8 @@ class Placement:
         self, manager: ShardManager, configured: HashRing, *, refresh_seconds: float = REFRESH_SECONDS
     ) -> None:
         self.manager = manager
+        self._refresh_seconds = REFRESH_SECONDS
         self.refresh_seconds = refresh_seconds
-        """At most this often routing re-reads the stored ring first (:meth:`maybe_refresh`)."""
         self._configured = configured
         self._state = RingState(0, configured)
         self._lock = threading.Lock()
@@ -148,6 +152,27 @@ class Placement:
         self.fleet_reads = 0
         """Of which read every shard (a version change was seen, or the probes failed)."""
         self._held: dict[int, list[Connection]] = {}
+
+    @property
+    def refresh_seconds(self) -> float:
+        """At most this often routing re-reads the stored ring first (:meth:`maybe_refresh`), as
+        configured; the interval used is capped at :func:`unstored_recheck_seconds`."""
+        return self._refresh_seconds
+
+    @refresh_seconds.setter
+    def refresh_seconds(self, seconds: float) -> None:
+        horizon = unstored_recheck_seconds()
+        if seconds > horizon and seconds != REFRESH_SECONDS:  # asked for (the default is capped quietly)
+            log.warning(
+                "refresh_seconds=%g is longer than %s=%g: capped at %g s (a move waits that long after "
+                "it starts for every process to see it; a process that re-read the ring less often "
+                "would scatter by the old ring and see copies twice)",
+                seconds,
+                RECHECK_ENV,
+                horizon,
+                horizon,
+            )
+        self._refresh_seconds = seconds
 
     # -- the state -----------------------------------------------------------------------------
 
@@ -322,9 +347,10 @@ class Placement:
         self._refresh_at = 0.0
 
     def _interval(self) -> float:
-        if self._state.version == 0:
-            return min(self.refresh_seconds, unstored_recheck_seconds())
-        return self.refresh_seconds
+        # never longer than the horizon the first install and every move's start wait out
+        # (sa_shardkit.rebalance.catalog.wait_out_stale_routers): a process that re-read less often
+        # could route by a ring older than the one the mover relies on every process having seen
+        return min(self._refresh_seconds, unstored_recheck_seconds())
 
     def _read_fleet(self, ids: list[str], *, check_table: bool = True) -> FanOut[Any]:
         """Every shard's state row at once; a shard that is down or frozen costs one connect

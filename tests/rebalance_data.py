@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 import threading
@@ -307,3 +308,13 @@ class SessionWorkload(Workload):
             if session.get(Order, (customer_id, oid)) is None:
                 self.errors.append(f"session reader missed order {oid} (customer {customer_id})")
         self.ops["read"] += 1
+
+
+def never_refresh_by_itself(manager: ShardManager, *, read_now: bool = False) -> None:
+    """Model a process whose next periodic ring check has not come yet: its manager no longer
+    re-reads the stored ring by the clock (``refresh_seconds`` is capped at the recheck horizon,
+    0.2 s in the tests); explicit ``refresh()``, empty keyed reads and fences still do. Call it
+    before the manager's first use, or with ``read_now=True`` (the stored ring is read now)."""
+    setattr(manager.placement, "_interval", lambda: math.inf)  # noqa: B010 - a test's override
+    if read_now:
+        manager.placement.refresh()

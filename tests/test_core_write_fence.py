@@ -37,7 +37,7 @@ from sa_shardkit.rebalance.mover import SourceMover
 from sa_shardkit.rebalance.progress import ProgressTracker
 from sa_shardkit.rebalance.rebalancer import _prepare
 from sa_shardkit.saga import commit_across_keys, commit_across_shards, create_saga_tables
-from tests.rebalance_data import seed, start_move
+from tests.rebalance_data import never_refresh_by_itself, seed, start_move
 
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
 FIVE = FOUR.add_shard("shard-5")
@@ -169,6 +169,7 @@ def stale(manager: ShardManager, shard_map: dict[str, str], shard5_url: str) -> 
     seed(manager, FOUR, CUSTOMERS, 2, 1)
     install_ring(manager, FOUR)
     with ShardManager.from_urls({**shard_map, "shard-5": shard5_url}, refresh_seconds=3600) as process:
+        never_refresh_by_itself(process)
         assert process.placement.refresh().version == 1
         manager.add_shard(ShardConfig(id="shard-5", url=shard5_url))
         tables = table_set(Base)

@@ -20,6 +20,7 @@ from sa_shardkit.rebalance import install_ring
 from sa_shardkit.rebalance.catalog import write_state
 from sa_shardkit.ring_state import STATE_TABLE, RingState
 from tests.fleet import TestFleet
+from tests.rebalance_data import never_refresh_by_itself
 
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
 THREE = FOUR.remove_shard("shard-4")
@@ -29,6 +30,7 @@ THREE = FOUR.remove_shard("shard-4")
 def reader(shard_map: dict[str, str]) -> Iterator[ShardManager]:
     """An application process: no periodic refresh of its own (the test calls refresh())."""
     with ShardManager.from_urls(shard_map, connect_timeout=1, refresh_seconds=3600) as mgr:
+        never_refresh_by_itself(mgr)  # refresh_seconds alone is capped at the recheck horizon
         yield mgr
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sa_shardkit import HashRing, ShardConfig, ShardManager
 from sa_shardkit.demo.models import Base, Customer, Order
 from sa_shardkit.rebalance import MoveOptions, RingRouter, add_shard, install_ring
-from tests.rebalance_data import seed
+from tests.rebalance_data import never_refresh_by_itself, seed
 
 CUSTOMERS, ORDERS_EACH = 100, 2
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
@@ -43,7 +43,8 @@ def _move_to_shard5(manager: ShardManager, shard5_url: str) -> None:
 def test_a_read_only_session_get_finds_rows_moved_by_another_process(
     reader: ShardManager, manager: ShardManager, shard5_url: str
 ) -> None:
-    router = RingRouter(reader, refresh_seconds=3600)  # no periodic refresh: only the empty-read check
+    router = RingRouter(reader, refresh_seconds=3600)
+    never_refresh_by_itself(reader, read_now=True)  # no periodic refresh: only the empty-read check
     with reader.sessionmaker()() as session:
         assert session.get(Customer, MOVED[0]) is not None  # routed by the old ring, still there
         session.rollback()
@@ -58,6 +59,7 @@ def test_a_read_only_keyed_select_finds_rows_moved_by_another_process(
     reader: ShardManager, manager: ShardManager, shard5_url: str
 ) -> None:
     RingRouter(reader, refresh_seconds=3600)
+    never_refresh_by_itself(reader, read_now=True)
     with reader.sessionmaker()() as session:
         _move_to_shard5(manager, shard5_url)
         counts = {k: len(session.scalars(select(Order).where(Order.customer_id == k)).all()) for k in MOVED}
@@ -68,6 +70,7 @@ def test_a_read_only_router_read_finds_rows_moved_by_another_process(
     reader: ShardManager, manager: ShardManager, shard5_url: str
 ) -> None:
     router = RingRouter(reader, refresh_seconds=3600)  # guards RingRouter.read's own re-check
+    never_refresh_by_itself(reader, read_now=True)
     _move_to_shard5(manager, shard5_url)
     query = select(func.count()).select_from(Order).where(Order.customer_id == MOVED[0])
     assert router.read(MOVED[0], lambda conn: conn.execute(query).scalar_one()) == ORDERS_EACH

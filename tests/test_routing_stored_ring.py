@@ -27,7 +27,7 @@ from sa_shardkit.rebalance import add_shard, install_ring, load_ring_state, remo
 from sa_shardkit.ring_state import STATE_TABLE
 from sa_shardkit.saga import create_saga_tables, sagas_table, transfer
 from sa_shardkit.scatter import ALLOW_PARTIAL
-from tests.rebalance_data import seed
+from tests.rebalance_data import never_refresh_by_itself, seed
 
 CUSTOMERS = 60
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
@@ -207,6 +207,7 @@ def test_a_process_running_since_before_the_add_is_stopped_too(
     install_ring(manager, FOUR)
     key = MOVED[0]
     with ShardManager.from_urls(shard_map, refresh_seconds=3600) as old:  # no periodic re-read
+        never_refresh_by_itself(old)
         sessions = old.sessionmaker()
         with sessions() as session:
             assert session.get(Customer, key) is not None
@@ -227,6 +228,7 @@ def test_a_writer_running_since_before_the_add_is_fenced_off_the_old_shard(
     seed(manager, FOUR, CUSTOMERS, 2, 0)
     install_ring(manager, FOUR)
     with ShardManager.from_urls(shard_map, refresh_seconds=3600) as old:
+        never_refresh_by_itself(old)
         assert old.shard_for(NEW_ON_5) == FOUR.get_shard(NEW_ON_5)  # version 1 read
         with ShardManager.from_urls(all_urls) as operator:
             add_shard(operator, "shard-5", Base)

@@ -266,7 +266,8 @@ def _print_result(console: Console, result: RebalanceResult) -> None:
     console.print(
         f"[bold green]Done:[/] ring version {result.version} ({escape(repr(result.new))}); moved "
         f"{result.rows_moved:,} rows / {result.keys_moved:,} keys in {result.batches} batches, "
-        f"{result.seconds:.1f} s ({result.rows_per_second:,.0f} rows/s); longest cut-over "
+        f"{result.seconds:.1f} s, of which {result.start_wait_seconds:.1f} s waiting for every process to "
+        f"see the move ({result.moving_rows_per_second:,.0f} rows/s after it); longest cut-over "
         f"{result.max_fence_seconds * 1000:.0f} ms."
     )
     if result.positioned_rows:

@@ -29,6 +29,7 @@ from sqlalchemy.engine import Connection
 
 from ..errors import RebalanceError
 from ..manager import ShardManager
+from ..placement import unstored_recheck_seconds
 from ..ring import HashRing
 from ..ring_state import (
     MOVED_KEYS_DDL,
@@ -88,6 +89,54 @@ def wait_out_unstored_writers(manager: ShardManager, shard_ids: Iterable[str]) -
     write to the shard is fenced, whatever its process believes and however rarely it looks for a
     stored ring. Only then may a move (which relies on the fence) start.
     """
+    wait_out_stale_routers(
+        manager,
+        shard_ids,
+        since="the ring was stored",
+        risk="they may write by the unstored ring; end them and run again (the stored ring is kept)",
+    )
+
+
+def wait_out_move_start(manager: ShardManager, state: RingState, started_at: float) -> None:
+    """Return once every process must route by ``state`` (a move in flight): call it after the
+    start bump, before any copy of the move is committed on a target.
+
+    Writers need no wait (the fence checks the version on the shard they write). A scatter does
+    not: a process that has not re-read the stored ring since the bump scatters without the
+    ownership filter (:mod:`sa_shardkit.scatter.ownership`), so a committed copy on a target that is
+    already a member of the old ring (a remove; an add after an add) would show twice. A process
+    re-reads the ring at most every ``refresh_seconds``, which is capped at
+    :func:`~sa_shardkit.placement.unstored_recheck_seconds`, so a routing decision made after
+    ``started_at`` (every shard stored ``state`` by then) plus that interval sees the move; one made
+    earlier belongs to a transaction or statement that began earlier: wait for that moment, then for
+    every such transaction on each shard to end (the same wait as the first install's).
+    """
+    wait_out_stale_routers(
+        manager,
+        state.shard_ids,
+        not_before=started_at + unstored_recheck_seconds(),
+        since=f"the move to ring version {state.version} started",
+        risk=(
+            "they may read by the ring before the move (a scatter would see a copy twice); "
+            "end them and run --resume (the move is kept)"
+        ),
+    )
+
+
+def wait_out_stale_routers(
+    manager: ShardManager,
+    shard_ids: Iterable[str],
+    *,
+    since: str,
+    risk: str,
+    not_before: float | None = None,
+) -> None:
+    """Sleep until ``not_before`` (``time.time()`` scale; None: no sleep), then, on each shard of
+    ``shard_ids``, wait for every transaction that began before that shard's clock read then to end
+    (up to :data:`INSTALL_WAIT_LIMIT`, then :class:`~sa_shardkit.RebalanceError` naming the
+    backends). ``since`` / ``risk``: the change waited out and what such a transaction may do."""
+    if not_before is not None:
+        time.sleep(max(0.0, not_before - time.time()))
     deadline = time.monotonic() + INSTALL_WAIT_LIMIT
     for shard_id in shard_ids:
         horizon: Any = None
@@ -114,24 +163,50 @@ def wait_out_unstored_writers(manager: ShardManager, shard_ids: Iterable[str]) -
                 break
             if not logged:
                 log.info(
-                    "shard %s: waiting for %d transaction(s) that began before the ring was stored "
-                    "(backend pids %s)",
+                    "shard %s: waiting for %d transaction(s) that began before %s (backend pids %s)",
                     shard_id,
                     len(pids),
+                    since,
                     sorted(pids),
                 )
                 logged = True
             if time.monotonic() > deadline:
                 raise RebalanceError(
-                    f"shard {shard_id!r}: transactions that began before the ring was stored are still "
-                    f"open after {INSTALL_WAIT_LIMIT:g}s (backend pids {sorted(pids)}): they may write "
-                    "by the unstored ring; end them and run again (the stored ring is kept)"
+                    f"shard {shard_id!r}: transactions that began before {since} are still "
+                    f"open after {INSTALL_WAIT_LIMIT:g}s (backend pids {sorted(pids)}): {risk}"
                 )
             time.sleep(0.05)
 
 
-def write_state(manager: ShardManager, state: RingState, shard_ids: Iterable[str]) -> None:
-    """Bring every shard in ``shard_ids`` up to ``state`` (rows already at that version are kept).
+def move_started_at(manager: ShardManager, state: RingState) -> float:
+    """When the last shard of ``state`` stored it (``time.time()`` scale), for a resumed move.
+
+    Read from each shard's state row: the bump sets ``updated_at`` (cut-overs also do, later,
+    which only makes this later: a longer wait, never a shorter one). Each age is measured by the
+    shard's own clock, so clock skew between this host and the servers does not shorten it."""
+    now = time.time()
+    started = now - unstored_recheck_seconds()  # no row at this version readable: wait in full
+    for shard_id in state.shard_ids:
+        if not manager.has_shard(shard_id):
+            continue
+        with manager.connect(shard_id) as conn:
+            if conn.dialect.name != "postgresql":
+                continue
+            age = conn.execute(
+                text(
+                    f"SELECT extract(epoch FROM clock_timestamp() - updated_at) FROM {STATE_TABLE}"
+                    " WHERE version = :v"
+                ),
+                {"v": state.version},
+            ).scalar()
+            conn.rollback()
+        started = max(started, now - float(age)) if age is not None else now
+    return started
+
+
+def write_state(manager: ShardManager, state: RingState, shard_ids: Iterable[str]) -> bool:
+    """Bring every shard in ``shard_ids`` up to ``state`` (rows already at that version are kept);
+    True when a shard was bumped (or its row created) by this call.
 
     Each shard's row is locked ``FOR UPDATE`` first, so writers of older versions that are still in
     flight finish before the bump, and later ones see the new version (or fail to serialize).
@@ -148,35 +223,40 @@ def write_state(manager: ShardManager, state: RingState, shard_ids: Iterable[str
     # journal that targets keep and scatters read (before any reader can see a move), in one round trip
     ddl = text("; ".join((*STATE_DDL, MOVE_DDL, MOVED_KEYS_DDL)))
 
-    def bump(conn: Connection, shard_id: str) -> None:
+    def bump(conn: Connection, shard_id: str) -> bool:
         conn.execute(ddl)
         row = conn.execute(text(f"SELECT version FROM {STATE_TABLE} FOR UPDATE")).first()
         if row is None:
             conn.execute(
                 text(
-                    f"INSERT INTO {STATE_TABLE} (version, ring, target_ring, key_type) "
-                    "VALUES (:version, :ring, :target_ring, :key_type)"
+                    f"INSERT INTO {STATE_TABLE} (version, ring, target_ring, key_type, updated_at) "
+                    "VALUES (:version, :ring, :target_ring, :key_type, clock_timestamp())"
                 ),
                 payload,
             )
-        elif int(row.version) < state.version:
+            return True
+        if int(row.version) < state.version:
             conn.execute(
                 text(
                     f"UPDATE {STATE_TABLE} SET version = :version, ring = :ring,"
                     " target_ring = :target_ring, key_type = :key_type, watermark = NULL,"
-                    " drained = false, carried = NULL, updated_at = now()"
+                    " drained = false, carried = NULL, updated_at = clock_timestamp()"
                 ),
                 payload,
             )
-        elif int(row.version) > state.version:
+            return True
+        if int(row.version) > state.version:
             raise RebalanceError(
                 f"shard {shard_id!r} is at ring version {row.version}, newer than {state.version}: "
                 "another rebalance ran meanwhile; re-read the state and plan again"
             )
+        return False
 
+    bumped = False
     for shard_id in shard_ids:
         with manager.connect(shard_id) as conn, conn.begin():
-            bump(conn, shard_id)
+            bumped = bump(conn, shard_id) or bumped
+    return bumped
 
 
 def describe(state: RingState) -> dict[str, Any]:
@@ -202,6 +282,9 @@ __all__ = [
     "ring_from_json",
     "row_to_state",
     "state_table_exists",
+    "move_started_at",
+    "wait_out_move_start",
+    "wait_out_stale_routers",
     "wait_out_unstored_writers",
     "write_state",
 ]

@@ -4,7 +4,10 @@
    (options, joining shards' URLs without passwords, planned rows: :mod:`.record`) is stored;
 2. **start**: every shard (old and new members) is bumped to version ``v+1`` = (old ring, target
    ring), each under ``FOR UPDATE`` of its state row, before any row moves; routing keeps every key
-   on its old shard until that key's batch is cut over;
+   on its old shard until that key's batch is cut over. Then the **start wait**: no copy is
+   committed on a target until every live process must have re-read the ring (the ring recheck
+   horizon, then every transaction begun before it ended: :func:`.catalog.wait_out_move_start`);
+   a process that has not seen the move scatters without the ownership filter;
 3. **move**: each source shard is drained by a :class:`~.mover.SourceMover` (sources in parallel);
    then rows positioned by another column's ring position (lookup rows: :mod:`.positioned`,
    :mod:`.lookup_tables`) go to their target-ring shards;
@@ -18,6 +21,7 @@ once the whole fleet routes by the target ring, running it again does nothing.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 
@@ -33,7 +37,9 @@ from .catalog import (
     RingState,
     check_key_type,
     install_ring,
+    move_started_at,
     read_fleet_state,
+    wait_out_move_start,
     write_state,
 )
 from .control import MoveControl
@@ -74,8 +80,21 @@ class RebalanceResult:
     per table (:mod:`.positioned`); not counted in ``rows_moved``."""
 
     @property
+    def start_wait_seconds(self) -> float:
+        """The start wait (every process must see the move before a copy commits): a fixed cost of
+        about ``SHARDKIT_RING_RECHECK_SECONDS``, whatever the rows."""
+        return self.phase_seconds.get("start wait", 0.0)
+
+    @property
     def rows_per_second(self) -> float:
+        """Rows moved per second of the whole run (the start wait included)."""
         return self.rows_moved / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def moving_rows_per_second(self) -> float:
+        """Rows moved per second once moving could begin (the start wait left out)."""
+        seconds = self.seconds - self.start_wait_seconds
+        return self.rows_moved / seconds if seconds > 0 else 0.0
 
 
 def fleet_view(manager: ShardManager) -> FleetView:
@@ -169,7 +188,11 @@ def rebalance(
         tracker.phase("done")
         return _result(moving.ring, new_ring, final.version, tracker, finished_interrupted=True)
     tracker.phase("start")
-    write_state(manager, moving, moving.shard_ids)  # also completes a start that was interrupted
+    bumped = write_state(manager, moving, moving.shard_ids)  # also completes an interrupted start
+    # no copy is committed on a target before every process routes by the move (a process with the
+    # older ring scatters unfiltered: it would see a copy twice); a resumed move waits out the rest
+    tracker.phase("start wait")
+    wait_out_move_start(manager, moving, time.time() if bumped else move_started_at(manager, moving))
     tracker.phase("move")
     moving_from = {m.source for m in range_moves(moving.ring, new_ring)}
     sources = [s for s in moving.ring.shard_ids if s in moving_from]
