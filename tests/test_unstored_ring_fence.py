@@ -123,7 +123,9 @@ def retried(write: Callable[[], None]) -> None:
 def test_a_process_that_never_looks_writes_moved_keys_on_their_new_shard(
     never_looks: ShardManager, urls: dict[str, str], write: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv(RECHECK_ENV)  # the operator's own process
+    monkeypatch.setenv(
+        RECHECK_ENV, "0.2"
+    )  # the operator's own process (the tests' horizon: its move waits it out)
     with ShardManager.from_urls(urls) as operator:
         add_shard(operator, "shard-5", Base)  # stores the 4-shard ring first, then moves keys
     assert rows_of(urls, MOVED) == {"shard-5": (1, 2, Decimal(100))}
@@ -139,7 +141,7 @@ def test_the_first_install_waits_for_a_write_that_began_before_it(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv(RECHECK_ENV)
+    monkeypatch.setenv(RECHECK_ENV, "0.2")
     caplog.set_level(logging.INFO, logger="sa_shardkit.rebalance")
     errors: list[BaseException] = []
 
