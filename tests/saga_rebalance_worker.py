@@ -17,6 +17,7 @@ import time
 
 from sa_shardkit import ShardManager
 from sa_shardkit.errors import SagaConflictError, SagaNotStartedError, SagaPendingError
+from sa_shardkit.placement import unstored_recheck_seconds
 from sa_shardkit.saga import transfer
 
 
@@ -25,7 +26,8 @@ def main(argv: list[str]) -> None:
     rnd = random.Random(worker)
     completed: list[tuple[str, int, int, int]] = []
     with ShardManager.from_urls(urls) as manager:
-        manager.placement.refresh_seconds = 1.0
+        # at most every second, never past the recheck horizon (a longer interval is capped, with a warning)
+        manager.placement.refresh_seconds = min(1.0, unstored_recheck_seconds())
         n = 0
         while not os.path.exists(stop):
             n += 1

@@ -17,6 +17,7 @@ from sa_shardkit import HashRing, ShardManager
 from sa_shardkit.rebalance import RingState, install_ring
 from sa_shardkit.rebalance.catalog import write_state
 from sa_shardkit.saga import fast, home_of, transfer
+from tests.rebalance_data import never_refresh_by_itself
 from tests.saga_support import balances, cross_shard_pair, open_accounts, receipt_count, saga_rows
 
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
@@ -61,8 +62,7 @@ def test_a_stale_ring_version_rolls_the_statement_back_and_the_step_runs_once(
     open_accounts(manager)
     install_ring(manager, FOUR)
     with ShardManager.from_urls(shard_map) as stale:
-        stale.placement.refresh()
-        stale.placement.refresh_seconds = 3600.0  # it will not look again by itself
+        never_refresh_by_itself(stale, read_now=True)  # it will not look again by itself
         assert stale.placement.state.version == 1
         write_state(manager, RingState(2, FOUR), FOUR.shard_ids)  # the fleet moves on (same ring)
         sender, receiver = cross_shard_pair(stale)
@@ -84,8 +84,7 @@ def test_a_process_that_has_seen_no_stored_ring_rolls_back_once_one_is_stored(
 ) -> None:
     open_accounts(manager)
     with ShardManager.from_urls(shard_map) as unaware:
-        unaware.placement.refresh()
-        unaware.placement.refresh_seconds = 3600.0
+        never_refresh_by_itself(unaware, read_now=True)
         assert unaware.placement.state.version == 0
         install_ring(manager, FOUR)  # the first ring is stored; this process does not look
         sender, receiver = cross_shard_pair(unaware)
