@@ -16,7 +16,7 @@ from tests.fleet import TestFleet
 from tests.many_shards import many_databases
 
 OVERLAP = (
-    "SELECT clock_timestamp() AS started, (SELECT pg_sleep(0.3)) IS NOT NULL AS slept,"
+    "SELECT clock_timestamp() AS started, (SELECT pg_sleep(1.0)) IS NOT NULL AS slept,"
     " clock_timestamp() AS ended"
 )
 
