@@ -275,14 +275,20 @@ def _jsonable(value: Any) -> Any:
     return value if isinstance(value, (int, str, float)) or value is None else str(value)
 
 
-def _progress_of(manager: ShardManager, index: LookupIndex) -> dict[str, Any]:
-    shard = ring_shards(manager)[0]
-    with manager.connect(shard) as conn:
+def _state_row(manager: ShardManager, index: LookupIndex) -> Any:
+    """The lookup's state row as reads consult it: on the first shard of the ring (None: never built)."""
+    with manager.connect(ring_shards(manager)[0]) as conn:
         row = conn.execute(
             select(lookup_state_table.c.state, lookup_state_table.c.progress).where(
                 lookup_state_table.c.name == index.name
             )
         ).first()
+        conn.rollback()
+    return row
+
+
+def _progress_of(manager: ShardManager, index: LookupIndex) -> dict[str, Any]:
+    row = _state_row(manager, index)
     if row is None or row.state == "ready":
         return {}
     progress = row.progress
@@ -309,14 +315,7 @@ def carry_readiness(manager: ShardManager, index: LookupIndex, old: HashRing, ne
     """Every entry was moved to its value's position in ``new``: trust the lookup under ``new`` as
     under ``old`` (a lookup not ready under ``old`` stays as it is; its build starts again)."""
     create_lookup_tables(manager, [index])  # joining shards get the state and lookup tables too
-    shard = ring_shards(manager)[0]
-    with manager.connect(shard) as conn:
-        row = conn.execute(
-            select(lookup_state_table.c.state, lookup_state_table.c.progress).where(
-                lookup_state_table.c.name == index.name
-            )
-        ).first()
-        conn.rollback()
+    row = _state_row(manager, index)
     if row is None or row.state != "ready":
         return
     progress = dict(json.loads(row.progress) if isinstance(row.progress, str) else row.progress)

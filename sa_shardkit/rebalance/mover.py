@@ -360,7 +360,10 @@ class SourceMover:
         return self._checked(results[-1].fetchone())
 
     def _checked(self, raw: Any) -> ShardState:
-        row = None if raw is None else row_to_state(self.source, raw)
+        return self._expected(None if raw is None else row_to_state(self.source, raw))
+
+    def _expected(self, row: ShardState | None) -> ShardState:
+        """``row`` if it is at the mover's ring version, else the fleet changed under the mover."""
         if row is None or row.state.version != self.state.version:
             found = "no state" if row is None else f"version {row.state.version}"
             raise RebalanceError(
@@ -431,13 +434,7 @@ class SourceMover:
 
     def _state_row(self, conn: Connection, *, lock: str) -> ShardState:
         row = read_shard_state(conn, self.source, lock=lock, check_table=False)
-        if row is None or row.state.version != self.state.version:
-            found = "no state" if row is None else f"version {row.state.version}"
-            raise RebalanceError(
-                f"shard {self.source!r} has {found}, expected ring version {self.state.version}: "
-                "the fleet state changed under the mover"
-            )
-        return row
+        return self._expected(row)
 
     def _by_target(self, keys: Sequence[Any]) -> dict[str, list[Any]]:
         by_target: dict[str, list[Any]] = {}
