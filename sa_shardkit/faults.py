@@ -20,12 +20,14 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, ExceptionContext
 
 from .errors import ShardUnavailableError
+
+T = TypeVar("T")
 
 QUERY_TIMEOUT = "shardkit_query_timeout"
 """Execution option: this statement's bound in seconds (None: unbounded), e.g. for a long migration."""
@@ -193,6 +195,20 @@ def _discard(dbapi_connection: Any, error: type[Exception]) -> None:
     except Exception:  # noqa: BLE001 - its socket is shut down already
         pass
     raise error("the connection's socket was shut down by the shardkit watchdog (a late answer)")
+
+
+def bounded_driver_call(dbapi_connection: Any, seconds: float | None, call: Callable[[], T]) -> T:
+    """``call()`` on a raw driver connection under the watchdog, as a guarded engine bounds its own
+    statements: code that talks to the driver directly (one prebuilt SQL string, no SQLAlchemy
+    execute) must not wait on a frozen server for ever. Past ``seconds`` the socket is shut down and
+    the driver's call fails as a lost connection (the caller names the shard)."""
+    if seconds is None:
+        return call()
+    key = _watchdog.arm(dbapi_connection, seconds)
+    try:
+        return call()
+    finally:
+        _watchdog.disarm(key)
 
 
 def guard(engine: Engine, shard_id: str, *, connect_timeout: float, query_timeout: float | None) -> Engine:

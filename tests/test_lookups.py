@@ -6,10 +6,11 @@ import pytest
 from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.orm import selectinload
 
-from sa_shardkit import DuplicateKeyError, LookupIndexError, QueryEvent, ShardManager
+from sa_shardkit import DuplicateKeyError, LookupIndexError, QueryEvent, ShardManager, ShardUnavailableError
 from sa_shardkit.lookups import lookup_named
 from sa_shardkit.lookups.build import build_lookup, repair_lookup
 from sa_shardkit.lookups.store import forget_readiness
+from tests.fleet import TestFleet
 from tests.lookup_models import LkCustomer, LkOrder, LkShipment, create_schema
 
 ORDERS = "LkOrder.order_id"
@@ -249,3 +250,28 @@ def test_count_helper_matches(fleet: ShardManager) -> None:
     with fleet.sessionmaker()() as session:
         assert session.scalar(select(func.count()).select_from(LkOrder)) == 4
     assert text  # keep import used
+
+
+@pytest.mark.timeout(120)
+def test_a_frozen_lookup_shard_fails_the_read_naming_it(
+    pg_fleet: TestFleet, shard_map: dict[str, str]
+) -> None:
+    """The lookup read runs on the driver directly: a frozen server must still end it, named."""
+    with ShardManager.from_urls(shard_map, connect_timeout=2, query_timeout=3) as bounded:
+        create_schema(bounded)
+        forget_readiness()
+        owners = seed(bounded, customers=4, per_customer=1)
+        order_id = next(iter(owners))
+        lookup_shard = bounded.shard_for(order_id)  # where the value's entry lives
+        query = select(LkOrder).where(LkOrder.order_id == order_id)
+        with bounded.sessionmaker()() as session:
+            assert session.scalars(query).one().customer_id == owners[order_id]  # keeps a read connection
+        server = pg_fleet.server(int(lookup_shard.rsplit("-", 1)[1]) - 1)
+        server.pause()
+        try:
+            with bounded.sessionmaker()() as session, pytest.raises(ShardUnavailableError) as raised:
+                session.scalars(query).all()
+        finally:
+            server.resume()
+        assert raised.value.shard_id == lookup_shard
+        assert repr(lookup_shard) in str(raised.value)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import psycopg
 from sqlalchemy import and_, delete, func, literal_column, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
@@ -26,7 +27,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from xxhash import xxh3_64_intdigest
 
 from ..errors import LookupIndexError, ShardUnavailableError, StaleRingError
-from ..faults import unavailable
+from ..faults import bounded_driver_call, unavailable
 from ..ring import HashRing
 from ..ring_state import STATE_TABLE, RingState
 from ..routing import ring_shards, shards_for_key
@@ -161,10 +162,11 @@ def autocommit_rows(manager: ShardManager, shard: str, query: Any) -> list[Any]:
 def autocommit_sql(manager: ShardManager, shard: str, sql: str, params: Any) -> list[Any]:
     """:func:`autocommit_rows` of a driver-level SQL string and its parameters."""
     engine = manager.engine(shard)
+    limit = manager.config(shard).query_timeout
     kept = _idle_take(manager, shard, READS)
     if kept is not None:
         try:
-            rows = _fetch(kept, sql, params)
+            rows = _fetch(kept, sql, params, limit)
         except Exception:  # noqa: BLE001 - a kept connection may have died while idle: a fresh one
             _discard_read(kept)
         else:
@@ -172,11 +174,14 @@ def autocommit_sql(manager: ShardManager, shard: str, sql: str, params: Any) -> 
             return rows
     try:
         raw = engine.raw_connection()
-    except (OperationalError, DBAPIError) as error:
+    except (OperationalError, DBAPIError, psycopg.OperationalError) as error:  # raw_connection: unwrapped
         raise unavailable(shard, engine.url, error) from error
     try:
         raw.dbapi_connection.autocommit = True  # type: ignore[union-attr]
-        rows = _fetch(raw, sql, params)
+        rows = _fetch(raw, sql, params, limit)
+    except psycopg.OperationalError as error:  # lost, or cut short by the watchdog: name the shard
+        _discard_read(raw)
+        raise unavailable(shard, engine.url, error) from error
     except Exception:
         _discard_read(raw)
         raise
@@ -184,11 +189,16 @@ def autocommit_sql(manager: ShardManager, shard: str, sql: str, params: Any) -> 
     return rows
 
 
-def _fetch(raw: Any, sql: str, params: Any) -> list[Any]:
+def _fetch(raw: Any, sql: str, params: Any, limit: float | None) -> list[Any]:
+    """The rows of one driver-level read, bounded like a guarded engine's statement (``limit``)."""
     cursor = raw.cursor()
-    try:
+
+    def run() -> list[Any]:
         cursor.execute(sql, params)
         return list(cursor.fetchall())
+
+    try:
+        return bounded_driver_call(raw.dbapi_connection, limit, run)
     finally:
         cursor.close()
 
