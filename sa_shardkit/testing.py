@@ -34,6 +34,9 @@ _SETTINGS = {
     "shared_buffers": "32MB",
     "wal_level": "replica",
     "max_wal_senders": "10",
+    # a test replica that lost its stream (its primary restarted on another port) must find the WAL
+    # it needs when it reconnects, not a recycled segment ("requested WAL segment ... removed")
+    "wal_keep_size": "512MB",
     "hot_standby": "on",
     "log_min_messages": "warning",
     "listen_addresses": "'127.0.0.1'",
