@@ -5,19 +5,59 @@ at one exact point so the test can SIGKILL it there.
 SQL contains ``sql`` (on the shard whose URL port is ``port``, if given). When that statement is
 about to run, this process prints ``stopped`` and freezes every thread at its next statement, so
 nothing after that point reaches any server before the kill.
+
+:func:`kill_mover_at` is the test side: it runs this module and kills it at the stop point.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from sa_shardkit.cli.rebalance import rebalance_command
+
+if TYPE_CHECKING:
+    from sa_shardkit import ShardManager
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def url_args(manager: ShardManager, shard_ids: Iterable[str]) -> list[str]:
+    """``--url`` options (passwords included: the mover must connect) for ``shard_ids``."""
+    return [a for s in shard_ids for a in ("--url", manager.config(s).primary_url.render_as_string(False))]
+
+
+def kill_mover_at(argv: list[str], stop: dict[str, Any]) -> None:
+    """Run the CLI mover in a subprocess until it reaches ``stop`` (frozen there), then SIGKILL it."""
+    mover = subprocess.Popen(
+        [sys.executable, "-m", "tests.rebalance_kill", json.dumps({"argv": argv, "stop": stop})],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert mover.stdout is not None
+    try:
+        lines = []
+        while True:
+            line = mover.stdout.readline()
+            if not line or line.strip() == "stopped":
+                break
+            lines.append(line)
+        assert line.strip() == "stopped", f"the mover did not reach {stop!r}:\n" + "".join(lines)
+    finally:
+        os.kill(mover.pid, signal.SIGKILL)
+        mover.wait(timeout=60)
 
 
 def install_stop(stop: dict[str, Any]) -> None:

@@ -8,11 +8,6 @@ resumed run kept the batch size the move was started with.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,44 +22,15 @@ from sa_shardkit.demo.models import Customer, Order
 from sa_shardkit.rebalance import FleetView, RingRouter, install_ring, read_fleet_state
 from sa_shardkit.rebalance.record import read_records
 from tests.rebalance_data import check_fleet, rows_everywhere, seed
+from tests.rebalance_kill import kill_mover_at, url_args
 
-ROOT = Path(__file__).resolve().parent.parent
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
 CUSTOMERS, ORDERS_EACH = 400, 2
 BATCH = 15
 
 
 def _urls(manager: ShardManager) -> list[str]:
-    return [
-        arg
-        for s in FOUR.shard_ids
-        for arg in ("--url", manager.config(s).primary_url.render_as_string(False))
-    ]
-
-
-def _kill_at(argv: list[str], stop: dict[str, Any]) -> None:
-    """Run the CLI mover in a subprocess until it reaches ``stop``, then SIGKILL it there."""
-    mover = subprocess.Popen(
-        [sys.executable, "-m", "tests.rebalance_kill", json.dumps({"argv": argv, "stop": stop})],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert mover.stdout is not None
-    try:
-        lines = []
-        while True:
-            line = mover.stdout.readline()
-            if not line or line.strip() == "stopped":
-                break
-            lines.append(line)
-        assert line.strip() == "stopped", "the mover finished without reaching the stop point:\n" + "".join(
-            lines
-        )
-    finally:
-        os.kill(mover.pid, signal.SIGKILL)
-        mover.wait(timeout=60)
+    return url_args(manager, FOUR.shard_ids)
 
 
 def _staging_tables(manager: ShardManager) -> dict[str, int]:
@@ -111,7 +77,7 @@ def test_add_killed_at_each_step_is_finished_by_resume(
 ) -> None:
     seed(manager, FOUR, CUSTOMERS, ORDERS_EACH, 0)
     install_ring(manager, FOUR)
-    _kill_at([*_urls(manager), "--add", "shard-5", shard5_url, "--batch-size", str(BATCH)], stop)
+    kill_mover_at([*_urls(manager), "--add", "shard-5", shard5_url, "--batch-size", str(BATCH)], stop)
     output = _resume(manager)  # the original configuration: shard-5 is not in it
     assert "Done:" in output and "HashRing([" in output.replace("\n", "")
     new = FOUR.add_shard("shard-5")
@@ -125,7 +91,7 @@ def test_remove_killed_in_the_final_bump_is_finished_by_resume(manager: ShardMan
     seed(manager, FOUR, CUSTOMERS, ORDERS_EACH, 0)
     install_ring(manager, FOUR)
     # start bump: 4 updates; final bump: the 2nd of 4
-    _kill_at(
+    kill_mover_at(
         [*_urls(manager), "--remove", "shard-2", "--batch-size", str(BATCH)], {"sql": "SET version", "nth": 6}
     )
     split = FleetView(read_fleet_state(manager))
@@ -145,7 +111,7 @@ def test_remove_killed_mid_move_is_finished_by_resume(manager: ShardManager) -> 
         with manager.connect(shard_id) as conn:
             conn.execute(text("CREATE UNLOGGED TABLE shardkit_in_orders (LIKE orders)"))
             conn.commit()
-    _kill_at(
+    kill_mover_at(
         [*_urls(manager), "--remove", "shard-2", "--batch-size", str(BATCH)],
         {"sql": "SET watermark", "nth": 3},
     )
@@ -166,7 +132,7 @@ def test_keyed_reads_in_the_crash_window_of_a_remove_see_each_row_once(manager: 
     (Scatter reads are not filtered yet: see the rebalancing page's limits.)"""
     seed(manager, FOUR, CUSTOMERS, ORDERS_EACH, 0)
     install_ring(manager, FOUR)
-    _kill_at(
+    kill_mover_at(
         [*_urls(manager), "--remove", "shard-2", "--batch-size", str(BATCH)],
         {"sql": "SET watermark", "nth": 1},
     )
@@ -221,7 +187,7 @@ def test_scatter_reads_in_the_crash_window_see_each_row_once(
     install_ring(manager, FOUR)
     argv = [*_urls(manager), *SCATTER_CHANGES[change](shard5_url), "--batch-size", str(BATCH)]
     source = "shard-1" if change == "add" else "shard-2"  # its batches run one after the other
-    _kill_at(argv, {"sql": "SET watermark", "nth": 2, "port": manager.config(source).primary_url.port})
+    kill_mover_at(argv, {"sql": "SET watermark", "nth": 2, "port": manager.config(source).primary_url.port})
     four = {s: manager.config(s).primary_url.render_as_string(False) for s in FOUR.shard_ids}
     urls = {**four, "shard-5": shard5_url} if change == "add" else four
     new = FOUR.add_shard("shard-5") if change == "add" else FOUR.remove_shard("shard-2")
@@ -259,7 +225,7 @@ def test_resume_on_a_password_server_says_what_it_needs_then_the_add_command_fin
         conn.commit()
     with_password = bare.replace("shardkit_pw@", f"shardkit_pw:{PASSWORD}@")
     add = ["--add", "shard-5", with_password, "--batch-size", str(BATCH)]
-    _kill_at([*_urls(manager), *add], {"sql": "SET watermark", "nth": 3})
+    kill_mover_at([*_urls(manager), *add], {"sql": "SET watermark", "nth": 3})
     no_secrets = {"PGPASSWORD": "", "PGPASSFILE": str(tmp_path / "no-pgpass")}
     resumed = shardkit("rebalance", *_urls(manager), "--resume", cwd=tmp_path, env=no_secrets)
     errors = [line for line in resumed.stderr.splitlines() if line.startswith("shardkit: error:")]

@@ -40,6 +40,7 @@ from sa_shardkit.saga import (
     sagas_table,
     transfer,
 )
+from tests.rebalance_kill import kill_mover_at, url_args
 
 ROOT = Path(__file__).resolve().parent.parent
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
@@ -48,32 +49,7 @@ CUSTOMERS, BALANCE, WORKERS = 60, Decimal(1000), 3
 
 
 def _urls(manager: ShardManager) -> list[str]:
-    return [
-        a for s in FOUR.shard_ids for a in ("--url", manager.config(s).primary_url.render_as_string(False))
-    ]
-
-
-def _kill_at(argv: list[str], stop: dict[str, Any]) -> None:
-    """Run the CLI mover until it reaches ``stop`` (frozen there), then SIGKILL it."""
-    mover = subprocess.Popen(
-        [sys.executable, "-m", "tests.rebalance_kill", json.dumps({"argv": argv, "stop": stop})],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert mover.stdout is not None
-    try:
-        lines = []
-        while True:
-            line = mover.stdout.readline()
-            if not line or line.strip() == "stopped":
-                break
-            lines.append(line)
-        assert line.strip() == "stopped", "the mover did not reach " + repr(stop) + ":\n" + "".join(lines)
-    finally:
-        os.kill(mover.pid, signal.SIGKILL)
-        mover.wait(timeout=60)
+    return url_args(manager, FOUR.shard_ids)
 
 
 def _lines(path: Path) -> list[list[str]]:
@@ -150,13 +126,15 @@ def test_transfers_during_an_online_add_with_mover_kills(
         add = [*_urls(manager), "--add", "shard-5", shard5_url, "--batch-size", "4", "--sleep", "0.05"]
         resume = [*_urls(manager), "--resume"]
         move_started = time.time()
-        _kill_at(add, {"sql": "SET watermark", "nth": 3})  # a key cut-over: targets committed, source not
+        kill_mover_at(
+            add, {"sql": "SET watermark", "nth": 3}
+        )  # a key cut-over: targets committed, source not
         os.kill(workers[0].pid, signal.SIGKILL)  # a saga runner dies mid-move too
         alive.remove(0)
         _wait_for_transfers(outputs, alive, 5)
-        _kill_at(resume, {"sql": "SET carried", "nth": 2})  # a saga-log cut-over, half done
+        kill_mover_at(resume, {"sql": "SET carried", "nth": 2})  # a saga-log cut-over, half done
         _wait_for_transfers(outputs, alive, 5)
-        _kill_at(resume, {"sql": "SET version", "nth": 2})  # the final bump, one shard done
+        kill_mover_at(resume, {"sql": "SET version", "nth": 2})  # the final bump, one shard done
         _wait_for_transfers(outputs, alive, 5)
         result = CliRunner().invoke(rebalance_command, resume)
         assert result.exit_code == 0, result.output
