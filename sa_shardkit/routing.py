@@ -598,13 +598,8 @@ def _shards_in(
                 return None
             return set().union(*parts)  # type: ignore[arg-type]
         return None
-    if not isinstance(expr, BinaryExpression):
-        return None
-    if expr.operator is operators.eq:
-        sides = [(expr.left, expr.right), (expr.right, expr.left)]
-    elif expr.operator is operators.in_op:
-        sides = [(expr.left, expr.right)]
-    else:
+    sides = _comparison_sides(expr)
+    if sides is None:
         return None
     for column, other in sides:
         if _key_column(column) is None:
@@ -670,6 +665,17 @@ def write_keys(
     return by_shard
 
 
+def _comparison_sides(expr: Any) -> list[tuple[Any, Any]] | None:
+    """(column, other side) pairs of an ``==`` (either way round) or ``IN``; None for anything else."""
+    if not isinstance(expr, BinaryExpression):
+        return None
+    if expr.operator is operators.eq:
+        return [(expr.left, expr.right), (expr.right, expr.left)]
+    if expr.operator is operators.in_op:
+        return [(expr.left, expr.right)]
+    return None
+
+
 def _key_values(expr: Any, params: Any) -> list[Any] | None:
     """The shard-key values ``expr`` limits the rows to; None when it does not limit them."""
     while isinstance(expr, Grouping):
@@ -687,13 +693,8 @@ def _key_values(expr: Any, params: Any) -> list[Any] | None:
                 return None
             return list(dict.fromkeys(v for p in parts for v in p))  # type: ignore[union-attr]
         return None
-    if not isinstance(expr, BinaryExpression):
-        return None
-    if expr.operator is operators.eq:
-        sides = [(expr.left, expr.right), (expr.right, expr.left)]
-    elif expr.operator is operators.in_op:
-        sides = [(expr.left, expr.right)]
-    else:
+    sides = _comparison_sides(expr)
+    if sides is None:
         return None
     for column, other in sides:
         if _key_column(column) is not None:
