@@ -38,8 +38,8 @@ from sa_shardkit.rebalance import (
     remove_shard,
 )
 from tests.lookup_models import Base, LkCustomer, LkOrder, create_schema
+from tests.rebalance_kill import kill_mover_at
 from tests.test_lookups import entries
-from tests.test_rebalance_kills import _kill_at
 
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
 ORDERS, EMAILS = "LkOrder.order_id", "LkCustomer.email"
@@ -269,7 +269,7 @@ def test_a_mover_killed_while_moving_lookup_rows_is_finished_by_resume(
         a for s in FOUR.shard_ids for a in ("--url", manager.config(s).primary_url.render_as_string(False))
     ]
     models = ["--models", "tests.lookup_models:Base"]
-    _kill_at([*urls, *models, "--add", "shard-5", shard5_url, "--batch-size", "50"], stop)
+    kill_mover_at([*urls, *models, "--add", "shard-5", shard5_url, "--batch-size", "50"], stop)
     five = FOUR.add_shard("shard-5")
     config = {**{s: manager.config(s).primary_url for s in FOUR.shard_ids}, "shard-5": shard5_url}
     with ShardManager.from_urls(config) as everything:
