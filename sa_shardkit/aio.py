@@ -1,7 +1,7 @@
 """asyncio: SQLAlchemy's ``AsyncSession`` over the sharded session, with psycopg's async driver.
 
-``AsyncShardManager(manager)`` opens one ``AsyncEngine`` per shard from the same configuration; the
-routing stays the manager's (the ring and the models' shard keys), so sync and async code agree on
+``AsyncShardManager(manager)`` opens one ``AsyncEngine`` per shard, on that shard's first use, from
+the same configuration; the routing stays the manager's (the ring and the models' shard keys), so sync and async code agree on
 where every row lives::
 
     shards = AsyncShardManager(manager)
@@ -31,7 +31,8 @@ it never blocks the event loop. Query listeners (``manager.events``) see the asy
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping
+import threading
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -59,7 +60,7 @@ from .scatter.fanout import raise_for_errors
 from .scatter.gather import gather
 from .scatter.plan import AggregatePlan, ScatterPlan, plan_scatter
 from .scatter.result import ScatterResult
-from .session import ShardedSession
+from .session import BindFactory, ShardedSession
 
 
 def _async_engine(config: ShardConfig, url: URL) -> AsyncEngine:
@@ -83,13 +84,18 @@ def _async_engine(config: ShardConfig, url: URL) -> AsyncEngine:
 
 
 class AsyncShardManager:
-    """Async engines for the shards of a :class:`ShardManager`, which keeps routing."""
+    """Async engines for the shards of a :class:`ShardManager`, which keeps routing.
+
+    Like the manager's, each shard's engines (and pools) are created on that shard's first use:
+    an async process that touches 2 of 64 shards holds no engine or connection for the other 62.
+    """
 
     def __init__(self, manager: ShardManager) -> None:
         self.manager = manager
-        configs = [manager.config(shard_id) for shard_id in manager.shard_ids]
-        self._engines = {c.id: _async_engine(c, c.primary_url) for c in configs}
-        self._replicas = {c.id: _async_engine(c, c.replica) for c in configs if c.replica is not None}
+        self._lock = threading.Lock()
+        # created on a shard's first use, copy-on-write under _lock (iterating threads see a snapshot)
+        self._engines: dict[str, AsyncEngine] = {}
+        self._replicas: dict[str, AsyncEngine] = {}
         manager.events.include(self._sync_engines)
 
     def _sync_engines(self) -> list[tuple[str, str, Engine]]:
@@ -97,15 +103,45 @@ class AsyncShardManager:
         primaries = [(s, "primary", e.sync_engine) for s, e in self._engines.items()]
         return primaries + [(s, "replica", e.sync_engine) for s, e in self._replicas.items()]
 
+    def _created(self, shard_id: str, role: str) -> AsyncEngine:
+        """The shard's async engine for ``role``, created now if it was not yet."""
+        config = self.manager.config(shard_id)
+        with self._lock:
+            engines = self._engines if role == "primary" else self._replicas
+            engine = engines.get(shard_id)
+            if engine is None:
+                url = config.primary_url if role == "primary" else config.replica
+                assert url is not None
+                engine = _async_engine(config, url)
+                if role == "primary":
+                    self._engines = {**self._engines, shard_id: engine}
+                else:
+                    self._replicas = {**self._replicas, shard_id: engine}
+        self.manager.events.attach_new_engines()
+        return engine
+
     def engine(self, shard_id: str) -> AsyncEngine:
-        """The shard's primary as an ``AsyncEngine`` (:class:`UnknownShardError` for a bad id)."""
-        self.manager.config(shard_id)
-        return self._engines[shard_id]
+        """The shard's primary as an ``AsyncEngine``, created on first use (:class:`UnknownShardError`
+        for a bad id)."""
+        engine = self._engines.get(shard_id)
+        return engine if engine is not None else self._created(shard_id, "primary")
 
     def replica_engine(self, shard_id: str) -> AsyncEngine | None:
-        """The shard's replica as an ``AsyncEngine``, None when it has none."""
-        self.manager.config(shard_id)
-        return self._replicas.get(shard_id)
+        """The shard's replica as an ``AsyncEngine`` (created on first use), None when it has none."""
+        replica = self._replicas.get(shard_id)
+        if replica is not None:
+            return replica
+        return None if self.manager.config(shard_id).replica is None else self._created(shard_id, "replica")
+
+    @property
+    def engines(self) -> Mapping[str, AsyncEngine]:
+        """Primary async engine per shard id: looking one up creates it if needed (iterating the ids
+        creates none; ``values()``/``items()`` create every shard's)."""
+        return _AsyncEngines(self)
+
+    def created_engines(self) -> dict[str, AsyncEngine]:
+        """The primary async engines created so far, by shard id (a copy; creates none)."""
+        return dict(self._engines)
 
     def usable_replica(self, shard_id: str) -> Engine | None:
         """The sync side of the shard's async replica while the manager calls it usable, else None.
@@ -113,7 +149,7 @@ class AsyncShardManager:
         Called by the session inside SQLAlchemy's greenlet: a measurement that is due runs in a
         worker thread (awaited), so a dead replica's connect timeout never stalls the event loop.
         """
-        replica = self._replicas.get(shard_id)
+        replica = self.replica_engine(shard_id)
         if replica is None:
             return None
         router = self.manager.replicas
@@ -131,7 +167,7 @@ class AsyncShardManager:
         Keyword arguments go to the sharded session (``allow_cross_shard``, ``shard_id``, ...) and
         to ``AsyncSession`` (``expire_on_commit``, ...).
         """
-        shards = {shard_id: engine.sync_engine for shard_id, engine in self._engines.items()}
+        shards = BindFactory(self._sync_side)  # each shard's engine created on the session's first use
         kw.setdefault("expire_on_commit", False)  # attribute access after commit cannot await
         return async_sessionmaker(
             sync_session_class=ShardedSession,
@@ -140,6 +176,9 @@ class AsyncShardManager:
             choose_replica=self.usable_replica,
             **kw,
         )
+
+    def _sync_side(self, shard_id: str) -> Engine:
+        return self.engine(shard_id).sync_engine
 
     @asynccontextmanager
     async def transaction(self, key: ShardKey) -> AsyncIterator[AsyncConnection]:
@@ -195,7 +234,7 @@ class AsyncShardManager:
         shard_statement = statement if plan is None else plan.statement
 
         async def run(shard_id: str) -> Result[Any]:
-            async with self._engines[shard_id].connect() as conn:
+            async with self.engine(shard_id).connect() as conn:
                 result = await conn.execute(shard_statement, dict(params or {}))
                 frozen = result.freeze()
                 await conn.commit()
@@ -231,3 +270,26 @@ class AsyncShardManager:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.dispose()
+
+
+class _AsyncEngines(Mapping[str, AsyncEngine]):
+    """``AsyncShardManager.engines``: the configured shard ids, each one's engine created when looked up."""
+
+    __slots__ = ("_shards",)
+
+    def __init__(self, shards: AsyncShardManager) -> None:
+        self._shards = shards
+
+    def __getitem__(self, shard_id: str) -> AsyncEngine:
+        if not self._shards.manager.has_shard(shard_id):
+            raise KeyError(shard_id)
+        return self._shards.engine(shard_id)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shards.manager.shard_ids)
+
+    def __len__(self) -> int:
+        return len(self._shards.manager.shard_ids)
+
+    def __contains__(self, shard_id: object) -> bool:
+        return isinstance(shard_id, str) and self._shards.manager.has_shard(shard_id)

@@ -89,7 +89,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sa_shardkit.session")
 
-__all__ = ["ShardedSession", "sessionmaker_for", "set_shard_id"]
+__all__ = ["BindFactory", "ShardedSession", "sessionmaker_for", "set_shard_id"]
 
 _DERIVED: Any = object()
 """A hook argument standing for "derive it from the manager"."""
@@ -151,20 +151,32 @@ def _names_shards(method: Callable[..., Any]) -> Any:
     return named
 
 
+class BindFactory:
+    """``ShardedSession(manager=..., shards=BindFactory(create))``: a configured shard's bind is
+    ``create(shard_id)``, called when the session uses that shard (``AsyncShardManager`` passes
+    its async engines' sync sides, each created on its shard's first use)."""
+
+    __slots__ = ("create",)
+
+    def __init__(self, create: Callable[[str], Any]) -> None:
+        self.create = create
+
+
 class _ShardBinds(MutableMapping[str, Any]):
     """A session's bind per shard: its own (``shards=``, ``bind_shard``), else the manager's
-    engine, looked up (so created) only when the session uses that shard."""
+    engine (or a :class:`BindFactory`'s), looked up (so created) only when the session uses it."""
 
-    __slots__ = ("_manager", "_own")
+    __slots__ = ("_create", "_manager", "_own")
 
-    def __init__(self, manager: ShardManager, own: Mapping[str, Any] | None) -> None:
+    def __init__(self, manager: ShardManager, own: Mapping[str, Any] | BindFactory | None) -> None:
         self._manager = manager
-        self._own: dict[str, Any] = dict(own or {})
+        self._create: Callable[[str], Any] = own.create if isinstance(own, BindFactory) else manager.engine
+        self._own: dict[str, Any] = {} if isinstance(own, BindFactory) else dict(own or {})
 
     def get(self, shard_id: str, default: Any = None) -> Any:  # type: ignore[override]
         bind = self._own.get(shard_id)
         if bind is None:
-            return self._manager.engine(shard_id) if self._manager.has_shard(shard_id) else default
+            return self._create(shard_id) if self._manager.has_shard(shard_id) else default
         return bind
 
     def __getitem__(self, shard_id: str) -> Any:
@@ -217,7 +229,7 @@ class ShardedSession(_StockShardedSession):
         shard_chooser: ShardChooser | None = None,
         identity_chooser: IdentityChooser | None = None,
         execute_chooser: Any = None,
-        shards: dict[str, Any] | None = None,
+        shards: dict[str, Any] | BindFactory | None = None,
         query_cls: Any = ShardedQuery,
         *,
         manager: ShardManager | None = None,
@@ -249,7 +261,9 @@ class ShardedSession(_StockShardedSession):
         self._shard_chooser_hook: Any = None
         self._identity_chooser_hook: Any = None
         self._execute_chooser_hook: Any = None
-        binds: MutableMapping[str, Any] | None = shards
+        if isinstance(shards, BindFactory) and manager is None:
+            raise ArgumentError("shards=BindFactory(...) needs manager=")
+        binds: MutableMapping[str, Any] | None = None if isinstance(shards, BindFactory) else shards
         if manager is not None:
             binds = _ShardBinds(manager, shards)  # each shard's engine created on its first use
             derived = _DERIVED

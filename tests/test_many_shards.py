@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from sa_shardkit import ShardManager
+from sa_shardkit.aio import AsyncShardManager
 from sa_shardkit.cli import cli
 from sa_shardkit.rebalance.catalog import install_ring
 from tests.alembic_support import AlembicProject, execute_on, revision_on
@@ -57,6 +59,35 @@ def test_a_64_shard_manager_creates_engines_only_for_the_shards_it_uses(
         assert len(untouched) >= COUNT - 2 and _connections_to(pg_fleet, untouched) == 0
         assert len(manager.run_on_all("SELECT 1")) == COUNT  # a fan-out still reaches every shard
         assert len(manager.created_engines()) == COUNT
+
+
+def test_a_64_shard_async_manager_creates_engines_only_for_the_shards_it_uses(
+    pg_fleet: TestFleet, wide: dict[str, str]
+) -> None:
+    """AsyncShardManager is lazy too: touching 2 of 64 shards leaves the other 62 without an engine
+    and without a connection (counted in pg_stat_activity on every server)."""
+    key, other = 42, "shard-40"
+
+    async def main(manager: ShardManager) -> tuple[set[str], set[str], int, int]:
+        async with AsyncShardManager(manager) as shards:
+            assert shards.created_engines() == {}
+            async with shards.transaction(key) as conn:  # the key's shard (routing may probe one)
+                await conn.execute(text("SELECT 1"))
+            async with shards.sessionmaker()() as session:
+                await session.execute(text("SELECT 1"), bind_arguments={"shard_id": other})
+            assert list(shards.engines) == list(wide) and len(shards.engines) == COUNT  # ids: no engine
+            touched = set(shards.created_engines())
+            used = touched | set(manager.created_engines())  # the sync side's ring probe
+            untouched = [make_url(u).database for s, u in wide.items() if s not in used]
+            idle = _connections_to(pg_fleet, untouched)
+            assert (await shards.query_all_shards("SELECT 1 AS one")).all() == [(1,)] * COUNT
+            return touched, used, idle, len(shards.created_engines())
+
+    with ShardManager.from_urls(wide) as manager:
+        touched, used, idle, after_scatter = asyncio.run(main(manager))
+    assert touched == {manager.shard_for(key), other}
+    assert len(used) <= 3 and idle == 0  # 61+ databases nobody connected to
+    assert after_scatter == COUNT  # a fan-out still reaches every shard
 
 
 def test_status_over_64_shards_lists_only_the_shard_that_is_down(
