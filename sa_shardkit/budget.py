@@ -10,12 +10,18 @@ and raises :class:`~sa_shardkit.errors.ConnectionBudgetError`.
 Without a cap the budget still counts connections (``manager.connection_stats()``) and closes
 connections idle for ``idle_timeout`` seconds, so a shard the process stopped using holds none.
 An idle connection closed early leaves an empty slot in its pool; the next checkout reconnects.
+
+Connections the library keeps checked out between uses (lookup and saga connections, see
+:func:`sa_shardkit.lookups.store.take_kept`) are counted like any other, and their keeper is
+registered with :meth:`ConnectionBudget.add_keeper`: the reaper and a capped checkout close kept
+connections idle as long as pooled ones.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +33,10 @@ from sqlalchemy.util import queue as sqla_queue
 from .errors import ConfigError, ConnectionBudgetError
 
 _IDLE_SINCE = "shardkit_idle_since"
+
+Keeper = Callable[[int | None, float], int]
+"""``keeper(count, idle_for)``: close up to ``count`` (None: all) of the connections it keeps
+checked out that were idle for ``idle_for`` seconds; returns how many it closed."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ class ConnectionBudget:
         """The most connections open at once so far (the budget's high-water mark)."""
         self._held: dict[int, tuple[str, str]] = {}  # id(dbapi connection) -> (shard, role)
         self._engines: dict[tuple[str, str], Engine] = {}
+        self._keepers: tuple[Keeper, ...] = ()
         self._reaper: threading.Thread | None = None
         self._closed = threading.Event()
 
@@ -98,6 +109,15 @@ class ConnectionBudget:
         @event.listens_for(engine, "close_detached")
         def close_detached(dbapi_connection: Any) -> None:
             self._release(dbapi_connection)
+
+    def add_keeper(self, keeper: Keeper) -> None:
+        """Have :meth:`close_idle` (the reaper, and a checkout waiting for a slot) also close the
+        idle connections ``keeper`` keeps checked out of the attached engines' pools."""
+        with self._cond:
+            if keeper not in self._keepers:
+                self._keepers = (*self._keepers, keeper)
+            self._cond.notify()
+        self._start_reaper()
 
     # -- accounting --------------------------------------------------------------------------------
 
@@ -155,7 +175,16 @@ class ConnectionBudget:
     # -- shrinking ---------------------------------------------------------------------------------
 
     def close_idle(self, *, count: int | None = None, idle_for: float = 0.0) -> int:
-        """Close up to ``count`` (default: all) pooled connections idle for ``idle_for`` seconds."""
+        """Close up to ``count`` (default: all) connections idle for ``idle_for`` seconds: pooled
+        ones first, then those the keepers keep (:meth:`add_keeper`)."""
+        closed = self._close_pooled(count, idle_for)
+        for keeper in self._keepers:
+            if count is not None and closed >= count:
+                break
+            closed += keeper(None if count is None else count - closed, idle_for)
+        return closed
+
+    def _close_pooled(self, count: int | None, idle_for: float) -> int:
         closed = 0
         now = time.monotonic()
         for engine in list(self._engines.values()):

@@ -396,6 +396,8 @@ _idle: weakref.WeakKeyDictionary[ShardManager, dict[tuple[str, str], list[tuple[
     weakref.WeakKeyDictionary()
 )
 _idle_lock = threading.Lock()
+_keeping: weakref.WeakSet[ShardManager] = weakref.WeakSet()
+"""Managers whose budget has this store's keeper (:func:`_close_idle_kept`)."""
 
 
 def _close_kept(kind: str, conn: Any) -> None:
@@ -425,10 +427,48 @@ def _idle_take(manager: ShardManager, shard: str, kind: str = WRITES) -> Any:
 def _idle_give(manager: ShardManager, shard: str, conn: Any, kind: str = WRITES) -> None:
     with _idle_lock:
         stack = _idle.setdefault(manager, {}).setdefault((shard, kind), [])
+        if manager not in _keeping:
+            _keeping.add(manager)
+            manager.budget.add_keeper(partial(_close_idle_kept, weakref.ref(manager)))
         if len(stack) < IDLE_KEEP and not getattr(manager, "_disposed", False):
             stack.append((conn, time.monotonic()))
             return
     _close_kept(kind, conn)
+
+
+def _close_idle_kept(ref: weakref.ref[ShardManager], count: int | None, idle_for: float) -> int:
+    """The connection budget's keeper (:meth:`~sa_shardkit.budget.ConnectionBudget.add_keeper`):
+    really close (not return to the pool) up to ``count`` kept connections idle for ``idle_for``
+    seconds, the longest idle first; those idle past :data:`IDLE_SECONDS` go back to their pool.
+    Closing one fires its pool's ``close`` event, which frees its slot in the budget."""
+    manager = ref()
+    if manager is None:
+        return 0
+    now = time.monotonic()
+    closing: list[tuple[str, Any]] = []
+    expired: list[tuple[str, Any]] = []
+    with _idle_lock:
+        stacks = _idle.get(manager, {})
+        idle = sorted(
+            ((since, key, conn) for key, stack in stacks.items() for conn, since in stack),
+            key=lambda item: item[0],
+        )
+        for since, (_, kind), conn in idle:
+            if now - since >= idle_for and (count is None or len(closing) < count):
+                closing.append((kind, conn))
+            elif now - since >= IDLE_SECONDS:
+                expired.append((kind, conn))
+        gone = {id(conn) for _, conn in closing + expired}
+        for stack in stacks.values():
+            stack[:] = [(conn, since) for conn, since in stack if id(conn) not in gone]
+    for kind, conn in expired:
+        _close_kept(kind, conn)
+    for _, conn in closing:
+        try:
+            conn.invalidate()
+        finally:
+            conn.close()
+    return len(closing)
 
 
 def take_kept(manager: ShardManager, shard: str, kind: str) -> Any:
