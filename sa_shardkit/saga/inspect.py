@@ -14,9 +14,11 @@ from typing import Any
 
 from sqlalchemy import text
 
-from ..errors import SagaInputError
+from ..errors import SagaInputError, StaleRingError
 from ..manager import ShardManager, require_shards
-from .runner import describe, is_transient
+from ..placement import MAX_REROUTES
+from ..ring_state import STATE_TABLE, RingState, value_text
+from .runner import SAGA_LOG, describe, is_transient
 
 RUNNING = "running"
 """Open, under a live lease: a process is driving it (or is alive but slow)."""
@@ -86,22 +88,95 @@ def list_sagas(
     limit: int = 1000,
 ) -> SagaListing:
     """Open sagas (``include_finished``: all) older than ``older_than`` seconds, from every shard's
-    log, oldest first (at most ``limit`` per shard). Unreachable shards are listed, not raised."""
+    log, oldest first (at most ``limit`` per shard). Unreachable shards are listed, not raised.
+
+    Each saga is listed once, also while a rebalance carries log rows to their id's new shard (a
+    cut-over commits the copies on the target before the source deletes its rows, and a killed
+    mover leaves copies there until it resumes): while a move is in flight the listing holds every
+    source's fence (no cut-over commits meanwhile) and hides a target's copy of a row its source
+    has not cut over by its progress (``carried``); the source's own row is the saga's.
+    """
     where = "created_at < clock_timestamp() - make_interval(secs => :age)"
     if not include_finished:
         where += " AND finished_at IS NULL"
+    wanted = list(require_shards(manager, shard_ids if shard_ids is not None else manager.shard_ids))
+    params = {"age": older_than, "limit": limit}
+    placement = manager.placement
+    try:
+        placement.refresh(log_failures=False)
+    except Exception as error:  # noqa: BLE001 - routing falls back to the ring known; reads report it
+        if not is_transient(error):
+            raise
+    for _ in range(MAX_REROUTES):
+        state = placement.state
+        marks = None
+        try:
+            if state.target is not None:
+                marks = placement.source_marks(hold=True)
+                if marks is not None and marks.version < 0:
+                    continue  # a source stores a newer state (adopted): route again
+            return _list(manager, wanted, where, params, state if marks is not None else None)
+        except Exception as error:
+            if not is_transient(error) or marks is not None:
+                raise
+            # a source could not be fenced: its copies elsewhere are hidden, its log reported unread
+            return _list(manager, wanted, where, params, state, unfenced=describe(error))
+        finally:
+            placement.release_marks(marks)
+    raise StaleRingError("the ring kept changing while listing sagas; retry")
+
+
+_CARRIED = text(f"SELECT to_jsonb(st) -> 'carried' -> CAST(:t AS text) FROM {STATE_TABLE} AS st")
+
+
+def _list(
+    manager: ShardManager,
+    shard_ids: list[str],
+    where: str,
+    params: dict[str, Any],
+    moving: RingState | None,
+    *,
+    unfenced: str | None = None,
+) -> SagaListing:
+    """Read each shard's log rows; with ``moving`` (a move in flight, its sources' fences held
+    unless ``unfenced`` says why not) keep only the rows each saga's current shard holds."""
     listing = SagaListing()
-    for shard_id in require_shards(manager, shard_ids if shard_ids is not None else manager.shard_ids):
+    carried: dict[str, Any] = {}
+    found: list[tuple[str, Any]] = []
+    sources = set(moving.sources) if moving is not None else set()
+    for shard_id in shard_ids:
         try:
             with manager.connect(shard_id) as conn:
-                rows = conn.execute(text(_LIST.format(where=where)), {"age": older_than, "limit": limit})
-                listing.sagas += [_info(shard_id, row) for row in rows.mappings()]
+                rows = conn.execute(text(_LIST.format(where=where)), params)
+                found += [(shard_id, row) for row in rows.mappings()]
+                if shard_id in sources:
+                    carried[shard_id] = conn.execute(_CARRIED, {"t": SAGA_LOG}).scalar() or {}
         except Exception as error:
             if not is_transient(error):
                 raise
             listing.unreachable[shard_id] = describe(error)
+    if unfenced is not None:
+        for source in sorted(sources - set(carried)):
+            listing.unreachable.setdefault(source, unfenced)
+    for shard_id, row in found:
+        if moving is None or _holds(moving, carried, shard_id, row["saga_id"]):
+            listing.sagas.append(_info(shard_id, row))
     listing.sagas.sort(key=lambda s: s.created_at)
     return listing
+
+
+def _holds(state: RingState, carried: dict[str, Any], shard_id: str, saga_id: str) -> bool:
+    """Whether ``shard_id`` is where saga ``saga_id``'s log row lives now: not a target's copy of a
+    row its source has not cut over (its progress unknown counts as not cut over)."""
+    move = state.move_of(saga_id)
+    if move is None or shard_id != move[1]:
+        return True
+    progress = carried.get(move[0])
+    if progress is None:
+        return False
+    watermark = progress.get("watermark")
+    # the mover walks ids in the "C" collation: byte order, which is UTF-8 code point order
+    return bool(progress.get("drained")) or (watermark is not None and watermark >= value_text(saga_id))
 
 
 def _info(shard_id: str, row: Any) -> SagaInfo:
