@@ -4,7 +4,12 @@ at one exact point so the test can SIGKILL it there.
 ``argv`` are ``shardkit rebalance`` arguments. ``stop`` names the point: the ``nth`` statement whose
 SQL contains ``sql`` (on the shard whose URL port is ``port``, if given). When that statement is
 about to run, this process prints ``stopped`` and freezes every thread at its next statement, so
-nothing after that point reaches any server before the kill.
+nothing after that point reaches any server before the kill. With ``delay`` (seconds), that
+statement and everything the mover sends in the next ``delay`` seconds run; then it stops (a kill
+while the mover sleeps, e.g. in the start wait). ``hold`` (``{"sql", "nth"}``) names an earlier
+statement where the mover prints ``held`` and waits for a line on its stdin before it sends it:
+:func:`kill_mover_at` runs its ``on_hold`` there (e.g. a reader reads the ring just before the
+mover's start bump).
 
 :func:`kill_mover_at` is the test side: it runs this module and kills it at the stop point.
 """
@@ -18,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,20 +42,28 @@ def url_args(manager: ShardManager, shard_ids: Iterable[str]) -> list[str]:
     return [a for s in shard_ids for a in ("--url", manager.config(s).primary_url.render_as_string(False))]
 
 
-def kill_mover_at(argv: list[str], stop: dict[str, Any]) -> None:
-    """Run the CLI mover in a subprocess until it reaches ``stop`` (frozen there), then SIGKILL it."""
+def kill_mover_at(argv: list[str], stop: dict[str, Any], on_hold: Callable[[], None] | None = None) -> None:
+    """Run the CLI mover in a subprocess until it reaches ``stop`` (frozen there), then SIGKILL it
+    (``on_hold``: run at ``stop["hold"]``, the mover waiting)."""
     mover = subprocess.Popen(
         [sys.executable, "-m", "tests.rebalance_kill", json.dumps({"argv": argv, "stop": stop})],
         cwd=ROOT,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    assert mover.stdout is not None
+    assert mover.stdout is not None and mover.stdin is not None
     try:
         lines = []
         while True:
             line = mover.stdout.readline()
+            if line.strip() == "held":
+                if on_hold is not None:
+                    on_hold()
+                mover.stdin.write("go\n")
+                mover.stdin.flush()
+                continue
             if not line or line.strip() == "stopped":
                 break
             lines.append(line)
@@ -66,20 +79,35 @@ def install_stop(stop: dict[str, Any]) -> None:
     seen = [0]
     frozen = threading.Event()
     lock = threading.Lock()
+    hold = stop.get("hold")
+    held = [0]
 
     def hook(cursor: Any, statement: Any) -> None:
         if frozen.is_set():
             time.sleep(3600)
         sql = statement if isinstance(statement, str) else str(statement)
+        if hold is not None and hold["sql"] in sql:
+            with lock:
+                held[0] += 1
+                if held[0] == hold.get("nth", 1):
+                    print("held", flush=True)
+                    sys.stdin.readline()
         if stop["sql"] not in sql or ("port" in stop and int(cursor.connection.info.port) != stop["port"]):
             return
         with lock:
             seen[0] += 1
             if seen[0] != stop.get("nth", 1):
                 return
+            if "delay" in stop:
+                threading.Timer(stop["delay"], stopped).start()
+                return
             frozen.set()
         print("stopped", flush=True)
         time.sleep(3600)
+
+    def stopped() -> None:
+        frozen.set()
+        print("stopped", flush=True)
 
     for name in ("execute", "executemany", "copy"):
         original = getattr(psycopg.Cursor, name)
