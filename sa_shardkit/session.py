@@ -73,6 +73,7 @@ from .routing import (
 )
 from .scatter import execute_scatter
 from .scatter.ownership import own_rows_only
+from .scatter.writes import queued_writes
 
 SCATTER_MODES = ("allow", "warn", "forbid")
 """``ShardedSession(scatter=...)``: what a statement that runs on several shards does."""
@@ -981,7 +982,8 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
             f"an INSERT with .values() for {len(shards)} shards cannot be split; pass the rows as "
             "execute parameters: session.execute(insert(Model), [row, ...])"
         )
-    results = [_invoke(orm_context, s) for s in shards]
+    # more shards than the connection budget: those the transaction does not hold queue outside it
+    results = queued_writes(orm_context, shards, _invoke) or [_invoke(orm_context, s) for s in shards]
     return _combine_writes(results, replicated=replicated)
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, inspect, select, text
+from sqlalchemy import insert, inspect, select, text, update
 
 from sa_shardkit import ConnectionBudgetError, ShardConfig, ShardManager
 from sa_shardkit.demo.models import Base, Customer
@@ -175,3 +175,47 @@ def test_a_session_scatter_reads_its_own_writes_on_the_shards_it_holds_within_th
         assert len(names) == 16 and names[keys["shard-5"]] == "renamed"
         with manager.sessionmaker()() as session:  # rolled back: nothing leaked
             assert session.get(Customer, keys["shard-5"]).name == f"c{keys['shard-5']}"  # type: ignore[union-attr]
+
+
+SLOW_DML = "(SELECT pg_sleep(0.2)) IS NOT NULL"
+
+
+def test_run_on_all_dml_over_16_shards_with_a_budget_of_4_queues_and_completes(
+    pg_fleet: TestFleet, sixteen: dict[str, str]
+) -> None:
+    with budgeted(sixteen, 4) as manager:
+        _one_customer_per_shard(manager)
+        with Sampler(pg_fleet) as sampler:
+            counts = manager.run_on_all(f"UPDATE customers SET balance = balance + 1 WHERE {SLOW_DML}")
+            peak = manager.budget.peak
+        assert (sampler.peak, peak) == (4, 4)  # the budget used in full, never exceeded
+        assert counts == dict.fromkeys(sixteen, 1)
+        balances = manager.run_on_all("SELECT balance FROM customers")
+        assert {s: [row[0] for row in rows] for s, rows in balances.items()} == dict.fromkeys(sixteen, [1])
+
+
+def test_a_session_update_without_a_key_over_16_shards_with_a_budget_of_4_queues_and_completes(
+    pg_fleet: TestFleet, sixteen: dict[str, str]
+) -> None:
+    """An UPDATE that names no shard key touches every shard; with a budget of 4 it queues (each
+    shard's part autocommitted on a connection of its own) instead of failing after pool_timeout."""
+    with budgeted(sixteen, 4, pool_timeout=3) as manager:
+        keys = _one_customer_per_shard(manager)
+        with manager.sessionmaker(expire_on_commit=False)() as session, Sampler(pg_fleet) as sampler:
+            loaded = session.get(Customer, keys["shard-7"])  # loaded in an earlier transaction
+            session.commit()
+            held = session.get(Customer, keys["shard-5"])  # this transaction holds shard-5
+            result = session.execute(update(Customer).where(text(SLOW_DML)).values(name="everyone"))
+            assert manager.budget.open_connections <= 4
+            session.commit()
+            peak = manager.budget.peak
+            assert loaded is not None and held is not None
+            assert (loaded.name, held.name) == ("everyone", "everyone")  # expired and reloaded / in it
+        # never more than the budget; shard-5's connection idles in the transaction meanwhile, and
+        # the other 3 of the budget run queued shards at once
+        assert 3 <= sampler.peak <= 4 and peak == 4
+        assert result.rowcount == 16  # type: ignore[attr-defined]
+        names = manager.run_on_all("SELECT customer_id, name FROM customers")
+        assert {s: [tuple(r) for r in rows] for s, rows in names.items()} == {
+            s: [(keys[s], "everyone")] for s in sixteen
+        }

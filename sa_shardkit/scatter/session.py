@@ -234,13 +234,7 @@ class _ScatterRun:
         return results, errors
 
     def _held(self) -> set[Any]:
-        """The binds (engines) the session's transaction holds a connection to."""
-        held: set[Any] = set()
-        transaction = self.session.get_transaction()
-        while transaction is not None:
-            held.update(transaction._connections)
-            transaction = transaction.parent
-        return held
+        return held_binds(self.session)
 
     def _probe_unheld(self) -> dict[str, BaseException]:
         """Probe the shards this session holds no connection to yet (see :func:`fanout.probe`)."""
@@ -297,6 +291,16 @@ class _ScatterRun:
         merged._attributes = attributes
 
 
+def held_binds(session: Any) -> set[Any]:
+    """The binds (engines) the session's transaction holds a connection to."""
+    held: set[Any] = set()
+    transaction = session.get_transaction()
+    while transaction is not None:
+        held.update(transaction._connections)
+        transaction = transaction.parent
+    return held
+
+
 Prepared = tuple[Any, Any, Any, dict[str, Any], Connection | None]
 """A shard's statement, options, params and bind arguments, and its session connection (if held)."""
 
@@ -318,4 +322,4 @@ def _is_single_entity(orm_context: ORMExecuteState) -> bool:
     return bool(getattr(insp, "is_mapper", False) or getattr(insp, "is_aliased_class", False))
 
 
-__all__ = ["execute_scatter", "is_unavailable"]
+__all__ = ["execute_scatter", "held_binds", "is_unavailable"]
