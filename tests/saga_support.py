@@ -10,10 +10,10 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
-from sa_shardkit import ShardManager
+from sa_shardkit import HashRing, ShardManager
 from sa_shardkit.demo.models import Base, Customer
 from sa_shardkit.saga import create_saga_tables, flush_completion_marks, receipts_table, sagas_table
 
@@ -28,6 +28,17 @@ def run_until_killed(script: str, *args: object) -> None:
         env={**os.environ, "PYTHONPATH": os.getcwd()},
     )
     assert worker.returncode == -signal.SIGKILL, worker.stderr
+
+
+def seed_ring_fleet(manager: ShardManager, ring: HashRing, customers: int, balance: Decimal) -> None:
+    """Schema, saga tables and customers 1..``customers`` on the shards ``ring`` places them on."""
+    for shard_id in ring.shard_ids:
+        Base.metadata.create_all(manager.engine(shard_id))
+    create_saga_tables(manager)
+    for customer_id in range(1, customers + 1):
+        with manager.connect(ring.get_shard(customer_id)) as conn, conn.begin():
+            row = {"customer_id": customer_id, "name": f"c{customer_id}", "balance": balance}
+            conn.execute(insert(Customer.__table__), row)
 
 
 class SimulatedCrash(BaseException):

@@ -14,17 +14,17 @@ from decimal import Decimal
 from typing import Any
 
 from click.testing import CliRunner
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
 from sa_shardkit import HashRing, ShardManager
 from sa_shardkit.cli.rebalance import rebalance_command
 from sa_shardkit.cli.sagas import sagas as sagas_command
-from sa_shardkit.demo.models import Base, Customer
 from sa_shardkit.rebalance import install_ring
-from sa_shardkit.saga import create_saga_tables, flush_completion_marks, sagas_table, transfer
+from sa_shardkit.saga import flush_completion_marks, sagas_table, transfer
 from sa_shardkit.saga import log as saga_log
 from sa_shardkit.saga.inspect import list_sagas
 from tests.rebalance_kill import kill_mover_at, url_args
+from tests.saga_support import seed_ring_fleet
 
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
 FIVE = FOUR.add_shard("shard-5")
@@ -51,13 +51,7 @@ def _cli_ids(urls: dict[str, str]) -> list[str]:
 
 
 def test_sagas_listed_once_in_a_killed_log_cut_over(manager: ShardManager, shard5_url: str) -> None:
-    for shard_id in FOUR.shard_ids:
-        Base.metadata.create_all(manager.engine(shard_id))
-    create_saga_tables(manager)
-    for customer_id in range(1, CUSTOMERS + 1):
-        with manager.connect(FOUR.get_shard(customer_id)) as conn, conn.begin():
-            row = {"customer_id": customer_id, "name": f"c{customer_id}", "balance": Decimal(100)}
-            conn.execute(insert(Customer.__table__), row)
+    seed_ring_fleet(manager, FOUR, CUSTOMERS, Decimal(100))
     install_ring(manager, FOUR)
     ids = []
     for n in range(FINISHED):

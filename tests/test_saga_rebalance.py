@@ -24,16 +24,15 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
 from sa_shardkit import HashRing, ShardManager
 from sa_shardkit.cli.rebalance import rebalance_command
-from sa_shardkit.demo.models import Base, Customer
+from sa_shardkit.demo.models import Customer
 from sa_shardkit.errors import SagaConflictError
 from sa_shardkit.rebalance import install_ring
 from sa_shardkit.saga import (
     CREDIT_TRANSFER,
-    create_saga_tables,
     flush_completion_marks,
     receipts_table,
     recover,
@@ -41,6 +40,7 @@ from sa_shardkit.saga import (
     transfer,
 )
 from tests.rebalance_kill import kill_mover_at, url_args
+from tests.saga_support import seed_ring_fleet
 
 ROOT = Path(__file__).resolve().parent.parent
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
@@ -69,13 +69,7 @@ def _wait_for_transfers(outputs: list[Path], alive: list[int], more: int) -> Non
 
 
 def _seed(manager: ShardManager) -> None:
-    for shard_id in FOUR.shard_ids:
-        Base.metadata.create_all(manager.engine(shard_id))
-    create_saga_tables(manager)
-    for customer_id in range(1, CUSTOMERS + 1):
-        with manager.connect(FOUR.get_shard(customer_id)) as conn, conn.begin():
-            row = {"customer_id": customer_id, "name": f"c{customer_id}", "balance": BALANCE}
-            conn.execute(insert(Customer.__table__), row)
+    seed_ring_fleet(manager, FOUR, CUSTOMERS, BALANCE)
 
 
 def _everything(five: ShardManager) -> tuple[dict[int, tuple[str, Decimal]], list[Any], list[Any]]:

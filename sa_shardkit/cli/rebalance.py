@@ -46,6 +46,7 @@ from ..ring import HashRing
 from ..summary import hidden, summarise, tally, verbose_requested
 from .options import config_options, load_manager
 from .output import output_console
+from .recover import load_sagas
 
 T = TypeVar("T")
 
@@ -87,6 +88,14 @@ def load_models(spec: str) -> Any:
     show_default=True,
     help="Declarative base (or MetaData) whose sharded tables move: package.module:Base.",
 )
+@click.option(
+    "--saga",
+    "saga_paths",
+    multiple=True,
+    metavar="MODULE:NAME",
+    help="A saga definition (repeatable) whose receipts recorded before revision 0007 need their "
+    "step keys worked out (the built-in credit transfer is always known).",
+)
 def rebalance_command(
     config_path: str | None,
     urls: tuple[str, ...],
@@ -99,6 +108,7 @@ def rebalance_command(
     batch_size: int | None,
     sleep: float | None,
     models: str,
+    saga_paths: tuple[str, ...],
 ) -> None:
     """Add (--add ID URL) or remove (--remove ID) a shard while the application keeps running.
 
@@ -114,6 +124,7 @@ def rebalance_command(
             _print_status(console, manager)
             return
         tables = load_models(models)
+        load_sagas(saga_paths)  # defined sagas: the step keys of old receipts (rebalance.receipt_keys)
         options = _options(batch_size, sleep)
         view = FleetView(read_fleet_state(manager))
         moving = view.unfinished

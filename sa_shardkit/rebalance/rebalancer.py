@@ -50,6 +50,7 @@ from .mover import MoveOptions, SourceMover, drop_leftover_stages
 from .plan import RebalancePlan, plan_rebalance, range_moves
 from .positioned import finish_positioned, move_positioned, positioned_tables, prepare_positioned
 from .progress import ProgressCallback, ProgressTracker
+from .receipt_keys import fill_receipt_keys
 from .record import MoveRecord, read_records, url_without_password, write_record
 from .tables import TableSet, TableSource, table_set
 
@@ -165,6 +166,8 @@ def rebalance(
     finishing = moving is not None and not newest.in_flight
     if moving is None:
         _require_configured(manager, new_ring)
+        # receipts recorded before shard_key existed get their key, or nothing starts
+        fill_receipt_keys(manager, _sources(newest.ring, new_ring))
         joining = [s for s in new_ring.shard_ids if s not in newest.ring]
         _prepare(manager, spec, newest.ring, joining, migrations)
         moving = RingState(newest.version + 1, newest.ring, new_ring, key_type)
@@ -194,8 +197,8 @@ def rebalance(
     tracker.phase("start wait")
     wait_out_move_start(manager, moving, time.time() if bumped else move_started_at(manager, moving))
     tracker.phase("move")
-    moving_from = {m.source for m in range_moves(moving.ring, new_ring)}
-    sources = [s for s in moving.ring.shard_ids if s in moving_from]
+    sources = _sources(moving.ring, new_ring)
+    fill_receipt_keys(manager, sources)  # a move started before they could be (idempotent, cheap)
     _drain(manager, moving, spec, sources, options, tracker, control or MoveControl())
     # rows placed by another column's ring position (lookup rows, ...): after the keys, before the bump
     positioned = move_positioned(
@@ -205,6 +208,12 @@ def rebalance(
     final = _finish(manager, spec, moving)
     tracker.phase("done")
     return _result(moving.ring, new_ring, final.version, tracker, positioned=positioned.rows)
+
+
+def _sources(old: HashRing, new: HashRing) -> list[str]:
+    """The shards losing keys from ``old`` to ``new``, in ring order."""
+    moving_from = {m.source for m in range_moves(old, new)}
+    return [s for s in old.shard_ids if s in moving_from]
 
 
 def _finish(manager: ShardManager, spec: TableSet, moving: RingState) -> RingState:

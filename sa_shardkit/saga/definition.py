@@ -120,10 +120,20 @@ class Saga:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise SagaError(f"saga {self.name!r}: step names must be unique, repeated: {duplicates}")
+        _DEFINED[self.name] = self
 
     def home(self, payload: Payload) -> ShardKey:
         """The shard key a generated saga id is placed next to."""
         return (self.home_key or self.steps[0].key)(payload)
+
+
+_DEFINED: dict[str, Saga] = {}
+
+
+def defined_sagas() -> dict[str, Saga]:
+    """Every saga type defined in this process, by name (the latest definition of a name): what
+    a rebalance reads old receipts' step keys from (:mod:`sa_shardkit.rebalance.receipt_keys`)."""
+    return dict(_DEFINED)
 
 
 @dataclass(frozen=True)
