@@ -8,7 +8,9 @@ the plain Session's bind, so the only difference is the routing work.
 
 The sessions take turns in small chunks (who goes first rotates), each on its own customers, and
 the time of every chunk is summed per session: all see the same machine load, which matters on a
-shared machine where a best-of-N of whole passes is mostly noise.
+shared machine where a best-of-N of whole passes is mostly noise. The process's CPU time per chunk
+is summed too (``time.process_time``): on a loaded machine the wall clock mostly measures waiting
+for a core, the CPU ratio what each session costs the client.
 
 Run: python benchmarks/session_overhead.py [--n 1000] [--rounds 3] [--chunk 25] [--shards 4,64]
 (uses SHARD_1_URL when set, else starts one throwaway local PostgreSQL server)
@@ -73,6 +75,7 @@ def run_round(
     work: dict[str, list[tuple[int, uuid.UUID]]],
     chunk: int,
     totals: dict[str, dict[str, float]] | None,
+    cpu: dict[str, dict[str, float]] | None = None,
 ) -> None:
     """One pass of every phase, the sessions alternating chunk by chunk."""
     n = len(next(iter(work.values())))
@@ -83,11 +86,13 @@ def run_round(
             turn = number % len(kinds)
             for kind in kinds[turn:] + kinds[:turn]:
                 factory = factories[kind]
-                started = time.perf_counter()
+                started, started_cpu = time.perf_counter(), time.process_time()
                 for key, order_id in work[kind][start : start + chunk]:
                     operation(factory, key, order_id)
                 if totals is not None:
                     totals[kind][phase] += time.perf_counter() - started
+                if cpu is not None:
+                    cpu[kind][phase] += time.process_time() - started_cpu
 
 
 def sharded_name(shards: int) -> str:
@@ -126,12 +131,15 @@ def main() -> None:
         for count, manager in managers.items():
             factories[sharded_name(count)] = manager.sessionmaker()
         totals: dict[str, dict[str, float]] = {kind: dict.fromkeys(PHASES, 0.0) for kind in kinds}
+        cpu: dict[str, dict[str, float]] = {kind: dict.fromkeys(PHASES, 0.0) for kind in kinds}
         for round_no in range(args.rounds + 1):  # round 0 warms pools and caches
             with engine.begin() as conn:
                 conn.execute(text("TRUNCATE order_items, orders"))
             work = {kind: [(k, uuid.uuid4()) for k in keys[i :: len(kinds)]] for i, kind in enumerate(kinds)}
-            run_round(factories, work, args.chunk, totals if round_no else None)
+            run_round(factories, work, args.chunk, totals if round_no else None, cpu if round_no else None)
         report(totals, args.n * args.rounds)
+        print("\nthe same, by the process's CPU time (ops per CPU second)")
+        report(cpu, args.n * args.rounds)
         calls_per_operation(factories, keys[: args.chunk], engine)
         ring_checks(managers, checks)
 

@@ -36,6 +36,7 @@ _SHARD = "shard_id"
 _URL = "_shardkit_safe_url"
 _UNAVAILABLE = "_shardkit_unavailable"
 _REASON = "_shardkit_reason"
+_BOUND = "_shardkit_query_timeout"
 _local = threading.local()  # the driver call of this thread the watchdog cut short, for the error
 
 
@@ -211,6 +212,12 @@ def bounded_driver_call(dbapi_connection: Any, seconds: float | None, call: Call
         _watchdog.disarm(key)
 
 
+def statement_bound(engine: Engine) -> float | None:
+    """The bound in seconds :func:`guard` put on ``engine``'s statements (None: unguarded, or none)."""
+    bound: float | None = getattr(engine, _BOUND, None)
+    return bound
+
+
 def guard(engine: Engine, shard_id: str, *, connect_timeout: float, query_timeout: float | None) -> Engine:
     """Name ``shard_id`` on ``engine``'s connection failures and bound its driver calls."""
     safe_url = engine.url.render_as_string(hide_password=True)
@@ -230,6 +237,7 @@ def guard(engine: Engine, shard_id: str, *, connect_timeout: float, query_timeou
             setattr(error, _UNAVAILABLE, True)
 
     event.listen(engine, "handle_error", mark)
+    setattr(engine, _BOUND, query_timeout)
     dialect: Any = engine.dialect
     if dialect.name == "sqlite":
         return engine
@@ -243,4 +251,4 @@ def guard(engine: Engine, shard_id: str, *, connect_timeout: float, query_timeou
     return engine
 
 
-__all__ = ["QUERY_TIMEOUT", "guard", "named_unavailable", "unavailable"]
+__all__ = ["QUERY_TIMEOUT", "guard", "named_unavailable", "statement_bound", "unavailable"]

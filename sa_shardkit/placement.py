@@ -6,7 +6,8 @@ the CLI). It reads the stored ring (:mod:`sa_shardkit.ring_state`) on first use 
 at most every ``refresh_seconds``, and after a keyed read found nothing. A periodic check is O(1):
 one shard's row (:meth:`Placement.refresh`), every shard only after that row showed a change. A fleet
 that stores no ring (never rebalanced) routes by the configured ring; its write transactions pay
-one small query per shard (below); SQLite files pay nothing.
+one small query per shard (below), sent with the transaction's BEGIN on psycopg (no round trip of
+its own, :mod:`sa_shardkit.fused_begin`); SQLite files pay nothing.
 
 A stored ring may name a shard this process's configuration lacks (the fleet grew after the
 process was configured): routing a key there raises :class:`~sa_shardkit.UnknownShardError`
@@ -24,8 +25,8 @@ Every write transaction on a shard first reads that shard's state row with a loc
 
 Before any ring is stored there is no row to lock. A write transaction that routes by the
 configured ring (version 0) checks instead, once per transaction and shard, whether the state table
-exists in its statement's snapshot (:func:`~sa_shardkit.ring_state.state_table_committed`, one
-round trip). If it does, the stored ring is read and adopted and the fence above applies. If it does
+exists in its statement's snapshot (:func:`~sa_shardkit.ring_state.state_table_committed`, in
+the BEGIN's round trip on psycopg). If it does, the stored ring is read and adopted and the fence above applies. If it does
 not, the statement began before the first install committed on that shard, so the transaction did
 too; the install then waits, on each shard, for every transaction that began before it committed
 there (read from ``pg_stat_activity`` against that server's own clock,

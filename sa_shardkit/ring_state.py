@@ -24,6 +24,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from .errors import RebalanceError
+from .fused_begin import first_value_with_begin
 from .ring import HashRing, ShardKey, moved_arcs
 
 if TYPE_CHECKING:
@@ -189,6 +190,9 @@ _COMMITTED_TABLE = (
 )
 
 
+_COMMITTED_BYTES = _COMMITTED_TABLE.encode()
+
+
 def state_table_committed(conn: Connection) -> bool:
     """Whether the state table exists in this statement's snapshot (PostgreSQL).
 
@@ -196,7 +200,13 @@ def state_table_committed(conn: Connection) -> bool:
     table was created may not have refreshed), this reads ``pg_class`` under the statement's own
     MVCC snapshot: False means the table's creation had not committed when the statement began.
     The unstored-ring fence relies on that (:meth:`sa_shardkit.placement.Placement.fence_write`).
+    As a transaction's first statement it rides on the BEGIN's round trip (:mod:`.fused_begin`).
     """
+    fused = first_value_with_begin(
+        conn, b"shardkit_state_table_committed", _COMMITTED_BYTES
+    )  # the transaction's first statement
+    if fused is not None:
+        return fused == b"t"
     return bool(conn.exec_driver_sql(_COMMITTED_TABLE).scalar())  # a fixed string: no compile step
 
 

@@ -1,0 +1,98 @@
+"""A transaction's BEGIN and its first statement in one round trip (sync psycopg).
+
+A write transaction's fence reads one fixed statement before its first write (the unstored-ring
+check, :meth:`sa_shardkit.placement.Placement.fence_write`). psycopg sends ``BEGIN`` in a round
+trip of its own before a transaction's first statement, so that check alone was one more round
+trip per write transaction. Sent as one simple-protocol query, ``BEGIN ...; EXECUTE <name>``, it
+rides on the BEGIN's round trip: the same commands in the same order and the same snapshot rules
+(the statement is still the transaction's first, run before any write). The statement is a
+server-side prepared statement of the connection (prepared in the same query the first time), so the server does not plan it again for every transaction (planning the catalog join of
+the unstored-ring check cost more than the round trip saved).
+
+Anything unusual (another driver, an async or autocommit connection, a transaction the server has
+begun already, any error) answers None and the caller runs the statement the ordinary way, which
+also raises a failure the ordinary way (a lost connection named by the shard's engine).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import psycopg
+from psycopg import generators, pq
+from psycopg.pq import ExecStatus, TransactionStatus
+from sqlalchemy.engine import Connection
+
+from .faults import QUERY_TIMEOUT, bounded_driver_call, statement_bound
+
+_begins: dict[tuple[Any, Any, Any], bytes] = {}
+_prepared: weakref.WeakKeyDictionary[psycopg.Connection[Any], set[bytes]] = weakref.WeakKeyDictionary()
+"""Driver connection -> names of the statements :func:`first_value_with_begin` prepared on it."""
+
+
+def _begin_command(driver: psycopg.Connection[Any]) -> bytes:
+    """The BEGIN psycopg itself would send for ``driver``'s transaction characteristics."""
+    traits = (driver.isolation_level, driver.read_only, driver.deferrable)
+    command = _begins.get(traits)
+    if command is None:
+        isolation, read_only, deferrable = traits
+        parts = ["BEGIN"]
+        if isolation is not None:
+            parts.append("ISOLATION LEVEL " + psycopg.IsolationLevel(isolation).name.replace("_", " "))
+        if read_only is not None:
+            parts.append("READ ONLY" if read_only else "READ WRITE")
+        if deferrable is not None:
+            parts.append("DEFERRABLE" if deferrable else "NOT DEFERRABLE")
+        command = _begins[traits] = " ".join(parts).encode()
+    return command
+
+
+def first_value_with_begin(conn: Connection, name: bytes, sql: bytes) -> bytes | None:
+    """The first column of the first row of ``sql`` (text, as the server sent it), run as the first
+    statement of ``conn``'s transaction together with its BEGIN; None when that was not possible
+    (the caller then runs ``sql`` itself). ``sql`` must be a fixed, parameterless statement that
+    returns exactly one row; ``name`` is the prepared statement it is kept as on the connection. It is bounded as the engine bounds its statements (the fault watchdog)."""
+    if conn.dialect.driver != "psycopg":
+        return None
+    driver = conn.connection.driver_connection
+    if not isinstance(driver, psycopg.Connection) or driver.autocommit or driver.closed:
+        return None
+    pgconn = driver.pgconn
+    if pgconn.transaction_status != TransactionStatus.IDLE:
+        return None
+    limit = conn.get_execution_options().get(QUERY_TIMEOUT, statement_bound(conn.engine))
+    names = _prepared.get(driver)
+    if names is None:
+        names = _prepared.setdefault(driver, set())
+    query = _begin_command(driver) + b"; EXECUTE " + name
+    if name not in names:
+        query = b"PREPARE " + name + b" AS " + sql + b"; " + query
+    try:
+        pgconn.send_query(query)
+        results = bounded_driver_call(driver, limit, lambda: driver.wait(generators.execute(pgconn)))
+    except psycopg.Error:
+        return None  # the connection is lost: the ordinary statement raises it, named
+    last = results[-1] if results else None
+    if last is not None and last.status == ExecStatus.TUPLES_OK and last.ntuples == 1:
+        names.add(name)
+        value: bytes | None = last.get_value(0, 0)
+        return value
+    names.discard(name)  # e.g. DEALLOCATE ALL dropped it: prepared again next time
+    _roll_back(driver)
+    return None
+
+
+def _roll_back(driver: psycopg.Connection[Any]) -> None:
+    """Back to no transaction after a failed fused BEGIN (the ordinary path then begins anew)."""
+    pgconn = driver.pgconn
+    if pgconn.status != pq.ConnStatus.OK or pgconn.transaction_status == TransactionStatus.IDLE:
+        return
+    try:
+        pgconn.send_query(b"ROLLBACK")
+        driver.wait(generators.execute(pgconn))
+    except psycopg.Error:
+        pass  # lost meanwhile: the ordinary statement raises it, named
+
+
+__all__ = ["first_value_with_begin"]

@@ -1,0 +1,149 @@
+"""A routed ShardedSession talks to its shard as often as a plain Session does (issue 13).
+
+Round trips are counted from libpq's own protocol trace of every connection the shard's engine
+hands out (each ``ReadyForQuery`` the server sends ends one), so the count is exact and no timing
+is involved. The fleet stores no ring: every write transaction checks that none is stored
+(:mod:`sa_shardkit.placement`), and that check rides on the transaction's BEGIN
+(:mod:`sa_shardkit.fused_begin`) instead of costing a round trip of its own.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from psycopg import pq
+from sqlalchemy import event, insert, select, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from sa_shardkit import ShardManager
+from sa_shardkit.demo.models import Base, Customer, Order
+from sa_shardkit.placement import RECHECK_ENV
+from sa_shardkit.ring_state import STATE_TABLE
+
+WARM = 7
+"""Runs before counting: psycopg prepares a statement on its 5th execution (one more round trip)."""
+
+
+@contextmanager
+def traced(engine: Engine) -> Iterator[Callable[[], int]]:
+    """Round trips of every connection ``engine`` hands out in the block (``count()``)."""
+    out = tempfile.TemporaryFile("w+")
+
+    here = threading.get_ident()  # not the routing's own ring checks, made in worker threads
+
+    def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if threading.get_ident() != here:
+            return
+        dbapi_connection.pgconn.trace(out.fileno())
+        dbapi_connection.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+
+    def checkin(dbapi_connection: Any, record: Any) -> None:
+        if dbapi_connection is not None:
+            dbapi_connection.pgconn.untrace()
+
+    def count() -> int:
+        out.seek(0)
+        return sum(1 for line in out if line.startswith("B") and "\tReadyForQuery" in line)
+
+    event.listen(engine, "checkout", checkout)
+    event.listen(engine, "checkin", checkin)
+    try:
+        yield count
+    finally:
+        event.remove(engine, "checkout", checkout)
+        event.remove(engine, "checkin", checkin)
+        out.close()
+
+
+def insert_order(factory: Callable[[], Session], key: int) -> None:
+    with factory() as session, session.begin():
+        session.add(Order(customer_id=key, order_id=uuid.uuid4(), status="new", total=Decimal(1)))
+
+
+def get_orders(factory: Callable[[], Session], key: int) -> None:
+    with factory() as session:
+        assert session.scalars(select(Order).where(Order.customer_id == key)).all()
+
+
+def round_trips(engine: Engine, work: Callable[[], None]) -> int:
+    with traced(engine) as count:
+        work()
+        return count()
+
+
+@pytest.fixture
+def one_shard_keys(manager: ShardManager, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Two customers on shard-1, on a fleet that stores no ring; the process does not look for
+    one while the test counts (conftest makes it look every 0.2 s)."""
+    monkeypatch.setenv(RECHECK_ENV, "3600")
+    manager.placement.refresh_seconds = 3600
+    Base.metadata.create_all(manager.engine("shard-1"))
+    keys = [k for k in range(1, 200) if manager.shard_for(k) == "shard-1"][:2]
+    with manager.engine("shard-1").begin() as conn:
+        conn.execute(insert(Customer), [{"customer_id": k, "name": f"c{k}"} for k in keys])
+        assert conn.execute(text("SELECT to_regclass(:t)"), {"t": STATE_TABLE}).scalar() is None
+    return keys
+
+
+def test_routed_write_transaction_makes_a_plain_sessions_round_trips(
+    manager: ShardManager, one_shard_keys: list[int]
+) -> None:
+    engine = manager.engine("shard-1")
+    plain, routed = sessionmaker(engine), manager.sessionmaker()
+    for _ in range(WARM):  # pools, caches, the kept ring check, psycopg's own prepared INSERT
+        insert_order(plain, one_shard_keys[0])
+        insert_order(routed, one_shard_keys[1])
+    stock = round_trips(engine, lambda: insert_order(plain, one_shard_keys[0]))
+    ours = round_trips(engine, lambda: insert_order(routed, one_shard_keys[1]))
+    assert stock >= 3  # the checkout ping, BEGIN, INSERT, COMMIT: the trace sees them
+    assert ours == stock
+
+
+def test_routed_reads_make_a_plain_sessions_round_trips(
+    manager: ShardManager, one_shard_keys: list[int]
+) -> None:
+    engine = manager.engine("shard-1")
+    plain, routed = sessionmaker(engine), manager.sessionmaker()
+    for key in one_shard_keys:
+        insert_order(plain, key)
+    for _ in range(WARM):
+        get_orders(plain, one_shard_keys[0])
+        get_orders(routed, one_shard_keys[1])
+    stock = round_trips(engine, lambda: get_orders(plain, one_shard_keys[0]))
+    ours = round_trips(engine, lambda: get_orders(routed, one_shard_keys[1]))
+    assert ours == stock
+
+
+def test_ring_check_survives_a_dropped_prepared_statement(
+    manager: ShardManager, one_shard_keys: list[int]
+) -> None:
+    """DEALLOCATE ALL (psycopg runs it after DDL) drops the kept check: the next write still
+    checks, the ordinary way, and the one after that rides on BEGIN again."""
+    engine = manager.engine("shard-1")
+    routed = manager.sessionmaker()
+    plain = sessionmaker(engine)
+    for _ in range(WARM):
+        insert_order(routed, one_shard_keys[0])
+        insert_order(plain, one_shard_keys[0])
+    with engine.connect() as conn:
+        conn.exec_driver_sql("DEALLOCATE ALL")
+        conn.commit()
+    for _ in range(WARM):  # the first prepares the check again, psycopg its INSERT later
+        insert_order(routed, one_shard_keys[0])
+        insert_order(plain, one_shard_keys[0])
+    assert round_trips(engine, lambda: insert_order(routed, one_shard_keys[0])) == round_trips(
+        engine, lambda: insert_order(plain, one_shard_keys[0])
+    )
+    with engine.connect() as conn:
+        stored = conn.execute(
+            text("SELECT count(*) FROM orders WHERE customer_id = :k"), {"k": one_shard_keys[0]}
+        ).scalar()
+    assert stored == 4 * WARM + 2
