@@ -41,7 +41,6 @@ from typing import Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import ORMExecuteState
 
@@ -49,7 +48,7 @@ from .errors import SagaStepFailed
 from .events import QueryEvent
 from .manager import ShardManager
 from .saga import Payload, Saga, Step
-from .session import ShardedSession
+from .session import ShardedSession, listen_execute
 
 SHARD_ID = "db.shard.id"
 SHARD_ROLE = "db.shard.role"
@@ -239,7 +238,12 @@ def _around_session_statements(orm_context: ORMExecuteState) -> Any:
         return orm_context.invoke_statement()
 
 
-event.listen(ShardedSession, "do_orm_execute", _around_session_statements, retval=True, insert=True)
+def _instrumented_session(session: ShardedSession) -> bool:
+    return session.manager is not None and session.manager in _instrumented
+
+
+# one of the library's own hooks: sessions of managers not instrumented keep the direct paths
+listen_execute(_around_session_statements, active=_instrumented_session, retval=True, insert=True)
 
 
 def _operation(statement: str) -> str:

@@ -103,6 +103,8 @@ KEYED_READ = "shardkit_keyed_read"
 """Bind argument: where :func:`_execute_routed` notes the route of a keyed SELECT it let run on."""
 OWN_EXECUTE_HOOKS: list[Callable[..., Any]] = []
 """This library's ``do_orm_execute`` listeners on ShardedSession (:func:`listen_execute`)."""
+_ACTIVE_HOOKS: list[Callable[[Any], bool]] = []
+"""Of those, the ``active`` checks of hooks with work only for some sessions (:func:`listen_execute`)."""
 _ROW_COUNTING_DRIVERS = frozenset({"psycopg", "psycopg2", "psycopg_async"})
 """DBAPI drivers whose ``cursor.rowcount`` is the number of rows a SELECT returned."""
 
@@ -358,7 +360,7 @@ class ShardedSession(_StockShardedSession):
             return _run_named(self, statement, params, kw)
         given = kw.get("bind_arguments")
         bind_arguments = dict(given) if given else {}
-        if bind_arguments.pop(ROUTED, False) and len(self.dispatch.do_orm_execute) == len(OWN_EXECUTE_HOOKS):
+        if bind_arguments.pop(ROUTED, False) and self._hooks_idle():
             kw["_parent_execute_state"] = _NO_EVENTS
             kw["bind_arguments"] = bind_arguments
             if self._affinity is None:
@@ -417,7 +419,7 @@ class ShardedSession(_StockShardedSession):
             or self.execution_options
             or not self._routed_execute
             or self.pinned_shard_id is not None
-            or len(self.dispatch.do_orm_execute) != len(OWN_EXECUTE_HOOKS)
+            or not self._hooks_idle()
         ):
             return None
         for option in statement._with_options:
@@ -427,6 +429,14 @@ class ShardedSession(_StockShardedSession):
             return None
         assert self.manager is not None
         return route_statement(self.manager, statement, params)
+
+    def _hooks_idle(self) -> bool:
+        """Only this library listens to ``do_orm_execute``, and no hook of it that works for some
+        sessions only (:func:`listen_execute`'s ``active``) has work for this one: a keyed SELECT
+        or a routed ``get()`` may skip the hooks. Any other listener (a user's) keeps them all."""
+        if len(self.dispatch.do_orm_execute) != len(OWN_EXECUTE_HOOKS):
+            return False
+        return not _ACTIVE_HOOKS or not any(active(self) for active in _ACTIVE_HOOKS)
 
     def _replica_reads_now(self) -> bool:
         """May a read of this session go to a replica now (before the transaction's own check)?"""
@@ -1171,10 +1181,20 @@ def _statement_name(orm_context: ORMExecuteState) -> str:
     return f"{kind} {names}".strip()
 
 
-def listen_execute(hook: Callable[..., Any], **kw: Any) -> None:
-    """Register one of this library's ``do_orm_execute`` hooks on ShardedSession (see ROUTED)."""
+def listen_execute(
+    hook: Callable[..., Any], *, active: Callable[[ShardedSession], bool] | None = None, **kw: Any
+) -> None:
+    """Register one of this library's ``do_orm_execute`` hooks on ShardedSession.
+
+    A keyed SELECT and a routed ``get()`` skip the ``do_orm_execute`` hooks when only this
+    library's listen (see :data:`ROUTED`): a hook registered here must have nothing to do for
+    those, or pass ``active``, which says whether it has work for a session (e.g. the spans of an
+    instrumented manager, :mod:`sa_shardkit.otel`); while it does, that session runs every hook.
+    """
     event.listen(ShardedSession, "do_orm_execute", hook, **kw)
     OWN_EXECUTE_HOOKS.append(hook)
+    if active is not None:
+        _ACTIVE_HOOKS.append(active)
 
 
 listen_execute(_execute_routed, retval=True)

@@ -174,3 +174,27 @@ def test_prometheus_text_from_query_metrics(manager: ShardManager) -> None:
         re.fullmatch(r'(# .*|shardkit_\w+\{shard="[^"]+",role="\w+"\} [0-9.e+-]+)', line)
         for line in text_.splitlines()
     )
+
+
+def test_importing_otel_keeps_the_direct_path_for_managers_not_instrumented(
+    manager: ShardManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    """sa_shardkit.otel's session hook is the library's own (issue 13): a keyed SELECT of a
+    manager that is not instrumented skips the do_orm_execute machinery, as without the import."""
+    Base.metadata.create_all(manager.engine(manager.shard_for(7)))
+    with manager.sessionmaker().begin() as session:
+        session.add(Customer(customer_id=7, name="c7"))
+    with caplog.at_level("DEBUG", logger="sa_shardkit.session"), manager.sessionmaker()() as session:
+        assert session.scalars(select(Customer).where(Customer.customer_id == 7)).one().name == "c7"
+    assert any("no execute hooks" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_an_instrumented_managers_keyed_select_is_still_a_span(
+    otel: Telemetry, manager: ShardManager
+) -> None:
+    with manager.sessionmaker()() as session:
+        session.scalars(select(Customer).where(Customer.customer_id == 7)).one()
+    (outer,) = otel.named(r"ShardedSession SELECT Customer")
+    assert outer.attributes is not None and outer.attributes[SHARD_ID] == manager.shard_for(7)
+    (statement,) = otel.children(outer)
+    assert statement.name == f"SELECT {manager.shard_for(7)}"
