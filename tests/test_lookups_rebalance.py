@@ -15,6 +15,9 @@ CLI mover SIGKILLed mid-way through moving the lookup rows and finished by ``--r
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -38,7 +41,7 @@ from sa_shardkit.rebalance import (
     remove_shard,
 )
 from tests.lookup_models import Base, LkCustomer, LkOrder, create_schema
-from tests.rebalance_kill import kill_mover_at
+from tests.rebalance_kill import ROOT, kill_mover_at, url_args
 from tests.test_lookups import entries
 
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
@@ -338,5 +341,34 @@ def test_the_mover_settles_unique_entries_that_conflict_on_the_new_shard(
     assert (real_here, fleet.emails[real_here]) in stored["shard-5"]
     assert (real_there, fleet.emails[real_there]) in stored["shard-5"]
     assert not [p for pairs in stored.values() for p in pairs if p[1] in (999_001, 999_002)]
+    _assert_placed(manager, five, fleet)
+    _assert_exact_routes(manager, fleet)
+
+
+def test_the_cli_mover_moves_lookups_of_models_it_never_imported(
+    manager: ShardManager, shard5_url: str, fleet: Fleet
+) -> None:
+    """``shardkit rebalance --add`` in its own process, given the owner tables as plain Core tables
+    (no lookup declared, the models never imported there), under this process's writer and reader:
+    the lookup rows are found on the shards and moved, and the lookup stays trusted."""
+    manager.add_shard(ShardConfig(id="shard-5", url=shard5_url))  # the app's side, before its sessions
+    argv = [*url_args(manager, FOUR.shard_ids), "--models", "tests.lookup_models_core:metadata"]
+    mover = [sys.executable, "-m", "sa_shardkit", "rebalance", *argv, "--add", "shard-5", shard5_url]
+    done: list[subprocess.CompletedProcess[str]] = []
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    _online(
+        manager,
+        fleet,
+        lambda: done.append(
+            subprocess.run(mover, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        ),
+    )
+    assert done[0].returncode == 0, done[0].stdout + done[0].stderr
+    assert "lookup lk_orders.order_id" in " ".join(done[0].stdout.split())
+    five = FOUR.add_shard("shard-5")
+    forget_readiness()
+    manager.placement.refresh()
+    assert manager.ring == five
+    assert entries(manager, ORDERS)["shard-5"], "no order_id entry moved to the new shard"
     _assert_placed(manager, five, fleet)
     _assert_exact_routes(manager, fleet)

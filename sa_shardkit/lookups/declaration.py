@@ -19,6 +19,7 @@ customer between shards never touches its lookup rows.
 
 from __future__ import annotations
 
+import re
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -192,12 +193,30 @@ def _lookup_table(owner: Table, column: Column[Any], key_column: Column[Any], un
         Column("shard_key", key_column.type, nullable=False),
         PrimaryKeyConstraint(*pk, name=f"pk_{name}"[:63]),
         info={LOOKUP_INFO: f"{owner.name}.{column.name}"},
-        comment=(
-            f"sa_shardkit lookup {owner.name}.{column.name} -> {key_column.name}"
-            + (" (unique across the fleet)" if unique else "")
-            + ": rows live on the shard of value"
-        ),
+        comment=lookup_comment(owner.name, column.name, key_column.name, unique),
     )
+
+
+def lookup_comment(owner: str, column: str, key: str, unique: bool) -> str:
+    """The lookup table's comment: it also tells a process that never imported the model (the CLI
+    mover, :mod:`.catalog`) whose lookup the table is (:func:`parse_lookup_comment`)."""
+    return (
+        f"sa_shardkit lookup {owner}.{column} -> {key}"
+        + (UNIQUE_NOTE if unique else "")
+        + ": rows live on the shard of value"
+    )
+
+
+UNIQUE_NOTE = " (unique across the fleet)"
+_COMMENT = re.compile(r"^sa_shardkit lookup ([^ .]+)\.([^ ]+) -> ([^ :]+)( \(unique across the fleet\))?:")
+
+
+def parse_lookup_comment(comment: str | None) -> tuple[str, str, str, bool] | None:
+    """(owner table, looked-up column, shard key column, unique) of a :func:`lookup_comment`."""
+    found = _COMMENT.match(comment or "")
+    if found is None:
+        return None
+    return found[1], found[2], found[3], found[4] is not None
 
 
 def _on_mapped(mapper: Mapper[Any], class_: type) -> None:

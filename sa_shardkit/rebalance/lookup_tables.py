@@ -4,7 +4,8 @@ A lookup row ``(value, shard_key)`` lives on the shard the ring gives ``value``;
 changes that shard, the row goes to the target ring's shard with the owning table's keys. A unique
 lookup's conflict (another key under the same value on the target) is settled under the value's
 lock by which key's owning row exists; once every row moved, the lookup is trusted under the new
-ring as it was under the old one (no rebuild).
+ring as it was under the old one (no rebuild). The lookups are found on the shards themselves too,
+so a mover that never imported their models (the CLI with another ``--models``) moves them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from sqlalchemy.engine import Connection, Row
 
 from ..lookups.build import carry_readiness, settle_move_conflict
+from ..lookups.catalog import catalog_lookups
 from ..lookups.declaration import LookupIndex, declared_lookups
 from ..manager import ShardManager
 from ..ring import HashRing
@@ -24,11 +26,16 @@ from .tables import TableSet
 
 
 def lookup_positioned(manager: ShardManager, tables: TableSet) -> Iterable[PositionedTable]:
-    """The lookups of the sharded tables that move."""
+    """Every lookup to move: those of the sharded tables that move, and every lookup table the
+    shards hold (:func:`~sa_shardkit.lookups.catalog.catalog_lookups`: its model need not be
+    imported, nor given to the mover). A declared lookup is used as declared."""
     owners = {id(spec.table) for spec in tables.sharded}
-    for index in declared_lookups():
-        if id(index.owner) not in owners:
-            continue
+    chosen = {i.name: i for i in declared_lookups() if id(i.owner) in owners}
+    declared = {i.name: i for i in declared_lookups()}
+    for found in catalog_lookups(manager):
+        chosen.setdefault(found.name, declared.get(found.name, found))
+    for name in sorted(chosen):
+        index = chosen[name]
         yield PositionedTable(
             index.table,
             "value",
