@@ -108,9 +108,9 @@ class ShardConfig:
             return self.direct_url
         if self.pgbouncer:
             raise ConfigError(
-                f"shard {self.id!r} is reached through PgBouncer (pgbouncer = true): migrations and "
-                "the rebalance mover hold session-level advisory locks, which transaction pooling "
-                f"breaks; set {self.id}.direct_url to the shard's PostgreSQL itself"
+                f"shard {self.id!r} is reached through PgBouncer (pgbouncer = true): migrations, "
+                "the rebalance mover and lookup writes hold session-level advisory locks, which "
+                f"transaction pooling breaks; set {self.id}.direct_url to the shard's PostgreSQL itself"
             )
         return self.primary_url
 
