@@ -65,9 +65,14 @@ def first_value_with_begin(conn: Connection, name: bytes, sql: bytes) -> bytes |
     names = _prepared.get(driver)
     if names is None:
         names = _prepared.setdefault(driver, set())
-    query = _begin_command(driver) + b"; EXECUTE " + name
-    if name not in names:
-        query = b"PREPARE " + name + b" AS " + sql + b"; " + query
+    if driver.prepare_threshold is None:
+        # Prepared statements are off (a shard behind PgBouncer in transaction pooling): a statement
+        # prepared on one server connection is not there on the next, so the check is sent as text.
+        query = _begin_command(driver) + b"; " + sql
+    else:
+        query = _begin_command(driver) + b"; EXECUTE " + name
+        if name not in names:
+            query = b"PREPARE " + name + b" AS " + sql + b"; " + query
     try:
         pgconn.send_query(query)
         results = bounded_driver_call(driver, limit, lambda: driver.wait(generators.execute(pgconn)))

@@ -223,3 +223,23 @@ def test_removing_a_shard_under_load_through_pgbouncer(bounced: ShardManager) ->
     check_fleet(bounced, result.new, workload, 0)
     with bounced.connect("shard-3") as conn:
         assert conn.execute(text("SELECT count(*) FROM orders")).scalar() == 0
+
+
+def test_the_unstored_ring_check_rides_on_begin_through_pgbouncer(bounced: ShardManager) -> None:
+    """The check a write transaction sends with its BEGIN (sa_shardkit.fused_begin) must not use a
+    server-side prepared statement behind PgBouncer: the next transaction of the same client may run
+    on another server connection (no such statement), or another client on the one that has it
+    ('already exists'). Either failed the fused BEGIN and cost an error and a second round trip."""
+    from sa_shardkit.fused_begin import first_value_with_begin
+    from sa_shardkit.ring_state import _COMMITTED_BYTES
+
+    engine = bounced.engines["shard-1"]
+    answers: list[bytes | None] = []
+    with engine.connect() as first, engine.connect() as second:
+        for _ in range(6):  # alternate two clients over PgBouncer's two server connections
+            for conn in (first, second):
+                with conn.begin():
+                    answers.append(
+                        first_value_with_begin(conn, b"shardkit_state_table_committed", _COMMITTED_BYTES)
+                    )
+    assert None not in answers, f"{answers.count(None)} of {len(answers)} fused BEGINs fell back"
