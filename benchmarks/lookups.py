@@ -8,6 +8,9 @@ Run: python benchmarks/lookups.py      (starts 4 throwaway local PostgreSQL serv
 2. Inserting one order per transaction with its lookup entry vs without a lookup (4 shards).
 3. Fleet-wide sequence ids per second from one allocator with blocks of 1,000.
 
+At N=4 it also prints the lookup query alone against a bare round trip to the same server (the
+lookup's fixed cost beyond one round trip).
+
 Every figure is a ratio against a baseline measured in the same run (the machine is shared).
 """
 
@@ -17,12 +20,14 @@ import statistics
 import time
 from collections.abc import Callable
 
+import psycopg
 from sqlalchemy import BigInteger, String, insert, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sa_shardkit import SequenceAllocator, ShardManager, create_sequence_tables
 from sa_shardkit.lookups import lookup_named
 from sa_shardkit.lookups.build import build_lookup, create_lookup_tables
+from sa_shardkit.lookups.store import resolve
 from sa_shardkit.testing import PostgresFleet
 
 ORDERS = 8_000
@@ -106,6 +111,31 @@ def select_ratio(manager: ShardManager) -> tuple[float, float, float]:
     return looked, scattered, keyed
 
 
+def lookup_query_cost(manager: ShardManager) -> tuple[float, float]:
+    """The lookup query alone (``resolve``: ring state, prebuilt SQL, kept connection, watchdog)
+    vs a bare ``SELECT 1`` round trip on a raw autocommit connection to the same server: what the
+    lookup adds to a read beyond one round trip."""
+    index = lookup_named("Order.order_id")
+    value = 5
+    url = manager.config(manager.shard_for(value)).primary_url
+    raw = psycopg.connect(
+        host=url.host, port=url.port, user=url.username, password=url.password, dbname=url.database
+    )
+    raw.autocommit = True
+
+    def lookup(i: int) -> None:
+        assert resolve(manager, index, [value])
+
+    def bare(i: int) -> None:
+        raw.execute("SELECT 1").fetchall()
+
+    try:
+        looked, trip = medians([lookup, bare], SELECTS * 3)
+    finally:
+        raw.close()
+    return looked, trip
+
+
 def insert_ratio(manager: ShardManager) -> tuple[float, float]:
     maker = manager.sessionmaker()
 
@@ -158,10 +188,16 @@ def main() -> None:
         for label, urls in (("2", dict(list(four.items())[:2])), ("4", four), ("8", eight_shards(fleet))):
             with ShardManager.from_urls(urls) as manager:
                 looked, scattered, keyed = select_ratio(manager)
+                query, trip = lookup_query_cost(manager) if label == "4" else (0.0, 0.0)
             print(
                 f"  N={label}: lookup {looked * 1000:.2f} ms, scatter {scattered * 1000:.2f} ms "
                 f"(by shard key: {keyed * 1000:.2f} ms): lookup is {scattered / looked:.2f}x faster than the scatter"
             )
+            if query:
+                print(
+                    f"    the lookup query alone {query * 1000:.3f} ms, a bare round trip {trip * 1000:.3f} ms: "
+                    f"{query / trip:.2f}x (+{(query - trip) * 1e6:.0f} us of Python)"
+                )
         with ShardManager.from_urls(four) as manager:
             looked, plain = insert_ratio(manager)
             print(
