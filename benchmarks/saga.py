@@ -3,9 +3,10 @@
 Baseline: debit and credit of two customers on the SAME shard in one ordinary transaction (what a
 single database would do). Saga: the same transfer between customers on DIFFERENT shards, durable
 log + receipts + two shard transactions. Same process, same servers (4 throwaway local PostgreSQL
-servers unless SHARD_<N>_URL is set), sequential then 4 threads, each timed REPEATS times
-interleaved (baseline, saga, caller's ids, baseline, ...); a ratio is taken within one repetition and
-the median of the repetitions is reported with their range. Each timed run includes writing
+servers unless SHARD_<N>_URL is set), sequential then 4 threads. A repetition times TRANSFERS of
+each kind in chunks of CHUNK taken in turn (baseline, saga, caller's ids, baseline, ...), so load
+that swings on a shared machine hits every kind alike; a ratio is taken within one repetition and
+the median of REPEATS repetitions is reported with their range. Each chunk's time includes writing
 the completion marks that sagas defer to the background (``flush_completion_marks``).
 
 Two kinds of saga ids: *generated* (``transfer_id=None``: the id is placed on the sender's shard, so
@@ -41,7 +42,9 @@ from sa_shardkit.saga import create_saga_tables, flush_completion_marks, transfe
 CUSTOMERS = 400
 TRANSFERS = 200
 REPEATS = 5
-"""Interleaved repetitions per thread count; ratios are taken within each repetition."""
+"""Repetitions per thread count; ratios are taken within each repetition."""
+CHUNK = 20
+"""Transfers of one kind timed back to back before the next kind's turn."""
 
 
 @contextlib.contextmanager
@@ -63,16 +66,28 @@ def same_shard_transfer(manager: ShardManager, sender: int, receiver: int, amoun
         conn.execute(text(update), {"delta": amount, "id": receiver})
 
 
-def rate(manager: ShardManager, work: Callable[[int], None], threads: int) -> float:
+def timed_chunk(manager: ShardManager, work: Callable[[int], None], pool: ThreadPoolExecutor | None) -> float:
+    """Seconds for CHUNK calls of ``work`` (on ``pool``'s threads if given), marks written."""
     started = time.perf_counter()
-    if threads == 1:
-        for n in range(TRANSFERS):
+    if pool is None:
+        for n in range(CHUNK):
             work(n)
     else:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(work, range(TRANSFERS)))
+        list(pool.map(work, range(CHUNK)))
     assert flush_completion_marks(manager)
-    return TRANSFERS / (time.perf_counter() - started)
+    return time.perf_counter() - started
+
+
+def rates(manager: ShardManager, works: dict[str, Callable[[int], None]], threads: int) -> dict[str, float]:
+    """Transfers/s of each kind over TRANSFERS calls, timed in chunks of CHUNK taken in turn
+    (base, saga, caller's ids, base, ...): load that swings on a shared machine hits all alike."""
+    seconds = dict.fromkeys(works, 0.0)
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(threads)) if threads > 1 else None
+        for _ in range(TRANSFERS // CHUNK):
+            for key, work in works.items():
+                seconds[key] += timed_chunk(manager, work, pool)
+    return {key: TRANSFERS // CHUNK * CHUNK / spent for key, spent in seconds.items()}
 
 
 def count_round_trips(
@@ -168,12 +183,12 @@ def main() -> None:
                 f"per transfer: {label:<24} caller waits {trips:4.1f} round trips, {commits:4.2f} commits;"
                 f" background {bg_trips:4.2f} round trips, {bg_commits:4.2f} commits"
             )
+        works = {"base": baseline, "saga": saga, "caller": saga_caller_id}
         for threads in (1, 4):
             runs: dict[str, list[float]] = {"base": [], "saga": [], "caller": []}
-            for _ in range(REPEATS):  # interleaved: each repetition times all three back to back
-                runs["base"].append(rate(manager, baseline, threads))
-                runs["saga"].append(rate(manager, saga, threads))
-                runs["caller"].append(rate(manager, saga_caller_id, threads))
+            for _ in range(REPEATS):  # interleaved: chunks of the three kinds taken in turn
+                for key, value in rates(manager, works, threads).items():
+                    runs[key].append(value)
             base = statistics.median(runs["base"])
             print(
                 f"{threads} thread(s): same-shard transaction  {base:8.0f} transfers/s (median of {REPEATS})"

@@ -8,6 +8,7 @@ statement finds another version on the shard's state row, rolls back, and the or
 
 from __future__ import annotations
 
+import threading
 from decimal import Decimal
 from typing import Any
 
@@ -16,24 +17,29 @@ import pytest
 from sa_shardkit import HashRing, ShardManager
 from sa_shardkit.rebalance import RingState, install_ring
 from sa_shardkit.rebalance.catalog import write_state
-from sa_shardkit.saga import fast, home_of, transfer
+from sa_shardkit.saga import fast, flush_completion_marks, home_of, transfer
 from tests.rebalance_data import never_refresh_by_itself
 from tests.saga_support import balances, cross_shard_pair, open_accounts, receipt_count, saga_rows
 
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
 
 
-def _spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def _spy(monkeypatch: pytest.MonkeyPatch, *, background: list[str] | None = None) -> list[str]:
+    """Guarded statements of the calling thread (and, into ``background``, of other threads: the
+    completion marks): "applied" or "rolled back" each."""
     outcomes: list[str] = []
+    others: list[str] = background if background is not None else []
     real = fast.run_guarded
+    caller = threading.current_thread()
 
     def spy(conn: Any, statement: Any, params: dict[str, Any]) -> None:
+        seen = outcomes if threading.current_thread() is caller else others
         try:
             real(conn, statement, params)
         except fast.FastMiss:
-            outcomes.append("rolled back")
+            seen.append("rolled back")
             raise
-        outcomes.append("applied")
+        seen.append("applied")
 
     monkeypatch.setattr(fast, "run_guarded", spy)
     return outcomes
@@ -54,6 +60,23 @@ def test_a_transfer_commits_each_step_in_one_statement(
         receiver
     ] + Decimal("2.50")
     assert saga_rows(manager)[outcome.saga_id]["status"] == "complete"
+
+
+def test_completion_marks_are_one_guarded_statement_per_home_shard(
+    manager: ShardManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    open_accounts(manager)
+    install_ring(manager, FOUR)
+    sender, receiver = cross_shard_pair(manager)
+    background: list[str] = []
+    outcomes = _spy(monkeypatch, background=background)
+    done = [transfer(manager, sender, receiver, 1) for _ in range(3)]  # generated ids: one home
+    assert outcomes == ["applied", "applied"] * 3
+    assert flush_completion_marks(manager)
+    # the deferred marks of one home shard: one autocommitted statement per batch, no transaction
+    assert background and set(background) == {"applied"} and len(background) <= 3, background
+    rows = saga_rows(manager)
+    assert all(rows[o.saga_id]["status"] == "complete" and rows[o.saga_id]["finished_at"] for o in done)
 
 
 def test_a_stale_ring_version_rolls_the_statement_back_and_the_step_runs_once(

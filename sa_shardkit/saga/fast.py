@@ -15,7 +15,7 @@ log, take the ordinary path.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import text
@@ -28,7 +28,7 @@ from ..lookups.store import give_kept, take_kept
 from ..manager import ShardManager
 from ..ring import ShardKey
 from ..ring_state import STATE_TABLE
-from .log import CREATE_WITH_RECEIPT
+from .log import CREATE_WITH_RECEIPT, FINISH_MANY, finish_params
 from .receipts import FUSED, StepInput, fuse
 
 DIVISION_BY_ZERO = "22012"
@@ -213,6 +213,22 @@ def step(
     execute(manager, shard_id, statement, params)
 
 
+_FINISH_HEAD = f"WITH fin AS ({FINISH_MANY} RETURNING 1)"
+
+
+def finish(
+    manager: ShardManager,
+    shard_id: str,
+    items: Sequence[tuple[str, str, Mapping[str, Any]]],
+    version: int | None,
+) -> None:
+    """Deferred completion marks (:func:`~sa_shardkit.saga.log.finish_many`) in one autocommitted
+    statement, fenced like a step (:class:`FastMiss` when the ring changed: use a transaction).
+    Sent again on a dead kept connection is harmless: a mark applies only to an unfinished row."""
+    statement = guarded(_FINISH_HEAD, "true", None, _kind(version), "fin")
+    execute(manager, shard_id, statement, {**finish_params(items), "sk_version": version})
+
+
 __all__ = [
     "KEPT",
     "NotSent",
@@ -221,6 +237,7 @@ __all__ = [
     "autocommit",
     "create",
     "fast_version",
+    "finish",
     "guarded",
     "run_guarded",
     "start",

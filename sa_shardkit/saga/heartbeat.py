@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import StaleRingError
 from ..manager import ShardManager
+from . import fast
 from . import log as saga_log
 from .definition import CheckpointHook
 from .tables import sagas_table
@@ -186,10 +187,12 @@ class LeaseKeeper:
     ) -> dict[Held, tuple[str, float, dict[str, Any], CheckpointHook | None, str]]:
         failed = {}
         for home, keys in by_home.items():
+            items = [(k[0], k[1], marks[k][2]) for k in keys]
             try:
-                with manager.engine(home).begin() as conn:
-                    _fence(manager, conn, home, keys)
-                    saga_log.finish_many(conn, [(k[0], k[1], marks[k][2]) for k in keys])
+                if not _finish_fast(manager, home, items):
+                    with manager.engine(home).begin() as conn:
+                        _fence(manager, conn, home, keys)
+                        saga_log.finish_many(conn, items)
             except StaleRingError:
                 stale.extend(keys)
                 continue
@@ -229,6 +232,19 @@ def _by_current_home(manager: ShardManager, items: Iterable[Held]) -> dict[str, 
         home = manager.placement.shard_for_value(sagas_table.name, key[0])
         by_home.setdefault(home, []).append(key)
     return by_home
+
+
+def _finish_fast(manager: ShardManager, home: str, items: list[tuple[str, str, dict[str, Any]]]) -> bool:
+    """The marks as one guarded autocommitted statement on a kept connection (:func:`.fast.finish`);
+    False (nothing written) when a move is in flight or the statement rolled back: use a transaction."""
+    version = fast.fast_version(manager, home, [saga_id for saga_id, _, _ in items])
+    if version is False:
+        return False
+    try:
+        fast.finish(manager, home, items, version)
+    except (fast.FastMiss, fast.NotSent):
+        return False
+    return True
 
 
 def _fence(manager: ShardManager, conn: Any, home: str, keys: list[Held]) -> None:

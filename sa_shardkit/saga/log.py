@@ -207,32 +207,32 @@ def write(conn: Connection, saga_id: str, owner: str, lease: float, values: Mapp
         raise LeaseLost(saga_id)
 
 
-_FINISH_MANY = text(
-    """
+FINISH_MANY = """
     UPDATE shardkit_sagas AS s
     SET status = v.status, step = v.step, error = NULL, lease_until = NULL,
         finished_at = clock_timestamp(), updated_at = clock_timestamp()
     FROM unnest(CAST(:ids AS varchar[]), CAST(:owners AS varchar[]), CAST(:statuses AS varchar[]),
                 CAST(:steps AS integer[])) AS v(saga_id, owner, status, step)
     WHERE s.saga_id = v.saga_id AND s.owner = v.owner AND s.finished_at IS NULL
-    """
-)
+"""
+_FINISH_MANY = text(FINISH_MANY)
 
 
 def finish_many(conn: Connection, items: Sequence[tuple[str, str, Mapping[str, Any]]]) -> int:
     """Deferred completion marks (saga_id, owner, values with ``status`` and ``step``) in one
     statement, each fenced like :func:`write`; returns how many applied (a saga taken over
     meanwhile is skipped: its new owner finishes it)."""
-    result = conn.execute(
-        _FINISH_MANY,
-        {
-            "ids": [saga_id for saga_id, _, _ in items],
-            "owners": [owner for _, owner, _ in items],
-            "statuses": [values["status"] for _, _, values in items],
-            "steps": [values["step"] for _, _, values in items],
-        },
-    )
-    return result.rowcount
+    return conn.execute(_FINISH_MANY, finish_params(items)).rowcount
+
+
+def finish_params(items: Sequence[tuple[str, str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """The bind parameters of :data:`FINISH_MANY` for these marks."""
+    return {
+        "ids": [saga_id for saga_id, _, _ in items],
+        "owners": [owner for _, owner, _ in items],
+        "statuses": [values["status"] for _, _, values in items],
+        "steps": [values["step"] for _, _, values in items],
+    }
 
 
 def release(conn: Connection, saga_id: str, owner: str, error: str | None) -> None:
