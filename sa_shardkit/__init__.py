@@ -34,6 +34,7 @@ from .errors import (
     ShardUnavailableError,
     StaleRingError,
     TwoPhaseAbortedError,
+    UnfilteredScatterError,
     UnknownShardError,
     UnsupportedScatterError,
 )
@@ -111,6 +112,7 @@ __all__ = [
     "Step",
     "TwoPhaseAbortedError",
     "UnknownShardError",
+    "UnfilteredScatterError",
     "UnsupportedScatterError",
     "ScatterForbiddenError",
     "ScatterWarning",

@@ -213,11 +213,24 @@ class AsyncShardManager:
         with_shard_id: bool = False,
         allow_partial: bool = False,
     ) -> ScatterResult:
-        """Every shard at once on the event loop, merged like ``ShardManager.query_all_shards``."""
+        """Every shard at once on the event loop, merged like ``ShardManager.query_all_shards``.
+
+        While a move is in flight (every shard, ``shard_ids=None``), it runs as the sync one does,
+        in a worker thread: each shard's not-yet-cut-over copies hidden, SQL text that reads a
+        sharded table refused (:mod:`sa_shardkit.scatter.ownership`)."""
         manager = self.manager
         unlisted: dict[str, BaseException] = {}
         if shard_ids is None:  # the stored ring's shards (the first read of it off the event loop)
             await asyncio.to_thread(manager.placement.maybe_refresh)
+            await asyncio.to_thread(manager.placement.ensure_current)
+            if manager.placement.state.target is not None:
+                return await asyncio.to_thread(
+                    manager.query_all_shards,
+                    statement,
+                    params,
+                    with_shard_id=with_shard_id,
+                    allow_partial=allow_partial,
+                )
             targets = list(manager.placement.scatter_shards())
             unlisted = {s: manager.placement.unlisted(s) for s in targets if not manager.has_shard(s)}
         else:

@@ -121,6 +121,22 @@ def mapper_for_table(table: FromClause) -> Mapper[Any] | None:
     return None
 
 
+def sharded_table_names() -> list[str]:
+    """Names of the tables with a shard-key column this process knows: every mapped table whose
+    model declares a key, and the Core tables declared by ``info`` that routing has met."""
+    tables: list[FromClause] = [
+        t for registry in list(_all_registries()) for m in list(registry.mappers) for t in m.tables
+    ]
+    tables += [t for t, declared in list(_by_table.items()) if declared is not None]
+    names = set()
+    for table in tables:
+        declared = table_sharding(table)
+        name = getattr(table, "name", None)
+        if declared is not None and declared.column_name is not None and isinstance(name, str):
+            names.add(name)
+    return sorted(names)
+
+
 def _table_declaration(table: FromClause) -> Sharding | None:
     info = getattr(table, "info", None) or {}
     name = getattr(table, "name", str(table))

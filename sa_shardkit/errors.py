@@ -116,6 +116,12 @@ class UnsupportedScatterError(ShardKitError, sa_exc.InvalidRequestError):
     """A cross-shard query whose merged result could not be made globally correct."""
 
 
+class UnfilteredScatterError(UnsupportedScatterError):
+    """A read in SQL text on several shards while a move is in flight: the filter that hides each
+    shard's not-yet-cut-over copies cannot rewrite text, so it could see a moving key's rows twice.
+    Nothing was run. Write it with ``select()``, run it on one shard at a time, or after the move."""
+
+
 class ScatterForbiddenError(ShardKitError, sa_exc.InvalidRequestError):
     """A statement would run on several shards in a session that refuses scatters (strict mode)."""
 

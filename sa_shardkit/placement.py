@@ -93,6 +93,9 @@ STICKY_SECONDS = 0.5
 """How long a session write keeps a moving key's routing answer (see ``shard_for_write``)."""
 RECHECK_ENV = "SHARDKIT_RING_RECHECK_SECONDS"
 REFRESH_WAIT_SECONDS = 0.5
+CURRENT_MARGIN = 0.8
+"""A scatter re-reads the stored ring first when the last read began this share of the recheck
+horizon ago or more (:meth:`Placement.ensure_current`)."""
 """How long a routing call waits for a due re-read of the stored ring before using the current one."""
 PROBE_FALLBACKS = 2
 """Further shards a stored-ring check tries, one after another, when the probed one fails."""
@@ -142,6 +145,8 @@ class Placement:
         self._unsure = False
         """The last fleet read failed somewhere: unstored-ring writes check for a ring themselves."""
         self._refresh_at = 0.0  # first use reads the stored ring
+        self._current_since = -math.inf
+        """``time.monotonic()`` when the last read that reached a shard began (:meth:`ensure_current`)."""
         self._sticky: dict[Any, tuple[int, str, float]] = {}
         self._scatter: tuple[RingState, tuple[str, ...], tuple[str, ...]] | None = None
         self._postgres = False
@@ -251,8 +256,10 @@ class Placement:
         self.probes += 1
         if answered is not None:
             self._probe = answered
+        if answered is not None:
+            self._current_since = started
         if answered is None or (probed.version if probed is not None else 0) != known:
-            self._refresh_fleet(errors, log_failures)  # a change (or no answer): read every shard
+            self._refresh_fleet(errors, log_failures, started)  # a change (or no answer): read every shard
         else:
             self._unsure = bool(errors) and known == 0
             self._loaded = True
@@ -261,11 +268,13 @@ class Placement:
         self._refresh_at = started + self._interval()
         return self._state
 
-    def _refresh_fleet(self, errors: dict[str, BaseException], log_failures: bool) -> None:
+    def _refresh_fleet(self, errors: dict[str, BaseException], log_failures: bool, started: float) -> None:
         """Read every configured shard's state row; adopt the newest (rare: after a change)."""
         ids = self._postgres_shards()
         self.fleet_reads += 1
         outcome = _blocking(lambda: self._read_fleet(ids))
+        if outcome.results:
+            self._current_since = max(self._current_since, started)
         states = [row_to_state(s, r).state for s, r in outcome.results.items() if r is not None]
         if states:
             self._adopt(max(states, key=lambda st: st.version))
@@ -334,6 +343,34 @@ class Placement:
         worker.start()
         if not in_greenlet():  # a quick answer is used now; a shard that is down never stalls routing
             worker.join(REFRESH_WAIT_SECONDS)
+
+    def ensure_current(self) -> None:
+        """Before a scatter goes by the current state: it must have been read less than the recheck
+        horizon ago (:func:`unstored_recheck_seconds`, less a margin for the scatter to begin).
+
+        A move's mover commits no copy before the horizon has passed since its start bump (and
+        every transaction begun by then has ended), so a scatter by a state read after that bump
+        or begun within the horizon of a read never sees a copy unfiltered. A process whose ring
+        check is slow (a frozen probe shard: :meth:`maybe_refresh` stops waiting after
+        :data:`REFRESH_WAIT_SECONDS` and routes by what it has) would scatter by an older state:
+        here it waits for that check instead, and raises :class:`StaleRingError` when no shard
+        answered it (nothing was run)."""
+        if self._refresh_at == math.inf:
+            return  # nothing is ever stored (SQLite files and the like)
+        horizon = unstored_recheck_seconds()
+        if time.monotonic() - self._current_since < horizon * CURRENT_MARGIN:
+            return
+        if in_greenlet():  # a lock held across an await would stall the event loop
+            self.refresh()
+        else:
+            with self._refreshing:  # waits for a re-read in progress (a slow probe) to end
+                if time.monotonic() - self._current_since >= horizon * CURRENT_MARGIN:
+                    self.refresh()
+        if time.monotonic() - self._current_since >= horizon:
+            raise StaleRingError(
+                f"could not re-read the stored ring on any shard within {RECHECK_ENV}={horizon:g} s: "
+                "a scatter by the ring read before could see a move's copies twice; retry"
+            )
 
     def _refresh_and_release(self) -> None:
         try:
@@ -860,6 +897,20 @@ class Placement:
             return marks
         self._held[id(marks)] = held
         return marks
+
+    def fence_sources(self, connection: Callable[[str], Connection]) -> SourceMarks | None:
+        """Hold every source's fence in the caller's own transactions (``connection(shard)``;
+        ``FOR SHARE``, as a writer of every moving key does) until they end, and return the marks
+        read under it: no cut-over commits before then, so a write run on several shards and
+        filtered by these marks (:func:`~sa_shardkit.scatter.ownership.own_rows_only`) changes each
+        row once, where it lives. None when no move is in flight; version -1 when the state
+        changed (a newer one is adopted: route again)."""
+        state = self._state
+        if state.target is None:
+            return None
+        sources = [s for s in state.sources if self.manager.has_shard(s)]
+        rows = {s: read_shard_state(connection(s), s, lock="FOR SHARE", check_table=False) for s in sources}
+        return self._marks(state, sources, rows)
 
     def release_marks(self, marks: SourceMarks | None) -> None:
         """End the fences :meth:`source_marks` holds for ``marks`` (if any)."""

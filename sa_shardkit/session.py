@@ -72,7 +72,7 @@ from .routing import (
     watch_moving_reads,
 )
 from .scatter import execute_scatter
-from .scatter.ownership import own_rows_only
+from .scatter.ownership import for_move
 from .scatter.writes import queued_writes
 
 SCATTER_MODES = ("allow", "warn", "forbid")
@@ -979,6 +979,8 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
         return None
     session._check_scatter(orm_context, route)
     orm_context.update_execution_options(**{SHARD_COUNT: len(shards)})
+    if not route.reference:
+        shards = _current_shards(orm_context, session, shards)
     if not is_write:
         if not route.reference and follows_placement(session.manager):
             return _scatter_moving(orm_context, session, shards)
@@ -992,9 +994,49 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
             f"an INSERT with .values() for {len(shards)} shards cannot be split; pass the rows as "
             "execute parameters: session.execute(insert(Model), [row, ...])"
         )
+    if not replicated and session.manager is not None and follows_placement(session.manager):
+        return _write_everywhere_moving(orm_context, session, shards)
     # more shards than the connection budget: those the transaction does not hold queue outside it
     results = queued_writes(orm_context, shards, _invoke) or [_invoke(orm_context, s) for s in shards]
     return _combine_writes(results, replicated=replicated)
+
+
+def _current_shards(
+    orm_context: ORMExecuteState, session: ShardedSession, shards: tuple[str, ...]
+) -> tuple[str, ...]:
+    """The shards for a statement about to run on several: routed again if this process's ring
+    was too old to scatter by and re-reading it found another (:meth:`Placement.ensure_current`:
+    a slow ring check must not leave it scattering by a ring read before a move started)."""
+    if session.manager is None or not session._routed_execute:
+        return shards
+    placement = session.manager.placement
+    routed_by = placement.state
+    placement.ensure_current()
+    return shards if placement.state is routed_by else session.route(orm_context).shard_ids
+
+
+def _write_everywhere_moving(
+    orm_context: ORMExecuteState, session: ShardedSession, shards: Sequence[str]
+) -> Result[Any]:
+    """An UPDATE / DELETE on several shards (it names no shard key) while a move may be in flight:
+    the session's transaction first holds every source's fence (as a writer of every moving key:
+    no cut-over commits until it ends), then the statement runs with each shard's not-yet-cut-over
+    copies left out (:func:`.scatter.ownership.own_rows_only`): each row changes once, where it
+    lives, and RETURNING / rowcount count it once. The mover copies again, under its fence, the
+    keys whose source rows changed."""
+    assert session.manager is not None
+    placement = session.manager.placement
+    original = orm_context.statement
+    marks = placement.fence_sources(lambda s: session.connection(bind_arguments={"shard_id": s}))
+    if marks is not None and marks.version < 0:
+        raise StaleRingError(f"the ring changed while fencing {_statement_name(orm_context)}; retry")
+    try:
+        if marks is not None:
+            orm_context.statement = for_move(original, marks)
+        results = [_invoke(orm_context, s) for s in shards]
+    finally:
+        orm_context.statement = original
+    return _combine_writes(results, replicated=False)
 
 
 def _fenced_groups(
@@ -1056,8 +1098,7 @@ def _scatter_moving(
             shards = session.route(orm_context).shard_ids
             continue
         try:
-            if isinstance(original, Select):
-                orm_context.statement = own_rows_only(original, marks)
+            orm_context.statement = for_move(original, marks)  # text naming a sharded table: refused
             rows = execute_scatter(orm_context, shards).freeze()
         finally:
             orm_context.statement = original

@@ -17,7 +17,7 @@ from ..faults import unavailable
 from .connected import fan_out_connected
 from .fanout import fan_out, probe, raise_for_errors
 from .gather import gather
-from .ownership import own_rows_only
+from .ownership import for_move
 from .plan import AggregatePlan, ScatterPlan, plan_scatter
 from .result import ScatterResult
 
@@ -47,7 +47,9 @@ def query_all_shards(
     By default every shard of the stored ring (old and new members mid-move); a member this
     process's configuration lacks is an :class:`UnknownShardError` (``allow_partial``: missing).
     """
-    if shard_ids is None and isinstance(statement, Select) and manager.placement.moving():
+    if shard_ids is None:
+        manager.placement.ensure_current()  # a slow ring check must not scatter by an old ring
+    if shard_ids is None and manager.placement.moving():
         return _during_move(
             manager,
             statement,
@@ -69,10 +71,13 @@ def query_all_shards(
     )
 
 
-def _during_move(manager: ShardManager, statement: Select[Any], params: Any, **options: Any) -> ScatterResult:
-    """A ``select()`` on every shard while a move is in flight: each shard's not-yet-cut-over
-    copies hidden by the sources' marks, run again if they changed meanwhile (after a few tries
-    with the sources' fences held), as the session does (:mod:`.ownership`)."""
+def _during_move(
+    manager: ShardManager, statement: str | Executable, params: Any, **options: Any
+) -> ScatterResult:
+    """A query on every shard while a move is in flight: each shard's not-yet-cut-over copies
+    hidden by the sources' marks, run again if they changed meanwhile (after a few tries with the
+    sources' fences held), as the session does (:mod:`.ownership`). SQL text that reads a sharded
+    table is refused (:class:`~sa_shardkit.errors.UnfilteredScatterError`)."""
     placement = manager.placement
     for attempt in range(MAX_MOVE_TRIES):
         hold = attempt >= OPTIMISTIC_TRIES
@@ -82,9 +87,7 @@ def _during_move(manager: ShardManager, statement: Select[Any], params: Any, **o
         if marks.version < 0:
             continue
         try:
-            result = _query_all_shards(
-                manager, own_rows_only(statement, marks), params, shard_ids=None, **options
-            )
+            result = _query_all_shards(manager, for_move(statement, marks), params, shard_ids=None, **options)
         finally:
             placement.release_marks(marks)
         if hold or placement.source_marks() == marks:
