@@ -994,8 +994,8 @@ def _execute_routed(orm_context: ORMExecuteState) -> Result[Any] | None:
             f"an INSERT with .values() for {len(shards)} shards cannot be split; pass the rows as "
             "execute parameters: session.execute(insert(Model), [row, ...])"
         )
-    if not replicated and session.manager is not None and follows_placement(session.manager):
-        return _write_everywhere_moving(orm_context, session, shards)
+    if not replicated and session.manager is not None and session.manager.placement.state.target is not None:
+        return _write_everywhere_moving(orm_context, session, shards)  # routing just read the state
     # more shards than the connection budget: those the transaction does not hold queue outside it
     results = queued_writes(orm_context, shards, _invoke) or [_invoke(orm_context, s) for s in shards]
     return _combine_writes(results, replicated=replicated)
