@@ -12,7 +12,7 @@ route to the new shard). A fleet that stores no ring skips all of it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from sqlalchemy import inspect
@@ -27,14 +27,29 @@ _FENCED = "shardkit_fenced"
 
 
 def fence_flush(session: Session, flush_context: Any, instances: Any) -> None:
-    """``before_flush``: hold the fence for every sharded key the flush writes (once per transaction)."""
+    """``before_flush``: hold the fence for every sharded key the flush writes (once per transaction).
+
+    The session's flush plan (run just before) lists them as ``session._fence_keys``: (shard, key).
+    """
     manager = getattr(session, "manager", None)
     if manager is None or getattr(session, "pinned_shard_id", None) is not None:
         return
+    planned: list[tuple[str, Any]] | None = getattr(session, "_fence_keys", None)
+    session._fence_keys = None  # type: ignore[attr-defined]
     placement = manager.placement
     if not placement.fences_writes():
         return
     fenced = _fenced(session)
+    for shard, key in _flush_keys(session) if planned is None else planned:
+        if (shard, key) in fenced:
+            continue
+        conn = session.connection(bind_arguments={"shard_id": shard})
+        placement.fence_write(conn, shard, key)
+        fenced.add((shard, key))
+
+
+def _flush_keys(session: Session) -> Iterator[tuple[str, Any]]:
+    """(shard, key) of every sharded row the flush writes, when no flush plan listed them."""
     for obj in [*session.new, *session.dirty, *session.deleted]:
         state = inspect(obj)
         try:
@@ -47,16 +62,11 @@ def fence_flush(session: Session, flush_context: Any, instances: Any) -> None:
         if key is None:
             continue
         if state.key is not None:
-            shard = str(state.key[2])
+            yield str(state.key[2]), key
         elif state.identity_token is not None:
-            shard = str(state.identity_token)
+            yield str(state.identity_token), key
         else:
-            shard = session.shard_chooser(state.mapper, obj, None)  # type: ignore[attr-defined]
-        if (shard, key) in fenced:
-            continue
-        conn = session.connection(bind_arguments={"shard_id": shard})
-        placement.fence_write(conn, shard, key)
-        fenced.add((shard, key))
+            yield session.shard_chooser(state.mapper, obj, None), key  # type: ignore[attr-defined]
 
 
 def fence_keys(session: Session, shard: str, keys: Iterable[Any]) -> None:

@@ -257,6 +257,7 @@ class ShardedSession(_StockShardedSession):
         self._written_shards: dict[str, str] = {}
         self._affinity: str | None = None  # the shard this transaction works on, for reference reads
         self._planned_shards: dict[str, str] = {}
+        self._fence_keys: list[tuple[str, Any]] | None = None  # the flush plan's, for fence_flush
         self._reference_writes: list[tuple[object, str, tuple[Any, ...] | None]] = []
         self._keyed_reads: list[list[Any] | None] = []  # per running execute: see _execute_internal
         # None: the hook derived from the manager (a bound method, made when read: storing one
@@ -712,6 +713,7 @@ def _plan_flush(session: Session, flush_context: Any, instances: Any) -> None:
         return
     debug = log.isEnabledFor(logging.DEBUG)
     planned: dict[str, str] = {}
+    fence: list[tuple[str, Any]] = []  # (shard, key) of every sharded row written: fence_flush's
     reference_writes: list[tuple[object, str, tuple[Any, ...] | None]] = []
     # the derived shard chooser, inlined for a row that carries its key (the common case)
     by_key = session._shard_chooser_hook is None and session.pinned_shard_id is None
@@ -730,6 +732,10 @@ def _plan_flush(session: Session, flush_context: Any, instances: Any) -> None:
             continue
         if shard not in planned:
             planned[shard] = _describe(obj, sharding)
+        if key is not None:
+            fence.append((shard, key))
+        elif sharding.attribute is not None and (chosen := obj.__dict__.get(sharding.attribute)) is not None:
+            fence.append((shard, chosen))
         if debug:
             log.debug("flush INSERT %s -> %s", _describe(obj, sharding), shard)
     for obj in session.dirty:
@@ -744,6 +750,7 @@ def _plan_flush(session: Session, flush_context: Any, instances: Any) -> None:
         _check_key_unchanged(session, obj, state, sharding, shard)
         if shard not in planned:
             planned[shard] = _describe(obj, sharding)
+        _fence_key(fence, obj, sharding, shard)
         if debug:
             log.debug("flush UPDATE %s -> %s (the shard it was loaded from)", _describe(obj, sharding), shard)
     for obj in session.deleted:
@@ -755,13 +762,22 @@ def _plan_flush(session: Session, flush_context: Any, instances: Any) -> None:
             continue
         if shard not in planned:
             planned[shard] = _describe(obj, sharding)
+        _fence_key(fence, obj, sharding, shard)
         if debug:
             log.debug("flush DELETE %s -> %s", _describe(obj, sharding), shard)
     session._note_writes(planned)
     session._planned_shards = planned
+    session._fence_keys = fence
     if planned and session._affinity is None:
         session._affinity = next(iter(planned))
     session._reference_writes = reference_writes
+
+
+def _fence_key(fence: list[tuple[str, Any]], obj: object, sharding: Sharding, shard: Any) -> None:
+    if sharding.attribute is not None:
+        key = obj.__dict__.get(sharding.attribute)
+        if key is not None:
+            fence.append((shard, key))
 
 
 def _check_key_unchanged(
