@@ -16,7 +16,6 @@ also raises a failure the ordinary way (a lost connection named by the shard's e
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import psycopg
@@ -27,8 +26,8 @@ from sqlalchemy.engine import Connection
 from .faults import QUERY_TIMEOUT, bounded_driver_call, statement_bound
 
 _begins: dict[tuple[Any, Any, Any], bytes] = {}
-_prepared: weakref.WeakKeyDictionary[psycopg.Connection[Any], set[bytes]] = weakref.WeakKeyDictionary()
-"""Driver connection -> names of the statements :func:`first_value_with_begin` prepared on it."""
+_PREPARED = "_shardkit_prepared"
+"""Driver connection attribute: names of the statements :func:`first_value_with_begin` prepared on it."""
 
 
 def _begin_command(driver: psycopg.Connection[Any]) -> bytes:
@@ -62,9 +61,10 @@ def first_value_with_begin(conn: Connection, name: bytes, sql: bytes) -> bytes |
     if pgconn.transaction_status != TransactionStatus.IDLE:
         return None
     limit = conn.get_execution_options().get(QUERY_TIMEOUT, statement_bound(conn.engine))
-    names = _prepared.get(driver)
+    names: set[bytes] | None = getattr(driver, _PREPARED, None)
     if names is None:
-        names = _prepared.setdefault(driver, set())
+        names = set()
+        setattr(driver, _PREPARED, names)
     if driver.prepare_threshold is None:
         # Prepared statements are off (a shard behind PgBouncer in transaction pooling): a statement
         # prepared on one server connection is not there on the next, so the check is sent as text.
@@ -74,11 +74,11 @@ def first_value_with_begin(conn: Connection, name: bytes, sql: bytes) -> bytes |
         if name not in names:
             query = b"PREPARE " + name + b" AS " + sql + b"; " + query
     try:
-        pgconn.send_query(query)
+        pgconn.send_query(query)  # the connection's own wait: a hub's task waits through the hub
         results = bounded_driver_call(driver, limit, lambda: driver.wait(generators.execute(pgconn)))
+        last = results[-1] if results else None
     except psycopg.Error:
         return None  # the connection is lost: the ordinary statement raises it, named
-    last = results[-1] if results else None
     if last is not None and last.status == ExecStatus.TUPLES_OK and last.ntuples == 1:
         names.add(name)
         value: bytes | None = last.get_value(0, 0)
