@@ -212,6 +212,17 @@ class SourceMover:
         """Library tables whose rows move with their shard key (saga receipts), on this source."""
         self.fenced: tuple[FencedTable, ...] = ()
         """Tables placed by another column (the saga log), on this source (:mod:`.saga_log`)."""
+        self.steps: dict[str, float] = {}
+        """Seconds per step of the current batch (:meth:`_step`), reported with it."""
+
+    @contextmanager
+    def _step(self, name: str) -> Iterator[None]:
+        """Time one step of a batch (``copy: ...`` / ``cut-over: ...``) into :attr:`steps`."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.steps[name] = self.steps.get(name, 0.0) + time.perf_counter() - started
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -329,18 +340,21 @@ class SourceMover:
         deletes and advances the watermark. Writers of moving keys wait only for phase 2.
         """
         started = time.perf_counter()
+        self.steps = {}
         with ExitStack() as targets:
             with self.manager.connect(self.source) as conn, conn.begin():
-                row = self._snapshot_state(conn)
-                if row.drained:
-                    return False
-                watermark = row.watermark
-                keys, last = self._next_batch(conn, watermark)
+                with self._step("copy: snapshot + key scan"):
+                    row = self._snapshot_state(conn)
+                    if row.drained:
+                        return False
+                    watermark = row.watermark
+                    keys, last = self._next_batch(conn, watermark)
                 by_target = self._by_target(keys)
                 open_targets = {t: targets.enter_context(self._target(t)) for t in sorted(by_target)}
                 snapshot = self._copy(conn, open_targets, by_target)
-                for tconn in open_targets.values():  # outside the fence; no reader sees the copies
-                    tconn.commit()
+                with self._step("copy: commit targets"):
+                    for tconn in open_targets.values():  # outside the fence; no reader sees the copies
+                        tconn.commit()
             if not keys:
                 if last != watermark:
                     return self._skip_to(watermark, last)
@@ -390,11 +404,15 @@ class SourceMover:
         """
         keys = [k for ks in by_target.values() for k in ks]
         for target, target_keys in by_target.items():
-            shape = self._journal(targets[target], target_keys, forget=True)
-            sent = self._replace(source, targets[target], target_keys, fresh=True)
-            if not self._stores_what_is_sent(source, shape):
-                self._verify(target, targets[target], target_keys, sent)
-        return key_checksums(source, self.names, keys)
+            with self._step("copy: journal"):
+                shape = self._journal(targets[target], target_keys, forget=True)
+            with self._step("copy: COPY stream"):
+                sent = self._replace(source, targets[target], target_keys, fresh=True)
+            with self._step("copy: verify"):
+                if not self._stores_what_is_sent(source, shape):
+                    self._verify(target, targets[target], target_keys, sent)
+        with self._step("copy: fingerprints"):
+            return key_checksums(source, self.names, keys)
 
     def _stores_what_is_sent(self, source: Connection, target_shape: tuple[int, str] | None) -> bool:
         """Whether the target's tables store exactly the bytes a binary COPY sends them, so the
@@ -486,13 +504,15 @@ class SourceMover:
         with self.manager.connect(self.source) as conn, conn.begin():
             fenced_at = time.perf_counter()
             known = list(dict.fromkeys(k for _, k in snapshot))
-            row, (now, arrived) = self._fence_and_fingerprints(conn, watermark, last, known)
+            with self._step("cut-over: fence + fingerprints"):
+                row, (now, arrived) = self._fence_and_fingerprints(conn, watermark, last, known)
             if row.watermark != watermark:
                 raise RebalanceError(f"the watermark of {self.source!r} moved under the mover")
             arrived = [k for k in arrived if self._moves(k) is not None]  # new keys in the range
             keys = [*(k for k in known if any((i, k) in now for i in range(len(self.names)))), *arrived]
             stale = set(_differing(snapshot, now, known)) | set(arrived)
             final = {tk: v for tk, v in now.items() if tk[1] not in stale}
+            recopy_started = time.perf_counter()
             for target in sorted(set(targets) | {self.new.get_shard(k) for k in arrived}):
                 redo = [k for k in [*known, *arrived] if k in stale and self.new.get_shard(k) == target]
                 if not redo:
@@ -510,6 +530,7 @@ class SourceMover:
             move_companions(self, conn, targets, keys)  # saga receipts travel with their keys
             for tconn in targets.values():
                 tconn.commit()  # the re-copies (nothing to commit where there were none)
+            self.steps["cut-over: re-copy changed keys"] = time.perf_counter() - recopy_started
             rows_by_table: dict[str, int] = {}
             for (index, _), (n, _) in final.items():
                 name = self.tables.sharded[index].name
@@ -518,17 +539,20 @@ class SourceMover:
             counts = {"wm": last, "rows": rows, "keys": len(keys), "version": self.state.version}
             deletes = [(f"DELETE FROM {n.live} WHERE {n.key_in}", (keys,)) for n in reversed(self.names)]
             # the deletes and the watermark in one round trip; the commit only after the counts match
-            done = _pipeline(conn, [*(deletes if keys else []), (_ADVANCE, counts)])
+            with self._step("cut-over: delete + watermark"):
+                done = _pipeline(conn, [*(deletes if keys else []), (_ADVANCE, counts)])
             for spec, cursor in zip(reversed(self.tables.sharded), done[:-1], strict=False):
                 if int(cursor.rowcount) != rows_by_table.get(spec.name, 0):
                     raise RebalanceError(
                         f"{spec.name} on {self.source!r}: deleting {cursor.rowcount} rows but copied "
                         f"{rows_by_table.get(spec.name, 0)}; rolled back"
                     )
+            deleted_at = time.perf_counter()
+        self.steps["cut-over: commit"] = time.perf_counter() - deleted_at
         fence_seconds = time.perf_counter() - fenced_at
         self._adapt(fence_seconds, len(keys))
         report = BatchReport(
-            self.source, len(keys), len(keys), rows, rows_by_table, fence_seconds, copy_seconds
+            self.source, len(keys), len(keys), rows, rows_by_table, fence_seconds, copy_seconds, self.steps
         )
         self.tracker.batch(report)
         return True

@@ -24,6 +24,9 @@ class BatchReport:
     """How long writers of the moving keys on ``source`` were fenced (the cut-over transaction)."""
     copy_seconds: float = 0.0
     """Phase 1 of the batch (key scan and staging copy, no fence)."""
+    steps: dict[str, float] = field(default_factory=dict)
+    """Seconds per step of the two phases (``copy: stream``, ``cut-over: delete + watermark``, ...),
+    summed into :attr:`RebalanceProgress.phase_seconds` under those names."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,8 @@ class ProgressTracker:
             self.keys_moved += report.keys_moved
             self.batches += 1
             self.max_fence_seconds = max(self.max_fence_seconds, report.fence_seconds)
-            for name, seconds in (("copy", report.copy_seconds), ("cut-over", report.fence_seconds)):
+            steps = (("copy", report.copy_seconds), ("cut-over", report.fence_seconds), *report.steps.items())
+            for name, seconds in steps:
                 self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + seconds
             for table, n in report.rows_by_table.items():
                 self.rows_by_table[table] = self.rows_by_table.get(table, 0) + n
