@@ -406,10 +406,11 @@ class SourceMover:
         for target, target_keys in by_target.items():
             with self._step("copy: journal"):
                 shape = self._journal(targets[target], target_keys, forget=True)
+            verify = not self._stores_what_is_sent(source, shape)
             with self._step("copy: COPY stream"):
-                sent = self._replace(source, targets[target], target_keys, fresh=True)
-            with self._step("copy: verify"):
-                if not self._stores_what_is_sent(source, shape):
+                sent = self._replace(source, targets[target], target_keys, fresh=True, digest=verify)
+            if verify:
+                with self._step("copy: verify"):
                     self._verify(target, targets[target], target_keys, sent)
         with self._step("copy: fingerprints"):
             return key_checksums(source, self.names, keys)
@@ -427,17 +428,24 @@ class SourceMover:
         return target_shape[1] == self._source_shape
 
     def _replace(
-        self, source: Connection, tconn: Connection, keys: list[Any], *, fresh: bool = False
+        self,
+        source: Connection,
+        tconn: Connection,
+        keys: list[Any],
+        *,
+        fresh: bool = False,
+        digest: bool = True,
     ) -> list[Digest]:
         """Make the target's rows of ``keys`` a copy of the source's (in the target's open
-        transaction); returns each table's digest of what was sent. ``fresh``: the target holds no
-        row of them (clean_targets ran; writers write them on the source), so a row there would
-        fail the COPY on its primary key, loudly."""
+        transaction); returns each table's digest of what was sent (``digest=False``: no digest,
+        no primary-key order: nothing will read them back). ``fresh``: the target holds no row of
+        them (clean_targets ran; writers write them on the source), so a row there would fail the
+        COPY on its primary key, loudly."""
         if not keys:
             return []
         if not fresh:
             _pipelined(tconn, [f"DELETE FROM {n.live} WHERE {n.key_in}" for n in reversed(self.names)], keys)
-        return [names.copy(source, tconn, keys) for names in self.names]
+        return [names.copy(source, tconn, keys, digest=digest) for names in self.names]
 
     def _verify(self, target: str, tconn: Connection, keys: list[Any], sent: list[Digest]) -> None:
         """The target now holds exactly the bytes that were sent (re-read in key order), table by table."""
@@ -803,26 +811,32 @@ class TableNames:
             preparer.format_table(spec.table), key, key_in, columns, order, "binary" if portable else "text"
         )
 
-    def _out(self) -> str:
+    def _out(self, *, ordered: bool = True) -> str:
+        order = f" ORDER BY {self.order}" if ordered else ""
         return (
-            f"COPY (SELECT {self.columns} FROM {self.live} WHERE {self.key_in} ORDER BY {self.order})"
+            f"COPY (SELECT {self.columns} FROM {self.live} WHERE {self.key_in}{order})"
             f" TO STDOUT (FORMAT {self.format})"
         )
 
-    def copy(self, source: Connection, target: Connection, keys: list[Any]) -> Digest:
+    def copy(self, source: Connection, target: Connection, keys: list[Any], *, digest: bool = True) -> Digest:
         """Stream the keys' rows from the source table into the target's with COPY (no Python row
-        is built); returns the digest of the bytes sent."""
+        is built); returns the digest of the bytes sent (``digest=False``: rows in no particular
+        order and no digest, ``""``)."""
         src = source.connection.driver_connection.cursor()  # type: ignore[union-attr]
         dst = target.connection.driver_connection.cursor()  # type: ignore[union-attr]
         hasher = xxh3_128()
         with (
-            src.copy(self._out(), (keys,)) as out,
+            src.copy(self._out(ordered=digest), (keys,)) as out,
             dst.copy(f"COPY {self.live} ({self.columns}) FROM STDIN (FORMAT {self.format})") as into,
         ):
-            for block in out:
-                hasher.update(block)
-                into.write(block)
-        return int(src.rowcount), hasher.hexdigest()
+            if digest:
+                for block in out:
+                    hasher.update(block)
+                    into.write(block)
+            else:
+                for block in out:
+                    into.write(block)
+        return int(src.rowcount), hasher.hexdigest() if digest else ""
 
     def digest(self, conn: Connection, keys: list[Any]) -> Digest:
         """The digest of this shard's rows of ``keys`` (as :meth:`copy` computes it)."""
