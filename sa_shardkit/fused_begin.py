@@ -1,7 +1,8 @@
 """A transaction's BEGIN and its first statement in one round trip (sync psycopg).
 
 A write transaction's fence reads one fixed statement before its first write (the unstored-ring
-check, :meth:`sa_shardkit.placement.Placement.fence_write`). psycopg sends ``BEGIN`` in a round
+check, or with a stored ring the ``FOR KEY SHARE`` lock of the state row,
+:meth:`sa_shardkit.placement.Placement.fence_write`). psycopg sends ``BEGIN`` in a round
 trip of its own before a transaction's first statement, so that check alone was one more round
 trip per write transaction. Sent as one simple-protocol query, ``BEGIN ...; EXECUTE <name>``, it
 rides on the BEGIN's round trip: the same commands in the same order and the same snapshot rules

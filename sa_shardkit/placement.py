@@ -13,7 +13,8 @@ A stored ring may name a shard this process's configuration lacks (the fleet gre
 process was configured): routing a key there raises :class:`~sa_shardkit.UnknownShardError`
 naming the shard and the ring version; the old shard is never used instead.
 
-Every write transaction on a shard first reads that shard's state row with a lock (the fence):
+Every write transaction on a shard first reads that shard's state row with a lock (the fence; for a
+key that is not moving, on psycopg, in the BEGIN's round trip, :mod:`sa_shardkit.fused_begin`):
 
 * a key that is not moving: ``FOR KEY SHARE``. Only a version bump (a key update, preceded by
   ``FOR UPDATE``) conflicts, so after a bump no writer of the older version is still in flight, and
@@ -62,6 +63,7 @@ from .ring import HashRing, ShardKey
 from .ring_state import (
     RingState,
     SourceMarks,
+    fence_version_with_begin,
     read_any_state,
     read_fence,
     read_shard_state,
@@ -627,16 +629,16 @@ class Placement:
                     return
                 continue  # the shard's ring was adopted: fence under it
             move = state.move_of(key)
+            if move is None and state.version > 0 and fence_version_with_begin(conn) == state.version:
+                # the fence, in the BEGIN's round trip: the row is locked under the ring routed by
+                self._require_owner(state, key, shard_id)
+                return
             lock = "FOR SHARE" if move is not None and move[0] == shard_id else "FOR KEY SHARE"
             row = read_fence(conn, key, state.key_type if move else None, lock, installed=state.version > 0)
             if row.state is not None and self._adopt(row.state):
                 continue  # the shard knows a newer ring: decide again under it
             if move is None:
-                owner = state.owner(key)
-                if owner != shard_id:
-                    raise StaleRingError(
-                        f"key {key!r} belongs on {owner!r}, not {shard_id!r}", shard_id=owner
-                    )
+                self._require_owner(state, key, shard_id)
                 return
             source, target = move
             current = row.state is not None and row.state.version == state.version
@@ -653,6 +655,13 @@ class Placement:
                 raise StaleRingError(f"key {key!r} has not moved to {target!r} yet", shard_id=source)
             raise StaleRingError(f"key {key!r} belongs on {source!r}, not {shard_id!r}", shard_id=source)
         raise StaleRingError(f"the ring kept changing while fencing key {key!r}; retry")
+
+    @staticmethod
+    def _require_owner(state: RingState, key: ShardKey, shard_id: str) -> None:
+        """A key that is not moving must be written on the shard ``state``'s ring owns it to."""
+        owner = state.owner(key)
+        if owner != shard_id:
+            raise StaleRingError(f"key {key!r} belongs on {owner!r}, not {shard_id!r}", shard_id=owner)
 
     # -- rows placed by another column, moved by fenced cut-over (the saga log by saga id) --------
 

@@ -175,6 +175,18 @@ def read_shard_state(
     return None if row is None else row_to_state(shard_id, row)
 
 
+_FENCE_VERSION = f"SELECT version FROM {STATE_TABLE} FOR KEY SHARE".encode()
+
+
+def fence_version_with_begin(conn: Connection) -> int | None:
+    """The ring version this shard stores, its state row locked ``FOR KEY SHARE`` (the fence of a
+    key that is not moving), read as the first statement of ``conn``'s transaction together with its
+    BEGIN (:mod:`.fused_begin`); None when that was not possible (the transaction has begun, no
+    row, another driver, any error): then read the row the ordinary way (:func:`read_fence`)."""
+    value = first_value_with_begin(conn, b"shardkit_fence_version", _FENCE_VERSION)
+    return None if value is None else int(value)
+
+
 def read_fleet_state(manager: ShardManager, shard_ids: Iterable[str] | None = None) -> dict[str, ShardState]:
     """Every reachable shard's row, read in parallel (shards without the table, or not on
     PostgreSQL, are left out)."""

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sa_shardkit import ShardManager
 from sa_shardkit.demo.models import Base, Customer, Order
 from sa_shardkit.placement import RECHECK_ENV
+from sa_shardkit.rebalance import install_ring
 from sa_shardkit.ring_state import STATE_TABLE
 
 WARM = 7
@@ -147,3 +148,26 @@ def test_ring_check_survives_a_dropped_prepared_statement(
             text("SELECT count(*) FROM orders WHERE customer_id = :k"), {"k": one_shard_keys[0]}
         ).scalar()
     assert stored == 4 * WARM + 2
+
+
+def test_with_a_stored_ring_the_fence_rides_on_begin_too(
+    manager: ShardManager, one_shard_keys: list[int]
+) -> None:
+    """Once a ring is stored, a write transaction's fence locks the shard's state row (``FOR KEY
+    SHARE``) as its first statement: sent with the BEGIN, checked against the routed version."""
+    install_ring(manager)
+    manager.placement.refresh()
+    assert manager.placement.state.version == 1
+    engine = manager.engine("shard-1")
+    plain, routed = sessionmaker(engine), manager.sessionmaker()
+    for _ in range(WARM):
+        insert_order(plain, one_shard_keys[0])
+        insert_order(routed, one_shard_keys[1])
+    stock = round_trips(engine, lambda: insert_order(plain, one_shard_keys[0]))
+    ours = round_trips(engine, lambda: insert_order(routed, one_shard_keys[1]))
+    assert ours == stock
+    with engine.connect() as conn:  # every routed insert landed, fenced or not
+        stored = conn.execute(
+            text("SELECT count(*) FROM orders WHERE customer_id = :k"), {"k": one_shard_keys[1]}
+        ).scalar()
+    assert stored == WARM + 1
