@@ -9,9 +9,12 @@ holds N / servers databases), each answering ``SELECT pg_sleep(0.05)``. Two path
 * ``thread per shard``: the flat fan-out as it was before the hub (last session's path, kept here
   for comparison): one checkout per shard whose pre-ping is the reachability check, the statement
   autocommitted on it, each shard in its own worker thread.
-* ``query_all_shards`` and ``run_on_all`` (now): the same checkout and statement, but every shard
-  with a warm pooled connection runs as a greenlet of the calling thread and one selector waits for
-  all the sockets (``sa_shardkit.multiplex``): no thread per shard.
+* ``greenlet hub``: last stop's path, kept here for comparison: the same checkout and statement,
+  but every shard with a warm pooled connection runs as a greenlet, 16 to a thread, each thread's
+  waits sharing one selector (``sa_shardkit.multiplex``).
+* ``query_all_shards`` and ``run_on_all`` (now): the SQL text rendered once, each warm shard's idle
+  connection borrowed from its pool, a ping and the statement sent at the libpq level, and one
+  selector loop on the calling thread waiting for every shard (``sa_shardkit.scatter.lean``).
 
 Each figure is the best of ``--rounds`` (default 5) after a warm-up round; every path runs in the
 same process, interleaved round by round, so all see the same machine load. Targets: <= 1.3x one
@@ -87,6 +90,23 @@ def thread_per_shard(manager: ShardManager) -> Callable[[], Any]:
     return run
 
 
+def greenlet_hub(manager: ShardManager) -> Callable[[], Any]:
+    """Last stop's fan-out: warm shards as greenlets, 16 per thread, through SQLAlchemy's execute."""
+    ids = list(manager.shard_ids)
+    engines = {s: manager.engine(s) for s in ids}
+    statement = text(SLEEP)
+
+    def one(shard_id: str, conn: Connection) -> Any:
+        return conn.execution_options(isolation_level="AUTOCOMMIT").execute(statement).freeze()()
+
+    def run() -> Any:
+        outcome = fan_out_connected(engines, manager.scatter_timeouts(ids), one, cooperative=True)
+        assert not outcome.errors, outcome.errors
+        return outcome.results
+
+    return run
+
+
 def best_of(runs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
     best = dict.fromkeys(runs, float("inf"))
     for round_no in range(rounds + 1):  # round 0 opens the connections
@@ -105,7 +125,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds per path")
     args = parser.parse_args()
     counts = [int(c) for c in args.shards.split(",") if c.strip()]
-    paths = ("thread pool (before)", "thread per shard", "query_all_shards", "run_on_all")
+    paths = ("thread pool (before)", "thread per shard", "greenlet hub", "query_all_shards", "run_on_all")
     with PostgresFleet(args.servers) as fleet:
         started = time.perf_counter()
         urls = create_databases(fleet, max(counts))
@@ -120,8 +140,9 @@ def main() -> None:
                     {
                         paths[0]: thread_pool_before(manager, old_pool),
                         paths[1]: thread_per_shard(manager),
-                        paths[2]: lambda: manager.query_all_shards(SLEEP).all(),
-                        paths[3]: lambda: manager.run_on_all(SLEEP),
+                        paths[2]: greenlet_hub(manager),
+                        paths[3]: lambda: manager.query_all_shards(SLEEP).all(),
+                        paths[4]: lambda: manager.run_on_all(SLEEP),
                     },
                     args.rounds,
                 )

@@ -36,6 +36,7 @@ from .routing import route_statement
 from .scatter.connected import fan_out_connected
 from .scatter.core import query_all_shards
 from .scatter.fanout import raise_for_errors
+from .scatter.lean import Answer, LeanStatement, as_result
 from .session import sessionmaker_for
 
 if TYPE_CHECKING:
@@ -412,12 +413,22 @@ class ShardManager:
             with conn.begin():
                 return work(conn)
 
+        lean = None
+        if isinstance(work, str):  # warm shards: one loop, no SQLAlchemy per shard
+            lean = LeanStatement(
+                text(work),
+                params,
+                {s: self._configs[s].connect_timeout for s in targets},
+                {s: self._configs[s].query_timeout for s in targets},
+                _rows_or_count,
+            )
         outcome = fan_out_connected(
             {s: self.engine(s, write=write) for s in targets},
             self.scatter_timeouts(targets),
             one,
             limit=self.budget.limit,
             cooperative=isinstance(work, str),  # a callable may hold locks: it gets a thread
+            lean=lean,
         )
         raise_for_errors(
             {s: outcome.errors[s] for s in targets if s in outcome.errors},
@@ -540,6 +551,11 @@ class ShardManager:
     def __repr__(self) -> str:
         shards = ", ".join(f"{c.id}={c.safe_url()}" for c in self._configs.values())
         return f"ShardManager({shards})"
+
+
+def _rows_or_count(answer: Answer) -> Any:
+    """``run_on_all(SQL)``'s value for one shard: its rows, or the rowcount of a statement without."""
+    return list(as_result(answer)) if answer.keys is not None else answer.rowcount
 
 
 class _Engines(Mapping[str, Engine]):

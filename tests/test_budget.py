@@ -212,8 +212,9 @@ def test_a_session_update_without_a_key_over_16_shards_with_a_budget_of_4_queues
             assert loaded is not None and held is not None
             assert (loaded.name, held.name) == ("everyone", "everyone")  # expired and reloaded / in it
         # never more than the budget; shard-5's connection idles in the transaction meanwhile, and
-        # the other 3 of the budget run queued shards at once
-        assert 3 <= sampler.peak <= 4 and peak == 4
+        # the other 3 of the budget run queued shards (2 or 3 at once: each next one first closes an
+        # idle connection of another pool)
+        assert 2 <= sampler.peak <= 4 and peak == 4
         assert result.rowcount == 16  # type: ignore[attr-defined]
         names = manager.run_on_all("SELECT customer_id, name FROM customers")
         assert {s: [tuple(r) for r in rows] for s, rows in names.items()} == {

@@ -1,6 +1,7 @@
-"""A frozen shard (a real SIGSTOP) under the multiplex hub, with more shards than one hub serves.
+"""A frozen shard (a real SIGSTOP) under the fan-out loops, with more shards than one loop serves.
 
-31 warm shards run as three hubs (16 + 15 on two threads, :data:`HUB_SHARDS`); the server holding
+31 warm shards run on two lean loops (``LEAN_SHARDS`` = 16 here) or, with a statement listener,
+as two greenlet hubs (16 + 15 on two threads, :data:`HUB_SHARDS`); the server holding
 one of them is SIGSTOPped. ``query_all_shards``/``run_on_all`` must name that shard within its
 connect timeout (partial: in ``shard_errors``; otherwise raised), and the process must then exit
 normally while the server is still frozen (no thread left waiting on it). The fan-out runs in a
@@ -28,9 +29,16 @@ CHILD = textwrap.dedent(
     import json, sys, time
     from sa_shardkit import ShardConfig, ShardManager, ShardUnavailableError
 
-    urls = json.loads(sys.argv[1])
+    from sqlalchemy import event
+    import sa_shardkit.scatter.lean as lean
+
+    urls, path = json.loads(sys.argv[1]), sys.argv[2]
     configs = [ShardConfig(id=s, url=u, connect_timeout=1.0) for s, u in urls.items()]
     manager = ShardManager(configs)
+    lean.LEAN_SHARDS = 16  # 31 shards: two lean loops, on two threads
+    if path == "hub":  # a statement listener: every shard on the greenlet hubs (16 per thread)
+        for engine in manager.engines.values():
+            event.listen(engine, "before_cursor_execute", lambda *args: None)
     manager.run_on_all("SELECT 1")  # every pool holds an idle connection: all shards on the hub
     manager.query_all_shards("SELECT 1")
     print("warm", flush=True)
@@ -61,8 +69,9 @@ def forty(pg_fleet: TestFleet) -> Iterator[dict[str, str]]:
         yield shards
 
 
+@pytest.mark.parametrize("path", ["lean", "hub"])
 def test_a_frozen_shard_under_several_hubs_is_named_and_the_process_exits(
-    pg_fleet: TestFleet, forty: dict[str, str]
+    pg_fleet: TestFleet, forty: dict[str, str], path: str
 ) -> None:
     servers = pg_fleet.urls
     server_of = {s: forty[s].rsplit("/", 1)[0] for s in forty}
@@ -70,7 +79,7 @@ def test_a_frozen_shard_under_several_hubs_is_named_and_the_process_exits(
     shards = {s: u for s, u in forty.items() if server_of[s] != frozen_server or s == FROZEN}
     assert len(shards) == 31 > 16 == HUB_SHARDS and frozen_server == servers[3].rsplit("/", 1)[0]
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, json.dumps(shards)],
+        [sys.executable, "-c", CHILD, json.dumps(shards), path],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -29,6 +29,7 @@ from sqlalchemy.pool import QueuePool
 from ..errors import ShardUnavailableError
 from ..multiplex import Hub, is_cooperative
 from .fanout import FanOut, runs_in_threads, scatter_pool
+from .lean import LeanRun, LeanStatement
 
 T = TypeVar("T")
 
@@ -68,6 +69,7 @@ def fan_out_connected(
     *,
     limit: int | None = None,
     cooperative: bool = False,
+    lean: LeanStatement[T] | None = None,
 ) -> FanOut[T]:
     """Run ``work(shard, connection)`` on every shard concurrently; wait for all, collect errors.
 
@@ -75,6 +77,9 @@ def fan_out_connected(
     shards with a warm pooled connection run as greenlets, :data:`HUB_SHARDS` to a thread, each
     thread's waits for the servers sharing one selector (:mod:`sa_shardkit.multiplex`); the others
     (no idle connection: a connect blocks) get a worker thread each.
+
+    ``lean`` (SQL text, without a budget): the warm shards it can serve run first of all, on the
+    calling thread's one loop at the libpq level (:mod:`.lean`), while the others run as above.
     """
     outcome: FanOut[T] = FanOut()
     if not engines:
@@ -87,6 +92,9 @@ def fan_out_connected(
             except Exception as error:  # noqa: BLE001 - collected, the policy decides
                 outcome.errors[shard] = error
         return outcome
+    lean_run = LeanRun(lean, engines) if lean is not None and limit is None else None
+    if lean_run is not None:
+        engines = {s: engines[s] for s in lean_run.rest}
     slots = threading.BoundedSemaphore(limit) if limit is not None else None
     pool = scatter_pool()
     attempts: dict[str, tuple[_Attempt, float]] = {}
@@ -94,7 +102,9 @@ def fan_out_connected(
     warm = {s for s, e in engines.items() if cooperative and limit is None and _warm(e)}
     together = [s for s in engines if s in warm]
     groups = [together[i : i + HUB_SHARDS] for i in range(0, len(together), HUB_SHARDS)]
-    hubs = [pool.submit(copy_context().run, _run_hub, group, engines, work) for group in groups[1:]]
+    # the calling thread's work: the lean loop when it serves any shard, else the first hub
+    here = groups[:1] if lean_run is None or not lean_run.serves else []
+    hubs = [pool.submit(copy_context().run, _run_hub, g, engines, work) for g in groups[len(here) :]]
     for shard, engine in engines.items():
         if shard in warm:
             continue
@@ -106,10 +116,20 @@ def fan_out_connected(
         attempts[shard] = (attempt, timeouts.get(shard, 4.0))
         # in a copy of the caller's contextvars context, as fan_out does (tracing spans join its trace)
         futures[shard] = pool.submit(copy_context().run, _run, shard, engine, work, attempt, slots)
-    # the first group's hub runs here; a BaseException in another hub's thread is raised by result()
-    for results, errors in [_run_hub(groups[0], engines, work)] if groups else []:
+    # the first group's hub (or the lean loop) runs here; a BaseException in another hub's thread
+    # is raised by result()
+    for results, errors in [_run_hub(group, engines, work) for group in here]:
         outcome.results.update(results)
         outcome.errors.update(errors)
+    late: FanOut[T] | None = None
+    if lean_run is not None and lean is not None:
+        lean_outcome = lean_run.drive()
+        outcome.results.update((s, lean.finish(a)) for s, a in lean_outcome.answers.items())
+        outcome.errors.update(lean_outcome.errors)
+        if lean_outcome.rest:  # their pooled connection was dead: reconnect on the usual path
+            late = fan_out_connected(
+                {s: lean_run.engines[s] for s in lean_outcome.rest}, timeouts, work, cooperative=cooperative
+            )
     for hub in hubs:
         results, errors = hub.result()
         outcome.results.update(results)
@@ -130,6 +150,9 @@ def fan_out_connected(
             outcome.results[shard] = future.result()
         except Exception as error:  # noqa: BLE001 - collected, the policy decides
             outcome.errors[shard] = error
+    if late is not None:
+        outcome.results.update(late.results)
+        outcome.errors.update(late.errors)
     return outcome
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Result
 from sqlalchemy.sql import Executable
+from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import Select
 from sqlalchemy.util.concurrency import in_greenlet
 
@@ -17,6 +18,7 @@ from ..faults import unavailable
 from .connected import fan_out_connected
 from .fanout import fan_out, probe, raise_for_errors
 from .gather import gather
+from .lean import LeanStatement, as_result
 from .ownership import for_move
 from .plan import AggregatePlan, ScatterPlan, plan_scatter
 from .result import ScatterResult
@@ -142,8 +144,22 @@ def _query_all_shards(
         )
     else:
         errors = {}
+        lean = None
+        if isinstance(shard_statement, TextClause):  # warm shards: one loop, no SQLAlchemy per shard
+            lean = LeanStatement(
+                shard_statement,
+                params,
+                {s: manager.config(s).connect_timeout for s in reachable},
+                {s: manager.config(s).query_timeout for s in reachable},
+                as_result,
+            )
         outcome = fan_out_connected(
-            engines, manager.scatter_timeouts(reachable), run, limit=manager.budget.limit, cooperative=True
+            engines,
+            manager.scatter_timeouts(reachable),
+            run,
+            limit=manager.budget.limit,
+            cooperative=True,
+            lean=lean,
         )
     errors = {
         s: e for s in targets if (e := unlisted.get(s) or errors.get(s) or outcome.errors.get(s)) is not None
