@@ -56,6 +56,11 @@ class ShardConfig:
     connection and raises ShardUnavailableError (a frozen server never answers); None: no bound.
     Per statement: ``execution_options(shardkit_query_timeout=...)``."""
     pool_timeout: float = 10.0
+    fence_timeout: float | None = 5.0
+    """Seconds a write, scatter or saga listing waits for a rebalance cut-over holding this shard's
+    fence (its state row, while the shard is a move's source) before it raises
+    FenceTimeoutError naming the shard (a frozen mover otherwise blocks them until
+    ``query_timeout``); a cut-over normally holds it ~``MoveOptions.fence_seconds``. None: no bound."""
     pool_pre_ping: bool = True
     max_replica_lag: float = 5.0
     """Seconds the replica may trail the primary before reads fall back to the primary."""
@@ -89,6 +94,8 @@ class ShardConfig:
             raise ConfigError(f"shard {self.id!r}: connect_timeout must be > 0")
         if self.query_timeout is not None and self.query_timeout <= 0:
             raise ConfigError(f"shard {self.id!r}: query_timeout must be > 0 (or None for no bound)")
+        if self.fence_timeout is not None and self.fence_timeout <= 0:
+            raise ConfigError(f"shard {self.id!r}: fence_timeout must be > 0 (or None for no bound)")
 
     @property
     def primary_url(self) -> URL:
@@ -187,6 +194,7 @@ _POOL_KEYS: dict[str, Callable[[str], Any]] = {
     "connect_timeout": float,
     "query_timeout": float,
     "pool_timeout": float,
+    "fence_timeout": float,
     "pool_pre_ping": _flag,
     "max_replica_lag": float,
     "pgbouncer": _flag,

@@ -193,6 +193,16 @@ class RebalanceCancelled(RebalanceError):
     """A move was cancelled between batches; it stays in flight (consistent) until resumed."""
 
 
+class FenceTimeoutError(ShardUnavailableError, RebalanceError):
+    """A fence (``FOR SHARE`` of a move source's state row) waited longer than the shard's
+    ``fence_timeout`` for a rebalance cut-over holding that row (a frozen or stuck mover); nothing
+    was written. ``shard_id`` names the source, ``seconds`` the bound."""
+
+    def __init__(self, message: str, *, shard_id: str | None = None, seconds: float | None = None) -> None:
+        super().__init__(message, shard_id=shard_id)
+        self.seconds = seconds
+
+
 class StaleRingError(RebalanceError):
     """A key's range moved (or the ring changed) under a transaction; retry it on the new shard."""
 

@@ -52,6 +52,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.engine import Connection
@@ -63,6 +64,7 @@ from .ring import HashRing, ShardKey
 from .ring_state import (
     RingState,
     SourceMarks,
+    bounded_fence,
     fence_version_with_begin,
     read_any_state,
     read_fence,
@@ -634,7 +636,14 @@ class Placement:
                 self._require_owner(state, key, shard_id)
                 return
             lock = "FOR SHARE" if move is not None and move[0] == shard_id else "FOR KEY SHARE"
-            row = read_fence(conn, key, state.key_type if move else None, lock, installed=state.version > 0)
+            row = self._bounded(
+                conn,
+                shard_id,
+                lock,
+                partial(
+                    read_fence, conn, key, state.key_type if move else None, lock, installed=state.version > 0
+                ),
+            )
             if row.state is not None and self._adopt(row.state):
                 continue  # the shard knows a newer ring: decide again under it
             if move is None:
@@ -713,10 +722,13 @@ class Placement:
             move = state.move_of(value)
             if move is None or move[0] == shard_id:
                 lock = "FOR KEY SHARE" if move is None else "FOR SHARE"
-                row = (
-                    read_value_fence(conn, table, value, lock)
+                row = self._bounded(
+                    conn,
+                    shard_id,
+                    lock,
+                    partial(read_value_fence, conn, table, value, lock)
                     if move
-                    else read_fence(conn, None, None, lock, installed=state.version > 0)
+                    else partial(read_fence, conn, None, None, lock, installed=state.version > 0),
                 )
                 if row.state is not None and self._adopt(row.state):
                     continue
@@ -896,7 +908,7 @@ class Placement:
                 held.append(conn)
                 conn.execution_options(**{INTERNAL: True})
                 conn.begin()
-                rows[shard_id] = read_shard_state(conn, shard_id, lock="FOR SHARE", check_table=False)
+                rows[shard_id] = self._held_state(conn, shard_id)
         except BaseException:
             _close(held)
             raise
@@ -918,8 +930,26 @@ class Placement:
         if state.target is None:
             return None
         sources = [s for s in state.sources if self.manager.has_shard(s)]
-        rows = {s: read_shard_state(connection(s), s, lock="FOR SHARE", check_table=False) for s in sources}
+        rows = {s: self._held_state(connection(s), s) for s in sources}
         return self._marks(state, sources, rows)
+
+    def _held_state(self, conn: Connection, shard_id: str) -> Any:
+        """A source's state row under its fence (``FOR SHARE``), the wait bounded (fence_timeout)."""
+        return self._bounded(
+            conn,
+            shard_id,
+            "FOR SHARE",
+            lambda: read_shard_state(conn, shard_id, lock="FOR SHARE", check_table=False),
+        )
+
+    def _bounded(self, conn: Connection, shard_id: str, lock: str, read: Callable[[], T]) -> T:
+        """``read()`` (a fence on ``shard_id``) with the wait for a cut-over bounded by the shard's
+        ``fence_timeout`` (:func:`~sa_shardkit.ring_state.bounded_fence`; FenceTimeoutError naming
+        the shard). Only ``FOR SHARE`` waits for a cut-over; ``FOR KEY SHARE`` (every write
+        transaction) waits only for a version bump and pays nothing here."""
+        if lock != "FOR SHARE":
+            return read()
+        return bounded_fence(conn, shard_id, self.manager.config(shard_id).fence_timeout, read)
 
     def release_marks(self, marks: SourceMarks | None) -> None:
         """End the fences :meth:`source_marks` holds for ``marks`` (if any)."""

@@ -15,15 +15,16 @@ writes it (:mod:`sa_shardkit.rebalance.catalog`). Locking rules: see :mod:`sa_sh
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
-from .errors import RebalanceError
+from .errors import FenceTimeoutError, RebalanceError
 from .fused_begin import first_value_with_begin
 from .ring import HashRing, ShardKey, moved_arcs
 
@@ -161,6 +162,45 @@ def row_to_state(shard_id: str, row: Any) -> ShardState:
 
 def state_table_exists(conn: Connection) -> bool:
     return conn.execute(text("SELECT to_regclass(:t)"), {"t": STATE_TABLE}).scalar() is not None
+
+
+T = TypeVar("T")
+
+_BOUND_LOCKS = text(
+    "WITH p AS MATERIALIZED (SELECT current_setting('lock_timeout') AS prev,"
+    " extract(epoch FROM CAST(current_setting('lock_timeout') AS interval)) * 1000 AS ms),"
+    " b AS (SELECT prev, CAST(round(CASE WHEN ms > 0 AND ms < :ms THEN ms ELSE :ms END) AS bigint) AS ms FROM p)"
+    " SELECT prev, ms, set_config('lock_timeout', CAST(ms AS text) || 'ms', true) FROM b"
+)
+_RESTORE_LOCKS = text("SELECT set_config('lock_timeout', :t, true)")
+_LOCK_NOT_AVAILABLE = "55P03"
+
+
+def bounded_fence(conn: Connection, shard_id: str, seconds: float | None, read: Callable[[], T]) -> T:
+    """``read()`` (a fence: a locking read of ``shard_id``'s state row) with its lock wait bounded
+    by ``seconds`` (the shard's ``fence_timeout``; None: unbounded).
+
+    ``lock_timeout`` (or the caller's own, if shorter) is set for the transaction just before (``set_config(..., true)``: transaction
+    scope, so PgBouncer's transaction pooling is fine) and put back right after, so the caller's
+    own statements keep their setting. On expiry raises :class:`FenceTimeoutError` naming the
+    shard; the transaction is then aborted and must be rolled back.
+    """
+    if seconds is None:
+        return read()
+    previous, bound, _ = conn.execute(_BOUND_LOCKS, {"ms": max(1, round(seconds * 1000))}).one()
+    try:
+        result = read()
+    except DBAPIError as error:
+        if getattr(error.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+            raise
+        raise FenceTimeoutError(
+            f"shard {shard_id!r}: a rebalance cut-over on it has held the fence for longer than "
+            f"{float(bound) / 1000:g} s (lock timeout); the mover may be stuck: `shardkit rebalance --status`",
+            shard_id=shard_id,
+            seconds=float(bound) / 1000,
+        ) from error
+    conn.execute(_RESTORE_LOCKS, {"t": previous})
+    return result
 
 
 def read_shard_state(

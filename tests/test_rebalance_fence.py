@@ -12,7 +12,7 @@ from sqlalchemy import insert, select, text
 
 from sa_shardkit import HashRing, ShardConfig, ShardManager
 from sa_shardkit.demo.models import Base, Order
-from sa_shardkit.errors import RebalanceError, StaleRingError
+from sa_shardkit.errors import FenceTimeoutError, RebalanceError, StaleRingError
 from sa_shardkit.rebalance import (
     MoveOptions,
     RingRouter,
@@ -87,7 +87,7 @@ def test_writers_of_keys_that_stay_are_not_blocked_by_a_cut_over(
             assert time.perf_counter() - started < 1.5
             conn.rollback()
             conn.execute(text("SET lock_timeout = '300ms'"))
-            with pytest.raises(Exception, match="lock timeout"):  # a moving key's writer does wait
+            with pytest.raises(FenceTimeoutError, match="'shard-1'.*0.3 s"):  # a moving key's writer waits
                 router.fence_write(conn, "shard-1", _moving_key("shard-1"))
         mover_conn.rollback()
 
