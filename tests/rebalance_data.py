@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text
 
 from sa_shardkit import HashRing, ShardConfig, ShardManager
 from sa_shardkit.demo.models import Base, Customer, Order, OrderItem, Product
@@ -21,6 +21,7 @@ from sa_shardkit.errors import StaleRingError
 from sa_shardkit.rebalance import RingRouter, RingState, install_ring, table_set
 from sa_shardkit.rebalance.catalog import write_state
 from sa_shardkit.rebalance.rebalancer import _prepare
+from sa_shardkit.ring_state import MOVED_KEYS_TABLE
 
 ORDERS = Order.__table__
 CUSTOMERS = Customer.__table__
@@ -318,3 +319,20 @@ def never_refresh_by_itself(manager: ShardManager, *, read_now: bool = False) ->
     setattr(manager.placement, "_interval", lambda: math.inf)  # noqa: B010 - a test's override
     if read_now:
         manager.placement.refresh()
+
+
+def leftovers(manager: ShardManager) -> dict[str, tuple[int, int]]:
+    """``{shard: (staging tables, journal entries)}`` where either is left: a finished move leaves
+    neither on any shard (removed ones included, when ``manager`` still lists them)."""
+    found = {}
+    for shard_id in manager.shard_ids:
+        with manager.connect(shard_id) as conn:
+            staged = conn.execute(
+                text("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'shardkit_in_%'")
+            ).scalar_one()
+            journaled = 0
+            if conn.execute(text("SELECT to_regclass(:t)"), {"t": MOVED_KEYS_TABLE}).scalar() is not None:
+                journaled = conn.execute(text(f"SELECT count(*) FROM {MOVED_KEYS_TABLE}")).scalar_one()
+            conn.rollback()
+        found[shard_id] = (int(staged), int(journaled))
+    return {s: v for s, v in found.items() if v != (0, 0)}

@@ -42,10 +42,10 @@ def url_args(manager: ShardManager, shard_ids: Iterable[str]) -> list[str]:
     return [a for s in shard_ids for a in ("--url", manager.config(s).primary_url.render_as_string(False))]
 
 
-def kill_mover_at(argv: list[str], stop: dict[str, Any], on_hold: Callable[[], None] | None = None) -> None:
-    """Run the CLI mover in a subprocess until it reaches ``stop`` (frozen there), then SIGKILL it
-    (``on_hold``: run at ``stop["hold"]``, the mover waiting)."""
-    mover = subprocess.Popen(
+def start_mover(argv: list[str], stop: dict[str, Any]) -> subprocess.Popen[str]:
+    """The CLI mover (``argv``) in a subprocess that freezes at ``stop`` and prints 'held' at
+    ``stop["hold"]`` (waiting for 'go' on stdin), 'stopped' once frozen."""
+    return subprocess.Popen(
         [sys.executable, "-m", "tests.rebalance_kill", json.dumps({"argv": argv, "stop": stop})],
         cwd=ROOT,
         stdin=subprocess.PIPE,
@@ -53,6 +53,12 @@ def kill_mover_at(argv: list[str], stop: dict[str, Any], on_hold: Callable[[], N
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+
+
+def kill_mover_at(argv: list[str], stop: dict[str, Any], on_hold: Callable[[], None] | None = None) -> None:
+    """Run the CLI mover in a subprocess until it reaches ``stop`` (frozen there), then SIGKILL it
+    (``on_hold``: run at ``stop["hold"]``, the mover waiting)."""
+    mover = start_mover(argv, stop)
     assert mover.stdout is not None and mover.stdin is not None
     try:
         lines = []

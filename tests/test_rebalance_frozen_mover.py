@@ -10,11 +10,8 @@ SIGCONT the move completes. On the old code the flush waits for the mover until 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 from decimal import Decimal
 
 import psycopg
@@ -25,7 +22,7 @@ from sa_shardkit.demo.models import Customer
 from sa_shardkit.rebalance import install_ring
 from sa_shardkit.rebalance.catalog import STATE_TABLE
 from sa_shardkit.saga.inspect import list_sagas
-from tests.rebalance_kill import ROOT, url_args
+from tests.rebalance_kill import start_mover, url_args
 from tests.saga_support import seed_ring_fleet
 
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
@@ -53,14 +50,7 @@ def test_a_frozen_mover_holding_a_cut_over_fails_fences_in_time(
     urls["shard-5"] = shard5_url
     argv = [*url_args(manager, FOUR.shard_ids), "--add", "shard-5", shard5_url]
     stop = {"sql": "-- never sent --", "hold": {"sql": "SET watermark = %(wm)s", "nth": 1}}
-    mover = subprocess.Popen(
-        [sys.executable, "-m", "tests.rebalance_kill", json.dumps({"argv": argv, "stop": stop})],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    mover = start_mover(argv, stop)
     assert mover.stdout is not None and mover.stdin is not None
     try:
         output = []

@@ -25,8 +25,7 @@ from sa_shardkit.rebalance import (
     read_fleet_state,
     remove_shard,
 )
-from sa_shardkit.ring_state import MOVED_KEYS_TABLE
-from tests.rebalance_data import Workload, check_fleet, seed
+from tests.rebalance_data import Workload, check_fleet, leftovers, seed
 
 THREE = HashRing(["shard-1", "shard-2", "shard-3"])
 CUSTOMERS, ORDERS_EACH, ITEMS_EACH = 450, 3, 1
@@ -69,22 +68,6 @@ class ScatterReader:
         assert self.wrong == [], f"{len(self.wrong)} of {self.scatters} scatters wrong: {self.wrong[:5]}"
 
 
-def _leftovers(manager: ShardManager) -> dict[str, tuple[int, int]]:
-    """``{shard: (staging tables, journal entries)}`` where either is left."""
-    found = {}
-    for shard_id in manager.shard_ids:
-        with manager.connect(shard_id) as conn:
-            staged = conn.execute(
-                text("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'shardkit_in_%'")
-            ).scalar_one()
-            journaled = 0
-            if conn.execute(text("SELECT to_regclass(:t)"), {"t": MOVED_KEYS_TABLE}).scalar() is not None:
-                journaled = conn.execute(text(f"SELECT count(*) FROM {MOVED_KEYS_TABLE}")).scalar_one()
-            conn.rollback()
-        found[shard_id] = (int(staged), int(journaled))
-    return {s: v for s, v in found.items() if v != (0, 0)}
-
-
 def _two_moves_under_load(
     manager: ShardManager, urls: dict[str, str], moves: list[tuple[str, str]]
 ) -> Workload:
@@ -103,7 +86,7 @@ def _two_moves_under_load(
             assert result.rows_moved > 0 and result.version == 3 + 2 * n
             view = FleetView(read_fleet_state(manager))
             assert view.unfinished is None and not view.split
-            assert _leftovers(manager) == {}
+            assert leftovers(manager) == {}
             time.sleep(0.2)  # writes under the new ring before the next move starts
     finally:
         workload.finish()
@@ -118,7 +101,7 @@ def _check_every_server(manager: ShardManager, ring: HashRing, version: int, wor
     stored = {s: st.state.version for s, st in view.shards.items() if s in ring.shard_ids}
     assert set(stored.values()) == {version}, stored
     assert view.unfinished is None and view.newest is not None and view.newest.ring == ring
-    assert _leftovers(manager) == {}
+    assert leftovers(manager) == {}
     check_fleet(manager, ring, workload, 0)
     for shard_id in manager.shard_ids:
         if shard_id not in ring.shard_ids:  # a removed (or never used) shard holds no sharded row

@@ -21,7 +21,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
 from sa_shardkit import HashRing, ShardManager
 from sa_shardkit.cli.rebalance import rebalance_command
@@ -29,8 +29,7 @@ from sa_shardkit.demo.models import Customer
 from sa_shardkit.rebalance import FleetView, install_ring, read_fleet_state
 from sa_shardkit.rebalance.catalog import move_started_at
 from sa_shardkit.rebalance.record import read_records
-from sa_shardkit.ring_state import MOVED_KEYS_TABLE
-from tests.rebalance_data import check_fleet, rows_everywhere, seed
+from tests.rebalance_data import check_fleet, leftovers, rows_everywhere, seed
 from tests.rebalance_kill import kill_mover_at, url_args
 
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
@@ -46,21 +45,6 @@ CHANGES = {
     "add": lambda url: ["--add", "shard-5", url],
     "remove": lambda url: ["--remove", "shard-2"],
 }
-
-
-def _journal_and_staging(manager: ShardManager) -> dict[str, tuple[int, int]]:
-    found = {}
-    for shard_id in manager.shard_ids:
-        with manager.connect(shard_id) as conn:
-            staged = conn.execute(
-                text("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'shardkit_in_%'")
-            ).scalar_one()
-            journaled = 0
-            if conn.execute(text("SELECT to_regclass(:t)"), {"t": MOVED_KEYS_TABLE}).scalar() is not None:
-                journaled = conn.execute(text(f"SELECT count(*) FROM {MOVED_KEYS_TABLE}")).scalar_one()
-            conn.rollback()
-        found[shard_id] = (int(staged), int(journaled))
-    return {s: v for s, v in found.items() if v != (0, 0)}
 
 
 class StaleReader:
@@ -131,7 +115,7 @@ def test_killed_in_the_start_wait_then_resumed_waits_out_the_first_runs_horizon(
             assert view.unfinished is not None and not view.split, "every shard stored the move"
             started = move_started_at(everything, view.unfinished)
             assert killed_at < started + HORIZON, "the kill came inside the start-wait horizon"
-            assert _journal_and_staging(everything) == {}, "no copy was made before the kill"
+            assert leftovers(everything) == {}, "no copy was made before the kill"
             copies = rows_everywhere(everything, list(urls))
             assert set(copies["customers"].values()) == {1}
         assert reader.manager.placement.state.version == 1, "the reader still routes by the old ring"
@@ -147,7 +131,7 @@ def test_killed_in_the_start_wait_then_resumed_waits_out_the_first_runs_horizon(
         view = FleetView(read_fleet_state(everything))
         assert {s.state.version for s in view.shards.values()} == {3}
         assert view.unfinished is None and view.newest is not None and view.newest.ring == new
-        assert _journal_and_staging(everything) == {}
+        assert leftovers(everything) == {}
         check_fleet(everything, new, None, CUSTOMERS * ORDERS_EACH)
         record, counts = read_records(everything, 2)
         assert record is not None and record.options["batch_size"] == BATCH  # kept by --resume
