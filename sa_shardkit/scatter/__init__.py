@@ -4,7 +4,9 @@
 targets several shards; ``ShardManager.query_all_shards`` is the same machinery without a session.
 Modules: ``plan`` (statement analysis and rewrite), ``ordering`` (PostgreSQL sort semantics),
 ``merge`` (k-way merge, aggregates), ``numeric`` (avg rounding), ``fanout`` (threads and failure
-policy), ``gather``/``result`` (the merged Result), ``session`` and ``core`` (the two entry points).
+policy), ``connected`` (one checkout per shard, greenlet hubs), ``lean`` (SQL text on warm shards
+at the libpq level), ``gather``/``result`` (the merged Result), ``session`` and ``core`` (the two
+entry points), ``writes`` (a session's UPDATE/DELETE on more shards than the connection budget).
 """
 
 from __future__ import annotations
