@@ -205,7 +205,8 @@ def test_a_session_update_without_a_key_over_16_shards_with_a_budget_of_4_queues
             loaded = session.get(Customer, keys["shard-7"])  # loaded in an earlier transaction
             session.commit()
             held = session.get(Customer, keys["shard-5"])  # this transaction holds shard-5
-            result = session.execute(update(Customer).where(text(SLOW_DML)).values(name="everyone"))
+            everyone = update(Customer).where(text(SLOW_DML)).values(name="everyone")
+            result = session.execute(everyone.execution_options(shardkit_queued_writes=True))
             assert manager.budget.open_connections <= 4
             session.commit()
             peak = manager.budget.peak
@@ -220,3 +221,21 @@ def test_a_session_update_without_a_key_over_16_shards_with_a_budget_of_4_queues
         assert {s: [tuple(r) for r in rows] for s, rows in names.items()} == {
             s: [(keys[s], "everyone")] for s in sixteen
         }
+
+
+def test_without_the_option_a_keyless_update_over_the_budget_fails_at_once_writing_nothing(
+    sixteen: dict[str, str],
+) -> None:
+    """Queued parts commit outside the session's transaction, so they are never the default: the
+    UPDATE raises ConnectionBudgetError before any shard runs it, naming the count and the budget."""
+    with budgeted(sixteen, 4, pool_timeout=30) as manager:
+        keys = _one_customer_per_shard(manager)
+        started = time.monotonic()
+        with manager.sessionmaker()() as session:
+            with pytest.raises(ConnectionBudgetError, match="16 shards.*max_connections is 4.*queued_writes"):
+                session.execute(update(Customer).values(name="nobody"))
+            session.rollback()
+        assert time.monotonic() - started < 25, "it waited for pool_timeout instead of failing at once"
+        names = manager.run_on_all("SELECT customer_id, name FROM customers")
+        assert all(name != "nobody" for rows in names.values() for _, name in rows)
+        assert sorted(k for rows in names.values() for k, _ in rows) == sorted(keys.values())

@@ -8,8 +8,10 @@ already holds run the statement in it; every other shard runs it as one autocomm
 on a pool connection of its own, at most the budget's free connections at once, the rest queued.
 
 Those shards' parts are committed when the statement returns (a later rollback of the session
-does not undo them); each is atomic on its shard, as a multi-shard write never was across shards
-without two-phase commit. A session created with ``twophase=True`` never takes this path. Objects
+does not undo them), so this is never the default: the statement must ask for it with the
+execution option ``shardkit_queued_writes=True`` (:data:`QUEUED_WRITES`). Without it such a write
+raises :class:`ConnectionBudgetError` at once, naming the shard count and the budget, before any
+shard runs it. A session created with ``twophase=True`` never takes this path. Objects
 of the statement's classes that the session loaded from those shards are expired (their next access
 reloads them), since the ORM's ``synchronize_session`` only saw the shards run in the session.
 """
@@ -24,10 +26,15 @@ from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.orm.base import instance_state
 from sqlalchemy.util.concurrency import in_greenlet
 
+from ..errors import ConnectionBudgetError
 from ..faults import QUERY_TIMEOUT, unavailable
 from .connected import fan_out_connected
 from .fanout import raise_for_errors, runs_in_threads
 from .session import held_binds
+
+QUEUED_WRITES = "shardkit_queued_writes"
+"""Execution option: a multi-shard UPDATE/DELETE over more shards than ``max_connections`` may run
+each shard's part outside the session's transaction, autocommitted (not undone by a rollback)."""
 
 
 def queued_writes(
@@ -53,6 +60,14 @@ def queued_writes(
             outside[shard_id] = bind
     if not outside:
         return None
+    if not orm_context.execution_options.get(QUEUED_WRITES, False):
+        raise ConnectionBudgetError(
+            f"this {orm_context.statement.__visit_name__.upper()} names no shard key and runs on "
+            f"{len(shard_ids)} shards in one transaction, but max_connections is {limit}: name a "
+            f"shard key, raise max_connections to at least {len(shard_ids)}, or run it with "
+            f".execution_options({QUEUED_WRITES}=True) (each shard's part then commits on its own "
+            "and a session rollback does not undo it)"
+        )
     inside = {s: invoke(orm_context, s) for s in shard_ids if s not in outside}
     statement, params = orm_context.statement, orm_context.parameters
     options = {k: v for k, v in orm_context.local_execution_options.items() if k == QUERY_TIMEOUT}
@@ -90,4 +105,4 @@ def _expire_loaded(orm_context: ORMExecuteState, shard_ids: set[str]) -> None:
             session.expire(obj)
 
 
-__all__ = ["queued_writes"]
+__all__ = ["QUEUED_WRITES", "queued_writes"]
