@@ -252,6 +252,14 @@ def write_state(manager: ShardManager, state: RingState, shard_ids: Iterable[str
             )
         return False
 
+    shard_ids = list(shard_ids)
+    if state.target is not None:
+        # A reader adopts the move from the first shard bumped and may scatter at once to a later
+        # one (a joining shard, bumped last): the ownership filter reads that shard's journal, so
+        # every shard's tables are committed before any shard stores the move.
+        for shard_id in shard_ids:
+            with manager.connect(shard_id) as conn, conn.begin():
+                conn.execute(ddl)
     bumped = False
     for shard_id in shard_ids:
         with manager.connect(shard_id) as conn, conn.begin():
