@@ -112,6 +112,7 @@ def test_list_sagas_api_says_stuck_once_the_lease_ran_out(manager: ShardManager)
     open_accounts(manager)
     sender, receiver = cross_shard_pair(manager)
     transfer(manager, sender, receiver, 1, transfer_id="done")
+    saga_rows(manager)  # its completion mark written (in the background): it must not land after ours
     with manager.engine(home_of(manager, "done")).begin() as conn:  # as if its runner died long ago
         conn.execute(
             sagas_table.update()
