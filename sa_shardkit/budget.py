@@ -205,7 +205,7 @@ class ConnectionBudget:
                         record.close()  # fires "close": the slot is released
                         closed += 1
                 finally:
-                    _put_back(pool, record)
+                    put_back_idle(pool, record)
         return closed
 
     def _start_reaper(self) -> None:
@@ -231,7 +231,7 @@ class ConnectionBudget:
             reaper.join(timeout=5)
 
 
-def _put_back(pool: QueuePool, record: ConnectionPoolEntry) -> None:
+def put_back_idle(pool: QueuePool, record: ConnectionPoolEntry) -> None:
     """Return a record taken out of the idle queue (an emptied one: the next checkout reconnects)."""
     try:
         pool._pool.put(record, False)

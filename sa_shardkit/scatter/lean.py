@@ -37,6 +37,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.util import queue as sqla_queue
 
+from ..budget import put_back_idle
 from ..faults import unavailable
 from ..multiplex import is_cooperative
 from .fanout import scatter_pool
@@ -210,18 +211,8 @@ def _borrow(shard_id: str, engine: Engine) -> _Shard | None:
     )
     shard = _Shard(shard_id, engine, record, conn) if usable else None
     if shard is None:
-        _put_back(pool, record)
+        put_back_idle(pool, record)
     return shard
-
-
-def _put_back(pool: Any, record: ConnectionPoolEntry) -> None:
-    try:
-        pool._pool.put(record, False)
-    except sqla_queue.Full:  # a checkin took its place meanwhile: drop it, as QueuePool does
-        try:
-            record.close()
-        finally:
-            pool._dec_overflow()
 
 
 def _give_back(shard: _Shard, error: BaseException | None = None) -> None:
@@ -232,7 +223,7 @@ def _give_back(shard: _Shard, error: BaseException | None = None) -> None:
     else:
         record.info[_IDLE_SINCE] = time.monotonic()
     pool: Any = shard.engine.pool
-    _put_back(pool, record)
+    put_back_idle(pool, record)
     if record.dbapi_connection is not None:
         pool.dispatch.checkin(record.dbapi_connection, record)  # the budget's idle mark and waiters
 
