@@ -55,6 +55,17 @@ def start_mover(argv: list[str], stop: dict[str, Any]) -> subprocess.Popen[str]:
     )
 
 
+def wait_held(mover: subprocess.Popen[str], where: str) -> list[str]:
+    """Read the mover's output until it prints 'held' (it waits at its hold point); fails naming
+    ``where`` if it exits first. Returns the lines it printed before."""
+    assert mover.stdout is not None
+    output = []
+    while (line := mover.stdout.readline()) and line.strip() != "held":
+        output.append(line)
+    assert line.strip() == "held", f"the mover never reached {where}:\n" + "".join(output)
+    return output
+
+
 def kill_mover_at(argv: list[str], stop: dict[str, Any], on_hold: Callable[[], None] | None = None) -> None:
     """Run the CLI mover in a subprocess until it reaches ``stop`` (frozen there), then SIGKILL it
     (``on_hold``: run at ``stop["hold"]``, the mover waiting)."""

@@ -22,7 +22,7 @@ from sa_shardkit.demo.models import Customer
 from sa_shardkit.rebalance import install_ring
 from sa_shardkit.rebalance.catalog import STATE_TABLE
 from sa_shardkit.saga.inspect import list_sagas
-from tests.rebalance_kill import start_mover, url_args
+from tests.rebalance_kill import start_mover, url_args, wait_held
 from tests.saga_support import seed_ring_fleet
 
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
@@ -53,10 +53,7 @@ def test_a_frozen_mover_holding_a_cut_over_fails_fences_in_time(
     mover = start_mover(argv, stop)
     assert mover.stdout is not None and mover.stdin is not None
     try:
-        output = []
-        while (line := mover.stdout.readline()) and line.strip() != "held":
-            output.append(line)
-        assert line.strip() == "held", "the mover never reached a cut-over:\n" + "".join(output)
+        wait_held(mover, "a cut-over")
         os.kill(mover.pid, signal.SIGSTOP)  # frozen inside the cut-over, the fence held
         stuck = [s for s in FOUR.shard_ids if _fence_held(urls[s])]
         assert stuck, "no source's fence is held: the window was not hit"

@@ -19,7 +19,7 @@ from sa_shardkit import HashRing, ShardManager
 from sa_shardkit.demo.models import Customer
 from sa_shardkit.rebalance import install_ring
 from tests.rebalance_data import check_fleet, seed
-from tests.rebalance_kill import start_mover, url_args
+from tests.rebalance_kill import start_mover, url_args, wait_held
 
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
 CUSTOMERS, ORDERS_EACH = 200, 1
@@ -39,10 +39,7 @@ def test_a_scatter_during_the_start_bump_reaches_a_joining_shard_with_its_journa
     mover = start_mover(argv, stop)
     assert mover.stdout is not None and mover.stdin is not None
     try:
-        output = []
-        while (line := mover.stdout.readline()) and line.strip() != "held":
-            output.append(line)
-        assert line.strip() == "held", "the mover never reached shard-5's start bump:\n" + "".join(output)
+        output = wait_held(mover, "shard-5's start bump")
         with ShardManager.from_urls(urls) as reader:
             reader.placement.refresh()
             state = reader.placement.state
