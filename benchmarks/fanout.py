@@ -73,8 +73,10 @@ def thread_pool_before(manager: ShardManager, pool: ThreadPoolExecutor) -> Calla
     return run
 
 
-def thread_per_shard(manager: ShardManager) -> Callable[[], Any]:
-    """Last session's flat fan-out: the checkout and the autocommitted statement in a thread each."""
+def connected_fan_out(manager: ShardManager, *, cooperative: bool) -> Callable[[], Any]:
+    """The checkout and the autocommitted statement through SQLAlchemy's execute, per shard: in a
+    thread each (last session's flat fan-out) or, ``cooperative``, as greenlets 16 per thread (last
+    stop's hub)."""
     ids = list(manager.shard_ids)
     engines = {s: manager.engine(s) for s in ids}
     statement = text(SLEEP)
@@ -83,24 +85,7 @@ def thread_per_shard(manager: ShardManager) -> Callable[[], Any]:
         return conn.execution_options(isolation_level="AUTOCOMMIT").execute(statement).freeze()()
 
     def run() -> Any:
-        outcome = fan_out_connected(engines, manager.scatter_timeouts(ids), one)
-        assert not outcome.errors, outcome.errors
-        return outcome.results
-
-    return run
-
-
-def greenlet_hub(manager: ShardManager) -> Callable[[], Any]:
-    """Last stop's fan-out: warm shards as greenlets, 16 per thread, through SQLAlchemy's execute."""
-    ids = list(manager.shard_ids)
-    engines = {s: manager.engine(s) for s in ids}
-    statement = text(SLEEP)
-
-    def one(shard_id: str, conn: Connection) -> Any:
-        return conn.execution_options(isolation_level="AUTOCOMMIT").execute(statement).freeze()()
-
-    def run() -> Any:
-        outcome = fan_out_connected(engines, manager.scatter_timeouts(ids), one, cooperative=True)
+        outcome = fan_out_connected(engines, manager.scatter_timeouts(ids), one, cooperative=cooperative)
         assert not outcome.errors, outcome.errors
         return outcome.results
 
@@ -139,8 +124,8 @@ def main() -> None:
                 times = best_of(
                     {
                         paths[0]: thread_pool_before(manager, old_pool),
-                        paths[1]: thread_per_shard(manager),
-                        paths[2]: greenlet_hub(manager),
+                        paths[1]: connected_fan_out(manager, cooperative=False),
+                        paths[2]: connected_fan_out(manager, cooperative=True),
                         paths[3]: lambda: manager.query_all_shards(SLEEP).all(),
                         paths[4]: lambda: manager.run_on_all(SLEEP),
                     },
