@@ -492,6 +492,20 @@ class Placement:
             return (self._require(old, value, state),)
         return (self._require(old, value, state), self._require(new, value, state))
 
+    def settled_shard(self, key: ShardKey) -> str | None:
+        """The one shard holding ``key`` while no move is in flight (the stored ring refreshed when
+        due, as :meth:`shards_for_key` does); None while a move is: ask :meth:`shards_for_key` and
+        watch the reads. The session's keyed reads ask this first: one check, no tuple."""
+        if time.monotonic() >= self._refresh_at:
+            self.maybe_refresh()
+        state = self._state
+        if state.target is not None:
+            return None
+        shard = state.ring.get_shard(key)
+        if shard not in self.manager._configs:  # the listed shards, without a call per key
+            self._require(shard, key, state)
+        return shard
+
     def shards_for_key(self, key: ShardKey, *, write: bool = False) -> tuple[str, ...]:
         """For :func:`sa_shardkit.routing.shards_for_key`: where the key's rows are now.
 

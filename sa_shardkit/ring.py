@@ -158,6 +158,8 @@ class HashRing:
         # Hot path: functions bound as defaults and a wrapped owner list avoid lookups and a branch.
         if type(key) is str:
             return self._wrapped_owners[_bisect(self._points, _hash(key.encode()))]  # type: ignore[no-any-return]
+        if type(key) is int:  # key_bytes' form of an int (not a bool: its type is bool)
+            return self._wrapped_owners[_bisect(self._points, _hash(str(key).encode()))]  # type: ignore[no-any-return]
         return self._wrapped_owners[_bisect(self._points, _hash(key_bytes(key)))]  # type: ignore[no-any-return]
 
     def shard_for_point(self, point: int) -> str:

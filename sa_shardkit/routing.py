@@ -266,6 +266,40 @@ _key_index_in_pk: weakref.WeakKeyDictionary[Mapper[Any], tuple[int | None, str]]
 """mapper -> (position of the shard key in its primary key (None: not in it), route reason)."""
 
 
+def identity_shard(manager: ShardManager, mapper: Mapper[Any], primary_key: Sequence[Any]) -> str | None:
+    """The one shard ``session.get(Model, primary_key)`` reads, in the common case only: the
+    primary key holds the shard key and no move is in flight. None otherwise: ask
+    :func:`route_identity` (reference tables, keys outside the primary key, moves, lookups).
+
+    The session's ``get()`` asks this first; the answer is :func:`route_identity`'s.
+    """
+    index = _key_index_of.get(weakref.ref(mapper))
+    if index is None:
+        index = _key_index_of[weakref.ref(mapper, _forget_mapper)] = _pk_key_index(mapper)
+    if index < 0 or index >= len(primary_key):
+        return None
+    key = primary_key[index]
+    return None if key is None else manager.placement.settled_shard(key)
+
+
+def _pk_key_index(mapper: Mapper[Any]) -> int:
+    """Where the shard key sits in ``mapper``'s primary key; -1: not there, or a reference table."""
+    sharding = sharding_of(mapper)
+    if sharding.reference:
+        return -1
+    names = [c.name for c in mapper.primary_key]
+    return names.index(sharding.column_name) if sharding.column_name in names else -1
+
+
+_key_index_of: dict[weakref.ref[Mapper[Any]], int] = {}
+"""mapper (weakly) -> :func:`_pk_key_index`, for :func:`identity_shard`: a WeakKeyDictionary's
+own dict, read without the Python-level call of its ``get``."""
+
+
+def _forget_mapper(ref: weakref.ref[Mapper[Any]]) -> None:
+    _key_index_of.pop(ref, None)
+
+
 # -- statements --------------------------------------------------------------------------------
 
 
@@ -318,10 +352,7 @@ def _route_keyed_select(manager: ShardManager, statement: Select[Any], params: A
     if cache_key is not None and (not params or isinstance(params, Mapping)):
         position = _key_bind_positions.get(cache_key.key, _UNPLANNED)
         if position is _UNPLANNED:
-            position = _key_bind_position(statement, cache_key.bindparams)
-            if len(_key_bind_positions) >= _MAX_PLANS:
-                _key_bind_positions.clear()
-            _key_bind_positions[cache_key.key] = position
+            position = _plan_select(statement, cache_key)
         if position is not None:
             values = _bound_values(cache_key.bindparams[position], params)
             if values is not None:
@@ -345,6 +376,49 @@ def _route_keyed_select(manager: ShardManager, statement: Select[Any], params: A
         return None
     _check_selected_declared(statement)
     return _keyed_route(manager, shards_found, _keys_reason(keys))
+
+
+def keyed_select_shard(manager: ShardManager, statement: Select[Any], params: Any) -> str | None:
+    """The one shard a SELECT reads, in the common case only: its shape (SQLAlchemy cache key)
+    is limited by one ``key == :value`` and no move is in flight. None otherwise: ask
+    :func:`route_statement` (which gives the same shard for such a SELECT, and a reason).
+
+    The shape is planned once (:data:`_key_bind_positions`); the value is routed by the ring
+    routing follows at that moment, every time.
+    """
+    if statement._from_obj:
+        return None
+    cache_key = statement._generate_cache_key()  # memoized: SQLAlchemy's compile reuses it
+    if cache_key is None:
+        return None
+    position = _key_bind_positions.get(cache_key.key, _UNPLANNED)
+    if position is _UNPLANNED:
+        position = _plan_select(statement, cache_key)
+    if position is None:
+        return None
+    bind = cache_key.bindparams[position]
+    if bind.expanding:
+        return None
+    if params and not isinstance(params, Mapping):
+        return None  # executemany parameters: route_statement
+    if params and bind.key in params:
+        key = params[bind.key]
+    else:
+        key = bind.value if bind.callable is None else bind.callable()  # its effective_value
+    if key is None:
+        return None
+    try:
+        return manager.placement.settled_shard(key)
+    except InvalidShardKeyError:
+        return None  # route_statement analyses it in full: such a value does not route
+
+
+def _plan_select(statement: Select[Any], cache_key: Any) -> int | None:
+    position = _key_bind_position(statement, cache_key.bindparams)
+    if len(_key_bind_positions) >= _MAX_PLANS:
+        _key_bind_positions.clear()
+    _key_bind_positions[cache_key.key] = position
+    return position
 
 
 def _keyed_select_criteria(statement: Select[Any]) -> list[Any]:

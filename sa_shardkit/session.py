@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, delete, event, insert, inspect, update
 from sqlalchemy.engine import Connection, CursorResult, Result
+from sqlalchemy.event.attr import _EmptyListener
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.horizontal_shard import (
     IdentityChooser,
@@ -40,7 +41,7 @@ from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.schema import Table
 from sqlalchemy.sql.selectable import Select
 from sqlalchemy.sql.util import find_tables
-from sqlalchemy.util import immutabledict
+from sqlalchemy.util import EMPTY_DICT, immutabledict
 
 from .declarative import Sharding, sharding_of, table_sharding
 from .errors import (
@@ -61,7 +62,9 @@ from .routing import (
     Route,
     follows_placement,
     group_insert_rows,
+    identity_shard,
     insert_reason,
+    keyed_select_shard,
     moving_reads_valid,
     reference_write_shards,
     ring_moved_on,
@@ -98,7 +101,7 @@ _DERIVED: Any = object()
 ROUTED = "shardkit_routed"
 """Bind argument: the execution's ``shard_id`` is this library's routing answer already (``get()``)."""
 ROUTE_HINT = "shardkit_route"
-"""Bind argument: the route :meth:`ShardedSession._direct_route` found for a SELECT it did not run."""
+"""Bind argument: the route :meth:`ShardedSession._direct_shard` found for a SELECT it did not run."""
 KEYED_READ = "shardkit_keyed_read"
 """Bind argument: where :func:`_execute_routed` notes the route of a keyed SELECT it let run on."""
 OWN_EXECUTE_HOOKS: list[Callable[..., Any]] = []
@@ -127,10 +130,10 @@ class _NoEvents:
 _NO_EVENTS = _NoEvents()
 
 
-def _run_named(session: Session, statement: Any, params: Any, kw: dict[str, Any]) -> Any:
+def _run_named(session: Session, statement: Any, params: Any, bind_arguments: Any, kw: dict[str, Any]) -> Any:
     """The stock execution, its marked connection failures raised as ShardUnavailableError."""
     try:
-        return _StockShardedSession._execute_internal(session, statement, params, **kw)
+        return Session._execute_internal(session, statement, params, bind_arguments=bind_arguments, **kw)
     except DBAPIError as error:
         unavailable = named_unavailable(error)
         if unavailable is not None:
@@ -173,14 +176,25 @@ class _ShardBinds(MutableMapping[str, Any]):
 
     def __init__(self, manager: ShardManager, own: Mapping[str, Any] | BindFactory | None) -> None:
         self._manager = manager
-        self._create: Callable[[str], Any] = own.create if isinstance(own, BindFactory) else manager.engine
-        self._own: dict[str, Any] = {} if isinstance(own, BindFactory) else dict(own or {})
+        self._own: dict[str, Any] = {}
+        self._create: Callable[[str], Any] | None = None  # None: the manager's engines
+        if own is not None:
+            if isinstance(own, BindFactory):
+                self._create = own.create
+            else:
+                self._own = dict(own)
 
     def get(self, shard_id: str, default: Any = None) -> Any:  # type: ignore[override]
-        bind = self._own.get(shard_id)
-        if bind is None:
-            return self._create(shard_id) if self._manager.has_shard(shard_id) else default
-        return bind
+        if self._own:
+            bind = self._own.get(shard_id)
+            if bind is not None:
+                return bind
+        if self._create is None:
+            engine = self._manager._engines.get(shard_id)  # created already: what engine() returns
+            if engine is not None:
+                return engine
+            return self._manager.engine(shard_id) if self._manager.has_shard(shard_id) else default
+        return self._create(shard_id) if self._manager.has_shard(shard_id) else default
 
     def __getitem__(self, shard_id: str) -> Any:
         bind = self.get(shard_id)
@@ -265,9 +279,10 @@ class ShardedSession(_StockShardedSession):
         self._shard_chooser_hook: Any = None
         self._identity_chooser_hook: Any = None
         self._execute_chooser_hook: Any = None
-        if isinstance(shards, BindFactory) and manager is None:
+        factory = shards is not None and isinstance(shards, BindFactory)
+        if factory and manager is None:
             raise ArgumentError("shards=BindFactory(...) needs manager=")
-        binds: MutableMapping[str, Any] | None = None if isinstance(shards, BindFactory) else shards
+        binds: MutableMapping[str, Any] | None = None if factory else shards  # type: ignore[assignment]
         if manager is not None:
             binds = _ShardBinds(manager, shards)  # each shard's engine created on its first use
             derived = _DERIVED
@@ -282,36 +297,25 @@ class ShardedSession(_StockShardedSession):
             super().__init__(shard_chooser, identity_chooser, execute_chooser, binds, query_cls, **kwargs)  # type: ignore[arg-type]
             event.remove(self, "do_orm_execute", execute_and_instances)  # ours is class-level
         else:
-            self._init_without_instance_events(
-                shard_chooser, identity_chooser, execute_chooser, binds, query_cls, kwargs
+            # the stock constructor minus its per-session event.listen (ours are class-level):
+            # registering and removing listeners on every new session costs more than a query does
+            Session.__init__(self, query_cls=query_cls, **kwargs)
+            if identity_chooser is None:
+                raise ArgumentError("identity_chooser or id_chooser is required")
+            if execute_chooser is None:
+                raise ArgumentError("execute_chooser or query_chooser is required")
+            if shard_chooser is not _DERIVED:
+                self._shard_chooser_hook = shard_chooser
+            if identity_chooser is not _DERIVED:
+                self._identity_chooser_hook = identity_chooser
+            if execute_chooser is not _DERIVED:
+                self._execute_chooser_hook = execute_chooser
+            # what bind_shard() fills: the manager's engines, looked up (and created) as shards are used
+            self._ShardedSession__shards: MutableMapping[str, Any] = (
+                binds if manager is not None else dict(binds or {})  # type: ignore[arg-type,assignment]
             )
         if shard_id is not None and shard_id not in self._shard_ids():
             raise UnknownShardError(f"cannot pin the session to unknown shard {shard_id!r}")
-
-    def _init_without_instance_events(
-        self,
-        shard_chooser: Any,
-        identity_chooser: Any,
-        execute_chooser: Any,
-        shards: MutableMapping[str, Any] | None,
-        query_cls: Any,
-        kwargs: dict[str, Any],
-    ) -> None:
-        """The stock constructor minus its per-session ``event.listen`` (ours are class-level).
-
-        Registering and removing listeners on every new session costs more than a query does.
-        """
-        Session.__init__(self, query_cls=query_cls, **kwargs)
-        if identity_chooser is None:
-            raise ArgumentError("identity_chooser or id_chooser is required")
-        if execute_chooser is None:
-            raise ArgumentError("execute_chooser or query_chooser is required")
-        self._shard_chooser_hook = None if shard_chooser is _DERIVED else shard_chooser
-        self._identity_chooser_hook = None if identity_chooser is _DERIVED else identity_chooser
-        self._execute_chooser_hook = None if execute_chooser is _DERIVED else execute_chooser
-        # what bind_shard() fills: the manager's engines, looked up (and created) as shards are used
-        binds = shards if isinstance(shards, _ShardBinds) else dict(shards or {})
-        self._ShardedSession__shards: MutableMapping[str, Any] = binds
 
     # -- the hooks: given ones, else derived from the manager --------------------------------------
 
@@ -346,96 +350,131 @@ class ShardedSession(_StockShardedSession):
     # A manager's engines mark connection failures with their shard (sa_shardkit.faults); every
     # way into the database raises those as ShardUnavailableError naming the shard.
 
-    def _execute_internal(self, statement: Any, params: Any = None, **kw: Any) -> Any:
+    def _execute_internal(
+        self,
+        statement: Any,
+        params: Any = None,
+        *,
+        execution_options: Any = EMPTY_DICT,
+        bind_arguments: Any = None,
+        _parent_execute_state: Any = None,
+        _add_event: Any = None,
+        _scalar_result: bool = False,
+    ) -> Any:
         """Every execution (execute, scalars, get, lazy loads): shard faults named, and a keyed
         read that found nothing re-checked against the stored ring.
 
         :func:`_execute_routed` lets a keyed SELECT run straight on (one pass through execute, its
         result untouched) and notes its route in the slot passed here as a bind argument; only an
         empty answer costs the ring check (:func:`_read_keyed` explains why). When only this
-        library listens to ``do_orm_execute``, a plain keyed SELECT (:meth:`_direct_route`) and a
+        library listens to ``do_orm_execute``, a plain keyed SELECT (:meth:`_direct_shard`) and a
         ``get()`` routed already (bind argument :data:`ROUTED`) skip the hooks: all they would do
         is bind the shard named here.
         """
-        if self.manager is None:
-            return _run_named(self, statement, params, kw)
-        given = kw.get("bind_arguments")
-        bind_arguments = dict(given) if given else {}
-        if bind_arguments.pop(ROUTED, False) and self._hooks_idle():
-            kw["_parent_execute_state"] = _NO_EVENTS
-            kw["bind_arguments"] = bind_arguments
-            if self._affinity is None:
-                self._affinity = bind_arguments["shard_id"]
-            return _run_named(self, statement, params, kw)
-        if not given and type(statement) is Select:
-            route = self._direct_route(statement, params, kw)
-            if route is not None and (route.reference or len(route.shard_ids) != 1):
-                bind_arguments[ROUTE_HINT] = route  # a scatter: the hook need not route it again
-            elif route is not None:
-                shard = route.shard_ids[0]
+        kw: dict[str, Any] = {
+            "execution_options": execution_options,
+            "_parent_execute_state": _parent_execute_state,
+            "_add_event": _add_event,
+            "_scalar_result": _scalar_result,
+        }
+        manager = self.manager
+        if manager is None:
+            return _run_named(self, statement, params, bind_arguments, kw)
+        if bind_arguments:
+            bind_arguments = dict(bind_arguments)
+            if bind_arguments.pop(ROUTED, False) and self._hooks_idle():  # get(), routed already
+                kw["_parent_execute_state"] = _NO_EVENTS
                 if self._affinity is None:
-                    self._affinity = shard
-                bind: dict[str, Any] = {"shard_id": shard}
-                if statement._for_update_arg is None and self._replica_reads_now():
-                    bind[REPLICA_OK] = True
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("SELECT -> %s (%s, no execute hooks)", shard, route.reason)
-                direct = {
-                    **kw,
-                    "bind_arguments": bind,
-                    "execution_options": _identity_option(shard),
-                    "_parent_execute_state": _NO_EVENTS,
-                }
-                result, found = _rows_found(_run_named(self, statement, params, direct))
-                if found or not ring_moved_on(self.manager, route.shard_ids):
-                    return result
-                # the ring moved on since this process routed by it: the hooks route it again
-        if kw.get("_scalar_result"):  # a scalar answer cannot say "no rows": _read_keyed checks
-            kw["bind_arguments"] = bind_arguments
-            return _run_named(self, statement, params, kw)
+                    self._affinity = bind_arguments["shard_id"]
+                return _run_named(self, statement, params, bind_arguments, kw)
+        else:
+            bind_arguments = {}
+            if (
+                type(statement) is Select
+                and not execution_options
+                and _parent_execute_state is None
+                and _add_event is None
+                and not _scalar_result
+            ):
+                shard, route = self._direct_shard(statement, params)
+                if route is not None:
+                    bind_arguments[ROUTE_HINT] = route  # a scatter: the hook need not route it again
+                elif shard is not None:
+                    if self._affinity is None:
+                        self._affinity = shard
+                    bind: dict[str, Any] = {"shard_id": shard}
+                    if (
+                        statement._for_update_arg is None
+                        and self.replica_reads
+                        and not self._primary_reads
+                        and (self._choose_replica is not None or manager.has_replicas)
+                    ):
+                        bind[REPLICA_OK] = True
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug(
+                            "SELECT -> %s (%s, no execute hooks)",
+                            shard,
+                            _select_reason(self, statement, params),
+                        )
+                    kw["execution_options"] = _identity_option(shard)
+                    kw["_parent_execute_state"] = _NO_EVENTS
+                    result, found = _rows_found(_run_named(self, statement, params, bind, kw))
+                    if found or not ring_moved_on(manager, (shard,)):
+                        return result
+                    # the ring moved on since this process routed by it: the hooks route it again
+                    kw["execution_options"] = execution_options
+                    kw["_parent_execute_state"] = None
+        if _scalar_result:  # a scalar answer cannot say "no rows": _read_keyed checks
+            return _run_named(self, statement, params, bind_arguments, kw)
         for _ in range(MAX_MOVING_READS):
             keyed: list[Route] = []
-            kw["bind_arguments"] = {**bind_arguments, KEYED_READ: keyed}
-            result = _run_named(self, statement, params, kw)
+            result = _run_named(self, statement, params, {**bind_arguments, KEYED_READ: keyed}, kw)
             if not keyed:
                 return result
             result, found = _rows_found(result)
-            if found or not ring_moved_on(self.manager, keyed[0].shard_ids):
+            if found or not ring_moved_on(manager, keyed[0].shard_ids):
                 return result
             # the ring moved on since this process routed by it: route by the new state, again
         raise StaleRingError(f"the ring kept changing while running {type(statement).__name__}; retry")
 
-    def _direct_route(self, statement: Select[Any], params: Any, kw: dict[str, Any]) -> Route | None:
-        """The route :func:`_execute_routed` would give this SELECT, when one shard means a keyed
-        read and nothing more; None when anything could make the hooks do more: another
-        ``do_orm_execute`` listener, execution options (a shard, identity token, stream, load
-        options), a ``set_shard_id`` option, a pinned session, a move in flight.
+    def _direct_shard(self, statement: Select[Any], params: Any) -> tuple[str | None, Route | None]:
+        """The shard :func:`_execute_routed` would run this SELECT on, when one shard means a keyed
+        read and nothing more: ``(shard, None)``. ``(None, route)``: a scatter, routed already.
+        ``(None, None)`` when anything could make the hooks do more: another ``do_orm_execute``
+        listener, execution options (a shard, identity token, stream, load options), a
+        ``set_shard_id`` option, a pinned session, a move in flight.
         """
         if (
-            kw.get("execution_options")
-            or kw.get("_parent_execute_state")
-            or kw.get("_add_event")
-            or kw.get("_scalar_result")
-            or statement._execution_options
+            statement._execution_options
             or self.execution_options
             or not self._routed_execute
             or self.pinned_shard_id is not None
             or not self._hooks_idle()
         ):
-            return None
+            return None, None
         for option in statement._with_options:
             if isinstance(option, set_shard_id):
-                return None
-        if follows_placement(self.manager):
-            return None
-        assert self.manager is not None
-        return route_statement(self.manager, statement, params)
+                return None, None
+        manager = self.manager
+        assert manager is not None
+        shard = keyed_select_shard(manager, statement, params)  # the common case, in one lookup
+        if shard is not None:
+            return shard, None
+        if follows_placement(manager):
+            return None, None
+        route = route_statement(manager, statement, params)
+        if route.reference or len(route.shard_ids) != 1:
+            return None, route
+        return route.shard_ids[0], None
 
     def _hooks_idle(self) -> bool:
         """Only this library listens to ``do_orm_execute``, and no hook of it that works for some
         sessions only (:func:`listen_execute`'s ``active``) has work for this one: a keyed SELECT
         or a routed ``get()`` may skip the hooks. Any other listener (a user's) keeps them all."""
-        if len(self.dispatch.do_orm_execute) != len(OWN_EXECUTE_HOOKS):
+        listeners = self.dispatch.do_orm_execute
+        # no listener on this session itself: the class's, counted without a call to __len__
+        count = len(listeners.parent_listeners if type(listeners) is _EmptyListener else listeners)
+        if count != len(OWN_EXECUTE_HOOKS):
             return False
         return not _ACTIVE_HOOKS or not any(active(self) for active in _ACTIVE_HOOKS)
 
@@ -469,7 +508,7 @@ class ShardedSession(_StockShardedSession):
                     "no shard to bind to: pass bind_arguments={'shard_id': ...} (e.g. to connection())"
                 )
             shard_id = self._choose_shard(None, None, clause)
-        if kw.pop(REPLICA_OK, False) and shard_id is not None and self.manager is not None:
+        if kw and kw.pop(REPLICA_OK, False) and shard_id is not None and self.manager is not None:
             primary = self._ShardedSession__shards.get(shard_id)  # type: ignore[attr-defined]
             replica = replica_bind(self, self.manager, shard_id, primary, self._choose_replica)
             if replica is not None:
@@ -493,12 +532,32 @@ class ShardedSession(_StockShardedSession):
         Passing the shard as ``identity_token`` spares the identity chooser and the analysis of
         the primary-key SELECT; every other case takes the stock path.
         """
-        if self.manager is None:
+        manager = self.manager
+        if manager is None:
             return super().get(entity, ident, **kw)
-        if not follows_placement(self.manager):  # no move in flight: only an empty answer is re-checked
+        if not kw and self.pinned_shard_id is None:  # the common case: one lookup, no move in flight
+            # a declarative class holds its mapper itself
+            mapper = entity.__dict__.get("__mapper__") if isinstance(entity, type) else None
+            if type(mapper) is Mapper and type(ident) is not dict:
+                shard = identity_shard(manager, mapper, ident if type(ident) in (tuple, list) else (ident,))
+                if shard is not None:  # routed here: the execute hooks have nothing to add
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug(
+                            "get(%s, %r) -> %s (primary key holds the shard key)",
+                            entity.__name__,
+                            ident,
+                            shard,
+                        )
+                    bind: dict[str, Any] = {"shard_id": shard, ROUTED: True}
+                    if self.replica_reads and not self._primary_reads and self._may_use_replicas():
+                        bind[REPLICA_OK] = True
+                    found = super().get(entity, ident, identity_token=shard, bind_arguments=bind)
+                    if found is not None or not ring_moved_on(manager, (shard,)):
+                        return found
+        if not follows_placement(manager):  # no move in flight: only an empty answer is re-checked
             shard = self._get_shard(entity, ident, kw)
             if shard is not None and not kw:  # routed here: the execute hooks have nothing to add
-                bind: dict[str, Any] = {"shard_id": shard, ROUTED: True}
+                bind = {"shard_id": shard, ROUTED: True}
                 if self.replica_reads and not self._primary_reads and self._may_use_replicas():
                     bind[REPLICA_OK] = True
                 found = super().get(entity, ident, identity_token=shard, bind_arguments=bind)
@@ -811,9 +870,8 @@ def _after_flush(session: Session, flush_context: Any) -> None:
         _replicate_reference(session, obj, action, old_pk)
 
 
-def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
-    if transaction.parent is None:
-        assert isinstance(session, ShardedSession)
+def _after_transaction_end(session: ShardedSession, transaction: SessionTransaction) -> None:
+    if transaction._parent is None:  # what .parent returns, without the call
         session._written_shards = {}
         session._affinity = None
     if "info" in session.__dict__:  # Session.info is made on first use: no fence was held without it
@@ -1156,7 +1214,10 @@ def _rows_found(result: Any) -> tuple[Any, bool]:
     reports one for a SELECT (psycopg), else the rows are buffered to look."""
     raw = result if isinstance(result, CursorResult) else getattr(result, "raw", None)
     if isinstance(raw, CursorResult) and raw.dialect.driver in _ROW_COUNTING_DRIVERS:
-        count = raw.rowcount
+        # the DBAPI cursor's own count (what raw.rowcount reads, through two memoized properties);
+        # a cursor closed already (no rows, or all fetched) asks SQLAlchemy
+        cursor = raw.cursor
+        count = raw.rowcount if cursor is None else cursor.rowcount
         if count >= 0:
             return result, count > 0
     frozen = result.freeze()
@@ -1225,6 +1286,12 @@ def _combine_writes(results: list[Result[Any]], *, replicated: bool) -> Result[A
         # CursorResult.rowcount is a memoized property: storing the sum is how it reports it
         first.__dict__["rowcount"] = total
     return first
+
+
+def _select_reason(session: ShardedSession, statement: Select[Any], params: Any) -> str:
+    """Why a directly run SELECT went where it went (for the debug log only)."""
+    assert session.manager is not None
+    return route_statement(session.manager, statement, params).reason
 
 
 def _statement_name(orm_context: ORMExecuteState) -> str:

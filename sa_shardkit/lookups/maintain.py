@@ -256,8 +256,8 @@ def after_commit(session: Session) -> None:
 
 def after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
     """Step 4; after a rollback, first remove the unique entries this transaction created."""
-    if transaction.parent is not None:
-        return
+    if transaction._parent is not None or "info" not in session.__dict__:
+        return  # (Session.info is made on first use: no work was noted without it)
     work: TransactionWork | None = session.info.pop(WORK_KEY, None)
     if work is None:
         return
