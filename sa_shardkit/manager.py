@@ -114,7 +114,9 @@ class ShardManager:
             settings = ShardSettings(settings.shards, vnodes=vnodes)
         self.settings = settings
         self._configs: dict[str, ShardConfig] = {c.id: c for c in settings.shards}
-        self._has_replicas = any(c.replica is not None for c in settings.shards)
+        self.has_replicas: bool = any(c.replica is not None for c in settings.shards)
+        """Whether any configured shard has a replica (kept up to date; read on every read, so an
+        attribute, not a property)."""
         self._lock = threading.Lock()
         # engines (and their pools) are created on a shard's first use, copy-on-write under _lock:
         # a process that never touches a shard holds no engine, pool or connection for it
@@ -256,7 +258,7 @@ class ShardManager:
             self.settings = ShardSettings((*self.settings.shards, config), vnodes=self.settings.vnodes)
             # copy-on-write: threads iterating the old dict are not disturbed
             self._configs = {**self._configs, config.id: config}
-            self._has_replicas = self._has_replicas or config.replica is not None
+            self.has_replicas = self.has_replicas or config.replica is not None
 
     def _created(self, shard_id: str, role: str) -> Engine:
         """The shard's engine for ``role`` (primary or replica), created now if it was not yet."""
@@ -273,11 +275,6 @@ class ShardManager:
                     self._replicas = {**self._replicas, shard_id: engine}
         self.events.attach_new_engines()
         return engine
-
-    @property
-    def has_replicas(self) -> bool:
-        """Whether any configured shard has a replica (kept up to date: asked on every read)."""
-        return self._has_replicas
 
     def _budgeted(self, config: ShardConfig, role: str, url: Any) -> Engine:
         engine = _engine_for(config, url)

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, delete, event, insert, inspect, update
-from sqlalchemy.engine import Connection, CursorResult, Result
+from sqlalchemy.engine import ChunkedIteratorResult, Connection, CursorResult, Result
 from sqlalchemy.event.attr import _EmptyListener
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.horizontal_shard import (
@@ -106,6 +106,8 @@ KEYED_READ = "shardkit_keyed_read"
 """Bind argument: where :func:`_execute_routed` notes the route of a keyed SELECT it let run on."""
 OWN_EXECUTE_HOOKS: list[Callable[..., Any]] = []
 """This library's ``do_orm_execute`` listeners on ShardedSession (:func:`listen_execute`)."""
+_OWN_HOOK_COUNT = [0]
+"""``len(OWN_EXECUTE_HOOKS)``, kept by :func:`listen_execute` (read on every keyed read)."""
 _ACTIVE_HOOKS: list[Callable[[Any], bool]] = []
 """Of those, the ``active`` checks of hooks with work only for some sessions (:func:`listen_execute`)."""
 _ROW_COUNTING_DRIVERS = frozenset({"psycopg", "psycopg2", "psycopg_async"})
@@ -383,10 +385,24 @@ class ShardedSession(_StockShardedSession):
         if bind_arguments:
             bind_arguments = dict(bind_arguments)
             if bind_arguments.pop(ROUTED, False) and self._hooks_idle():  # get(), routed already
-                kw["_parent_execute_state"] = _NO_EVENTS
                 if self._affinity is None:
                     self._affinity = bind_arguments["shard_id"]
-                return _run_named(self, statement, params, bind_arguments, kw)
+                try:  # what _run_named does, without the call
+                    return Session._execute_internal(
+                        self,
+                        statement,
+                        params,
+                        execution_options=execution_options,
+                        bind_arguments=bind_arguments,
+                        _parent_execute_state=_NO_EVENTS,
+                        _add_event=_add_event,
+                        _scalar_result=_scalar_result,
+                    )
+                except DBAPIError as error:
+                    unavailable = named_unavailable(error)
+                    if unavailable is not None:
+                        raise unavailable from error
+                    raise
         else:
             bind_arguments = {}
             if (
@@ -416,14 +432,31 @@ class ShardedSession(_StockShardedSession):
                             shard,
                             _select_reason(self, statement, params),
                         )
-                    kw["execution_options"] = _identity_option(shard)
-                    kw["_parent_execute_state"] = _NO_EVENTS
-                    result, found = _rows_found(_run_named(self, statement, params, bind, kw))
+                    try:  # what _run_named does, without the call
+                        result = Session._execute_internal(
+                            self,
+                            statement,
+                            params,
+                            execution_options=_identity_option(shard),
+                            bind_arguments=bind,
+                            _parent_execute_state=_NO_EVENTS,
+                        )
+                    except DBAPIError as error:
+                        unavailable = named_unavailable(error)
+                        if unavailable is not None:
+                            raise unavailable from error
+                        raise
+                    # rows found? the driver's count, as _rows_found reads it first, without the call
+                    raw: Any = result.raw if type(result) is ChunkedIteratorResult else None
+                    cursor = raw.cursor if type(raw) is CursorResult else None
+                    count = -1 if cursor is None else cursor.rowcount
+                    if count >= 0 and raw.dialect.driver in _ROW_COUNTING_DRIVERS:
+                        found = count > 0
+                    else:
+                        result, found = _rows_found(result)
                     if found or not ring_moved_on(manager, (shard,)):
                         return result
                     # the ring moved on since this process routed by it: the hooks route it again
-                    kw["execution_options"] = execution_options
-                    kw["_parent_execute_state"] = None
         if _scalar_result:  # a scalar answer cannot say "no rows": _read_keyed checks
             return _run_named(self, statement, params, bind_arguments, kw)
         for _ in range(MAX_MOVING_READS):
@@ -474,7 +507,7 @@ class ShardedSession(_StockShardedSession):
         listeners = self.dispatch.do_orm_execute
         # no listener on this session itself: the class's, counted without a call to __len__
         count = len(listeners.parent_listeners if type(listeners) is _EmptyListener else listeners)
-        if count != len(OWN_EXECUTE_HOOKS):
+        if count != _OWN_HOOK_COUNT[0]:
             return False
         return not _ACTIVE_HOOKS or not any(active(self) for active in _ACTIVE_HOOKS)
 
@@ -482,7 +515,7 @@ class ShardedSession(_StockShardedSession):
         """May a read of this session go to a replica now (before the transaction's own check)?"""
         return self.replica_reads and not self._primary_reads and self._may_use_replicas()
 
-    flush = _names_shards(_StockShardedSession.flush)
+    _flush = _names_shards(_StockShardedSession._flush)  # every flush's work: flush(), autoflush, commit
     commit = _names_shards(_StockShardedSession.commit)
     connection = _names_shards(_StockShardedSession.connection)
 
@@ -514,7 +547,12 @@ class ShardedSession(_StockShardedSession):
             if replica is not None:
                 return replica
         if shard_id is not None:  # what the stock get_bind does with a shard_id, minus a call
-            bind = self._ShardedSession__shards.get(shard_id)
+            shards = self._ShardedSession__shards
+            if type(shards) is _ShardBinds and shards._create is None and not shards._own:
+                bind = shards._manager._engines.get(shard_id)  # what shards.get finds, without the call
+                if bind is not None:
+                    return bind
+            bind = shards.get(shard_id)
             if bind is not None:
                 return bind
         try:
@@ -549,7 +587,11 @@ class ShardedSession(_StockShardedSession):
                             shard,
                         )
                     bind: dict[str, Any] = {"shard_id": shard, ROUTED: True}
-                    if self.replica_reads and not self._primary_reads and self._may_use_replicas():
+                    if (
+                        self.replica_reads
+                        and not self._primary_reads
+                        and (self._choose_replica is not None or manager.has_replicas)
+                    ):
                         bind[REPLICA_OK] = True
                     found = super().get(entity, ident, identity_token=shard, bind_arguments=bind)
                     if found is not None or not ring_moved_on(manager, (shard,)):
@@ -1317,6 +1359,7 @@ def listen_execute(
     """
     event.listen(ShardedSession, "do_orm_execute", hook, **kw)
     OWN_EXECUTE_HOOKS.append(hook)
+    _OWN_HOOK_COUNT[0] = len(OWN_EXECUTE_HOOKS)
     if active is not None:
         _ACTIVE_HOOKS.append(active)
 
