@@ -194,9 +194,10 @@ class RebalanceCancelled(RebalanceError):
 
 
 class FenceTimeoutError(ShardUnavailableError, RebalanceError):
-    """A fence (``FOR SHARE`` of a move source's state row) waited longer than the shard's
-    ``fence_timeout`` for a rebalance cut-over holding that row (a frozen or stuck mover); nothing
-    was written. ``shard_id`` names the source, ``seconds`` the bound."""
+    """A fence waited longer than the shard's ``fence_timeout`` for a rebalance step holding the
+    shard's state row (a frozen or stuck mover): ``FOR SHARE`` of a move source's row behind a
+    cut-over, or the ``FOR KEY SHARE`` of any write transaction behind a ring version bump; nothing
+    was written (roll back). ``shard_id`` names the shard, ``seconds`` the bound."""
 
     def __init__(self, message: str, *, shard_id: str | None = None, seconds: float | None = None) -> None:
         super().__init__(message, shard_id=shard_id)

@@ -26,6 +26,14 @@ from sqlalchemy.engine import Connection
 
 from .faults import QUERY_TIMEOUT, bounded_driver_call, statement_bound
 
+
+class LockWaitTimedOut(Exception):
+    """The fused statement's lock wait ran out of ``lock_timeout`` (SQLSTATE 55P03): the transaction
+    was rolled back (the connection is idle, as before the call). The caller names the shard."""
+
+
+_LOCK_NOT_AVAILABLE = b"55P03"
+
 _begins: dict[tuple[Any, Any, Any], bytes] = {}
 _PREPARED = "_shardkit_prepared"
 """Driver connection attribute: names of the statements :func:`first_value_with_begin` prepared on it."""
@@ -52,7 +60,10 @@ def first_value_with_begin(conn: Connection, name: bytes, sql: bytes) -> bytes |
     """The first column of the first row of ``sql`` (text, as the server sent it), run as the first
     statement of ``conn``'s transaction together with its BEGIN; None when that was not possible
     (the caller then runs ``sql`` itself). ``sql`` must be a fixed, parameterless statement that
-    returns exactly one row; ``name`` is the prepared statement it is kept as on the connection. It is bounded as the engine bounds its statements (the fault watchdog)."""
+    returns exactly one row; ``name`` is the prepared statement it is kept as on the connection. It is bounded as the engine bounds its statements (the fault watchdog).
+
+    A lock wait in ``sql`` that runs out of ``lock_timeout`` raises :class:`LockWaitTimedOut` (the
+    transaction rolled back) instead: running ``sql`` again the ordinary way would wait again."""
     if conn.dialect.driver != "psycopg":
         return None
     driver = conn.connection.driver_connection
@@ -84,6 +95,11 @@ def first_value_with_begin(conn: Connection, name: bytes, sql: bytes) -> bytes |
         names.add(name)
         value: bytes | None = last.get_value(0, 0)
         return value
+    failed = next((r for r in results if r.status == ExecStatus.FATAL_ERROR), None)
+    if failed is not None and failed.error_field(pq.DiagnosticField.SQLSTATE) == _LOCK_NOT_AVAILABLE:
+        names.add(name)  # the error came from the statement itself: it is prepared (if it is to be)
+        _roll_back(driver)
+        raise LockWaitTimedOut(name.decode())
     names.discard(name)  # e.g. DEALLOCATE ALL dropped it: prepared again next time
     _roll_back(driver)
     return None
@@ -101,4 +117,4 @@ def _roll_back(driver: psycopg.Connection[Any]) -> None:
         pass  # lost meanwhile: the ordinary statement raises it, named
 
 
-__all__ = ["first_value_with_begin"]
+__all__ = ["LockWaitTimedOut", "first_value_with_begin"]

@@ -62,6 +62,7 @@ from .errors import StaleRingError, UnknownShardError
 from .replicas import INTERNAL
 from .ring import HashRing, ShardKey
 from .ring_state import (
+    FenceRow,
     RingState,
     SourceMarks,
     bounded_fence,
@@ -641,11 +642,15 @@ class Placement:
         for _ in range(MAX_REROUTES):
             state = self._state
             if state.version == 0:
-                if self._unstored_fence(conn):
+                if self._unstored_fence(conn, shard_id):
                     return
                 continue  # the shard's ring was adopted: fence under it
             move = state.move_of(key)
-            if move is None and state.version > 0 and fence_version_with_begin(conn) == state.version:
+            if (
+                move is None
+                and state.version > 0
+                and fence_version_with_begin(conn, shard_id, self._fence_timeout(shard_id)) == state.version
+            ):
                 # the fence, in the BEGIN's round trip: the row is locked under the ring routed by
                 self._require_owner(state, key, shard_id)
                 return
@@ -655,7 +660,13 @@ class Placement:
                 shard_id,
                 lock,
                 partial(
-                    read_fence, conn, key, state.key_type if move else None, lock, installed=state.version > 0
+                    read_fence,
+                    conn,
+                    key,
+                    state.key_type if move else None,
+                    lock,
+                    installed=state.version > 0,
+                    shard_id=shard_id,
                 ),
             )
             if row.state is not None and self._adopt(row.state):
@@ -729,7 +740,7 @@ class Placement:
         do not live on ``shard_id``; while it is held, the mover cannot cut them over."""
         if not self.fences_writes() or conn.dialect.name != "postgresql":
             return
-        if self._state.version == 0 and self._unstored_fence(conn):
+        if self._state.version == 0 and self._unstored_fence(conn, shard_id):
             return
         for _ in range(MAX_REROUTES):
             state = self._state
@@ -740,9 +751,11 @@ class Placement:
                     conn,
                     shard_id,
                     lock,
-                    partial(read_value_fence, conn, table, value, lock)
+                    partial(read_value_fence, conn, table, value, lock, shard_id=shard_id)
                     if move
-                    else partial(read_fence, conn, None, None, lock, installed=state.version > 0),
+                    else partial(
+                        read_fence, conn, None, None, lock, installed=state.version > 0, shard_id=shard_id
+                    ),
                 )
                 if row.state is not None and self._adopt(row.state):
                     continue
@@ -757,7 +770,7 @@ class Placement:
                     raise StaleRingError(f"{table} row {value!r} was moved to {move[1]!r}", shard_id=move[1])
                 return  # not cut over; the batch that moves it waits for our commit
             if move[1] == shard_id:
-                row = read_fence(conn, None, None, "FOR KEY SHARE", installed=True)
+                row = self._key_share(conn, shard_id)
                 if row.state is not None and self._adopt(row.state):
                     continue
                 try:
@@ -784,12 +797,12 @@ class Placement:
         value)`` in one transaction; with no move in flight all of it is one read of the state row."""
         if not self.fences_writes() or conn.dialect.name != "postgresql":
             return
-        if self._state.version == 0 and self._unstored_fence(conn):
+        if self._state.version == 0 and self._unstored_fence(conn, shard_id):
             return
         keys, values = list(keys), list(values)
         state = self._state
         if state.target is None:
-            row = read_fence(conn, None, None, "FOR KEY SHARE", installed=state.version > 0)
+            row = self._key_share(conn, shard_id, installed=state.version > 0)
             if row.state is None or not self._adopt(row.state):
                 for item in [*keys, *(v for _, v in values)]:
                     owner = state.owner(item)
@@ -804,14 +817,14 @@ class Placement:
         for table, value in values:
             self.fence_value(conn, shard_id, table, value)
 
-    def _unstored_fence(self, conn: Connection) -> bool:
+    def _unstored_fence(self, conn: Connection, shard: str) -> bool:
         """The fence while this process has seen no stored ring: True when none is stored on this
         shard in this transaction's check (write as routed: nothing moves before the first
         install, which waits for this transaction); else the shard's ring is adopted (False:
         fence under it)."""
         if self._unstored_here(conn):
             return True
-        row = read_fence(conn, None, None, "FOR KEY SHARE")  # a ring is stored here
+        row = self._key_share(conn, shard)  # a ring is stored here
         if row.state is None:
             conn.info[_UNSTORED] = conn.get_transaction()  # a table without a ring: none stored
             return True
@@ -956,14 +969,34 @@ class Placement:
             lambda: read_shard_state(conn, shard_id, lock="FOR SHARE", check_table=False),
         )
 
-    def _bounded(self, conn: Connection, shard_id: str, lock: str, read: Callable[[], T]) -> T:
-        """``read()`` (a fence on ``shard_id``) with the wait for a cut-over bounded by the shard's
-        ``fence_timeout`` (:func:`~sa_shardkit.ring_state.bounded_fence`; FenceTimeoutError naming
-        the shard). Only ``FOR SHARE`` waits for a cut-over; ``FOR KEY SHARE`` (every write
-        transaction) waits only for a version bump and pays nothing here."""
+    def _bounded(self, conn: Connection, shard_id: str, lock: str, read: Callable[..., T]) -> T:
+        """``read()`` (a fence on ``shard_id``) with its lock wait bounded by the shard's
+        ``fence_timeout`` (FenceTimeoutError naming the shard). ``FOR SHARE`` (a moving key's
+        writer; it waits for a cut-over): :func:`~sa_shardkit.ring_state.bounded_fence`, which
+        reports the effective bound. ``FOR KEY SHARE`` (every write transaction; it waits only for
+        a version bump): ``read(bound=...)``, bounded inside the fence's own statement
+        (:func:`~sa_shardkit.ring_state.bounded_lock_sql`), so it costs no round trip."""
+        seconds = self._fence_timeout(shard_id)
         if lock != "FOR SHARE":
-            return read()
-        return bounded_fence(conn, shard_id, self.manager.config(shard_id).fence_timeout, read)
+            return read(bound=seconds)
+        return bounded_fence(conn, shard_id, seconds, read)
+
+    def _fence_timeout(self, shard_id: str) -> float | None:
+        """The shard's ``fence_timeout`` (None for a shard this process has no config for)."""
+        return self.manager.config(shard_id).fence_timeout if self.manager.has_shard(shard_id) else None
+
+    def _key_share(self, conn: Connection, shard_id: str, *, installed: bool = True) -> FenceRow:
+        """The shard's state row ``FOR KEY SHARE`` (the fence of keys that are not moving), the wait
+        for a version bump bounded by the shard's ``fence_timeout`` in the same statement."""
+        return read_fence(
+            conn,
+            None,
+            None,
+            "FOR KEY SHARE",
+            installed=installed,
+            shard_id=shard_id,
+            bound=self._fence_timeout(shard_id),
+        )
 
     def release_marks(self, marks: SourceMarks | None) -> None:
         """End the fences :meth:`source_marks` holds for ``marks`` (if any)."""

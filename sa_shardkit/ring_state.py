@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from .errors import FenceTimeoutError, RebalanceError
-from .fused_begin import first_value_with_begin
+from .fused_begin import LockWaitTimedOut, first_value_with_begin
 from .ring import HashRing, ShardKey, moved_arcs
 
 if TYPE_CHECKING:
@@ -173,7 +173,24 @@ _BOUND_LOCKS = text(
     " SELECT prev, ms, set_config('lock_timeout', CAST(ms AS text) || 'ms', true) FROM b"
 )
 _RESTORE_LOCKS = text("SELECT set_config('lock_timeout', :t, true)")
-_LOCK_NOT_AVAILABLE = "55P03"
+LOCK_NOT_AVAILABLE = "55P03"
+"""SQLSTATE of a lock wait that ran out of ``lock_timeout``."""
+
+
+def fence_timeout_error(shard_id: str, seconds: float, *, own: bool = False) -> FenceTimeoutError:
+    """The error of a fence on ``shard_id`` that waited ``seconds`` (its lock timeout) for a
+    rebalance step holding the shard's state row (``own``: or the transaction's own shorter one)."""
+    bound = f"{seconds:g} s (fence_timeout" + (", or the transaction's shorter lock_timeout)" if own else ")")
+    return FenceTimeoutError(
+        f"shard {shard_id!r}: a rebalance step on it (a cut-over or a ring version bump) has held the "
+        f"fence for longer than {bound}; the mover may be stuck: `shardkit rebalance --status`",
+        shard_id=shard_id,
+        seconds=seconds,
+    )
+
+
+def _lock_not_available(error: DBAPIError) -> bool:
+    return getattr(error.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE
 
 
 def bounded_fence(conn: Connection, shard_id: str, seconds: float | None, read: Callable[[], T]) -> T:
@@ -183,7 +200,8 @@ def bounded_fence(conn: Connection, shard_id: str, seconds: float | None, read: 
     ``lock_timeout`` (or the caller's own, if shorter) is set for the transaction just before (``set_config(..., true)``: transaction
     scope, so PgBouncer's transaction pooling is fine) and put back right after, so the caller's
     own statements keep their setting. On expiry raises :class:`FenceTimeoutError` naming the
-    shard; the transaction is then aborted and must be rolled back.
+    shard; the transaction is then aborted and must be rolled back. (Three statements: the
+    ``FOR KEY SHARE`` fence of every write is bounded in its own statement, :func:`bounded_lock_sql`.)
     """
     if seconds is None:
         return read()
@@ -191,39 +209,100 @@ def bounded_fence(conn: Connection, shard_id: str, seconds: float | None, read: 
     try:
         result = read()
     except DBAPIError as error:
-        if getattr(error.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+        if not _lock_not_available(error):
             raise
-        raise FenceTimeoutError(
-            f"shard {shard_id!r}: a rebalance cut-over on it has held the fence for longer than "
-            f"{float(bound) / 1000:g} s (lock timeout); the mover may be stuck: `shardkit rebalance --status`",
-            shard_id=shard_id,
-            seconds=float(bound) / 1000,
-        ) from error
+        raise fence_timeout_error(shard_id, float(bound) / 1000) from error
     conn.execute(_RESTORE_LOCKS, {"t": previous})
     return result
 
 
+def bound_ms(seconds: float) -> int:
+    """A ``fence_timeout`` in whole milliseconds (at least 1) as the lock timeout it sets."""
+    return max(1, round(seconds * 1000))
+
+
+@lru_cache(maxsize=256)
+def bounded_lock_sql(columns: str, lock: str, ms: int) -> str:
+    """One statement: ``SELECT {columns} FROM`` the state row (aliased ``st``) locked ``lock``, the
+    lock wait bounded by ``ms`` milliseconds (or the transaction's own shorter ``lock_timeout``),
+    which is put back in the same statement once the row is locked. Always one row: its columns
+    are NULL when the table has no row.
+
+    The order is the plan's, not an assumption about evaluation order: the timeout is set in a
+    materialized CTE that the locked scan joins (a row lock is taken by the ``LockRows`` node above
+    that join, so after the CTE ran), and put back in the outer target list, computed only from the
+    locked CTE's output row. On expiry the statement fails with ``lock_not_available`` (55P03) and
+    the transaction is aborted (``set_config(..., true)`` is transaction-scoped: nothing leaks,
+    under PgBouncer's transaction pooling too).
+    """
+    current = "current_setting('lock_timeout')"
+    return (
+        f"WITH shardkit_bound AS MATERIALIZED (SELECT {current} AS prev_lock_timeout,"
+        f" set_config('lock_timeout', CASE WHEN ms > 0 AND ms < {ms} THEN {current} ELSE '{ms}ms' END, true)"
+        f" AS lock_timeout FROM (SELECT extract(epoch FROM CAST({current} AS interval)) * 1000 AS ms) AS c),"
+        f" shardkit_locked AS MATERIALIZED (SELECT {columns} FROM {STATE_TABLE} AS st, shardkit_bound"
+        f" {lock} OF st)"
+        " SELECT shardkit_locked.*, set_config('lock_timeout', shardkit_bound.prev_lock_timeout, true)"
+        " AS restored_lock_timeout FROM shardkit_bound LEFT JOIN shardkit_locked ON true"
+    )
+
+
+def _locked_row(
+    conn: Connection, columns: str, lock: str, params: dict[str, Any], shard_id: str, bound: float | None
+) -> Any:
+    """The state row's ``columns`` (read ``lock``; the wait bounded by ``bound`` seconds when
+    given: :func:`bounded_lock_sql`), or None without a row. A bounded wait that expires raises
+    :class:`FenceTimeoutError` naming ``shard_id`` (the transaction is aborted)."""
+    if bound is None or not lock:
+        return conn.execute(text(f"SELECT {columns} FROM {STATE_TABLE} AS st {lock}"), params).first()
+    ms = bound_ms(bound)
+    try:
+        row = conn.execute(text(bounded_lock_sql(columns, lock, ms)), params).first()
+    except DBAPIError as error:
+        if not _lock_not_available(error):
+            raise
+        raise fence_timeout_error(shard_id, ms / 1000, own=True) from error
+    return None if row is None or row.version is None else row
+
+
+_COLUMNS = "version, ring, target_ring, key_type, watermark, drained"
+
+
 def read_shard_state(
-    conn: Connection, shard_id: str, *, lock: str = "", check_table: bool = True
+    conn: Connection, shard_id: str, *, lock: str = "", check_table: bool = True, bound: float | None = None
 ) -> ShardState | None:
-    """This shard's row (``lock``: '', 'FOR KEY SHARE', 'FOR SHARE', 'FOR NO KEY UPDATE', 'FOR UPDATE')."""
+    """This shard's row (``lock``: '', 'FOR KEY SHARE', 'FOR SHARE', 'FOR NO KEY UPDATE', 'FOR
+    UPDATE'; ``bound``: seconds the lock may wait, :func:`bounded_lock_sql`)."""
     if check_table and not state_table_exists(conn):
         return None
-    row = conn.execute(
-        text(f"SELECT version, ring, target_ring, key_type, watermark, drained FROM {STATE_TABLE} {lock}")
-    ).first()
+    row = _locked_row(conn, _COLUMNS, lock, {}, shard_id, bound)
     return None if row is None else row_to_state(shard_id, row)
 
 
 _FENCE_VERSION = f"SELECT version FROM {STATE_TABLE} FOR KEY SHARE".encode()
 
 
-def fence_version_with_begin(conn: Connection) -> int | None:
+def fence_version_with_begin(conn: Connection, shard_id: str = "", bound: float | None = None) -> int | None:
     """The ring version this shard stores, its state row locked ``FOR KEY SHARE`` (the fence of a
     key that is not moving), read as the first statement of ``conn``'s transaction together with its
     BEGIN (:mod:`.fused_begin`); None when that was not possible (the transaction has begun, no
-    row, another driver, any error): then read the row the ordinary way (:func:`read_fence`)."""
-    value = first_value_with_begin(conn, b"shardkit_fence_version", _FENCE_VERSION)
+    row, another driver, any error): then read the row the ordinary way (:func:`read_fence`).
+
+    ``bound`` (the shard's ``fence_timeout``) bounds the lock wait in the same statement
+    (:func:`bounded_lock_sql`: still one round trip); a wait that runs out (a version bump held by
+    a frozen mover) raises :class:`FenceTimeoutError` naming ``shard_id``, the transaction rolled back."""
+    if bound is None:
+        name, sql = b"shardkit_fence_version", _FENCE_VERSION
+    else:
+        ms = bound_ms(bound)
+        name, sql = (
+            b"shardkit_fence_version_%d" % ms,
+            bounded_lock_sql("version", "FOR KEY SHARE", ms).encode(),
+        )
+    try:
+        value = first_value_with_begin(conn, name, sql)
+    except LockWaitTimedOut as timed_out:
+        raise fence_timeout_error(shard_id, bound_ms(bound or 0) / 1000, own=True) from timed_out
     return None if value is None else int(value)
 
 
@@ -298,29 +377,33 @@ class FenceRow:
 
 
 def read_fence(
-    conn: Connection, key: ShardKey | None, key_type: str | None, lock: str = "", *, installed: bool = True
+    conn: Connection,
+    key: ShardKey | None,
+    key_type: str | None,
+    lock: str = "",
+    *,
+    installed: bool = True,
+    shard_id: str = "",
+    bound: float | None = None,
 ) -> FenceRow:
     """The shard's state row (locked as asked) and whether ``key`` was cut over from this shard.
 
     ``installed=False`` first checks that the state table exists (a fleet without a stored ring).
+    ``bound``: seconds the lock may wait (FenceTimeoutError naming ``shard_id``), in the same statement.
     """
+    if not installed and not state_table_exists(conn):
+        return FenceRow(None, False)
     if key is None or key_type is None:
-        row = read_shard_state(conn, "", lock=lock, check_table=not installed)
-        return FenceRow(row.state if row else None, False)
+        row = _locked_row(conn, _COLUMNS, lock, {}, shard_id, bound)
+        return FenceRow(None if row is None else row_to_state(shard_id, row).state, False)
     sql_type = check_key_type(key_type)
     moved = (
         f"(drained OR (watermark IS NOT NULL AND CAST(:k AS {sql_type}) <= CAST(watermark AS {sql_type})))"
     )
-    result = conn.execute(
-        text(
-            f"SELECT version, ring, target_ring, key_type, watermark, drained, {moved} AS moved "
-            f"FROM {STATE_TABLE} {lock}"
-        ),
-        {"k": key},
-    ).first()
+    result = _locked_row(conn, f"{_COLUMNS}, {moved} AS moved", lock, {"k": key}, shard_id, bound)
     if result is None:
         return FenceRow(None, False)
-    return FenceRow(row_to_state("", result).state, bool(result.moved))
+    return FenceRow(row_to_state(shard_id, result).state, bool(result.moved))
 
 
 def value_text(value: ShardKey) -> str:
@@ -329,7 +412,15 @@ def value_text(value: ShardKey) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-def read_value_fence(conn: Connection, table: str, value: ShardKey, lock: str = "") -> FenceRow:
+def read_value_fence(
+    conn: Connection,
+    table: str,
+    value: ShardKey,
+    lock: str = "",
+    *,
+    shard_id: str = "",
+    bound: float | None = None,
+) -> FenceRow:
     """The shard's state row (locked as asked) and whether the rows of ``table`` placed at
     ``value`` were cut over from this shard (its progress in ``carried``, compared as text in
     the "C" collation, which is the order the mover walks them in)."""
@@ -338,16 +429,13 @@ def read_value_fence(conn: Connection, table: str, value: ShardKey, lock: str = 
         f"(COALESCE(CAST({progress} ->> 'drained' AS boolean), false)"
         f' OR ({progress} ->> \'watermark\') COLLATE "C" >= CAST(:v AS text) COLLATE "C")'
     )
-    result = conn.execute(
-        text(
-            f"SELECT version, ring, target_ring, key_type, watermark, drained, COALESCE({moved}, false) AS moved "
-            f"FROM {STATE_TABLE} AS st {lock}"
-        ),
-        {"t": table, "v": value_text(value)},
-    ).first()
+    params = {"t": table, "v": value_text(value)}
+    result = _locked_row(
+        conn, f"{_COLUMNS}, COALESCE({moved}, false) AS moved", lock, params, shard_id, bound
+    )
     if result is None:
         return FenceRow(None, False)
-    return FenceRow(row_to_state("", result).state, bool(result.moved))
+    return FenceRow(row_to_state(shard_id, result).state, bool(result.moved))
 
 
 __all__ = [
@@ -355,13 +443,19 @@ __all__ = [
     "MOVED_KEYS_TABLE",
     "STATE_DDL",
     "STATE_TABLE",
+    "LOCK_NOT_AVAILABLE",
     "FenceRow",
     "SourceMarks",
     "RingState",
     "ShardState",
+    "bound_ms",
+    "bounded_fence",
+    "bounded_lock_sql",
     "check_key_type",
     "create_state_table",
     "load_ring_state",
+    "fence_timeout_error",
+    "fence_version_with_begin",
     "read_fence",
     "read_value_fence",
     "value_text",

@@ -1,0 +1,125 @@
+"""A mover frozen during a ring version bump: ordinary writes fail in ``fence_timeout``.
+
+Every write transaction locks its shard's state row ``FOR KEY SHARE`` (the fence of a key that is
+not moving); only a version bump (``FOR UPDATE``, then a key update) conflicts with it. The real
+CLI mover is held just before it bumps the first shard of its start bump, with that shard's row
+locked ``FOR UPDATE``, and SIGSTOPped. A session insert (the fence rides on BEGIN), a session
+update after a read (the fence is its own statement) and a Core ``begin_write`` of keys that are
+not moving, on the frozen shard, end with FenceTimeoutError naming it instead of waiting for the
+mover (on the old code they wait until the mover resumes: pytest's timeout); other shards write.
+After SIGCONT the move completes and the same keys write again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from decimal import Decimal
+
+import psycopg
+import pytest
+from sqlalchemy import insert, text
+
+from sa_shardkit import FenceTimeoutError, HashRing, ShardManager
+from sa_shardkit.demo.models import Customer, Order
+from sa_shardkit.rebalance import install_ring
+from sa_shardkit.rebalance.catalog import STATE_TABLE
+from tests.rebalance_kill import start_mover, url_args, wait_held
+from tests.saga_support import seed_ring_fleet
+
+FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
+FIVE = FOUR.add_shard("shard-5")
+CUSTOMERS = 200
+
+
+def _bump_held(url: str) -> bool:
+    """Whether a transaction holds ``url``'s state row against every writer (FOR KEY SHARE NOWAIT fails)."""
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        try:
+            conn.execute(f"SELECT 1 FROM {STATE_TABLE} FOR KEY SHARE NOWAIT")
+        except psycopg.errors.LockNotAvailable:
+            return True
+        return False
+
+
+def _order(key: int) -> Order:
+    return Order(customer_id=key, order_id=uuid.uuid4(), status="new", total=Decimal(1))
+
+
+@pytest.mark.timeout(240)  # the old code waits for the frozen mover: this timeout is its failure
+def test_a_mover_frozen_in_a_version_bump_fails_writers_in_time(
+    manager: ShardManager, shard5_url: str
+) -> None:
+    seed_ring_fleet(manager, FOUR, CUSTOMERS, Decimal(100))
+    install_ring(manager, FOUR)
+    urls = {s: manager.config(s).primary_url.render_as_string(False) for s in FOUR.shard_ids}
+    urls["shard-5"] = shard5_url
+    argv = [*url_args(manager, FOUR.shard_ids), "--add", "shard-5", shard5_url]
+    stop = {"sql": "-- never sent --", "hold": {"sql": "SET version = %(version)s", "nth": 1}}
+    mover = start_mover(argv, stop)
+    assert mover.stdout is not None and mover.stdin is not None
+    try:
+        wait_held(mover, "the start bump")
+        os.kill(mover.pid, signal.SIGSTOP)  # frozen inside the bump: the row locked FOR UPDATE
+        stuck = [s for s in FOUR.shard_ids if _bump_held(urls[s])]
+        assert len(stuck) == 1, f"the bump's lock is held on {stuck}: the window was not hit"
+        frozen = stuck[0]
+        keys = [k for k in range(1, CUSTOMERS + 1) if FOUR.get_shard(k) == frozen]
+        other = next(k for k in range(1, CUSTOMERS + 1) if FOUR.get_shard(k) != frozen)
+
+        with ShardManager.from_urls(urls, fence_timeout=1.0) as writer:
+            writer.placement.refresh()
+            assert writer.placement.state.version == 1 and writer.placement.state.target is None
+            factory = writer.sessionmaker()
+            with factory() as session:  # an insert: the fence rides on the transaction's BEGIN
+                session.add(_order(keys[0]))
+                with pytest.raises(FenceTimeoutError, match=f"{frozen!r}.*1 s.*rebalance --status") as info:
+                    session.commit()
+                assert info.value.shard_id == frozen and info.value.seconds == 1.0
+            with factory() as session:  # an update after a read: the fence is a statement of its own
+                customer = session.get(Customer, keys[1])
+                assert customer is not None
+                customer.balance += 1
+                with pytest.raises(FenceTimeoutError, match=repr(frozen)) as info:
+                    session.commit()
+                assert info.value.shard_id == frozen
+            with pytest.raises(FenceTimeoutError, match=repr(frozen)):  # Core, manager.transaction
+                with writer.placement.begin_write(keys[2]) as conn:
+                    conn.execute(insert(Order.__table__), [{**_row(keys[2])}])
+            with factory() as session:  # another shard is not held up
+                session.add(_order(other))
+                session.commit()
+
+        os.kill(mover.pid, signal.SIGCONT)
+        mover.stdin.write("go\n")
+        mover.stdin.flush()
+        rest = mover.stdout.read()
+        assert mover.wait(timeout=180) == 0, rest
+        assert "done" in rest, rest
+    finally:
+        if mover.poll() is None:
+            os.kill(mover.pid, signal.SIGCONT)
+            os.kill(mover.pid, signal.SIGKILL)
+            mover.wait(timeout=60)
+
+    with ShardManager.from_urls(urls, fence_timeout=1.0) as five:  # moved, and the keys write again
+        five.placement.refresh()
+        assert five.placement.state.target is None and five.placement.state.version > 1
+        factory = five.sessionmaker()
+        with factory() as session:
+            session.add(_order(keys[0]))
+            customer = session.get(Customer, keys[1])
+            assert customer is not None and customer.balance == Decimal(100)
+            customer.balance += 1
+            session.flush()
+            # the fence put the transaction's lock_timeout back after locking the row
+            shard = five.placement.shard_for_write(keys[1])
+            assert session.connection(bind_arguments={"shard_id": shard}).execute(
+                text("SHOW lock_timeout")
+            ).scalar() in ("0", "0ms")
+            session.commit()
+
+
+def _row(key: int) -> dict[str, object]:
+    return {"customer_id": key, "order_id": uuid.uuid4(), "status": "new", "total": Decimal(1)}
