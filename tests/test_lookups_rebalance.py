@@ -29,17 +29,19 @@ from sqlalchemy import select
 from sa_shardkit import HashRing, ShardConfig, ShardManager, StaleRingError
 from sa_shardkit.cli.rebalance import rebalance_command
 from sa_shardkit.lookups import lookup_named
-from sa_shardkit.lookups.build import repair_lookup
+from sa_shardkit.lookups.build import create_lookup_tables, repair_lookup
 from sa_shardkit.lookups.store import forget_readiness, is_ready
 from sa_shardkit.rebalance import (
     FleetView,
     MoveOptions,
     RebalanceResult,
+    RingState,
     add_shard,
     install_ring,
     read_fleet_state,
     remove_shard,
 )
+from sa_shardkit.rebalance.catalog import create_state_table, load_ring_state, write_state
 from tests.lookup_models import Base, LkCustomer, LkOrder, create_schema
 from tests.rebalance_kill import ROOT, kill_mover_at, url_args
 from tests.test_lookups import entries
@@ -372,3 +374,37 @@ def test_the_cli_mover_moves_lookups_of_models_it_never_imported(
     assert entries(manager, ORDERS)["shard-5"], "no order_id entry moved to the new shard"
     _assert_placed(manager, five, fleet)
     _assert_exact_routes(manager, fleet)
+
+
+def test_entries_for_a_joining_shard_in_the_start_bump_window_are_written(
+    manager: ShardManager, shard5_url: str
+) -> None:
+    """A move's start bump commits the state table on every shard before it stores the move on any,
+    and bumps the joining shard last: for a while the joining shard holds an empty state table
+    while writers already route by the move. An entry whose new position is that shard must be
+    written there (the fenced insert joined the empty table and silently wrote nothing, so a
+    committed order had no entry: CI, 2026-12-02). Each server is read directly."""
+    install_ring(manager, FOUR)
+    create_schema(manager)
+    manager.add_shard(ShardConfig(id="shard-5", url=shard5_url))
+    create_lookup_tables(manager)  # what the mover's prepare step does for a joining shard
+    five = FOUR.add_shard("shard-5")
+    stored = load_ring_state(manager)
+    assert stored is not None
+    write_state(manager, RingState(stored.version + 1, FOUR, five, stored.key_type), FOUR.shard_ids)
+    with manager.connect("shard-5") as conn, conn.begin():
+        create_state_table(conn)  # committed, no row yet: the window
+    manager.placement.refresh()
+    assert manager.placement.state.target == five
+    fleet = Fleet()
+    fleet.write(manager, customers=12, orders_each=2)
+    orders, emails = fleet.snapshot()
+    on_five = [o for o in orders if five.get_shard(o) == "shard-5"]
+    assert on_five, "no order_id whose new position is the joining shard: the test checks nothing"
+    for name, owners in ((ORDERS, orders), (EMAILS, emails)):
+        stored_entries = entries(manager, name)
+        missing = set(owners.items()) - {p for pairs in stored_entries.values() for p in pairs}
+        assert not missing, f"{name}: committed rows without their entry: {sorted(missing)[:5]}"
+        for value, key in owners.items():
+            if five.get_shard(value) == "shard-5":
+                assert (value, key) in stored_entries["shard-5"], (name, value)

@@ -642,8 +642,8 @@ def _insert(
 ) -> tuple[set[tuple[Any, Any]], int | None]:
     """Lock and insert ``entries`` in one statement; returns the (value, key) pairs inserted and
     the shard's stored ring version. With ``limit`` (a stored ring), nothing is inserted when that
-    version is newer than ``limit``; a joining shard that stores no ring yet is written unfenced
-    (nothing newer can be stored there)."""
+    version is newer than ``limit``; a joining shard that stores no ring yet (no state table, or
+    one without its row) is written unfenced (nothing newer can be stored there)."""
     ids = sorted({index.lock_id(e.value) for e in entries})
     rows_sql = (
         f"SELECT v, k FROM unnest(CAST(:values AS {sql_type(index.column)}[]), "
@@ -679,6 +679,12 @@ def _insert(
             version = int(stored)
         else:
             inserted.add((value, key))
+    if version is None:  # no version row: nothing was inserted (the insert joins it)
+        # a joining shard whose state table is committed but not yet its row (a move commits the
+        # tables on every shard before it stores the move on any, and bumps joining shards last):
+        # it stores no ring, so nothing newer can be stored there, as without the table
+        params.pop("version")
+        return {(v, k) for v, k in _run(conn, index, plain, **params)}, None
     return inserted, version
 
 
