@@ -1,4 +1,4 @@
-"""A mover frozen during a ring version bump: ordinary writes fail in ``fence_timeout``.
+"""A mover frozen during a ring version bump: ordinary writes and sagas fail in ``fence_timeout``.
 
 Every write transaction locks its shard's state row ``FOR KEY SHARE`` (the fence of a key that is
 not moving); only a version bump (``FOR UPDATE``, then a key update) conflicts with it. The real
@@ -23,14 +23,17 @@ from sqlalchemy import insert, text
 
 from sa_shardkit import FenceTimeoutError, HashRing, ShardManager
 from sa_shardkit.demo.models import Customer, Order
+from sa_shardkit.errors import SagaNotStartedError
 from sa_shardkit.rebalance import install_ring
 from sa_shardkit.rebalance.catalog import STATE_TABLE
+from sa_shardkit.saga import transfer
 from tests.rebalance_kill import start_mover, url_args, wait_held
 from tests.saga_support import seed_ring_fleet
 
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
 FIVE = FOUR.add_shard("shard-5")
 CUSTOMERS = 200
+TRANSFER_ID = "frozen-bump-1"
 
 
 def _bump_held(url: str) -> bool:
@@ -90,6 +93,11 @@ def test_a_mover_frozen_in_a_version_bump_fails_writers_in_time(
             with factory() as session:  # another shard is not held up
                 session.add(_order(other))
                 session.commit()
+            # a saga: its one-statement fast path does not wait for the bump (NOWAIT fence) and its
+            # ordinary path's fence gives up after fence_timeout (on the old code: it waited)
+            with pytest.raises(SagaNotStartedError, match=f"{frozen!r}.*FenceTimeoutError") as started:
+                transfer(writer, keys[3], keys[4], Decimal(1), transfer_id=TRANSFER_ID)
+            assert started.value.shard_id == frozen
 
         os.kill(mover.pid, signal.SIGCONT)
         mover.stdin.write("go\n")
@@ -119,6 +127,12 @@ def test_a_mover_frozen_in_a_version_bump_fails_writers_in_time(
                 text("SHOW lock_timeout")
             ).scalar() in ("0", "0ms")
             session.commit()
+        # the refused transfer, retried with its id: moved once, nothing of the first try left
+        assert transfer(five, keys[3], keys[4], Decimal(1), transfer_id=TRANSFER_ID).status == "complete"
+        with factory() as session:
+            sender, receiver = session.get(Customer, keys[3]), session.get(Customer, keys[4])
+            assert sender is not None and receiver is not None
+            assert (sender.balance, receiver.balance) == (Decimal(99), Decimal(101))
 
 
 def _row(key: int) -> dict[str, object]:

@@ -32,8 +32,14 @@ from .log import CREATE_WITH_RECEIPT, FINISH_MANY, finish_params
 from .receipts import FUSED, StepInput, fuse
 
 DIVISION_BY_ZERO = "22012"
+LOCK_NOT_AVAILABLE = "55P03"
+"""The fence's ``NOWAIT`` met a version bump holding the state row (or a lock ran out of the
+connection's own ``lock_timeout``): nothing applied, the ordinary path takes over."""
 
-_FENCE = f", sk_fence AS (SELECT version FROM {STATE_TABLE} FOR KEY SHARE)"
+# NOWAIT: only a version bump (FOR UPDATE) conflicts with FOR KEY SHARE; the fast path does not wait
+# for one (a frozen mover would hold it for ever) but misses, and the ordinary path's fence waits at
+# most the shard's fence_timeout (FenceTimeoutError naming the shard)
+_FENCE = f", sk_fence AS (SELECT version FROM {STATE_TABLE} FOR KEY SHARE NOWAIT)"
 _FENCE_OK = " AND (SELECT version FROM sk_fence) = :sk_version"
 # no ring stored as this process knows: the state table must not be in the statement's snapshot
 # (pg_class under MVCC, as Placement's unstored-ring fence checks it: state_table_committed)
@@ -90,7 +96,7 @@ def run_guarded(conn: Connection, statement: TextClause, params: dict[str, Any])
     try:
         conn.execute(statement, params)
     except DBAPIError as error:
-        if getattr(error.orig, "sqlstate", None) == DIVISION_BY_ZERO:
+        if getattr(error.orig, "sqlstate", None) in (DIVISION_BY_ZERO, LOCK_NOT_AVAILABLE):
             raise FastMiss from error
         raise
 
