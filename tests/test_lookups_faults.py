@@ -15,11 +15,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 from sqlalchemy import select
 
 from sa_shardkit import ShardManager
+from sa_shardkit.errors import LookupIndexError
+from sa_shardkit.lookups import store
 from sa_shardkit.lookups.store import forget_readiness
+from sa_shardkit.rebalance import install_ring
+from sa_shardkit.ring_state import STATE_TABLE
 from tests.fleet import TestFleet
 from tests.lookup_models import LkOrder, create_schema
 from tests.test_lookups import ORDERS, entries
@@ -88,3 +93,28 @@ def test_a_frozen_lookup_shard_fails_the_write_naming_it_and_leaves_nothing_half
         assert session.scalars(select(LkOrder).where(LkOrder.order_id == order_id)).all() == []
         assert session.get(LkOrder, order_id) is None
         assert session.scalars(select(LkOrder).where(LkOrder.order_id.in_([order_id]))).all() == []
+
+
+def test_a_lookup_write_held_by_a_version_bump_names_the_shard(
+    manager: ShardManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ring version bump holding the lookup shard's state row (a mover frozen there): the entry's
+    fenced insert gives up after the lookup's lock wait with a LookupIndexError that names the
+    shard and the bump (it said only "another transaction writing the same value"), and the
+    owning row is on no server."""
+    monkeypatch.setattr(store, "LOCK_TIMEOUT_MS", 300)
+    install_ring(manager, manager.ring)
+    create_schema(manager)
+    forget_readiness()
+    order_id, customer_id, held = _order_on_another_shard(manager)
+    url = manager.config(held).primary_url.render_as_string(False).replace("+psycopg", "")
+    with psycopg.connect(url) as bump:  # what a mover's bump holds: the state row FOR UPDATE
+        bump.execute(f"SELECT version FROM {STATE_TABLE} FOR UPDATE")
+        with manager.sessionmaker()() as session:
+            session.add(LkOrder(order_id=order_id, customer_id=customer_id))
+            with pytest.raises(
+                LookupIndexError, match=f"on shard {held!r}.*ring version bump.*rebalance --status"
+            ):
+                session.commit()
+        bump.rollback()
+    assert order_id not in physical_orders(manager)

@@ -357,6 +357,12 @@ class LookupConnections:
 
     def call(self, shard: str, work: Callable[[Connection], T]) -> T:
         """``work(conn)`` on the shard's connection (replaced once if a kept one was dead)."""
+        try:
+            return self._call(shard, work)
+        except _LockWaitTimeout as timeout:
+            raise timeout.error(shard) from timeout.__cause__
+
+    def _call(self, shard: str, work: Callable[[Connection], T]) -> T:
         conn = self.conn(shard)
         if shard not in self.untested:
             return work(conn)
@@ -693,11 +699,30 @@ def _run(conn: Connection, index: LookupIndex, sql: str, **params: Any) -> list[
         return list(conn.execute(text(sql), params))
     except OperationalError as error:
         if "lock timeout" in str(error.orig).lower():
-            raise LookupIndexError(
-                f"lookup {index.describe()}: waited {LOCK_TIMEOUT_MS} ms for another transaction writing the "
-                "same value; nothing of this transaction was committed, retry it"
-            ) from error
+            raise _LockWaitTimeout(index, fenced=STATE_TABLE in sql) from error
         raise
+
+
+class _LockWaitTimeout(Exception):
+    """A lookup statement ran out of :data:`LOCK_TIMEOUT_MS`; :meth:`LookupConnections.call` names
+    the shard (:meth:`error`)."""
+
+    def __init__(self, index: LookupIndex, *, fenced: bool) -> None:
+        super().__init__(index.describe())
+        self.index, self.fenced = index, fenced
+
+    def error(self, shard: str | None) -> LookupIndexError:
+        where = f" on shard {shard!r}" if shard else ""
+        bump = (
+            ", or for a ring version bump holding that shard's state row (a stuck mover: "
+            "`shardkit rebalance --status`)"
+            if self.fenced
+            else ""
+        )
+        return LookupIndexError(
+            f"lookup {self.index.describe()}: waited {LOCK_TIMEOUT_MS} ms{where} for another transaction "
+            f"writing the same value{bump}; nothing of this transaction was committed, retry it"
+        )
 
 
 def _read_entries(conn: Connection, index: LookupIndex, values: Sequence[Any]) -> dict[Any, Any]:
