@@ -23,16 +23,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from sa_shardkit.cli.rebalance import rebalance_command
+from sa_shardkit.ring_state import STATE_TABLE
 
 if TYPE_CHECKING:
-    from sa_shardkit import ShardManager
+    from sa_shardkit import HashRing, ShardManager
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,6 +66,53 @@ def wait_held(mover: subprocess.Popen[str], where: str) -> list[str]:
         output.append(line)
     assert line.strip() == "held", f"the mover never reached {where}:\n" + "".join(output)
     return output
+
+
+@contextmanager
+def frozen_mover(argv: list[str], stop: dict[str, Any], where: str) -> Iterator[subprocess.Popen[str]]:
+    """The CLI mover held at ``stop["hold"]`` (:func:`wait_held` ``where``) and SIGSTOPped there;
+    on leaving, continued and killed unless :func:`finish_frozen` let it complete."""
+    mover = start_mover(argv, stop)
+    try:
+        wait_held(mover, where)
+        os.kill(mover.pid, signal.SIGSTOP)
+        yield mover
+    finally:
+        if mover.poll() is None:
+            os.kill(mover.pid, signal.SIGCONT)
+            os.kill(mover.pid, signal.SIGKILL)
+            mover.wait(timeout=60)
+
+
+def finish_frozen(mover: subprocess.Popen[str]) -> None:
+    """SIGCONT a :func:`frozen_mover` and let its held statement go: the move must complete."""
+    assert mover.stdout is not None and mover.stdin is not None
+    os.kill(mover.pid, signal.SIGCONT)
+    mover.stdin.write("go\n")
+    mover.stdin.flush()
+    rest = mover.stdout.read()
+    assert mover.wait(timeout=180) == 0, rest
+    assert "done" in rest, rest
+
+
+def state_row_held(url: str, lock: str) -> bool:
+    """Whether a transaction holds ``url``'s ring state row against ``lock`` ('FOR SHARE': a
+    fence, held by a cut-over; 'FOR KEY SHARE': every writer, held by a version bump)."""
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        try:
+            conn.execute(f"SELECT 1 FROM {STATE_TABLE} {lock} NOWAIT")
+        except psycopg.errors.LockNotAvailable:
+            return True
+        return False
+
+
+def add_shard_argv(
+    manager: ShardManager, ring: HashRing, shard_id: str, url: str
+) -> tuple[dict[str, str], list[str]]:
+    """(every shard's URL, passwords included, joining one too; the CLI's argv adding it to ``ring``)."""
+    urls = {s: manager.config(s).primary_url.render_as_string(False) for s in ring.shard_ids}
+    urls[shard_id] = url
+    return urls, [*url_args(manager, ring.shard_ids), "--add", shard_id, url]
 
 
 def kill_mover_at(argv: list[str], stop: dict[str, Any], on_hold: Callable[[], None] | None = None) -> None:

@@ -12,12 +12,9 @@ After SIGCONT the move completes and the same keys write again.
 
 from __future__ import annotations
 
-import os
-import signal
 import uuid
 from decimal import Decimal
 
-import psycopg
 import pytest
 from sqlalchemy import insert, text
 
@@ -25,25 +22,14 @@ from sa_shardkit import FenceTimeoutError, HashRing, ShardManager
 from sa_shardkit.demo.models import Customer, Order
 from sa_shardkit.errors import SagaNotStartedError
 from sa_shardkit.rebalance import install_ring
-from sa_shardkit.rebalance.catalog import STATE_TABLE
 from sa_shardkit.saga import transfer
-from tests.rebalance_kill import start_mover, url_args, wait_held
+from tests.rebalance_kill import add_shard_argv, finish_frozen, frozen_mover, state_row_held
 from tests.saga_support import seed_ring_fleet
 
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
 FIVE = FOUR.add_shard("shard-5")
 CUSTOMERS = 200
 TRANSFER_ID = "frozen-bump-1"
-
-
-def _bump_held(url: str) -> bool:
-    """Whether a transaction holds ``url``'s state row against every writer (FOR KEY SHARE NOWAIT fails)."""
-    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
-        try:
-            conn.execute(f"SELECT 1 FROM {STATE_TABLE} FOR KEY SHARE NOWAIT")
-        except psycopg.errors.LockNotAvailable:
-            return True
-        return False
 
 
 def _order(key: int) -> Order:
@@ -56,16 +42,10 @@ def test_a_mover_frozen_in_a_version_bump_fails_writers_in_time(
 ) -> None:
     seed_ring_fleet(manager, FOUR, CUSTOMERS, Decimal(100))
     install_ring(manager, FOUR)
-    urls = {s: manager.config(s).primary_url.render_as_string(False) for s in FOUR.shard_ids}
-    urls["shard-5"] = shard5_url
-    argv = [*url_args(manager, FOUR.shard_ids), "--add", "shard-5", shard5_url]
+    urls, argv = add_shard_argv(manager, FOUR, "shard-5", shard5_url)
     stop = {"sql": "-- never sent --", "hold": {"sql": "SET version = %(version)s", "nth": 1}}
-    mover = start_mover(argv, stop)
-    assert mover.stdout is not None and mover.stdin is not None
-    try:
-        wait_held(mover, "the start bump")
-        os.kill(mover.pid, signal.SIGSTOP)  # frozen inside the bump: the row locked FOR UPDATE
-        stuck = [s for s in FOUR.shard_ids if _bump_held(urls[s])]
+    with frozen_mover(argv, stop, "the start bump") as mover:  # inside the bump: the row locked FOR UPDATE
+        stuck = [s for s in FOUR.shard_ids if state_row_held(urls[s], "FOR KEY SHARE")]
         assert len(stuck) == 1, f"the bump's lock is held on {stuck}: the window was not hit"
         frozen = stuck[0]
         keys = [k for k in range(1, CUSTOMERS + 1) if FOUR.get_shard(k) == frozen]
@@ -99,17 +79,7 @@ def test_a_mover_frozen_in_a_version_bump_fails_writers_in_time(
                 transfer(writer, keys[3], keys[4], Decimal(1), transfer_id=TRANSFER_ID)
             assert started.value.shard_id == frozen
 
-        os.kill(mover.pid, signal.SIGCONT)
-        mover.stdin.write("go\n")
-        mover.stdin.flush()
-        rest = mover.stdout.read()
-        assert mover.wait(timeout=180) == 0, rest
-        assert "done" in rest, rest
-    finally:
-        if mover.poll() is None:
-            os.kill(mover.pid, signal.SIGCONT)
-            os.kill(mover.pid, signal.SIGKILL)
-            mover.wait(timeout=60)
+        finish_frozen(mover)
 
     with ShardManager.from_urls(urls, fence_timeout=1.0) as five:  # moved, and the keys write again
         five.placement.refresh()

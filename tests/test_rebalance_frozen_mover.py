@@ -10,34 +10,20 @@ SIGCONT the move completes. On the old code the flush waits for the mover until 
 
 from __future__ import annotations
 
-import os
-import signal
 from decimal import Decimal
 
-import psycopg
 import pytest
 
 from sa_shardkit import FenceTimeoutError, HashRing, ShardManager
 from sa_shardkit.demo.models import Customer
 from sa_shardkit.rebalance import install_ring
-from sa_shardkit.rebalance.catalog import STATE_TABLE
 from sa_shardkit.saga.inspect import list_sagas
-from tests.rebalance_kill import start_mover, url_args, wait_held
+from tests.rebalance_kill import add_shard_argv, finish_frozen, frozen_mover, state_row_held
 from tests.saga_support import seed_ring_fleet
 
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
 FIVE = FOUR.add_shard("shard-5")
 CUSTOMERS = 200
-
-
-def _fence_held(url: str) -> bool:
-    """Whether a transaction holds ``url``'s state row against a fence (FOR SHARE NOWAIT fails)."""
-    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
-        try:
-            conn.execute(f"SELECT 1 FROM {STATE_TABLE} FOR SHARE NOWAIT")
-        except psycopg.errors.LockNotAvailable:
-            return True
-        return False
 
 
 @pytest.mark.timeout(240)  # the old code waits for the frozen mover: this timeout is its failure
@@ -46,16 +32,10 @@ def test_a_frozen_mover_holding_a_cut_over_fails_fences_in_time(
 ) -> None:
     seed_ring_fleet(manager, FOUR, CUSTOMERS, Decimal(100))
     install_ring(manager, FOUR)
-    urls = {s: manager.config(s).primary_url.render_as_string(False) for s in FOUR.shard_ids}
-    urls["shard-5"] = shard5_url
-    argv = [*url_args(manager, FOUR.shard_ids), "--add", "shard-5", shard5_url]
+    urls, argv = add_shard_argv(manager, FOUR, "shard-5", shard5_url)
     stop = {"sql": "-- never sent --", "hold": {"sql": "SET watermark = %(wm)s", "nth": 1}}
-    mover = start_mover(argv, stop)
-    assert mover.stdout is not None and mover.stdin is not None
-    try:
-        wait_held(mover, "a cut-over")
-        os.kill(mover.pid, signal.SIGSTOP)  # frozen inside the cut-over, the fence held
-        stuck = [s for s in FOUR.shard_ids if _fence_held(urls[s])]
+    with frozen_mover(argv, stop, "a cut-over") as mover:  # frozen inside the cut-over, the fence held
+        stuck = [s for s in FOUR.shard_ids if state_row_held(urls[s], "FOR SHARE")]
         assert stuck, "no source's fence is held: the window was not hit"
 
         with ShardManager.from_urls(urls, fence_timeout=1.0) as five:
@@ -90,17 +70,7 @@ def test_a_frozen_mover_holding_a_cut_over_fails_fences_in_time(
             listing = list_sagas(default, include_finished=True)
             assert listing.sagas == [] and listing.unreachable == {}, listing
 
-        os.kill(mover.pid, signal.SIGCONT)
-        mover.stdin.write("go\n")
-        mover.stdin.flush()
-        rest = mover.stdout.read()
-        assert mover.wait(timeout=180) == 0, rest
-        assert "done" in rest, rest
-    finally:
-        if mover.poll() is None:
-            os.kill(mover.pid, signal.SIGCONT)
-            os.kill(mover.pid, signal.SIGKILL)
-            mover.wait(timeout=60)
+        finish_frozen(mover)
 
     with ShardManager.from_urls(urls) as five:  # moved, and the key writes again
         five.placement.refresh()
