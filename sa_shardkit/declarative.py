@@ -73,6 +73,8 @@ class ReferenceTable:
 
 
 _by_mapper: weakref.WeakKeyDictionary[Mapper[Any], Sharding] = weakref.WeakKeyDictionary()
+SHARDING_BY_MAPPER_REF: dict[weakref.ref[Mapper[Any]], Sharding] = _by_mapper.data  # type: ignore[attr-defined]
+"""``weakref.ref(mapper)`` -> what :func:`sharding_of` found for it: the flush's lookup without a call."""
 _by_table: weakref.WeakKeyDictionary[FromClause, Sharding | None] = weakref.WeakKeyDictionary()
 
 

@@ -37,6 +37,8 @@ _URL = "_shardkit_safe_url"
 _UNAVAILABLE = "_shardkit_unavailable"
 _REASON = "_shardkit_reason"
 _BOUND = "_shardkit_query_timeout"
+BOUND_ATTR = _BOUND
+"""Engine attribute: the bound :func:`guard` put on its statements (what :func:`statement_bound` reads)."""
 _local = threading.local()  # the driver call of this thread the watchdog cut short, for the error
 
 
@@ -152,6 +154,8 @@ def _shut_down(dbapi_connection: Any, fd: int) -> bool:
 
 
 _watchdog = _Watchdog()
+WATCHDOG = _watchdog
+"""The process's watchdog, for driver calls bounded inline (:mod:`sa_shardkit.fused_begin`)."""
 
 
 def _bounded(

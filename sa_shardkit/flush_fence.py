@@ -6,67 +6,51 @@ on the session's connection to that shard, in the session's transaction; a key t
 :class:`StaleRingError` before anything is written (roll back and retry the transaction: it will
 route to the new shard). A fleet that stores no ring skips all of it.
 
+:func:`fence_planned` is called by the session's ``before_flush`` with its flush plan's keys;
 :func:`fence_keys` is the same fence for Core DML sent through the session
 (``session.execute(update(...).where(Model.key == k))``, ``insert``, ``delete``, bulk inserts).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import inspect
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from .declarative import sharding_of
-from .errors import NotShardedError, StaleRingError
+from .errors import StaleRingError
 from .placement import MAX_REROUTES
 from .routing import write_keys
+
+if TYPE_CHECKING:
+    from .manager import ShardManager
 
 _FENCED = "shardkit_fenced"
 
 
-def fence_flush(session: Session, flush_context: Any, instances: Any) -> None:
-    """``before_flush``: hold the fence for every sharded key the flush writes (once per transaction).
-
-    The session's flush plan (run just before) lists them as ``session._fence_keys``: (shard, key).
-    """
-    manager = getattr(session, "manager", None)
-    if manager is None or getattr(session, "pinned_shard_id", None) is not None:
-        return
-    planned: list[tuple[str, Any]] | None = getattr(session, "_fence_keys", None)
-    session._fence_keys = None  # type: ignore[attr-defined]
+def fence_planned(
+    session: Session,
+    manager: ShardManager,
+    planned: list[tuple[str, Any]],
+    fenced: set[tuple[str, Any]],
+    conns: dict[str, Connection],
+) -> None:
+    """Before a flush writes: hold the fence for every sharded key it writes, (shard, key) as the
+    session's flush plan chose them, each once per transaction (``fenced``: the session's set of
+    those held). Called by the session's ``before_flush`` right after its plan, inside the flush
+    (whose shard faults are named). ``conns`` gets the session's connection of each shard fenced."""
     placement = manager.placement
     if not placement.fences_writes():
         return
-    fenced = _fenced(session)
-    for shard, key in _flush_keys(session) if planned is None else planned:
+    for shard, key in planned:
         if (shard, key) in fenced:
             continue
-        conn = session.connection(bind_arguments={"shard_id": shard})
-        placement.fence_write(conn, shard, key)
+        # what session.connection() does, without its two calls: the flush names shard faults
+        conn = conns.get(shard) or session._connection_for_bind(session.get_bind(shard_id=shard))
+        conns[shard] = conn
+        placement.fence_write(conn, shard, key, checked=True)
         fenced.add((shard, key))
-
-
-def _flush_keys(session: Session) -> Iterator[tuple[str, Any]]:
-    """(shard, key) of every sharded row the flush writes, when no flush plan listed them."""
-    for obj in [*session.new, *session.dirty, *session.deleted]:
-        state = inspect(obj)
-        try:
-            sharding = sharding_of(state.mapper)
-        except NotShardedError:
-            continue
-        if sharding.reference or sharding.attribute is None:
-            continue
-        key = obj.__dict__.get(sharding.attribute)
-        if key is None:
-            continue
-        if state.key is not None:
-            yield str(state.key[2]), key
-        elif state.identity_token is not None:
-            yield str(state.identity_token), key
-        else:
-            yield session.shard_chooser(state.mapper, obj, None), key  # type: ignore[attr-defined]
 
 
 def fence_keys(session: Session, shard: str, keys: Iterable[Any]) -> None:
@@ -125,14 +109,10 @@ def fence_statement(
 
 
 def _fenced(session: Session) -> set[tuple[str, Any]]:
-    """(shard, key) pairs fenced in the session's current transaction."""
-    transaction = session.get_transaction()
-    fenced: set[tuple[str, Any]] = session.info.setdefault(_FENCED, {}).setdefault(id(transaction), set())
+    """(shard, key) pairs fenced in the session's current transaction: a ShardedSession's own set,
+    emptied when its transaction ends (``after_transaction_end``); another session's in its info."""
+    fenced: set[tuple[str, Any]] | None = getattr(session, "_fenced_writes", None)
+    if fenced is None:
+        transaction = session.get_transaction()
+        fenced = session.info.setdefault(_FENCED, {}).setdefault(id(transaction), set())
     return fenced
-
-
-def forget_fences(session: Session, transaction: Any) -> None:
-    """``after_transaction_end``: the fences of a finished transaction are released."""
-    fences = session.info.get(_FENCED)
-    if fences:
-        fences.pop(id(transaction), None)

@@ -24,7 +24,7 @@ from psycopg import generators, pq
 from psycopg.pq import ExecStatus, TransactionStatus
 from sqlalchemy.engine import Connection
 
-from .faults import QUERY_TIMEOUT, bounded_driver_call, statement_bound
+from .faults import BOUND_ATTR, QUERY_TIMEOUT, WATCHDOG
 
 
 class LockWaitTimedOut(Exception):
@@ -41,7 +41,7 @@ _PREPARED = "_shardkit_prepared"
 
 def _begin_command(driver: psycopg.Connection[Any]) -> bytes:
     """The BEGIN psycopg itself would send for ``driver``'s transaction characteristics."""
-    traits = (driver.isolation_level, driver.read_only, driver.deferrable)
+    traits = (driver._isolation_level, driver._read_only, driver._deferrable)  # the properties' values
     command = _begins.get(traits)
     if command is None:
         isolation, read_only, deferrable = traits
@@ -66,28 +66,46 @@ def first_value_with_begin(conn: Connection, name: bytes, sql: bytes) -> bytes |
     transaction rolled back) instead: running ``sql`` again the ordinary way would wait again."""
     if conn.dialect.driver != "psycopg":
         return None
-    driver = conn.connection.driver_connection
-    if not isinstance(driver, psycopg.Connection) or driver.autocommit or driver.closed:
-        return None
+    # the driver connection (a sync psycopg dialect's DBAPI connection is psycopg's own), read as
+    # conn.connection.driver_connection reads it, without its four calls; and psycopg's properties
+    # (autocommit, closed, prepare_threshold) by the attributes they return
+    fairy = conn._dbapi_connection
+    driver: Any = fairy.dbapi_connection if fairy is not None else None
+    if not isinstance(driver, psycopg.Connection):
+        driver = conn.connection.driver_connection
+        if not isinstance(driver, psycopg.Connection):
+            return None
     pgconn = driver.pgconn
+    if driver._autocommit or pgconn.status == pq.ConnStatus.BAD:
+        return None
     if pgconn.transaction_status != TransactionStatus.IDLE:
         return None
-    limit = conn.get_execution_options().get(QUERY_TIMEOUT, statement_bound(conn.engine))
+    options = conn._execution_options
+    # the engine's bound: what statement_bound(conn.engine) reads
+    limit = options[QUERY_TIMEOUT] if QUERY_TIMEOUT in options else getattr(conn.engine, BOUND_ATTR, None)
     names: set[bytes] | None = getattr(driver, _PREPARED, None)
     if names is None:
         names = set()
         setattr(driver, _PREPARED, names)
-    if driver.prepare_threshold is None:
+    begin = _begins.get((driver._isolation_level, driver._read_only, driver._deferrable)) or _begin_command(driver)
+    if driver._prepared.prepare_threshold is None:
         # Prepared statements are off (a shard behind PgBouncer in transaction pooling): a statement
         # prepared on one server connection is not there on the next, so the check is sent as text.
-        query = _begin_command(driver) + b"; " + sql
+        query = begin + b"; " + sql
     else:
-        query = _begin_command(driver) + b"; EXECUTE " + name
+        query = begin + b"; EXECUTE " + name
         if name not in names:
             query = b"PREPARE " + name + b" AS " + sql + b"; " + query
     try:
         pgconn.send_query(query)  # the connection's own wait: a hub's task waits through the hub
-        results = bounded_driver_call(driver, limit, lambda: driver.wait(generators.execute(pgconn)))
+        if limit is None:
+            results = driver.wait(generators.execute(pgconn))
+        else:  # what bounded_driver_call does, without its two calls
+            armed = WATCHDOG.arm(driver, limit)
+            try:
+                results = driver.wait(generators.execute(pgconn))
+            finally:
+                WATCHDOG.disarm(armed)
         last = results[-1] if results else None
     except psycopg.Error:
         return None  # the connection is lost: the ordinary statement raises it, named

@@ -620,17 +620,20 @@ class Placement:
 
     # -- the write fence -------------------------------------------------------------------------
 
-    def fence_write(self, conn: Connection, shard_id: str, key: ShardKey) -> None:
+    def fence_write(self, conn: Connection, shard_id: str, key: ShardKey, *, checked: bool = False) -> None:
         """Hold the fence for writing ``key`` on ``shard_id`` in ``conn``'s transaction.
 
         Call it before the transaction's first write of ``key``. Raises :class:`StaleRingError`
         (naming the right shard) when ``key`` does not belong on ``shard_id``; the transaction must
         then be rolled back and retried there. With no stored ring it is one small query per
-        transaction (that none is stored yet); SQLite connections cost nothing.
+        transaction (that none is stored yet); SQLite connections cost nothing. ``checked``: the
+        caller asked :meth:`fences_writes` already (it said True).
         """
-        if not self.fences_writes() or conn.dialect.name != "postgresql":
+        if (not checked and not self.fences_writes()) or conn.dialect.name != "postgresql":
             return
         try:
+            if self._state.version == 0 and self._unstored_fence(conn, shard_id):
+                return  # (what _fence_write's first pass does, without the call)
             self._fence_write(conn, shard_id, key)
         except StaleRingError as stale:
             self._sticky.pop(key, None)
@@ -835,12 +838,14 @@ class Placement:
     @staticmethod
     def _unstored_here(conn: Connection) -> bool:
         """No ring stored on this shard as of this transaction's check (made once per transaction)."""
-        transaction = conn.get_transaction()
-        if transaction is not None and conn.info.get(_UNSTORED) is transaction:
+        transaction = conn._transaction  # what get_transaction() returns
+        fairy = conn._dbapi_connection  # what conn.info reads its info from
+        info = fairy.info if fairy is not None else conn.info
+        if transaction is not None and info.get(_UNSTORED) is transaction:
             return True
         if state_table_committed(conn):
             return False
-        conn.info[_UNSTORED] = transaction
+        info[_UNSTORED] = transaction
         return True
 
     @contextmanager

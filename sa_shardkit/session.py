@@ -19,9 +19,10 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence, Sized
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
+from weakref import ref
 
 from sqlalchemy import and_, delete, event, insert, inspect, update
 from sqlalchemy.engine import ChunkedIteratorResult, Connection, CursorResult, Result
@@ -43,6 +44,7 @@ from sqlalchemy.sql.selectable import Select
 from sqlalchemy.sql.util import find_tables
 from sqlalchemy.util import EMPTY_DICT, immutabledict
 
+from .declarative import SHARDING_BY_MAPPER_REF as _SHARDING
 from .declarative import Sharding, sharding_of, table_sharding
 from .errors import (
     CrossShardTransactionError,
@@ -56,7 +58,7 @@ from .errors import (
 )
 from .events import SHARD_COUNT
 from .faults import named_unavailable
-from .flush_fence import fence_flush, fence_statement, forget_fences
+from .flush_fence import fence_planned, fence_statement
 from .replica_reads import REPLICA_OK, ReplicaChooser, may_read_from_replica, replica_bind
 from .routing import (
     Route,
@@ -93,7 +95,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sa_shardkit.session")
 
-__all__ = ["BindFactory", "ShardedSession", "sessionmaker_for", "set_shard_id"]
+__all__ = ["BindFactory", "ShardedSession", "add_session_hook", "sessionmaker_for", "set_shard_id"]
 
 _DERIVED: Any = object()
 """A hook argument standing for "derive it from the manager"."""
@@ -112,6 +114,18 @@ _ACTIVE_HOOKS: list[Callable[[Any], bool]] = []
 """Of those, the ``active`` checks of hooks with work only for some sessions (:func:`listen_execute`)."""
 _ROW_COUNTING_DRIVERS = frozenset({"psycopg", "psycopg2", "psycopg_async"})
 """DBAPI drivers whose ``cursor.rowcount`` is the number of rows a SELECT returned."""
+
+_PREPARE_FLUSH: list[tuple[Sized, Callable[..., None]]] = []
+_AFTER_FLUSH: list[tuple[Sized, Callable[..., None]]] = []
+_AFTER_COMMIT: list[tuple[Sized, Callable[..., None]]] = []
+_TRANSACTION_END: list[tuple[Sized, Callable[..., None]]] = []
+_SESSION_HOOKS = {
+    "prepare_flush": _PREPARE_FLUSH,
+    "after_flush": _AFTER_FLUSH,
+    "after_commit": _AFTER_COMMIT,
+    "transaction_end": _TRANSACTION_END,
+}
+"""Flush and transaction work of features above the session (:func:`add_session_hook`)."""
 
 
 @functools.lru_cache(maxsize=1024)
@@ -170,14 +184,25 @@ class BindFactory:
         self.create = create
 
 
+_SHARED_BINDS = "_shardkit_session_binds"
+"""ShardManager attribute: the :class:`_ShardBinds` its sessions share until one binds a shard."""
+
+
 class _ShardBinds(MutableMapping[str, Any]):
     """A session's bind per shard: its own (``shards=``, ``bind_shard``), else the manager's
-    engine (or a :class:`BindFactory`'s), looked up (so created) only when the session uses it."""
+    engine (or a :class:`BindFactory`'s), looked up (so created) only when the session uses it.
 
-    __slots__ = ("_create", "_manager", "_own")
+    Sessions made without ``shards=`` share their manager's (:func:`_manager_binds`): it holds
+    nothing of a session's own, and :meth:`ShardedSession.bind_shard` gives a session its own
+    copy first (a shared one refuses changes)."""
 
-    def __init__(self, manager: ShardManager, own: Mapping[str, Any] | BindFactory | None) -> None:
+    __slots__ = ("_create", "_manager", "_own", "_shared")
+
+    def __init__(
+        self, manager: ShardManager, own: Mapping[str, Any] | BindFactory | None, *, shared: bool = False
+    ) -> None:
         self._manager = manager
+        self._shared = shared
         self._own: dict[str, Any] = {}
         self._create: Callable[[str], Any] | None = None  # None: the manager's engines
         if own is not None:
@@ -205,9 +230,13 @@ class _ShardBinds(MutableMapping[str, Any]):
         return bind
 
     def __setitem__(self, shard_id: str, bind: Any) -> None:
+        if self._shared:
+            raise TypeError("the manager's shared shard binds are read-only: use ShardedSession.bind_shard")
         self._own[shard_id] = bind
 
     def __delitem__(self, shard_id: str) -> None:
+        if self._shared:
+            raise TypeError("the manager's shared shard binds are read-only")
         del self._own[shard_id]
 
     def __iter__(self) -> Iterator[str]:
@@ -217,6 +246,15 @@ class _ShardBinds(MutableMapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self._manager.shard_ids) + sum(1 for s in self._own if not self._manager.has_shard(s))
+
+
+def _manager_binds(manager: ShardManager) -> _ShardBinds:
+    """The :class:`_ShardBinds` every session of ``manager`` without ``shards=`` starts with."""
+    binds: _ShardBinds | None = getattr(manager, _SHARED_BINDS, None)
+    if binds is None:
+        binds = _ShardBinds(manager, None, shared=True)
+        setattr(manager, _SHARED_BINDS, binds)
+    return binds
 
 
 class ShardedSession(_StockShardedSession):
@@ -273,7 +311,9 @@ class ShardedSession(_StockShardedSession):
         self._written_shards: dict[str, str] = {}
         self._affinity: str | None = None  # the shard this transaction works on, for reference reads
         self._planned_shards: dict[str, str] = {}
-        self._fence_keys: list[tuple[str, Any]] | None = None  # the flush plan's, for fence_flush
+        self._fenced_writes: set[tuple[str, Any]] = set()  # held in this transaction (flush_fence)
+        # the connections the last flush's fence took, and their (outermost) transaction
+        self._flush_conns: tuple[SessionTransaction | None, dict[str, Connection]] | None = None
         self._reference_writes: list[tuple[object, str, tuple[Any, ...] | None]] = []
         self._keyed_reads: list[list[Any] | None] = []  # per running execute: see _execute_internal
         # None: the hook derived from the manager (a bound method, made when read: storing one
@@ -286,7 +326,10 @@ class ShardedSession(_StockShardedSession):
             raise ArgumentError("shards=BindFactory(...) needs manager=")
         binds: MutableMapping[str, Any] | None = None if factory else shards  # type: ignore[assignment]
         if manager is not None:
-            binds = _ShardBinds(manager, shards)  # each shard's engine created on its first use
+            # each shard's engine created on its first use
+            binds = getattr(manager, _SHARED_BINDS, None) if shards is None else None
+            if binds is None:
+                binds = _manager_binds(manager) if shards is None else _ShardBinds(manager, shards)
             derived = _DERIVED
             shard_chooser = shard_chooser or derived
             if identity_chooser is None and "id_chooser" not in kwargs:
@@ -518,6 +561,33 @@ class ShardedSession(_StockShardedSession):
     _flush = _names_shards(_StockShardedSession._flush)  # every flush's work: flush(), autoflush, commit
     commit = _names_shards(_StockShardedSession.commit)
     connection = _names_shards(_StockShardedSession.connection)
+
+    def connection_callable(  # type: ignore[override]
+        self, mapper: Any = None, instance: Any = None, shard_id: Any = None, **kw: Any
+    ) -> Any:
+        """The flush's connection for a row: the stock answer, for a row whose shard its state
+        holds (the flush plan set it) without the stock path's inspect() and transaction lookups."""
+        if shard_id is None and instance is not None and not kw:
+            state = instance_state(instance)
+            key = state.key
+            shard_id = key[2] if key else state.identity_token
+            transaction = self._transaction
+            if shard_id and transaction is not None:
+                while transaction._parent is not None:  # what get_transaction() finds
+                    transaction = transaction._parent
+                held = self._flush_conns  # the fence's connections, when it ran in this transaction
+                if held is not None and held[0] is transaction:
+                    conn = held[1].get(shard_id)
+                    if conn is not None:
+                        return conn
+                return transaction.connection(mapper, shard_id=shard_id)
+        return super().connection_callable(mapper, instance, shard_id=shard_id or None, **kw)
+
+    def bind_shard(self, shard_id: str, bind: Any) -> None:
+        shards = self._ShardedSession__shards  # type: ignore[has-type]
+        if type(shards) is _ShardBinds and shards._shared:  # the manager's: this session's own copy
+            shards = self._ShardedSession__shards = _ShardBinds(shards._manager, None)
+        shards[shard_id] = bind
 
     # -- binds -----------------------------------------------------------------------------------
 
@@ -806,42 +876,71 @@ def _describe(obj: object, sharding: Sharding) -> str:
     return f"{sharding.name}({sharding.attribute}={obj.__dict__.get(sharding.attribute)!r})"
 
 
-def _plan_flush(session: Session, flush_context: Any, instances: Any) -> None:
-    """Choose and check every row's shard before the unit of work writes anything."""
-    assert isinstance(session, ShardedSession)
+def _before_flush(session: ShardedSession, flush_context: Any, instances: Any) -> None:
+    """``before_flush``: the features' preparation (fleet-wide ids first: a sequence can feed the
+    shard key), then every row's shard chosen and checked, then the fence held for every sharded
+    key the flush writes, all before the unit of work writes anything. One listener for the three:
+    a flush of one row pays one event call, not three."""
     manager = session.manager
     if manager is None:
         return
+    if session._new:
+        for armed, prepare in _PREPARE_FLUSH:
+            if armed:
+                prepare(session, manager, instances)
+    fence = _plan_flush(session, manager)
+    if fence and session.pinned_shard_id is None:
+        conns: dict[str, Connection] = {}
+        fence_planned(session, manager, fence, session._fenced_writes, conns)
+        if conns:  # the flush's connection_callable answers with these (same transaction)
+            root = session._transaction
+            while root is not None and root._parent is not None:
+                root = root._parent
+            session._flush_conns = (root, conns)
+
+
+def _plan_flush(session: ShardedSession, manager: ShardManager) -> list[tuple[str, Any]]:
+    """Choose and check every row's shard; the (shard, key) of every sharded row written (to fence).
+
+    The session's pending, modified and deleted states are read as ``session.new``, ``.dirty``
+    and ``.deleted`` read them, without building the three sets (six calls a flush)."""
     debug = log.isEnabledFor(logging.DEBUG)
     planned: dict[str, str] = {}
-    fence: list[tuple[str, Any]] = []  # (shard, key) of every sharded row written: fence_flush's
+    fence: list[tuple[str, Any]] = []
     reference_writes: list[tuple[object, str, tuple[Any, ...] | None]] = []
     # the derived shard chooser, inlined for a row that carries its key (the common case)
     by_key = session._shard_chooser_hook is None and session.pinned_shard_id is None
+    placement = manager.placement
     shard: Any
-    for obj in session.new:
-        state = instance_state(obj)
-        sharding = sharding_of(state.mapper)
-        key = obj.__dict__.get(sharding.attribute) if by_key and sharding.attribute else None
+    for state, obj in session._new.items():
+        mapper = state.mapper
+        sharding = _SHARDING.get(ref(mapper)) or sharding_of(mapper)
+        attribute = sharding.attribute
+        key = obj.__dict__.get(attribute) if by_key and attribute else None
         if key is not None:
-            shard = shard_for_key(manager, key)
+            shard = placement.settled_shard(key)  # no move in flight: one lookup
+            if shard is None:
+                shard = shard_for_key(manager, key)
         else:
-            shard = session.shard_chooser(state.mapper, obj, None)
+            shard = session.shard_chooser(mapper, obj, None)
         state.identity_token = shard
-        if sharding.reference:
+        if sharding.column_name is None:  # a reference table
             reference_writes.append((obj, "upsert", None))
             continue
-        if shard not in planned:
-            planned[shard] = _describe(obj, sharding)
+        if shard not in planned:  # what _describe says, without the call for a row that has its key
+            planned[shard] = f"{sharding.name}({attribute}={key!r})" if key is not None else _describe(obj, sharding)
         if key is not None:
             fence.append((shard, key))
-        elif sharding.attribute is not None and (chosen := obj.__dict__.get(sharding.attribute)) is not None:
+        elif attribute is not None and (chosen := obj.__dict__.get(attribute)) is not None:
             fence.append((shard, chosen))
         if debug:
             log.debug("flush INSERT %s -> %s", _describe(obj, sharding), shard)
-    for obj in session.dirty:
-        state = instance_state(obj)
-        if not state.modified or state.key is None:
+    deleted = session._deleted
+    for state in session.identity_map._modified:
+        if state in deleted or not state.modified or state.key is None:
+            continue
+        obj = state.obj()
+        if obj is None:
             continue
         sharding = sharding_of(state.mapper)
         shard = state.key[2]
@@ -854,8 +953,7 @@ def _plan_flush(session: Session, flush_context: Any, instances: Any) -> None:
         _fence_key(fence, obj, sharding, shard)
         if debug:
             log.debug("flush UPDATE %s -> %s (the shard it was loaded from)", _describe(obj, sharding), shard)
-    for obj in session.deleted:
-        state = instance_state(obj)
+    for state, obj in deleted.items():
         sharding = sharding_of(state.mapper)
         shard = state.key[2] if state.key is not None else state.identity_token
         if sharding.reference:
@@ -866,12 +964,13 @@ def _plan_flush(session: Session, flush_context: Any, instances: Any) -> None:
         _fence_key(fence, obj, sharding, shard)
         if debug:
             log.debug("flush DELETE %s -> %s", _describe(obj, sharding), shard)
-    session._note_writes(planned)
+    if planned and not session.allow_cross_shard and (session._written_shards or len(planned) > 1):
+        session._note_writes(planned)  # (one shard and none written before: nothing to check)
     session._planned_shards = planned
-    session._fence_keys = fence
     if planned and session._affinity is None:
         session._affinity = next(iter(planned))
     session._reference_writes = reference_writes
+    return fence
 
 
 def _fence_key(fence: list[tuple[str, Any]], obj: object, sharding: Sharding, shard: Any) -> None:
@@ -899,25 +998,59 @@ def _check_key_unchanged(
     )
 
 
-def _after_flush(session: Session, flush_context: Any) -> None:
-    assert isinstance(session, ShardedSession)
+def _after_flush(session: ShardedSession, flush_context: Any) -> None:
+    """``after_flush`` (rows written, the session's sets not yet updated): the features' work."""
+    for armed, hook in _AFTER_FLUSH:
+        if armed:
+            hook(session, flush_context)
+
+
+def _after_flush_postexec(session: ShardedSession, flush_context: Any) -> None:
     if session.manager is None:
         return
-    session._written_shards.update(
-        {s: why for s, why in session._planned_shards.items() if s not in session._written_shards}
-    )
-    session._planned_shards = {}
-    writes, session._reference_writes = session._reference_writes, []
-    for obj, action, old_pk in writes:
-        _replicate_reference(session, obj, action, old_pk)
+    planned = session._planned_shards
+    if planned:
+        written = session._written_shards
+        for shard, why in planned.items():
+            if shard not in written:
+                written[shard] = why
+        session._planned_shards = {}
+    if session._reference_writes:
+        writes, session._reference_writes = session._reference_writes, []
+        for obj, action, old_pk in writes:
+            _replicate_reference(session, obj, action, old_pk)
+
+
+def _after_commit(session: ShardedSession) -> None:
+    for armed, hook in _AFTER_COMMIT:
+        if armed:
+            hook(session)
 
 
 def _after_transaction_end(session: ShardedSession, transaction: SessionTransaction) -> None:
-    if transaction._parent is None:  # what .parent returns, without the call
-        session._written_shards = {}
-        session._affinity = None
-    if "info" in session.__dict__:  # Session.info is made on first use: no fence was held without it
-        forget_fences(session, transaction)
+    """``after_transaction_end`` of the outermost transaction (a flush's or a savepoint's end has
+    nothing to forget): what it wrote and fenced, then the features' work."""
+    if transaction._parent is not None:  # what .parent returns, without the call
+        return
+    session._written_shards = {}
+    session._affinity = None
+    session._flush_conns = None
+    if session._fenced_writes:
+        session._fenced_writes = set()
+    for armed, hook in _TRANSACTION_END:
+        if armed:
+            hook(session, transaction)
+
+
+def add_session_hook(point: str, hook: Callable[..., None], *, armed: Sized) -> None:
+    """Run ``hook`` at ``point`` of every ShardedSession while ``armed`` is non-empty (e.g. the
+    list of declared sequences): a feature nobody uses costs its sessions nothing, not even a call.
+
+    Points, and the hook's arguments: ``"prepare_flush"`` (session, manager, instances; manager-routed
+    sessions with new rows, before the rows are routed), ``"after_flush"`` (session, flush_context),
+    ``"after_commit"`` (session), ``"transaction_end"`` (session, transaction; the outermost one).
+    """
+    _SESSION_HOOKS[point].append((armed, hook))
 
 
 def _replicate_reference(session: ShardedSession, obj: object, action: str, old_pk: Any) -> None:
@@ -1365,9 +1498,10 @@ def listen_execute(
 
 
 listen_execute(_execute_routed, retval=True)
-event.listen(ShardedSession, "before_flush", _plan_flush)
-event.listen(ShardedSession, "before_flush", fence_flush)  # after the plan: it reads the chosen shards
-event.listen(ShardedSession, "after_flush_postexec", _after_flush)
+event.listen(ShardedSession, "before_flush", _before_flush)
+event.listen(ShardedSession, "after_flush", _after_flush)
+event.listen(ShardedSession, "after_flush_postexec", _after_flush_postexec)
+event.listen(ShardedSession, "after_commit", _after_commit)
 event.listen(ShardedSession, "after_transaction_end", _after_transaction_end)
 
 

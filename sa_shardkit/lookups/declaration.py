@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import JSON, Column, DateTime, MetaData, PrimaryKeyConstraint, String, Table, event, func
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapper
+from sqlalchemy.orm.mapper import _all_registries
 from xxhash import xxh3_64_intdigest
 
 from ..declarative import REFERENCE_ATTR, SHARD_KEY_ATTR, base_table
@@ -90,6 +91,10 @@ _by_mapper: weakref.WeakKeyDictionary[Mapper[Any], tuple[LookupIndex, ...]] = we
 _by_table: weakref.WeakKeyDictionary[Table, dict[str, LookupIndex]] = weakref.WeakKeyDictionary()
 """owner table -> its looked-up column names -> lookup (column objects make poor dict keys)."""
 _by_name: weakref.WeakValueDictionary[str, LookupIndex] = weakref.WeakValueDictionary()
+ANY_DECLARED: list[bool] = []
+"""Non-empty once a mapped class of this process declared a lookup: until then sessions skip
+the lookup work (:mod:`sa_shardkit.session_hooks`). Classes are read when mapped (and those mapped
+before this module was imported, when it is)."""
 
 
 def lookups_of(mapper: Mapper[Any]) -> tuple[LookupIndex, ...]:
@@ -173,6 +178,8 @@ def _declare(mapper: Mapper[Any]) -> tuple[LookupIndex, ...]:
         _by_table.setdefault(owner, {})[column.name] = index
         _by_name[index.name] = index
         found.append(index)
+    if found and not ANY_DECLARED:
+        ANY_DECLARED.append(True)
     result = tuple(found)
     _by_mapper[mapper] = result
     return result
@@ -225,3 +232,6 @@ def _on_mapped(mapper: Mapper[Any], class_: type) -> None:
 
 
 event.listen(Mapper, "after_mapper_constructed", _on_mapped)
+for _registry in _all_registries():  # classes mapped before this import: sessions must not skip them
+    for _mapper in list(_registry.mappers):
+        _on_mapped(_mapper, _mapper.class_)
