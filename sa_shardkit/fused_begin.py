@@ -87,7 +87,9 @@ def first_value_with_begin(conn: Connection, name: bytes, sql: bytes) -> bytes |
     if names is None:
         names = set()
         setattr(driver, _PREPARED, names)
-    begin = _begins.get((driver._isolation_level, driver._read_only, driver._deferrable)) or _begin_command(driver)
+    begin = _begins.get((driver._isolation_level, driver._read_only, driver._deferrable)) or _begin_command(
+        driver
+    )
     if driver._prepared.prepare_threshold is None:
         # Prepared statements are off (a shard behind PgBouncer in transaction pooling): a statement
         # prepared on one server connection is not there on the next, so the check is sent as text.

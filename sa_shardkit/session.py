@@ -928,7 +928,9 @@ def _plan_flush(session: ShardedSession, manager: ShardManager) -> list[tuple[st
             reference_writes.append((obj, "upsert", None))
             continue
         if shard not in planned:  # what _describe says, without the call for a row that has its key
-            planned[shard] = f"{sharding.name}({attribute}={key!r})" if key is not None else _describe(obj, sharding)
+            planned[shard] = (
+                f"{sharding.name}({attribute}={key!r})" if key is not None else _describe(obj, sharding)
+            )
         if key is not None:
             fence.append((shard, key))
         elif attribute is not None and (chosen := obj.__dict__.get(attribute)) is not None:
