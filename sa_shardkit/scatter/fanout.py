@@ -27,6 +27,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, QueuePool
 from sqlalchemy.util.concurrency import await_only, greenlet_spawn, in_greenlet
 
 from ..errors import ShardUnavailableError, UnknownShardError
+from ..multiplex import Hub
 
 T = TypeVar("T")
 
@@ -162,6 +163,15 @@ def fan_out(tasks: Mapping[str, Callable[[], T]]) -> FanOut[T]:
         except Exception as error:  # noqa: BLE001 - collected, the policy decides
             outcome.errors[shard] = error
     return outcome
+
+
+def fan_out_on_hub(tasks: Mapping[str, Callable[[], T]]) -> FanOut[T]:
+    """Every shard's task as a greenlet of the calling thread, their waits for the servers sharing
+    one selector (:class:`~sa_shardkit.multiplex.Hub`): no thread hand-off, and still one slow
+    shard's latency for all of them. Only for tasks whose connections are cooperative and held
+    already (a task must not block the thread: no checkout, no connect)."""
+    results, errors = Hub().run(tasks.items())
+    return FanOut(results, dict(errors))
 
 
 def _fan_out_on_event_loop(items: list[tuple[str, Callable[[], T]]]) -> FanOut[T]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,8 +29,13 @@ def gather(
     errors: Mapping[str, BaseException],
     *,
     with_shard_id: bool = False,
+    sequence: Sequence[str] | None = None,
 ) -> ScatterResult:
-    """Merge ``results`` (one per shard that answered) according to ``plan`` (``None``: concatenate)."""
+    """Merge ``results`` (one per shard that answered) according to ``plan`` (``None``: concatenate).
+
+    ``sequence``: the merge already done on the raw rows (:func:`.prefix.trim_to_merged_prefix`),
+    the shard of each merged row in order; the loaded rows are then taken in that order.
+    """
     answered = [s for s in shard_ids if s in results]
     sources = [results[s] for s in answered]
     first = sources[0]
@@ -44,7 +50,18 @@ def gather(
     else:
         hidden = plan.hidden if isinstance(plan, RowPlan) else 0
         metadata = visible_metadata(first, hidden)
-        if isinstance(plan, RowPlan):
+        by_shard = dict(zip(answered, streams, strict=True))
+        if (
+            isinstance(plan, RowPlan)
+            and sequence is not None
+            and tags is None
+            and required_unique is None
+            and all(s in by_shard for s in sequence)
+        ):
+            cut = operator.itemgetter(slice(None, -hidden)) if hidden else tuple
+            picked = map(next, [by_shard[s] for s in sequence])
+            rows = itertools.islice(map(cut, picked), plan.offset, None)
+        elif isinstance(plan, RowPlan):
             rows = merge_rows(plan, streams, tags=tags)
         elif tags is None:
             rows = (tuple(row) for row in itertools.chain.from_iterable(streams))

@@ -80,40 +80,59 @@ def _identity(value: Any) -> Any:
 def row_key(
     terms: Sequence[SortTerm], indexes: Sequence[int] | None = None
 ) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
-    """A key function for whole rows: the tuple of every term's key part (:meth:`SortTerm.part`).
+    """A key function for whole rows, ordering them as :meth:`SortTerm.part` keys would.
 
-    ``indexes`` overrides where each term's value sits in the row. One call per row: the parts are
-    computed inline (the merge of a LIMIT scatter computes a key for every row it looks at).
+    ``indexes`` overrides where each term's value sits in the row. One call per row, and one flat
+    tuple per key (three slots a term: NULL placement, NaN placement, value) rather than nested
+    tuples: the merge of a LIMIT scatter computes a key for every row it looks at, and every
+    container allocated there counts towards the garbage collector's next pass.
     """
     spec = [
         (
             term.index if indexes is None else indexes[n],
-            (0,) if (term.descending if term.nulls_first is None else term.nulls_first) else (2,),
+            0 if (term.descending if term.nulls_first is None else term.nulls_first) else 2,
             term.ranks,
             term.descending,
         )
         for n, term in enumerate(terms)
     ]
+    if len(spec) == 1:
+        index, null_slot, ranks, descending = spec[0]
+        nan_slot = -1 if descending else 1
 
-    def key(row: Sequence[Any]) -> tuple[Any, ...]:
-        parts: list[Any] = []
-        for index, null_key, ranks, descending in spec:
+        def one(row: Sequence[Any]) -> tuple[Any, ...]:
             value = row[index]
             if value is None:
-                parts.append(null_key)
-                continue
+                return (null_slot, 0, None)
             if ranks is not None:
                 value = ranks[value]
-            nan = (
+            if (
                 (value != value)
                 if isinstance(value, float)
                 else (isinstance(value, Decimal) and value.is_nan())
-            )
-            if nan:
-                inner: Any = (1,)
-            else:
-                inner = (0, value)
-            parts.append((1, _Descending(inner) if descending else inner))
+            ):
+                return (1, nan_slot, None)
+            return (1, 0, _Descending(value) if descending else value)
+
+        return one
+
+    def key(row: Sequence[Any]) -> tuple[Any, ...]:
+        parts: list[Any] = []
+        for index, null_slot, ranks, descending in spec:
+            value = row[index]
+            if value is None:
+                parts += (null_slot, 0, None)
+                continue
+            if ranks is not None:
+                value = ranks[value]
+            if (
+                (value != value)
+                if isinstance(value, float)
+                else (isinstance(value, Decimal) and value.is_nan())
+            ):
+                parts += (1, -1 if descending else 1, None)
+                continue
+            parts += (1, 0, _Descending(value) if descending else value)
         return tuple(parts)
 
     return key

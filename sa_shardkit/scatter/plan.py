@@ -14,6 +14,7 @@ Anything the merge could not make equal to a single database's answer raises
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -101,6 +102,25 @@ class AggregatePlan:
 
 
 ScatterPlan = RowPlan | AggregatePlan
+
+
+_planned: weakref.WeakKeyDictionary[Select[Any], ScatterPlan] = weakref.WeakKeyDictionary()
+
+
+def cached_plan(statement: Select[Any]) -> ScatterPlan:
+    """:func:`plan_scatter`, once per statement object (a ``select()`` is immutable; kept as long
+    as the statement is). The plan's shard statement is then the same object every time, so
+    SQLAlchemy finds its cache key memoized, too. A statement built anew for each query is planned
+    each time: reusing another statement's plan by cache key would execute that statement's
+    objects (its bound values, aliases) in place of the caller's."""
+    try:
+        return _planned[statement]
+    except KeyError:
+        pass
+    except TypeError:  # not weak-referenceable
+        return plan_scatter(statement)
+    plan = _planned[statement] = plan_scatter(statement)
+    return plan
 
 
 def plan_scatter(statement: Select[Any]) -> ScatterPlan:

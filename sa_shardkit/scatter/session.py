@@ -13,7 +13,10 @@ A Session is not thread-safe, so a concurrent scatter is split by thread:
 1. calling thread -- plan the statement, autoflush once, and take each shard's connection from the
    session (``session.connection(bind_arguments={"shard_id": ...})``), so each shard's part runs in the
    session's transaction on that shard;
-2. worker threads -- only ``Connection.execute`` (the database round trip), one connection each;
+2. only ``Connection.execute`` (the database round trip), one connection each: when every engine's
+   connections are cooperative (the psycopg engines a ShardManager makes), as greenlets of the
+   calling thread whose waits share one selector (:func:`fanout.fan_out_on_hub`: no thread
+   hand-off, the round trips still overlap); otherwise in worker threads;
 3. calling thread -- ORM loading of each shard's rows (identity map, ``identity_token`` = shard id)
    and the merge. Rows of ORM entities are ordered by extra ORDER BY columns the shards return.
 
@@ -27,7 +30,7 @@ from __future__ import annotations
 import functools
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextvars import copy_context
 from typing import Any
 
@@ -41,10 +44,19 @@ from sqlalchemy.util.concurrency import in_greenlet
 
 from ..errors import ShardUnavailableError
 from ..faults import named_unavailable, unavailable
+from ..multiplex import current_hub, is_cooperative
 from .connected import fan_out_connected
-from .fanout import fan_out, is_unavailable, probe, raise_for_errors, runs_in_threads, scatter_pool
+from .fanout import (
+    fan_out,
+    fan_out_on_hub,
+    is_unavailable,
+    probe,
+    raise_for_errors,
+    runs_in_threads,
+    scatter_pool,
+)
 from .gather import ALLOW_PARTIAL, PER_SHARD_RESULTS, gather
-from .plan import RowPlan, ScatterPlan, plan_scatter
+from .plan import RowPlan, ScatterPlan, cached_plan
 from .prefix import trim_to_merged_prefix
 from .result import ScatterResult
 
@@ -59,7 +71,7 @@ def execute_scatter(orm_context: ORMExecuteState, shard_ids: Sequence[str]) -> R
     options = orm_context.execution_options  # the statement's own options and execute()'s
     if not isinstance(statement, Select) or not orm_context.is_select or len(shard_ids) < 2:
         return _sequential(orm_context, shard_ids)
-    plan = None if options.get(PER_SHARD_RESULTS) else plan_scatter(statement)
+    plan = None if options.get(PER_SHARD_RESULTS) else cached_plan(statement)
     run = _ScatterRun(orm_context, list(shard_ids), plan, bool(options.get(ALLOW_PARTIAL)))
     return run.run() if run.concurrent() else run.run_in_turn()
 
@@ -102,6 +114,8 @@ class _ScatterRun:
         self.compile_state_cls = orm_context._compile_state_cls
         self.statement = orm_context.statement if plan is None else plan.statement
         self.all_shard_ids = shard_ids
+        self.sequence: list[str] | None = None
+        """The shard of each merged row, when the merge ran on the raw rows already."""
         self.unlisted = _unlisted(self.session, shard_ids)
         """Ring members this process's configuration lacks: never queried; errors (``allow_partial``: missing)."""
         if self.unlisted:
@@ -143,7 +157,7 @@ class _ScatterRun:
         raise_for_errors(
             errors, allow_partial=self.allow_partial, any_result=bool(results), describe=self._describe
         )
-        merged = gather(self.plan, results, self.all_shard_ids, errors)
+        merged = gather(self.plan, results, self.all_shard_ids, errors, sequence=self.sequence)
         self._restore_result_attributes(merged, results)
         yield_per = self.context.execution_options.get("yield_per")
         return merged.yield_per(yield_per) if yield_per else merged
@@ -166,10 +180,11 @@ class _ScatterRun:
             except (OperationalError, PoolTimeoutError, DBAPIError, ShardUnavailableError) as error:
                 errors[shard_id] = error
         held = {s: (p, c) for s, p in prepared.items() if (c := p[4]) is not None}
-        outcome = fan_out({s: functools.partial(_execute, c, p[0], p[1], p[2]) for s, (p, c) in held.items()})
+        tasks = {s: functools.partial(_execute, c, p[0], p[1], p[2]) for s, (p, c) in held.items()}
+        outcome = fan_out_on_hub(tasks) if _cooperative(held.values()) else fan_out(tasks)
         errors.update(outcome.errors)
         if self.compile_state_cls is not None and isinstance(self.plan, RowPlan) and not queued:
-            trim_to_merged_prefix(self.plan, outcome.results, self.shard_ids)
+            self.sequence = trim_to_merged_prefix(self.plan, outcome.results, self.shard_ids)
         results = {s: self._load(s, prepared[s], r) for s, r in outcome.results.items()}
         if queued:
             loaded, failed = self._run_queued({s: p for s, p in prepared.items() if s not in held})
@@ -303,6 +318,15 @@ def held_binds(session: Any) -> set[Any]:
 
 Prepared = tuple[Any, Any, Any, dict[str, Any], Connection | None]
 """A shard's statement, options, params and bind arguments, and its session connection (if held)."""
+
+
+def _cooperative(held: Iterable[tuple[Prepared, Connection]]) -> bool:
+    """Whether the held connections' round trips may be waited for together in this thread: every
+    engine's connections wait through a hub (:func:`multiplex.make_cooperative`), and this thread is
+    not already a hub's task nor an AsyncSession's greenlet."""
+    if in_greenlet() or current_hub() is not None:
+        return False
+    return all(is_cooperative(connection.engine) for _, connection in held)
 
 
 def _execute(connection: Connection, statement: Any, options: Any, params: Any) -> Result[Any]:
