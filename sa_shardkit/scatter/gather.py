@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy.engine import Result
@@ -38,6 +38,7 @@ def gather(
     """
     answered = [s for s in shard_ids if s in results]
     sources = [results[s] for s in answered]
+    live = dict(zip(answered, sources, strict=True))
     first = sources[0]
     # joined eager loads of collections repeat a parent per child row: such ORM results must be
     # uniqued, per shard here and (as the stock session demands) by the caller on the merged result
@@ -56,10 +57,10 @@ def gather(
             and sequence is not None
             and tags is None
             and required_unique is None
-            and all(s in by_shard for s in sequence)
+            and by_shard.keys() >= set(sequence)
         ):
             cut = operator.itemgetter(slice(None, -hidden)) if hidden else tuple
-            picked = map(next, [by_shard[s] for s in sequence])
+            picked = _in_sequence(sequence, by_shard, live)
             rows = itertools.islice(map(cut, picked), plan.offset, None)
         elif isinstance(plan, RowPlan):
             rows = merge_rows(plan, streams, tags=tags)
@@ -70,6 +71,25 @@ def gather(
         if with_shard_id:
             assert isinstance(metadata, SimpleResultMetaData)
             metadata = SimpleResultMetaData([*metadata._keys, SHARD_ID_KEY])
-    merged = ScatterResult(metadata, iter(rows), sources=sources, shard_ids=answered, shard_errors=errors)
+    merged = ScatterResult(metadata, iter(rows), sources=live, shard_ids=answered, shard_errors=errors)
     merged._unique_filter_state = required_unique
     return merged
+
+
+def _in_sequence(
+    sequence: Sequence[str], streams: dict[str, Iterator[Any]], live: dict[str, Result[Any]]
+) -> Iterator[Any]:
+    """The shards' rows in the merge's order (``sequence``: the shard of each).
+
+    A shard's rows are loaded when the merge first reaches that shard, all at once as its own
+    result would, and its result is then closed and let go: its cursor, execution context and ORM
+    load set-up are freed while the next shard loads, instead of all of them staying alive (and
+    counted by the garbage collector) until the last row.
+    """
+    taken: dict[str, Iterator[Any]] = {}
+    for shard in sequence:
+        rows = taken.get(shard)
+        if rows is None:
+            rows = taken[shard] = iter(list(streams.pop(shard)))
+            live.pop(shard).close()
+        yield next(rows)

@@ -25,12 +25,16 @@ class ScatterResult(IteratorResult[Any]):
         metadata: ResultMetaData,
         rows: Iterator[Any],
         *,
-        sources: Sequence[Result[Any]] = (),
+        sources: Sequence[Result[Any]] | dict[str, Result[Any]] = (),
         shard_ids: Sequence[str] = (),
         shard_errors: Mapping[str, BaseException] | None = None,
     ) -> None:
         super().__init__(metadata, self._closing(rows))
-        self._sources = list(sources)
+        self._sources: dict[Any, Result[Any]] = (
+            sources if isinstance(sources, dict) else dict(enumerate(sources))
+        )
+        """The shards' results still open; a dict is kept as is (its owner may close and remove
+        a source early)."""
         self.shard_ids = tuple(shard_ids)
         self.shard_errors = dict(shard_errors or {})
         self.missing_shards = tuple(self.shard_errors)
@@ -41,8 +45,8 @@ class ScatterResult(IteratorResult[Any]):
         self._close_sources()
 
     def _close_sources(self) -> None:
-        sources, self._sources = self._sources, []
-        for source in sources:
+        sources, self._sources = self._sources, {}
+        for source in sources.values():
             source.close()
 
     def _soft_close(self, hard: bool = False, **kw: Any) -> None:
@@ -52,7 +56,9 @@ class ScatterResult(IteratorResult[Any]):
 
 def visible_metadata(source: Result[Any], hidden: int, keys: Sequence[str] | None = None) -> ResultMetaData:
     """Metadata of ``source`` without its ``hidden`` trailing columns, for rows already processed."""
-    frozen = source._metadata._for_freeze()
+    frozen = source._metadata
+    if not isinstance(frozen, SimpleResultMetaData) or frozen._tuplefilter or frozen._translated_indexes:
+        frozen = frozen._for_freeze()  # an ORM result's metadata is already a plain one: no copy
     assert isinstance(frozen, SimpleResultMetaData)
     names = list(frozen._keys)
     count = len(names) - hidden
