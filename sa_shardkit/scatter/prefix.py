@@ -93,12 +93,12 @@ class _Rows:
             rows += more
         return rows[at]
 
-    def fetch(self) -> list[Any]:
-        """The next chunk (empty once the cursor is exhausted), added to the buffered rows."""
+    def fetch(self, size: int) -> list[Any]:
+        """The next ``size`` rows (fewer at the end, none once exhausted), added to the buffered ones."""
         if self.done:
             return []
-        more: list[Any] = self.cursor.fetchmany(self.chunk)
-        if len(more) < self.chunk:
+        more: list[Any] = self.cursor.fetchmany(size)
+        if len(more) < size:
             self.done = True
         self.rows += more
         return more
@@ -127,7 +127,8 @@ def _plain_merge_order(
 
     The shards' rows are fetched a chunk at a time: a fetched row is final once its key is below
     every unfinished shard's last fetched key (all that shard's later rows sort after it); more
-    is fetched only from the shards holding that bound back.
+    is fetched only from the shards holding that bound back, a share of the rows still missing
+    (each row fetched is a tuple the driver builds).
     """
     if any(term.descending or term.nulls_first or term.ranks is not None for term in plan.order):
         return None
@@ -139,11 +140,12 @@ def _plain_merge_order(
     last: list[Any] = [None] * len(shards)
     entries: list[tuple[Any, int, int]] = []  # (key, shard position, row index): the merge order
     pending: Sequence[int] = range(len(shards))
+    size = sources[0].chunk if sources else 0
     while True:
         for order in pending:
             source = sources[order]
             start = len(source.rows)
-            fetched = source.fetch()
+            fetched = source.fetch(size)
             if not fetched:
                 continue
             keys = list(map(getters[order], fetched))
@@ -160,9 +162,11 @@ def _plain_merge_order(
         if not open_:
             break
         bound = min(last[order] for order in open_)
-        if bisect_left(entries, (bound,)) >= wanted:
+        final = bisect_left(entries, (bound,))
+        if final >= wanted:
             break
         pending = [order for order in open_ if last[order] == bound]
+        size = (wanted - final) // len(shards) + 2  # the rest is spread over the shards, too
     return [shards[order] for _, order, _ in entries[:wanted]]
 
 

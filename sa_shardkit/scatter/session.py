@@ -115,6 +115,7 @@ class _ScatterRun:
         self.compile_state_cls = orm_context._compile_state_cls
         self.statement = orm_context.statement if plan is None else plan.statement
         self.all_shard_ids = shard_ids
+        self.binds: dict[str, Any] | None = None
         self.sequence: list[str] | None = None
         """The shard of each merged row, when the merge ran on the raw rows already."""
         self.unlisted = _unlisted(self.session, shard_ids)
@@ -129,11 +130,16 @@ class _ScatterRun:
         later = list(self.session.dispatch.do_orm_execute)[self.context._starting_event_idx + 1 :]
         if later:
             return False
-        binds = (self.session.get_bind(**self._bind_arguments(s)) for s in self.shard_ids)
-        return all(runs_in_threads(bind) for bind in binds)
+        return all(runs_in_threads(bind) for bind in self._binds().values())
 
     def _bind_arguments(self, shard_id: str) -> dict[str, Any]:
         return dict(self.context.bind_arguments, shard_id=shard_id)
+
+    def _binds(self) -> dict[str, Any]:
+        """Each shard's bind (``session.get_bind``), looked up once per scatter."""
+        if self.binds is None:
+            self.binds = {s: self.session.get_bind(**self._bind_arguments(s)) for s in self.shard_ids}
+        return self.binds
 
     def run_in_turn(self) -> ScatterResult:
         """Shard after shard in the calling thread, through the stock per-shard path."""
@@ -181,17 +187,33 @@ class _ScatterRun:
             except (OperationalError, PoolTimeoutError, DBAPIError, ShardUnavailableError) as error:
                 errors[shard_id] = error
         held = {s: (p, c) for s, p in prepared.items() if (c := p[4]) is not None}
-        tasks = {s: functools.partial(_execute, c, p[0], p[1], p[2]) for s, (p, c) in held.items()}
-        outcome = fan_out_on_hub(tasks) if _cooperative(held.values()) else fan_out(tasks)
+        loaded: dict[str, Result[Any]] = {}
+        if _cooperative(held.values()):
+            hub_tasks = {s: functools.partial(self._on_hub, s, c, p, loaded) for s, (p, c) in held.items()}
+            outcome = fan_out_on_hub(hub_tasks)
+        else:
+            tasks = {s: functools.partial(_execute, c, p[0], p[1], p[2]) for s, (p, c) in held.items()}
+            outcome = fan_out(tasks)
         errors.update(outcome.errors)
         if self.compile_state_cls is not None and isinstance(self.plan, RowPlan) and not queued:
             self.sequence = trim_to_merged_prefix(self.plan, outcome.results, self.shard_ids)
-        results = {s: self._load(s, prepared[s], r) for s, r in outcome.results.items()}
+        results = {
+            s: loaded[s] if s in loaded else self._load(s, prepared[s], r) for s, r in outcome.results.items()
+        }
         if queued:
             loaded, failed = self._run_queued({s: p for s, p in prepared.items() if s not in held})
             results.update(loaded)
             errors.update(failed)
         return self._merge({s: results[s] for s in self.shard_ids if s in results}, errors)
+
+    def _on_hub(
+        self, shard_id: str, connection: Connection, prepared: Prepared, loaded: dict[str, Result[Any]]
+    ) -> Result[Any]:
+        """A shard's task on the hub: its execute, then its ORM result set-up (no I/O, this thread)
+        while the other shards' answers are still on their way, not after the last one came."""
+        cursor_result = _execute(connection, prepared[0], prepared[1], prepared[2])
+        loaded[shard_id] = self._load(shard_id, prepared, cursor_result)
+        return cursor_result
 
     def _beyond_budget(self) -> set[str]:
         """The shards to read outside the session's transaction: with a connection budget smaller
@@ -201,8 +223,7 @@ class _ScatterRun:
         if limit is None or len(self.shard_ids) <= limit or in_greenlet():  # AsyncSession: its loop
             return set()
         held = self._held()
-        binds = {s: self.session.get_bind(**self._bind_arguments(s)) for s in self.shard_ids}
-        return {s for s, b in binds.items() if isinstance(b, Engine) and b not in held}
+        return {s for s, b in self._binds().items() if isinstance(b, Engine) and b not in held}
 
     def _run_queued(
         self, prepared: dict[str, Prepared]
@@ -256,10 +277,11 @@ class _ScatterRun:
         """Probe the shards this session holds no connection to yet (see :func:`fanout.probe`)."""
         held = self._held()
         engines = {}
-        for shard_id in self.shard_ids:
-            bind = self.session.get_bind(**dict(self.context.bind_arguments, shard_id=shard_id))
+        for shard_id, bind in self._binds().items():
             if isinstance(bind, Engine) and bind not in held and runs_in_threads(bind):
                 engines[shard_id] = bind
+        if not engines:
+            return {}
         manager = getattr(self.session, "manager", None)
         timeouts = {s: manager.config(s).connect_timeout for s in engines} if manager is not None else {}
         return probe(engines, timeouts)
