@@ -15,7 +15,7 @@ import uuid
 from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from itertools import chain, repeat
-from operator import itemgetter, le
+from operator import add, itemgetter, le
 from typing import Any
 
 from sqlalchemy.engine import CursorResult
@@ -138,7 +138,7 @@ def _plain_merge_order(
     getters = [itemgetter(*positions[shard]) for shard in shards]
     sources = [rows[shard] for shard in shards]
     last: list[Any] = [None] * len(shards)
-    entries: list[tuple[Any, int, int]] = []  # (key, shard position, row index): the merge order
+    entries: list[tuple[Any, ...]] = []  # (*key, shard position, row index): the merge order, flat
     pending: Sequence[int] = range(len(shards))
     size = sources[0].chunk if sources else 0
     while True:
@@ -156,18 +156,22 @@ def _plain_merge_order(
             if not all(map(le, ordered, ordered[1:])):
                 return None
             last[order] = keys[-1]
-            entries += zip(keys, repeat(order), range(start, start + len(keys)))
+            indexes = range(start, start + len(keys))
+            if single:  # a scalar key: (value, shard position, row index)
+                entries += zip(keys, repeat(order), indexes)
+            else:
+                entries += map(add, keys, zip(repeat(order), indexes))
         entries.sort()
         open_ = [order for order, source in enumerate(sources) if not source.done]
         if not open_:
             break
         bound = min(last[order] for order in open_)
-        final = bisect_left(entries, (bound,))
+        final = bisect_left(entries, (bound,) if single else bound)  # the entries below the bound
         if final >= wanted:
             break
         pending = [order for order in open_ if last[order] == bound]
         size = (wanted - final) // len(shards) + 2  # the rest is spread over the shards, too
-    return [shards[order] for _, order, _ in entries[:wanted]]
+    return [shards[entry[-2]] for entry in entries[:wanted]]
 
 
 def _active(result: Any, positions: Sequence[int]) -> bool:
