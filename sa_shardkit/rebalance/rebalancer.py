@@ -48,7 +48,13 @@ from .join import prepare_joining_shard
 from .lookup_tables import register as _register_lookup_tables
 from .mover import MoveOptions, SourceMover, drop_leftover_stages
 from .plan import RebalancePlan, plan_rebalance, range_moves
-from .positioned import finish_positioned, move_positioned, positioned_tables, prepare_positioned
+from .positioned import (
+    PositionedTable,
+    finish_positioned,
+    move_positioned,
+    positioned_tables,
+    prepare_positioned,
+)
 from .progress import ProgressCallback, ProgressTracker
 from .receipt_keys import fill_receipt_keys
 from .record import MoveRecord, read_records, url_without_password, write_record
@@ -164,6 +170,7 @@ def rebalance(
             tracker.phase("done")
             return _result(newest.ring, new_ring, newest.version, tracker)
     finishing = moving is not None and not newest.in_flight
+    fresh = moving is None
     if moving is None:
         _require_configured(manager, new_ring)
         # receipts recorded before shard_key existed get their key, or nothing starts
@@ -198,14 +205,14 @@ def rebalance(
     wait_out_move_start(manager, moving, time.time() if bumped else move_started_at(manager, moving))
     tracker.phase("move")
     sources = _sources(moving.ring, new_ring)
-    fill_receipt_keys(manager, sources)  # a move started before they could be (idempotent, cheap)
+    if not fresh:  # a move started before they could be filled (idempotent; a new move just did)
+        fill_receipt_keys(manager, sources)
     _drain(manager, moving, spec, sources, options, tracker, control or MoveControl())
     # rows placed by another column's ring position (lookup rows, ...): after the keys, before the bump
-    positioned = move_positioned(
-        manager, moving, positioned_tables(manager, spec), sources, timeout=options.lock_timeout
-    )
+    carried = positioned_tables(manager, spec)
+    positioned = move_positioned(manager, moving, carried, sources, timeout=options.lock_timeout)
     tracker.phase("finish")
-    final = _finish(manager, spec, moving)
+    final = _finish(manager, spec, moving, carried)
     tracker.phase("done")
     return _result(moving.ring, new_ring, final.version, tracker, positioned=positioned.rows)
 
@@ -216,13 +223,16 @@ def _sources(old: HashRing, new: HashRing) -> list[str]:
     return [s for s in old.shard_ids if s in moving_from]
 
 
-def _finish(manager: ShardManager, spec: TableSet, moving: RingState) -> RingState:
-    """The last step (every source drained): reference rows, the final bump, staging tables dropped."""
+def _finish(
+    manager: ShardManager, spec: TableSet, moving: RingState, carried: list[PositionedTable] | None = None
+) -> RingState:
+    """The last step (every source drained): reference rows, the final bump, staging tables dropped.
+    ``carried``: the positioned tables just moved (else they are looked up)."""
     assert moving.target is not None
     joining = [s for s in moving.target.shard_ids if s not in moving.ring]
     if joining:
         _copy_reference(manager, spec, moving.ring.shard_ids[0], joining)
-    finish_positioned(manager, moving, positioned_tables(manager, spec))
+    finish_positioned(manager, moving, positioned_tables(manager, spec) if carried is None else carried)
     final = RingState(moving.version + 1, moving.target)
     write_state(manager, final, moving.shard_ids)  # shards already bumped are kept as they are
     drop_leftover_stages(manager, _configured(manager, moving.shard_ids))  # of older versions
