@@ -42,16 +42,19 @@ _FILL = text(
 )
 
 
+_HAS_RECEIPTS = "SELECT 1 WHERE to_regclass('shardkit_saga_receipts') IS NOT NULL"
+
+
 def fill_receipt_keys(manager: ShardManager, sources: Iterable[str]) -> int:
     """Give every NULL-key receipt on ``sources`` its step's shard key; returns receipts filled.
     Raises :class:`RebalanceError` (after filling what it could) when some cannot be."""
     filled = 0
     unresolved: list[str] = []
-    for source in sources:
-        with manager.connect(source) as conn:
-            has = present(conn, ["shardkit_saga_receipts"])
-            conn.rollback()
-        if has:
+    ids = list(sources)
+    # which sources have receipts at all, in one parallel round
+    found = manager.run_on_all(_HAS_RECEIPTS, shard_ids=ids) if ids else {}
+    for source in ids:
+        if found[source]:
             count, missing = _fill(manager, source)
             filled += count
             unresolved += missing
