@@ -14,7 +14,9 @@ same transaction: the role is a superuser (the setting needs one), no rule and n
 than such a same-key foreign key's is on the moved tables (a user trigger, a foreign key to a
 reference table or from another table, a deferrable unique constraint: the triggers stay), and, on
 a target, the foreign keys are the source's (a source without one might hold an orphan row).
-Otherwise nothing changes: the triggers fire as they always did.
+Otherwise nothing changes: the triggers fire as they always did. (Writers of moving keys wait
+for the cut-over's fence, so no child can arrive meanwhile; one that bypasses the fence, through
+a raw connection, is no longer refused by the deleted parent's check.)
 """
 
 from __future__ import annotations
