@@ -36,13 +36,19 @@ _LISTED = text(
 def catalog_lookups(manager: ShardManager, shard_ids: list[str] | None = None) -> list[LookupIndex]:
     """Every lookup table on ``shard_ids`` (default: every configured shard), by name, each
     reflected once (on the first shard that has it)."""
+    ids = list(manager.shard_ids if shard_ids is None else shard_ids)
+    # the listings in one parallel round (a move asks twice: 5-25 ms one shard after the other)
+    listed = manager.run_on_all(
+        _LISTED.text, {"prefix": TABLE_PREFIX, "state": lookup_state_table.name}, shard_ids=ids
+    )
     found: dict[str, LookupIndex] = {}
-    for shard_id in manager.shard_ids if shard_ids is None else shard_ids:
+    for shard_id in ids:
+        missing = [(name, comment) for name, comment in listed[shard_id] if name not in found]
+        if not missing:
+            continue
         with manager.connect(shard_id) as conn:
-            listed = conn.execute(_LISTED, {"prefix": TABLE_PREFIX, "state": lookup_state_table.name}).all()
-            for name, comment in listed:
-                if name not in found:
-                    found[name] = _index(Table(name, MetaData(), autoload_with=conn), comment)
+            for name, comment in missing:
+                found[name] = _index(Table(name, MetaData(), autoload_with=conn), comment)
             conn.rollback()
     return [found[name] for name in sorted(found)]
 

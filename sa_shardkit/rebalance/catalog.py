@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from psycopg.rows import namedtuple_row
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
@@ -46,6 +47,7 @@ from ..ring_state import (
     row_to_state,
     state_table_exists,
 )
+from .parallel import for_shards
 from .record import MOVE_DDL
 
 log = logging.getLogger("sa_shardkit.rebalance")
@@ -223,9 +225,16 @@ def write_state(manager: ShardManager, state: RingState, shard_ids: Iterable[str
     # journal that targets keep and scatters read (before any reader can see a move), in one round trip
     ddl = text("; ".join((*STATE_DDL, MOVE_DDL, MOVED_KEYS_DDL)))
 
-    def bump(conn: Connection, shard_id: str) -> bool:
-        conn.execute(ddl)
-        row = conn.execute(text(f"SELECT version FROM {STATE_TABLE} FOR UPDATE")).first()
+    lock = f"SELECT version FROM {STATE_TABLE} FOR UPDATE"
+    # only a row at an older version changes; sent right after the lock, in the same round trip
+    update = (
+        f"UPDATE {STATE_TABLE} SET version = %(version)s, ring = %(ring)s,"
+        " target_ring = %(target_ring)s, key_type = %(key_type)s, watermark = NULL,"
+        " drained = false, carried = NULL, updated_at = clock_timestamp() WHERE version < %(version)s"
+    )
+
+    def bump(conn: Connection, shard_id: str, *, create: bool) -> bool:
+        row = _locked_then_updated(conn, ddl if create else None, lock, update, payload)
         if row is None:
             conn.execute(
                 text(
@@ -235,36 +244,47 @@ def write_state(manager: ShardManager, state: RingState, shard_ids: Iterable[str
                 payload,
             )
             return True
-        if int(row.version) < state.version:
-            conn.execute(
-                text(
-                    f"UPDATE {STATE_TABLE} SET version = :version, ring = :ring,"
-                    " target_ring = :target_ring, key_type = :key_type, watermark = NULL,"
-                    " drained = false, carried = NULL, updated_at = clock_timestamp()"
-                ),
-                payload,
-            )
-            return True
         if int(row.version) > state.version:
             raise RebalanceError(
                 f"shard {shard_id!r} is at ring version {row.version}, newer than {state.version}: "
                 "another rebalance ran meanwhile; re-read the state and plan again"
             )
-        return False
+        return int(row.version) < state.version
 
     shard_ids = list(shard_ids)
-    if state.target is not None:
+    created = state.target is not None
+    if created:
         # A reader adopts the move from the first shard bumped and may scatter at once to a later
         # one (a joining shard, bumped last): the ownership filter reads that shard's journal, so
-        # every shard's tables are committed before any shard stores the move.
-        for shard_id in shard_ids:
-            with manager.connect(shard_id) as conn, conn.begin():
-                conn.execute(ddl)
+        # every shard's tables are committed before any shard stores the move (in parallel: the
+        # order only matters for the bumps).
+
+        def create(conn: Connection, _: str) -> None:
+            conn.execute(ddl)
+
+        for_shards(manager, create, shard_ids)
     bumped = False
     for shard_id in shard_ids:
         with manager.connect(shard_id) as conn, conn.begin():
-            bumped = bump(conn, shard_id) or bumped
+            bumped = bump(conn, shard_id, create=not created) or bumped
     return bumped
+
+
+def _locked_then_updated(conn: Connection, ddl: Any, lock: str, update: str, payload: dict[str, Any]) -> Any:
+    """The state row locked ``FOR UPDATE`` (None when there is none), after ``ddl`` (if given) and
+    before ``update`` ran: one round trip on psycopg (pipeline mode), three otherwise."""
+    raw = conn.connection.driver_connection
+    if ddl is not None:
+        conn.execute(ddl)
+    if raw is None or not hasattr(raw, "pipeline"):
+        row = conn.execute(text(lock)).first()
+        conn.exec_driver_sql(update, payload)
+        return row
+    locked, updated = raw.cursor(row_factory=namedtuple_row), raw.cursor()
+    with raw.pipeline():
+        locked.execute(lock)
+        updated.execute(update, payload)
+    return locked.fetchone()
 
 
 def describe(state: RingState) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def present(conn: Connection, names: Sequence[str]) -> set[str]:
 def require_on_targets(mover: SourceMover, names: set[str]) -> None:
     """Every table the source has and a move must carry exists on each target, or nothing moves."""
     for target in mover.targets:
-        with mover.manager.connect(target) as conn:
+        with mover.held.connect(target) as conn:
             missing = sorted(names - present(conn, sorted(names)))
             conn.rollback()
         if missing:

@@ -42,16 +42,25 @@ _FILL = text(
 )
 
 
+_HAS_RECEIPTS = "SELECT 1 WHERE to_regclass('shardkit_saga_receipts') IS NOT NULL"
+
+
+def shards_with_receipts(manager: ShardManager, shard_ids: Iterable[str]) -> list[str]:
+    """Which of ``shard_ids`` hold a receipts table at all (one parallel round)."""
+    ids = list(shard_ids)
+    found = manager.run_on_all(_HAS_RECEIPTS, shard_ids=ids) if ids else {}
+    return [s for s in ids if found[s]]
+
+
 def fill_receipt_keys(manager: ShardManager, sources: Iterable[str]) -> int:
     """Give every NULL-key receipt on ``sources`` its step's shard key; returns receipts filled.
     Raises :class:`RebalanceError` (after filling what it could) when some cannot be."""
     filled = 0
     unresolved: list[str] = []
-    for source in sources:
-        with manager.connect(source) as conn:
-            has = present(conn, ["shardkit_saga_receipts"])
-            conn.rollback()
-        if has:
+    ids = list(sources)
+    found = set(shards_with_receipts(manager, ids))
+    for source in ids:
+        if source in found:
             count, missing = _fill(manager, source)
             filled += count
             unresolved += missing
@@ -113,4 +122,4 @@ def _log_rows(manager: ShardManager, saga_ids: list[str]) -> dict[str, Any]:
     return found
 
 
-__all__ = ["BATCH", "fill_receipt_keys"]
+__all__ = ["BATCH", "fill_receipt_keys", "shards_with_receipts"]

@@ -92,7 +92,7 @@ _ADVANCE = text(
 def _batch(mover: SourceMover, spec: FencedTable) -> tuple[bool, int]:
     """One cut-over of ``spec``'s next rows; (drained, rows moved)."""
     table, column = spec.table, spec.table.c[spec.column]
-    with mover.manager.connect(mover.source) as conn, conn.begin():
+    with mover.held.connect(mover.source) as conn, conn.begin():
         mover._fence(conn)
         progress = conn.execute(_PROGRESS, {"t": spec.name}).scalar() or {}
         if progress.get("drained"):
@@ -116,7 +116,7 @@ def _batch(mover: SourceMover, spec: FencedTable) -> tuple[bool, int]:
             by_target.setdefault(str(targets[row[spec.column]]), []).append(dict(row))
         for target, target_rows in sorted(by_target.items()):
             copied = [r[spec.column] for r in target_rows]
-            with mover.manager.connect(target) as tconn, tconn.begin():
+            with mover.held.connect(target) as tconn, tconn.begin():
                 tconn.execute(delete(table).where(column.in_(copied)))  # a killed run's copies
                 tconn.execute(insert(table), target_rows)
         moving = [r[spec.column] for rs in by_target.values() for r in rs]
