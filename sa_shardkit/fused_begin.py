@@ -17,6 +17,7 @@ also raises a failure the ordinary way (a lost connection named by the shard's e
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import greenlet  # type: ignore[import-untyped]  # no stubs shipped
@@ -26,7 +27,6 @@ from psycopg.pq import ExecStatus, TransactionStatus
 from sqlalchemy.engine import Connection
 
 from .faults import BOUND_ATTR, QUERY_TIMEOUT, WATCHDOG
-from .multiplex import HUB_ATTR
 
 
 class LockWaitTimedOut(Exception):
@@ -49,10 +49,11 @@ def first_value_with_begin(
     returns exactly one row; ``name`` is the prepared statement it is kept as on the connection. It
     is bounded as the engine bounds its statements (the fault watchdog).
 
-    ``lock_free``: ``sql`` never waits for a lock (a catalog read), so outside a hub's task the
-    query is sent with libpq's blocking ``PQexec``, one C call instead of psycopg's wait loop (whose
-    short polls exist so that Ctrl-C can cancel a long wait; a frozen server is still bounded by
-    the watchdog). A statement that can wait for a lock keeps psycopg's loop.
+    ``lock_free``: ``sql`` never waits for a lock (a catalog read), so outside any greenlet task (a
+    hub's, gevent's, eventlet's) the query is sent with libpq's blocking ``PQexec``, one C call
+    instead of psycopg's wait loop (whose short polls exist so that Ctrl-C can cancel a long wait; a
+    frozen server is still bounded by the watchdog). A statement that can wait for a lock keeps
+    psycopg's loop.
 
     A lock wait in ``sql`` that runs out of ``lock_timeout`` raises :class:`LockWaitTimedOut` (the
     transaction rolled back) instead: running ``sql`` again the ordinary way would wait again."""
@@ -90,7 +91,14 @@ def first_value_with_begin(
         query = begin + b"; EXECUTE " + name
         if name not in names:
             query = b"PREPARE " + name + b" AS " + sql + b"; " + query
-    blocking = lock_free and getattr(greenlet.getcurrent(), HUB_ATTR, None) is None  # no hub: current_hub()
+    # blocking only in a thread's own (main) greenlet, so never in a hub's task, and not where
+    # gevent or eventlet may have made the watchdog's thread a greenlet that a blocked call starves
+    blocking = (
+        lock_free
+        and greenlet.getcurrent().parent is None
+        and "gevent" not in sys.modules
+        and "eventlet" not in sys.modules
+    )
     try:
         # what bounded_driver_call does (the socket psycopg's fileno() would read)
         armed = None if limit is None else WATCHDOG.arm(driver, limit, pgconn.socket)

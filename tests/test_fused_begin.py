@@ -68,6 +68,41 @@ def test_a_lock_free_check_answers_and_is_prepared_once(shard_map: dict[str, str
         conn.rollback()
 
 
+def test_in_another_greenlet_the_check_does_not_block(shard_map: dict[str, str]) -> None:
+    """A greenlet that is not the thread's own (gevent's, a hub's) keeps psycopg's wait loop; the
+    thread's own one sends the check with PQexec (no wait call)."""
+    import greenlet  # type: ignore[import-untyped]
+
+    waits: list[int] = []
+    original = CooperativeConnection.wait
+
+    def counting(self: CooperativeConnection, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        waits.append(1)
+        return original(self, gen, *args, **kwargs)
+
+    with ShardManager.from_urls(shard_map) as manager, manager.engine("shard-1").connect() as conn:
+        conn.execute(text("SELECT 1"))
+        conn.rollback()
+
+        def check() -> bytes | None:
+            return first_value_with_begin(conn, b"shardkit_test_green", b"SELECT true", lock_free=True)
+
+        CooperativeConnection.wait = counting  # type: ignore[method-assign]
+        try:
+            with conn.begin() as transaction:  # (the BEGIN is sent behind SQLAlchemy's back)
+                assert greenlet.greenlet(check).switch() == b"t"
+                in_greenlet = len(waits)  # (the ROLLBACK's wait not counted)
+                transaction.rollback()
+            waits.clear()
+            with conn.begin() as transaction:
+                assert check() == b"t"
+                in_thread = len(waits)
+                transaction.rollback()
+        finally:
+            CooperativeConnection.wait = original  # type: ignore[method-assign]
+    assert in_greenlet >= 1 and in_thread == 0, (in_greenlet, in_thread)
+
+
 @pytest.mark.timeout(120)
 def test_the_watchdog_bounds_a_blocking_check(shard_map: dict[str, str]) -> None:
     """PQexec blocks in libpq with the GIL released: the watchdog thread still shuts the socket
@@ -96,12 +131,14 @@ def test_in_a_hub_task_the_check_waits_through_the_hub(shard_map: dict[str, str]
             def check() -> bytes | None:
                 return first_value_with_begin(conn, b"shardkit_test_hub", b"SELECT true", lock_free=True)
 
-            results, errors = Hub().run([("shard-1", check)])
+            with conn.begin() as transaction:  # (the BEGIN is sent behind SQLAlchemy's back)
+                results, errors = Hub().run([("shard-1", check)])
+                in_hub = len(waits)  # (the ROLLBACK's wait not counted)
+                transaction.rollback()
         finally:
             CooperativeConnection.wait = original  # type: ignore[method-assign]
-        conn.rollback()
     assert not errors and results == {"shard-1": b"t"}
-    assert waits, "a blocking PQexec in a hub's task would stall every other task"
+    assert in_hub, "a blocking PQexec in a hub's task would stall every other task"
 
 
 def test_armed_runs_waiting_work_once() -> None:
