@@ -74,16 +74,22 @@ class _Watchdog:
         self._thread: threading.Thread | None = None
         self._target = float("inf")
 
-    def arm(self, dbapi_connection: Any, seconds: float) -> int | None:
-        dbapi_connection = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)  # a pool proxy
-        try:
+    def arm(self, dbapi_connection: Any, seconds: float, fd: int | None = None) -> int | None:
+        """Bound the driver call about to run on ``dbapi_connection`` (socket ``fd``, when the
+        caller has it: psycopg's ``pgconn.socket``) to ``seconds``; the key to :meth:`disarm`."""
+        if fd is None:
+            dbapi_connection = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)  # a pool proxy
             try:
-                fd = int(dbapi_connection.fileno())
-            except AttributeError:  # an asyncio adapter (or its cursor): its driver's connection has it
-                dbapi_connection = dbapi_connection._connection
-                fd = int(dbapi_connection.fileno())
+                try:
+                    fd = int(dbapi_connection.fileno())
+                except AttributeError:  # an asyncio adapter (or its cursor): its driver's connection has it
+                    dbapi_connection = dbapi_connection._connection
+                    fd = int(dbapi_connection.fileno())
+            except Exception:  # noqa: BLE001 - closed or not a socket driver: nothing to bound
+                return None
+        try:
             ref = weakref.ref(dbapi_connection)
-        except Exception:  # noqa: BLE001 - closed or not a socket driver: nothing to bound
+        except Exception:  # noqa: BLE001 - not a driver connection: nothing to bound
             return None
         deadline = time.monotonic() + seconds
         key = id(dbapi_connection)

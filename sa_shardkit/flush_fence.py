@@ -25,12 +25,13 @@ from .routing import write_keys
 
 if TYPE_CHECKING:
     from .manager import ShardManager
+    from .session import ShardedSession
 
 _FENCED = "shardkit_fenced"
 
 
 def fence_planned(
-    session: Session,
+    session: ShardedSession,
     manager: ShardManager,
     planned: list[tuple[str, Any]],
     fenced: set[tuple[str, Any]],
@@ -46,8 +47,8 @@ def fence_planned(
     for shard, key in planned:
         if (shard, key) in fenced:
             continue
-        # what session.connection() does, without its two calls: the flush names shard faults
-        conn = conns.get(shard) or session._connection_for_bind(session.get_bind(shard_id=shard))
+        # what session.connection() does, without its calls: the flush names shard faults
+        conn = conns.get(shard) or session._flush_connection(shard)
         conns[shard] = conn
         placement.fence_write(conn, shard, key, checked=True)
         fenced.add((shard, key))

@@ -17,8 +17,10 @@ also raises a failure the ordinary way (a lost connection named by the shard's e
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
+import greenlet  # type: ignore[import-untyped]  # no stubs shipped
 import psycopg
 from psycopg import generators, pq
 from psycopg.pq import ExecStatus, TransactionStatus
@@ -34,33 +36,24 @@ class LockWaitTimedOut(Exception):
 
 _LOCK_NOT_AVAILABLE = b"55P03"
 
-_begins: dict[tuple[Any, Any, Any], bytes] = {}
 _PREPARED = "_shardkit_prepared"
 """Driver connection attribute: names of the statements :func:`first_value_with_begin` prepared on it."""
 
 
-def _begin_command(driver: psycopg.Connection[Any]) -> bytes:
-    """The BEGIN psycopg itself would send for ``driver``'s transaction characteristics."""
-    traits = (driver._isolation_level, driver._read_only, driver._deferrable)  # the properties' values
-    command = _begins.get(traits)
-    if command is None:
-        isolation, read_only, deferrable = traits
-        parts = ["BEGIN"]
-        if isolation is not None:
-            parts.append("ISOLATION LEVEL " + psycopg.IsolationLevel(isolation).name.replace("_", " "))
-        if read_only is not None:
-            parts.append("READ ONLY" if read_only else "READ WRITE")
-        if deferrable is not None:
-            parts.append("DEFERRABLE" if deferrable else "NOT DEFERRABLE")
-        command = _begins[traits] = " ".join(parts).encode()
-    return command
-
-
-def first_value_with_begin(conn: Connection, name: bytes, sql: bytes) -> bytes | None:
+def first_value_with_begin(
+    conn: Connection, name: bytes, sql: bytes, *, lock_free: bool = False
+) -> bytes | None:
     """The first column of the first row of ``sql`` (text, as the server sent it), run as the first
     statement of ``conn``'s transaction together with its BEGIN; None when that was not possible
     (the caller then runs ``sql`` itself). ``sql`` must be a fixed, parameterless statement that
-    returns exactly one row; ``name`` is the prepared statement it is kept as on the connection. It is bounded as the engine bounds its statements (the fault watchdog).
+    returns exactly one row; ``name`` is the prepared statement it is kept as on the connection. It
+    is bounded as the engine bounds its statements (the fault watchdog).
+
+    ``lock_free``: ``sql`` never waits for a lock (a catalog read), so outside any greenlet task (a
+    hub's, gevent's, eventlet's) the query is sent with libpq's blocking ``PQexec``, one C call
+    instead of psycopg's wait loop (whose short polls exist so that Ctrl-C can cancel a long wait; a
+    frozen server is still bounded by the watchdog). A statement that can wait for a lock keeps
+    psycopg's loop.
 
     A lock wait in ``sql`` that runs out of ``lock_timeout`` raises :class:`LockWaitTimedOut` (the
     transaction rolled back) instead: running ``sql`` again the ordinary way would wait again."""
@@ -87,9 +80,9 @@ def first_value_with_begin(conn: Connection, name: bytes, sql: bytes) -> bytes |
     if names is None:
         names = set()
         setattr(driver, _PREPARED, names)
-    begin = _begins.get((driver._isolation_level, driver._read_only, driver._deferrable)) or _begin_command(
-        driver
-    )
+    # the BEGIN psycopg itself would send now (it caches it, and forgets it when the connection's
+    # isolation level, read-only or deferrable setting changes)
+    begin: bytes = driver._begin_statement or driver._get_tx_start_command()
     if driver._prepared.prepare_threshold is None:
         # Prepared statements are off (a shard behind PgBouncer in transaction pooling): a statement
         # prepared on one server connection is not there on the next, so the check is sent as text.
@@ -98,17 +91,28 @@ def first_value_with_begin(conn: Connection, name: bytes, sql: bytes) -> bytes |
         query = begin + b"; EXECUTE " + name
         if name not in names:
             query = b"PREPARE " + name + b" AS " + sql + b"; " + query
+    # blocking only in a thread's own (main) greenlet, so never in a hub's task, and not where
+    # gevent or eventlet may have made the watchdog's thread a greenlet that a blocked call starves
+    blocking = (
+        lock_free
+        and greenlet.getcurrent().parent is None
+        and "gevent" not in sys.modules
+        and "eventlet" not in sys.modules
+    )
     try:
-        pgconn.send_query(query)  # the connection's own wait: a hub's task waits through the hub
-        if limit is None:
-            results = driver.wait(generators.execute(pgconn))
-        else:  # what bounded_driver_call does, without its two calls
-            armed = WATCHDOG.arm(driver, limit)
-            try:
+        # what bounded_driver_call does (the socket psycopg's fileno() would read)
+        armed = None if limit is None else WATCHDOG.arm(driver, limit, pgconn.socket)
+        try:
+            if blocking:  # libpq's answer is the last statement's result (or the error that ended it)
+                last: Any = pgconn.exec_(query)
+                results = [last]
+            else:
+                pgconn.send_query(query)  # the connection's own wait: a hub's task waits through the hub
                 results = driver.wait(generators.execute(pgconn))
-            finally:
+                last = results[-1] if results else None
+        finally:
+            if armed is not None:
                 WATCHDOG.disarm(armed)
-        last = results[-1] if results else None
     except psycopg.Error:
         return None  # the connection is lost: the ordinary statement raises it, named
     if last is not None and last.status == ExecStatus.TUPLES_OK and last.ntuples == 1:

@@ -35,6 +35,8 @@ T = TypeVar("T")
 RV = TypeVar("RV")
 
 _COOPERATIVE = "_shardkit_cooperative"
+HUB_ATTR = "shardkit_hub"
+"""Attribute of a hub's task greenlet: its :class:`Hub` (what :func:`current_hub` reads)."""
 
 
 class _Task(greenlet.greenlet):  # type: ignore[misc]  # greenlet ships no stubs for subclassing
@@ -218,7 +220,7 @@ def _close_quietly(connection: Any) -> None:
 
 def current_hub() -> Hub | None:
     """The hub whose task is running now, or None (a plain thread, another greenlet)."""
-    return getattr(greenlet.getcurrent(), "shardkit_hub", None)
+    return getattr(greenlet.getcurrent(), HUB_ATTR, None)
 
 
 class CooperativeConnection(psycopg.Connection[Any]):

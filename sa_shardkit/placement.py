@@ -632,8 +632,9 @@ class Placement:
         if (not checked and not self.fences_writes()) or conn.dialect.name != "postgresql":
             return
         try:
-            if self._state.version == 0 and self._unstored_fence(conn, shard_id):
-                return  # (what _fence_write's first pass does, without the call)
+            # what _fence_write's first pass does, without its call and _unstored_fence's
+            if self._state.version == 0 and (self._unstored_here(conn) or self._stored_here(conn, shard_id)):
+                return
             self._fence_write(conn, shard_id, key)
         except StaleRingError as stale:
             self._sticky.pop(key, None)
@@ -825,8 +826,10 @@ class Placement:
         shard in this transaction's check (write as routed: nothing moves before the first
         install, which waits for this transaction); else the shard's ring is adopted (False:
         fence under it)."""
-        if self._unstored_here(conn):
-            return True
+        return self._unstored_here(conn) or self._stored_here(conn, shard)
+
+    def _stored_here(self, conn: Connection, shard: str) -> bool:
+        """:meth:`_unstored_fence` once the state table was found committed on ``shard``."""
         row = self._key_share(conn, shard)  # a ring is stored here
         if row.state is None:
             conn.info[_UNSTORED] = conn.get_transaction()  # a table without a ring: none stored
@@ -839,8 +842,9 @@ class Placement:
     def _unstored_here(conn: Connection) -> bool:
         """No ring stored on this shard as of this transaction's check (made once per transaction)."""
         transaction = conn._transaction  # what get_transaction() returns
-        fairy = conn._dbapi_connection  # what conn.info reads its info from
-        info = fairy.info if fairy is not None else conn.info
+        fairy = conn._dbapi_connection  # what conn.info reads its info from: the pool record's
+        record = fairy._connection_record if fairy is not None else None
+        info = record.info if record is not None else conn.info  # (memoized on the record)
         if transaction is not None and info.get(_UNSTORED) is transaction:
             return True
         if state_table_committed(conn):

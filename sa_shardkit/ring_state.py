@@ -333,9 +333,8 @@ def state_table_committed(conn: Connection) -> bool:
     The unstored-ring fence relies on that (:meth:`sa_shardkit.placement.Placement.fence_write`).
     As a transaction's first statement it rides on the BEGIN's round trip (:mod:`.fused_begin`).
     """
-    fused = first_value_with_begin(
-        conn, b"shardkit_state_table_committed", _COMMITTED_BYTES
-    )  # the transaction's first statement
+    # the transaction's first statement; a catalog read under MVCC never waits for a lock
+    fused = first_value_with_begin(conn, b"shardkit_state_table_committed", _COMMITTED_BYTES, lock_free=True)
     if fused is not None:
         return fused == b"t"
     return bool(conn.exec_driver_sql(_COMMITTED_TABLE).scalar())  # a fixed string: no compile step

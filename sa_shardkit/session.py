@@ -44,6 +44,7 @@ from sqlalchemy.sql.selectable import Select
 from sqlalchemy.sql.util import find_tables
 from sqlalchemy.util import EMPTY_DICT, immutabledict
 
+from .armed import Armed
 from .declarative import SHARDING_BY_MAPPER_REF as _SHARDING
 from .declarative import Sharding, sharding_of, table_sharding
 from .errors import (
@@ -139,8 +140,8 @@ class _NoEvents:
 
     __slots__ = ()
 
-    def _remaining_events(self) -> tuple[()]:
-        return ()
+    # what SQLAlchemy calls to get the hooks left: tuple() is (), a C call, not a Python frame
+    _remaining_events = staticmethod(tuple)
 
 
 _NO_EVENTS = _NoEvents()
@@ -582,6 +583,19 @@ class ShardedSession(_StockShardedSession):
                         return conn
                 return transaction.connection(mapper, shard_id=shard_id)
         return super().connection_callable(mapper, instance, shard_id=shard_id or None, **kw)
+
+    def _flush_connection(self, shard_id: str) -> Connection:
+        """The connection a flush writes ``shard_id``'s rows on, as ``connection(bind_arguments=
+        {"shard_id": ...})`` gives it, without its context-manager check (a flush runs inside the
+        transaction, as the stock flush path's ``transaction.connection()``) and ``get_bind`` call."""
+        shards = self._ShardedSession__shards  # type: ignore[has-type]
+        bind = None
+        if type(shards) is _ShardBinds and shards._create is None and not shards._own:
+            bind = shards._manager._engines.get(shard_id)  # created already: what get_bind returns
+        if bind is None:
+            bind = self.get_bind(shard_id=shard_id)
+        transaction = self._transaction or self._autobegin_t()
+        return transaction._connection_for_bind(bind, None)
 
     def bind_shard(self, shard_id: str, bind: Any) -> None:
         shards = self._ShardedSession__shards  # type: ignore[has-type]
@@ -1051,8 +1065,27 @@ def add_session_hook(point: str, hook: Callable[..., None], *, armed: Sized) -> 
     Points, and the hook's arguments: ``"prepare_flush"`` (session, manager, instances; manager-routed
     sessions with new rows, before the rows are routed), ``"after_flush"`` (session, flush_context),
     ``"after_commit"`` (session), ``"transaction_end"`` (session, transaction; the outermost one).
+    The session listens to ``after_flush`` / ``after_commit`` only once such a hook can run: when
+    ``armed`` is an :class:`~sa_shardkit.armed.Armed` flag, from the moment it is raised.
     """
     _SESSION_HOOKS[point].append((armed, hook))
+    listener = _LAZY_LISTENERS.get(point)
+    if listener is not None:
+        if isinstance(armed, Armed):
+            armed.when_armed(lambda: _listen_once(point, listener))
+        else:
+            _listen_once(point, listener)
+
+
+_LAZY_LISTENERS: dict[str, Callable[..., None]] = {"after_flush": _after_flush, "after_commit": _after_commit}
+"""Session events listened to only while a feature's hook is there to run (:func:`add_session_hook`)."""
+_LISTENING: set[str] = set()
+
+
+def _listen_once(point: str, listener: Callable[..., None]) -> None:
+    if point not in _LISTENING:
+        _LISTENING.add(point)
+        event.listen(ShardedSession, point, listener)
 
 
 def _replicate_reference(session: ShardedSession, obj: object, action: str, old_pk: Any) -> None:
@@ -1501,9 +1534,7 @@ def listen_execute(
 
 listen_execute(_execute_routed, retval=True)
 event.listen(ShardedSession, "before_flush", _before_flush)
-event.listen(ShardedSession, "after_flush", _after_flush)
 event.listen(ShardedSession, "after_flush_postexec", _after_flush_postexec)
-event.listen(ShardedSession, "after_commit", _after_commit)
 event.listen(ShardedSession, "after_transaction_end", _after_transaction_end)
 
 

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.mapper import _all_registries
 from xxhash import xxh3_64_intdigest
 
+from ..armed import Armed
 from ..declarative import REFERENCE_ATTR, SHARD_KEY_ATTR, base_table
 from ..errors import NotShardedError
 from ..ring import key_bytes
@@ -91,8 +92,8 @@ _by_mapper: weakref.WeakKeyDictionary[Mapper[Any], tuple[LookupIndex, ...]] = we
 _by_table: weakref.WeakKeyDictionary[Table, dict[str, LookupIndex]] = weakref.WeakKeyDictionary()
 """owner table -> its looked-up column names -> lookup (column objects make poor dict keys)."""
 _by_name: weakref.WeakValueDictionary[str, LookupIndex] = weakref.WeakValueDictionary()
-ANY_DECLARED: list[bool] = []
-"""Non-empty once a mapped class of this process declared a lookup: until then sessions skip
+ANY_DECLARED = Armed()
+"""Raised (true) once a mapped class of this process declared a lookup: until then sessions skip
 the lookup work (:mod:`sa_shardkit.session_hooks`). Classes are read when mapped (and those mapped
 before this module was imported, when it is)."""
 
@@ -179,7 +180,7 @@ def _declare(mapper: Mapper[Any]) -> tuple[LookupIndex, ...]:
         _by_name[index.name] = index
         found.append(index)
     if found and not ANY_DECLARED:
-        ANY_DECLARED.append(True)
+        ANY_DECLARED.arm()
     result = tuple(found)
     _by_mapper[mapper] = result
     return result
