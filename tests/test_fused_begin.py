@@ -12,6 +12,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -25,6 +27,23 @@ from sa_shardkit.multiplex import CooperativeConnection, Hub
 
 def _driver(conn: Any) -> Any:
     return conn.connection.driver_connection
+
+
+@contextmanager
+def _counted_waits() -> Iterator[list[int]]:
+    """Every psycopg wait loop a :class:`CooperativeConnection` enters meanwhile, one entry each."""
+    waits: list[int] = []
+    original = CooperativeConnection.wait
+
+    def counting(self: CooperativeConnection, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        waits.append(1)
+        return original(self, gen, *args, **kwargs)
+
+    CooperativeConnection.wait = counting  # type: ignore[method-assign]
+    try:
+        yield waits
+    finally:
+        CooperativeConnection.wait = original  # type: ignore[method-assign]
 
 
 def test_a_lock_free_check_answers_and_is_prepared_once(shard_map: dict[str, str]) -> None:
@@ -73,13 +92,6 @@ def test_in_another_greenlet_the_check_does_not_block(shard_map: dict[str, str])
     thread's own one sends the check with PQexec (no wait call)."""
     import greenlet  # type: ignore[import-untyped]
 
-    waits: list[int] = []
-    original = CooperativeConnection.wait
-
-    def counting(self: CooperativeConnection, gen: Any, *args: Any, **kwargs: Any) -> Any:
-        waits.append(1)
-        return original(self, gen, *args, **kwargs)
-
     with ShardManager.from_urls(shard_map) as manager, manager.engine("shard-1").connect() as conn:
         conn.execute(text("SELECT 1"))
         conn.rollback()
@@ -87,8 +99,7 @@ def test_in_another_greenlet_the_check_does_not_block(shard_map: dict[str, str])
         def check() -> bytes | None:
             return first_value_with_begin(conn, b"shardkit_test_green", b"SELECT true", lock_free=True)
 
-        CooperativeConnection.wait = counting  # type: ignore[method-assign]
-        try:
+        with _counted_waits() as waits:
             with conn.begin() as transaction:  # (the BEGIN is sent behind SQLAlchemy's back)
                 assert greenlet.greenlet(check).switch() == b"t"
                 in_greenlet = len(waits)  # (the ROLLBACK's wait not counted)
@@ -98,8 +109,6 @@ def test_in_another_greenlet_the_check_does_not_block(shard_map: dict[str, str])
                 assert check() == b"t"
                 in_thread = len(waits)
                 transaction.rollback()
-        finally:
-            CooperativeConnection.wait = original  # type: ignore[method-assign]
     assert in_greenlet >= 1 and in_thread == 0, (in_greenlet, in_thread)
 
 
@@ -115,28 +124,17 @@ def test_the_watchdog_bounds_a_blocking_check(shard_map: dict[str, str]) -> None
 
 
 def test_in_a_hub_task_the_check_waits_through_the_hub(shard_map: dict[str, str]) -> None:
-    waits: list[int] = []
-    original = CooperativeConnection.wait
-
-    def counting(self: CooperativeConnection, gen: Any, *args: Any, **kwargs: Any) -> Any:
-        waits.append(1)
-        return original(self, gen, *args, **kwargs)
-
     with ShardManager.from_urls(shard_map) as manager, manager.engine("shard-1").connect() as conn:
         conn.execute(text("SELECT 1"))  # connected outside the hub
         conn.rollback()
-        CooperativeConnection.wait = counting  # type: ignore[method-assign]
-        try:
 
-            def check() -> bytes | None:
-                return first_value_with_begin(conn, b"shardkit_test_hub", b"SELECT true", lock_free=True)
+        def check() -> bytes | None:
+            return first_value_with_begin(conn, b"shardkit_test_hub", b"SELECT true", lock_free=True)
 
-            with conn.begin() as transaction:  # (the BEGIN is sent behind SQLAlchemy's back)
-                results, errors = Hub().run([("shard-1", check)])
-                in_hub = len(waits)  # (the ROLLBACK's wait not counted)
-                transaction.rollback()
-        finally:
-            CooperativeConnection.wait = original  # type: ignore[method-assign]
+        with _counted_waits() as waits, conn.begin() as transaction:  # (BEGIN sent behind SQLAlchemy's back)
+            results, errors = Hub().run([("shard-1", check)])
+            in_hub = len(waits)  # (the ROLLBACK's wait not counted)
+            transaction.rollback()
     assert not errors and results == {"shard-1": b"t"}
     assert in_hub, "a blocking PQexec in a hub's task would stall every other task"
 
