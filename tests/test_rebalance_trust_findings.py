@@ -90,6 +90,35 @@ def test_a_user_trigger_on_a_partition_of_a_moved_table_fires_on_the_source(
     )
 
 
+def test_a_foreign_key_on_a_partition_of_a_moved_table_is_checked_on_the_target(
+    manager: ShardManager, shard5_url: str
+) -> None:
+    """``order_items_p0`` (a partition) references a table the move does not know (``skus``),
+    which on shard-5 lacks the items' sku: the target must refuse those items (the trusted COPY
+    skips that partition's check: the foreign key is listed under the partition only)."""
+    manager.add_shard(ShardConfig(id="shard-5", url=shard5_url))
+    tables = [
+        Base.metadata.tables["customers"],
+        Base.metadata.tables["orders"],
+        Base.metadata.tables["products"],
+    ]
+    for shard_id in ALL:
+        Base.metadata.create_all(manager.engine(shard_id), tables=tables)
+    _sql(manager, ALL, PARTITIONED_ITEMS + ";CREATE TABLE skus (sku varchar(64) PRIMARY KEY)")
+    _sql(manager, list(FOUR.shard_ids), "INSERT INTO skus VALUES ('SKU-0')")
+    _sql(manager, ALL, "ALTER TABLE order_items_p0 ADD FOREIGN KEY (sku) REFERENCES skus (sku)")
+    seed(manager, FOUR, CUSTOMERS, 2, 1)
+    install_ring(manager, FOUR)
+    with pytest.raises(Exception, match="violates foreign key constraint"):
+        add_shard(manager, "shard-5", Base, options=MoveOptions(batch_size=1000))
+    dangling = _scalar(
+        manager,
+        "shard-5",
+        "SELECT count(*) FROM order_items_p0 i WHERE NOT EXISTS (SELECT 1 FROM skus s WHERE s.sku = i.sku)",
+    )
+    assert dangling == 0, f"shard-5 holds {dangling} items whose sku it does not have"
+
+
 def test_an_orphan_on_a_source_whose_foreign_key_was_bypassed_is_refused_by_the_target(
     manager: ShardManager, shard5_url: str
 ) -> None:
