@@ -334,3 +334,41 @@ def watching_trust(monkeypatch: pytest.MonkeyPatch) -> Iterator[TrustSeen]:
 
     monkeypatch.setattr(mover_module, "_pipeline", watched)
     yield seen
+
+
+class SessionWriters(ExactWriters):
+    """The same writers through ``ShardedSession`` (ORM objects; a customer's delete cascades in
+    the session: its orders and items are loaded and deleted children first)."""
+
+    def start(self) -> None:
+        self.sessions = self.manager.sessionmaker()
+        super().start()
+
+    def _new_order(self, rnd: random.Random, customer_id: int) -> None:
+        from sa_shardkit.demo.models import Order, OrderItem
+
+        oid = uuid.uuid4()
+        with self.sessions() as session, session.begin():
+            order = Order(customer_id=customer_id, order_id=oid, status="new", total=Decimal(10))
+            order.items = [
+                OrderItem(customer_id=customer_id, item_no=i, sku="SKU-0", quantity=1, unit_price=Decimal(5))
+                for i in range(2)
+            ]
+            session.add(order)
+        with self.lock:
+            self.expected.orders[oid] = (customer_id, Decimal(10))
+            self.expected.items |= {(customer_id, oid, 0), (customer_id, oid, 1)}
+        self.ops["new order"] += 1
+
+    def _delete(self, customer_id: int) -> None:
+        from sa_shardkit.demo.models import Customer
+
+        with self.sessions() as session, session.begin():
+            customer = session.get(Customer, customer_id)
+            if customer is None:
+                self.errors.append(f"session delete: customer {customer_id} not found")
+                return
+            session.delete(customer)
+        with self.lock:
+            self.expected.delete_customer(customer_id)
+        self.ops["delete"] += 1
