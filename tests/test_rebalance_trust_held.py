@@ -1,0 +1,55 @@
+"""The mover's kept connections (``sa_shardkit/rebalance/held.py``) and a server that drops them.
+
+Before the mover kept its connections per run, each batch checked one out of the pool, whose
+pre-ping replaced a connection the server had closed (an ``idle_session_timeout``, a restarted
+PgBouncer, an operator's ``pg_terminate_backend``). Here every mover connection but the source's
+advisory-lock guard is terminated after the first batch: the move must still finish, and the
+fleet must be consistent.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from sqlalchemy import text
+
+from sa_shardkit import HashRing, ShardConfig, ShardManager
+from sa_shardkit.demo.models import Base
+from sa_shardkit.rebalance import MoveOptions, add_shard, install_ring
+from tests.rebalance_data import seed
+from tests.trust_support import check_consistent
+
+FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
+FIVE = FOUR.add_shard("shard-5")
+ALL = [*FOUR.shard_ids, "shard-5"]
+
+TERMINATE = (
+    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database()"
+    " AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND state = 'idle'"
+    " AND pid NOT IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory')"
+)
+
+
+def test_a_move_survives_the_server_closing_its_kept_connections(
+    manager: ShardManager, shard5_url: str
+) -> None:
+    seed(manager, FOUR, 400, 2, 1)
+    install_ring(manager, FOUR)
+    manager.add_shard(ShardConfig(id="shard-5", url=shard5_url))
+    done = threading.Event()
+    killed: list[int] = []
+
+    def terminate_once(progress: Any) -> None:
+        if getattr(progress, "batches", 0) < 1 or done.is_set():
+            return
+        done.set()
+        with ShardManager.from_urls({s: manager.config(s).primary_url for s in ALL}) as admin:
+            for shard_id in ALL:
+                with admin.connect(shard_id) as conn:
+                    killed.append(int(conn.execute(text(TERMINATE)).scalar_one()))
+                    conn.commit()
+
+    add_shard(manager, "shard-5", Base, options=MoveOptions(batch_size=8), progress=terminate_once)
+    assert done.is_set() and sum(killed) > 0
+    check_consistent(manager, FIVE, ALL)
