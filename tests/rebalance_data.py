@@ -99,8 +99,31 @@ def totals_everywhere(manager: ShardManager, shard_ids: list[str]) -> dict[uuid.
     return totals
 
 
+class WorkerThreads:
+    """``threads`` daemon threads running ``_run(index)`` until ``stop`` is set (test workloads)."""
+
+    threads: int
+    stop: threading.Event
+    _workers: list[threading.Thread]
+
+    def _run(self, index: int) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        for i in range(self.threads):
+            worker = threading.Thread(target=self._run, args=(i,), daemon=True)
+            worker.start()
+            self._workers.append(worker)
+
+    def finish(self) -> None:
+        self.stop.set()
+        for worker in self._workers:
+            worker.join(timeout=60)
+        assert not any(w.is_alive() for w in self._workers), f"a {type(self).__name__} thread hung"
+
+
 @dataclass
-class Workload:
+class Workload(WorkerThreads):
     """Four threads inserting, updating and reading orders through the router during a move."""
 
     router: RingRouter
@@ -121,18 +144,6 @@ class Workload:
         for c in range(1, self.customers + 1):
             for n in range(self.orders_each):
                 self.committed[order_id(c, n)] = c
-
-    def start(self) -> None:
-        for i in range(self.threads):
-            worker = threading.Thread(target=self._run, args=(i,), daemon=True)
-            worker.start()
-            self._workers.append(worker)
-
-    def finish(self) -> None:
-        self.stop.set()
-        for worker in self._workers:
-            worker.join(timeout=60)
-        assert not any(w.is_alive() for w in self._workers), "a workload thread hung"
 
     def _run(self, index: int) -> None:
         rnd = random.Random(index)

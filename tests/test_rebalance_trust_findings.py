@@ -26,7 +26,7 @@ from sa_shardkit import HashRing, ShardConfig, ShardManager
 from sa_shardkit.demo.models import Base
 from sa_shardkit.rebalance import MoveOptions, add_shard, install_ring
 from tests.rebalance_data import seed
-from tests.trust_support import orphans
+from tests.trust_support import orphans, scalar_on, sql_on
 
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
 FIVE = FOUR.add_shard("shard-5")
@@ -43,23 +43,8 @@ PARTITIONED_ITEMS = (
 )
 
 
-def _sql(manager: ShardManager, shard_ids: list[str], sql: str) -> None:
-    for shard_id in shard_ids:
-        with manager.connect(shard_id) as conn:
-            conn.execute(text(sql))
-            conn.commit()
-
-
-def _scalar(manager: ShardManager, shard_id: str, sql: str) -> int:
-    with manager.connect(shard_id) as conn:
-        value = conn.execute(text(sql)).scalar_one()
-        conn.rollback()
-    return int(value)
-
-
-def test_a_user_trigger_on_a_partition_of_a_moved_table_fires_on_the_source(
-    manager: ShardManager, shard5_url: str
-) -> None:
+def _partitioned_schema(manager: ShardManager, shard5_url: str, extra_sql: str = "") -> None:
+    """shard-5 added; the demo's tables on every server, ``order_items`` partitioned by hash."""
     manager.add_shard(ShardConfig(id="shard-5", url=shard5_url))
     tables = [
         Base.metadata.tables["customers"],
@@ -68,10 +53,16 @@ def test_a_user_trigger_on_a_partition_of_a_moved_table_fires_on_the_source(
     ]
     for shard_id in ALL:
         Base.metadata.create_all(manager.engine(shard_id), tables=tables)
-    _sql(manager, ALL, PARTITIONED_ITEMS)
+    sql_on(manager, ALL, PARTITIONED_ITEMS + extra_sql)
+
+
+def test_a_user_trigger_on_a_partition_of_a_moved_table_fires_on_the_source(
+    manager: ShardManager, shard5_url: str
+) -> None:
+    _partitioned_schema(manager, shard5_url)
     seed(manager, FOUR, CUSTOMERS, 2, 1)
     install_ring(manager, FOUR)
-    _sql(
+    sql_on(
         manager,
         list(FOUR.shard_ids),
         "CREATE TABLE item_deletes (customer_id bigint, order_id uuid, item_no int);"
@@ -81,10 +72,10 @@ def test_a_user_trigger_on_a_partition_of_a_moved_table_fires_on_the_source(
         "CREATE TRIGGER record_item_delete AFTER DELETE ON order_items_p0"
         " FOR EACH ROW EXECUTE FUNCTION record_item_delete()",
     )
-    before = sum(_scalar(manager, s, "SELECT count(*) FROM order_items_p0") for s in FOUR.shard_ids)
+    before = sum(scalar_on(manager, s, "SELECT count(*) FROM order_items_p0") for s in FOUR.shard_ids)
     add_shard(manager, "shard-5", Base, options=MoveOptions(batch_size=8))
-    after = sum(_scalar(manager, s, "SELECT count(*) FROM order_items_p0") for s in FOUR.shard_ids)
-    recorded = sum(_scalar(manager, s, "SELECT count(*) FROM item_deletes") for s in FOUR.shard_ids)
+    after = sum(scalar_on(manager, s, "SELECT count(*) FROM order_items_p0") for s in FOUR.shard_ids)
+    recorded = sum(scalar_on(manager, s, "SELECT count(*) FROM item_deletes") for s in FOUR.shard_ids)
     assert before > after, (before, after)  # items of that partition left the sources
     assert recorded == before - after, (
         f"the partition's trigger recorded {recorded} of {before - after} deletes"
@@ -97,22 +88,14 @@ def test_a_foreign_key_on_a_partition_of_a_moved_table_is_checked_on_the_target(
     """``order_items_p0`` (a partition) references a table the move does not know (``skus``),
     which on shard-5 lacks the items' sku: the target must refuse those items (the trusted COPY
     skips that partition's check: the foreign key is listed under the partition only)."""
-    manager.add_shard(ShardConfig(id="shard-5", url=shard5_url))
-    tables = [
-        Base.metadata.tables["customers"],
-        Base.metadata.tables["orders"],
-        Base.metadata.tables["products"],
-    ]
-    for shard_id in ALL:
-        Base.metadata.create_all(manager.engine(shard_id), tables=tables)
-    _sql(manager, ALL, PARTITIONED_ITEMS + ";CREATE TABLE skus (sku varchar(64) PRIMARY KEY)")
-    _sql(manager, list(FOUR.shard_ids), "INSERT INTO skus VALUES ('SKU-0')")
-    _sql(manager, ALL, "ALTER TABLE order_items_p0 ADD FOREIGN KEY (sku) REFERENCES skus (sku)")
+    _partitioned_schema(manager, shard5_url, ";CREATE TABLE skus (sku varchar(64) PRIMARY KEY)")
+    sql_on(manager, list(FOUR.shard_ids), "INSERT INTO skus VALUES ('SKU-0')")
+    sql_on(manager, ALL, "ALTER TABLE order_items_p0 ADD FOREIGN KEY (sku) REFERENCES skus (sku)")
     seed(manager, FOUR, CUSTOMERS, 2, 1)
     install_ring(manager, FOUR)
     with pytest.raises(Exception, match="violates foreign key constraint"):
         add_shard(manager, "shard-5", Base, options=MoveOptions(batch_size=1000))
-    dangling = _scalar(
+    dangling = scalar_on(
         manager,
         "shard-5",
         "SELECT count(*) FROM order_items_p0 i WHERE NOT EXISTS (SELECT 1 FROM skus s WHERE s.sku = i.sku)",

@@ -23,7 +23,7 @@ from sa_shardkit import HashRing, ShardConfig, ShardManager
 from sa_shardkit.demo.models import Base
 from sa_shardkit.rebalance import MoveOptions, add_shard, install_ring
 from tests.rebalance_data import check_fleet, seed
-from tests.trust_support import check_consistent, watching_trust
+from tests.trust_support import check_consistent, scalar_on, sql_on, watching_trust
 
 FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
 FIVE = FOUR.add_shard("shard-5")
@@ -32,17 +32,7 @@ CUSTOMERS = 120
 
 
 def _sql_everywhere(manager: ShardManager, sql: str, shard_ids: list[str] = ALL) -> None:
-    for shard_id in shard_ids:
-        with manager.connect(shard_id) as conn:
-            conn.execute(text(sql))
-            conn.commit()
-
-
-def _scalar(manager: ShardManager, shard_id: str, sql: str) -> int:
-    with manager.connect(shard_id) as conn:
-        value = conn.execute(text(sql)).scalar_one()
-        conn.rollback()
-    return int(value)
+    sql_on(manager, shard_ids, sql)
 
 
 def _seeded(manager: ShardManager, shard5_url: str) -> None:
@@ -55,8 +45,8 @@ def _seeded(manager: ShardManager, shard5_url: str) -> None:
 def _locked_on_target(manager: ShardManager, table: str = "customers") -> tuple[int, int]:
     """(parent rows on shard-5 locked by a child's foreign-key check, parent rows there)."""
     return (
-        _scalar(manager, "shard-5", f"SELECT count(*) FROM {table} WHERE xmax::text <> '0'"),
-        _scalar(manager, "shard-5", f"SELECT count(*) FROM {table}"),
+        scalar_on(manager, "shard-5", f"SELECT count(*) FROM {table} WHERE xmax::text <> '0'"),
+        scalar_on(manager, "shard-5", f"SELECT count(*) FROM {table}"),
     )
 
 
@@ -76,7 +66,7 @@ def test_a_cascade_from_a_table_the_move_does_not_know_fires_on_the_source(
         add_shard(manager, "shard-5", Base, options=MoveOptions(batch_size=8))
     assert 1 not in trust.source and 1 not in trust.target, (trust.source, trust.target)
     for shard_id in ALL:
-        dangling = _scalar(
+        dangling = scalar_on(
             manager,
             shard_id,
             "SELECT count(*) FROM notes n WHERE NOT EXISTS"
@@ -85,8 +75,8 @@ def test_a_cascade_from_a_table_the_move_does_not_know_fires_on_the_source(
         assert dangling == 0, (
             f"{shard_id}: {dangling} notes of customers that left (the cascade did not fire)"
         )
-    moved = _scalar(manager, "shard-5", "SELECT count(*) FROM customers")
-    left = sum(_scalar(manager, s, "SELECT count(*) FROM notes") for s in FOUR.shard_ids)
+    moved = scalar_on(manager, "shard-5", "SELECT count(*) FROM customers")
+    left = sum(scalar_on(manager, s, "SELECT count(*) FROM notes") for s in FOUR.shard_ids)
     assert moved > 0 and left == CUSTOMERS - moved
     assert _locked_on_target(manager)[0] > 0  # the target's checks ran too
     check_consistent(manager, FIVE, ALL)
@@ -107,14 +97,14 @@ def test_a_restrict_from_a_table_the_move_does_not_know_stops_the_move_and_keeps
     with pytest.raises(Exception, match="foreign key constraint"):
         add_shard(manager, "shard-5", Base, options=MoveOptions(batch_size=8))
     for shard_id in FOUR.shard_ids:
-        dangling = _scalar(
+        dangling = scalar_on(
             manager,
             shard_id,
             "SELECT count(*) FROM notes n WHERE NOT EXISTS"
             " (SELECT 1 FROM customers c WHERE c.customer_id = n.customer_id)",
         )
         assert dangling == 0, f"{shard_id}: {dangling} notes lost their customer"
-    assert sum(_scalar(manager, s, "SELECT count(*) FROM customers") for s in FOUR.shard_ids) == CUSTOMERS
+    assert sum(scalar_on(manager, s, "SELECT count(*) FROM customers") for s in FOUR.shard_ids) == CUSTOMERS
     check_consistent(manager, FOUR, list(FOUR.shard_ids))  # shard-5 holds nothing visible-for-good
 
 
@@ -175,7 +165,7 @@ def test_a_foreign_key_to_another_key_is_checked_on_the_target(
     assert 1 not in trust.source and 1 not in trust.target, (trust.source, trust.target)
     locked, accounts = _locked_on_target(manager, "t_accounts")
     assert accounts > 0 and locked > 0
-    total = sum(_scalar(manager, s, "SELECT count(*) FROM t_entries") for s in ALL)
+    total = sum(scalar_on(manager, s, "SELECT count(*) FROM t_entries") for s in ALL)
     assert total == ACCOUNTS
     for shard_id in ALL:
         with manager.connect(shard_id) as conn:
@@ -196,7 +186,7 @@ def test_an_owner_that_stays_behind_stops_the_move(manager: ShardManager, shard5
     with pytest.raises(Exception, match="foreign key constraint"):
         add_shard(manager, "shard-5", OwnBase, options=MoveOptions(batch_size=8))
     dangling = {
-        s: _scalar(
+        s: scalar_on(
             manager,
             s,
             "SELECT count(*) FROM t_entries e WHERE NOT EXISTS"
@@ -205,8 +195,8 @@ def test_an_owner_that_stays_behind_stops_the_move(manager: ShardManager, shard5
         for s in ALL
     }
     assert dangling == dict.fromkeys(ALL, 0)
-    assert sum(_scalar(manager, s, "SELECT count(*) FROM t_entries") for s in FOUR.shard_ids) == ACCOUNTS
-    assert _scalar(manager, "shard-5", "SELECT count(*) FROM t_entries") == 0
+    assert sum(scalar_on(manager, s, "SELECT count(*) FROM t_entries") for s in FOUR.shard_ids) == ACCOUNTS
+    assert scalar_on(manager, "shard-5", "SELECT count(*) FROM t_entries") == 0
 
 
 def test_a_deferrable_unique_constraint_is_checked_on_the_target(
@@ -232,7 +222,7 @@ def test_a_deferrable_unique_constraint_is_checked_on_the_target(
         add_shard(manager, "shard-5", Base, options=MoveOptions(batch_size=1000))
     assert 1 not in trust.target, trust.target
     for shard_id in ALL:
-        twice = _scalar(
+        twice = scalar_on(
             manager,
             shard_id,
             "SELECT count(*) FROM (SELECT name FROM customers GROUP BY name HAVING count(*) > 1) d",
@@ -260,11 +250,11 @@ def test_a_user_trigger_on_the_source_only_fires_on_every_delete(
         add_shard(manager, "shard-5", Base, options=MoveOptions(batch_size=8))
     assert 1 not in trust.source, trust.source
     assert 1 in trust.target, trust.target  # shard-5 has no user trigger: its COPY may skip them
-    moved = _scalar(manager, "shard-5", "SELECT count(*) FROM order_items")
-    recorded = sum(_scalar(manager, s, "SELECT count(*) FROM item_deletes") for s in FOUR.shard_ids)
+    moved = scalar_on(manager, "shard-5", "SELECT count(*) FROM order_items")
+    recorded = sum(scalar_on(manager, s, "SELECT count(*) FROM item_deletes") for s in FOUR.shard_ids)
     assert moved > 0 and recorded == moved, (moved, recorded)
     for shard_id in FOUR.shard_ids:  # each source recorded exactly the items that left it
-        stale = _scalar(
+        stale = scalar_on(
             manager,
             shard_id,
             "SELECT count(*) FROM item_deletes d JOIN order_items i USING (customer_id, order_id, item_no)",
@@ -310,7 +300,8 @@ def test_a_mover_that_is_not_a_superuser_moves_with_every_check(
     try:
         with ShardManager.from_urls(four, connect_timeout=3) as manager:
             assert (
-                _scalar(manager, "shard-1", "SELECT CAST(current_setting('is_superuser') = 'on' AS int)") == 0
+                scalar_on(manager, "shard-1", "SELECT CAST(current_setting('is_superuser') = 'on' AS int)")
+                == 0
             )
             seed(manager, FOUR, CUSTOMERS, 2, 1)
             install_ring(manager, FOUR)

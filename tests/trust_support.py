@@ -18,7 +18,7 @@ import random
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -32,7 +32,13 @@ from sa_shardkit import HashRing, ShardManager
 from sa_shardkit.errors import StaleRingError
 from sa_shardkit.rebalance import mover as mover_module
 from sa_shardkit.rebalance.trusted_rows import TRUST_SOURCE, TRUST_TARGET
-from tests.rebalance_data import order_id
+from tests.rebalance_data import WorkerThreads, order_id
+
+INSERT_ITEM = text(
+    "INSERT INTO order_items (customer_id, order_id, item_no, sku, quantity, unit_price)"
+    " VALUES (:c, :o, :i, 'SKU-0', 1, 5)"
+)
+"""One order item of sku SKU-0 (the writers' and the tests' insert)."""
 
 MISSING_CUSTOMER = 999_999_999
 """No writer ever creates this customer: an order for it must always be refused."""
@@ -67,7 +73,7 @@ def seeded_expectation(customers: int, orders_each: int, items_each: int) -> Exp
 
 
 @dataclass
-class ExactWriters:
+class ExactWriters(WorkerThreads):
     """Writer threads through ``manager.transaction`` whose committed rows are tracked exactly."""
 
     manager: ShardManager
@@ -79,18 +85,6 @@ class ExactWriters:
     errors: list[str] = field(default_factory=list)
     ops: Counter[str] = field(default_factory=Counter)
     _workers: list[threading.Thread] = field(default_factory=list)
-
-    def start(self) -> None:
-        for i in range(self.threads):
-            worker = threading.Thread(target=self._run, args=(i,), daemon=True)
-            worker.start()
-            self._workers.append(worker)
-
-    def finish(self) -> None:
-        self.stop.set()
-        for worker in self._workers:
-            worker.join(timeout=60)
-        assert not any(w.is_alive() for w in self._workers), "a writer thread hung"
 
     def _owned(self, index: int) -> list[int]:
         with self.lock:
@@ -137,10 +131,7 @@ class ExactWriters:
             )
             for item in range(2):
                 conn.execute(
-                    text(
-                        "INSERT INTO order_items (customer_id, order_id, item_no, sku, quantity, unit_price)"
-                        " VALUES (:c, :o, :i, 'SKU-0', 1, 5)"
-                    ),
+                    INSERT_ITEM,
                     {"c": customer_id, "o": oid, "i": item},
                 )
         with self.lock:
@@ -157,10 +148,7 @@ class ExactWriters:
             item = 1 + max((i for c, o, i in self.expected.items if o == oid), default=-1)
         with self.manager.transaction(customer_id) as conn:
             conn.execute(
-                text(
-                    "INSERT INTO order_items (customer_id, order_id, item_no, sku, quantity, unit_price)"
-                    " VALUES (:c, :o, :i, 'SKU-0', 1, 5)"
-                ),
+                INSERT_ITEM,
                 {"c": customer_id, "o": oid, "i": item},
             )
         with self.lock:
@@ -179,11 +167,8 @@ class ExactWriters:
                 {"c": customer_id, "o": oid},
             )
             conn.execute(
-                text(
-                    "INSERT INTO order_items (customer_id, order_id, item_no, sku, quantity, unit_price)"
-                    " VALUES (:c, :o, 0, 'SKU-0', 1, 5)"
-                ),
-                {"c": customer_id, "o": oid},
+                INSERT_ITEM,
+                {"c": customer_id, "o": oid, "i": 0},
             )
         with self.lock:
             self.expected.customers.add(customer_id)
@@ -372,3 +357,19 @@ class SessionWriters(ExactWriters):
         with self.lock:
             self.expected.delete_customer(customer_id)
         self.ops["delete"] += 1
+
+
+def sql_on(manager: ShardManager, shard_ids: Sequence[str], sql: str) -> None:
+    """Run ``sql`` (one or more statements) and commit on each of ``shard_ids``, directly."""
+    for shard_id in shard_ids:
+        with manager.connect(shard_id) as conn:
+            conn.execute(text(sql))
+            conn.commit()
+
+
+def scalar_on(manager: ShardManager, shard_id: str, sql: str) -> int:
+    """One integer read from ``shard_id`` directly."""
+    with manager.connect(shard_id) as conn:
+        value = conn.execute(text(sql)).scalar_one()
+        conn.rollback()
+    return int(value)
