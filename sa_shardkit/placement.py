@@ -419,6 +419,15 @@ class Placement:
                 self._state = state
         return True
 
+    def _superseded(self, decided: RingState, found: RingState | None) -> bool:
+        """Whether ``found`` (what a shard stores) is newer than ``decided``, the state the caller
+        decides under (adopted too). Not :meth:`_adopt`'s answer: another thread may have adopted
+        ``found`` in between, and the caller must still decide again under it."""
+        if found is None or found.version <= decided.version:
+            return False
+        self._adopt(found)
+        return True
+
     # -- shards the configuration lacks ----------------------------------------------------------
 
     def _require(self, shard_id: str, key: ShardKey, state: RingState) -> str:
@@ -673,7 +682,7 @@ class Placement:
                     shard_id=shard_id,
                 ),
             )
-            if row.state is not None and self._adopt(row.state):
+            if self._superseded(state, row.state):
                 continue  # the shard knows a newer ring: decide again under it
             if move is None:
                 self._require_owner(state, key, shard_id)
@@ -761,7 +770,7 @@ class Placement:
                         read_fence, conn, None, None, lock, installed=state.version > 0, shard_id=shard_id
                     ),
                 )
-                if row.state is not None and self._adopt(row.state):
+                if self._superseded(state, row.state):
                     continue
                 if move is None:
                     owner = state.owner(value)
@@ -775,7 +784,7 @@ class Placement:
                 return  # not cut over; the batch that moves it waits for our commit
             if move[1] == shard_id:
                 row = self._key_share(conn, shard_id)
-                if row.state is not None and self._adopt(row.state):
+                if self._superseded(state, row.state):
                     continue
                 try:
                     if self._value_moved(move[0], table, value, state):
@@ -807,7 +816,7 @@ class Placement:
         state = self._state
         if state.target is None:
             row = self._key_share(conn, shard_id, installed=state.version > 0)
-            if row.state is None or not self._adopt(row.state):
+            if not self._superseded(state, row.state):
                 for item in [*keys, *(v for _, v in values)]:
                     owner = state.owner(item)
                     if owner != shard_id:
@@ -899,7 +908,7 @@ class Placement:
         if self.manager.engine(shard_id).dialect.name != "postgresql":
             return True
         row = self._fence_row(shard_id, None, None, state.version > 0)
-        if row.state is not None and self._adopt(row.state):
+        if self._superseded(state, row.state):
             return False
         return self._state is state
 
