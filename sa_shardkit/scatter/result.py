@@ -28,8 +28,11 @@ class ScatterResult(IteratorResult[Any]):
         sources: Sequence[Result[Any]] | dict[str, Result[Any]] = (),
         shard_ids: Sequence[str] = (),
         shard_errors: Mapping[str, BaseException] | None = None,
+        closes_sources: bool = False,
     ) -> None:
-        super().__init__(metadata, self._closing(rows))
+        # ``closes_sources``: ``rows`` closes (and removes from ``sources``) every source itself
+        # once taken, so no generator needs to wrap each row to close them at the end
+        super().__init__(metadata, rows if closes_sources else self._closing(rows))
         self._sources: dict[Any, Result[Any]] = (
             sources if isinstance(sources, dict) else dict(enumerate(sources))
         )
