@@ -12,6 +12,9 @@ line pays a checkout, ping or BEGIN. Interleaved rounds, best and mean per line:
   four one after another, four as greenlets on one selector (``sa_shardkit.multiplex.Hub``);
 * ``psycopg one`` / ``psycopg 4 in turn`` / ``psycopg 4 on the hub``: the same SQL on the driver's
   cursors, no SQLAlchemy at all.
+
+It ends with the floor this machine sets: the session's one-shard time plus what three more shards'
+bare driver round trips add (``psycopg 4 on the hub`` minus ``psycopg one``), as a ratio to one shard.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import scatter as data  # noqa: E402 - the sibling benchmark's model and loader
 ROUNDS = 300
 
 
-def timed(runs: dict[str, Callable[[], Any]]) -> None:
+def timed(runs: dict[str, Callable[[], Any]]) -> dict[str, float]:
     best = dict.fromkeys(runs, float("inf"))
     total = dict.fromkeys(runs, 0.0)
     for _ in range(ROUNDS):
@@ -48,6 +51,20 @@ def timed(runs: dict[str, Callable[[], Any]]) -> None:
             total[name] += took
     for name in runs:
         print(f"  {name:32s} best {best[name] * 1e3:6.3f} ms   mean {total[name] / ROUNDS * 1e3:6.3f} ms")
+    return best
+
+
+def print_floor(best: dict[str, float]) -> None:
+    """What a scatter with no client work beyond the one-shard query's would reach: the session's
+    one-shard query plus what three more shards' bare round trips add on this machine."""
+    one = best["session one shard"]
+    extra = best["psycopg 4 on the hub"] - best["psycopg one"]
+    print(
+        f"  three more shards' bare round trips add {extra * 1e3:.3f} ms to one shard's"
+        f" {best['psycopg one'] * 1e3:.3f} ms: a scatter with no other client work would be"
+        f" {(one + extra) / one:.2f}x the session's one shard (it is"
+        f" {best['session scatter'] / one:.2f}x)"
+    )
 
 
 def on_hub(tasks: dict[str, Callable[[], Any]]) -> None:
@@ -97,7 +114,7 @@ def main() -> None:
                 "psycopg 4 on the hub": raw_hub,
             }
             for _ in range(2):
-                timed(runs)
+                print_floor(timed(runs))
                 print()
             session.close()
         finally:

@@ -112,8 +112,9 @@ def fence_statement(
 def _fenced(session: Session) -> set[tuple[str, Any]]:
     """(shard, key) pairs fenced in the session's current transaction: a ShardedSession's own set,
     emptied when its transaction ends (``after_transaction_end``); another session's in its info."""
-    fenced: set[tuple[str, Any]] | None = getattr(session, "_fenced_writes", None)
-    if fenced is None:
-        transaction = session.get_transaction()
-        fenced = session.info.setdefault(_FENCED, {}).setdefault(id(transaction), set())
+    own: Callable[[], set[tuple[str, Any]]] | None = getattr(session, "fenced_writes", None)
+    if own is not None:
+        return own()
+    transaction = session.get_transaction()
+    fenced: set[tuple[str, Any]] = session.info.setdefault(_FENCED, {}).setdefault(id(transaction), set())
     return fenced

@@ -38,6 +38,7 @@ from sqlalchemy.ext.horizontal_shard import (
 from sqlalchemy.ext.horizontal_shard import ShardedSession as _StockShardedSession
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction
 from sqlalchemy.orm.base import instance_state
+from sqlalchemy.orm.context import QueryContext
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.schema import Table
 from sqlalchemy.sql.selectable import Select
@@ -131,8 +132,23 @@ _SESSION_HOOKS = {
 
 @functools.lru_cache(maxsize=1024)
 def _identity_option(shard_id: str) -> Any:
-    """The execution options of a directly routed SELECT: its rows' identity token is the shard."""
-    return immutabledict({"identity_token": shard_id})
+    """The execution options of a directly routed SELECT: its rows' identity token is the shard.
+
+    Given as the ORM load options that ``identity_token=`` becomes (what ``Session.get`` passes
+    too), made once per shard: SQLAlchemy then has no option to turn into load options per
+    statement (~10k instructions of a keyed read). The direct path runs only for a statement and
+    session without execution options of their own, so there are none to merge with."""
+    options = _IDENTITY_OPTIONS.get(shard_id)
+    if options is None:
+        if len(_IDENTITY_OPTIONS) >= _MAX_IDENTITY_OPTIONS:
+            _IDENTITY_OPTIONS.clear()
+        load_options = QueryContext.default_load_options + {"_identity_token": shard_id}
+        options = _IDENTITY_OPTIONS[shard_id] = immutabledict({"_sa_orm_load_options": load_options})
+    return options
+
+
+_IDENTITY_OPTIONS: dict[str, Any] = {}
+_MAX_IDENTITY_OPTIONS = 4096
 
 
 class _NoEvents:
@@ -277,10 +293,29 @@ class ShardedSession(_StockShardedSession):
     """
 
     manager: ShardManager | None
-    pinned_shard_id: str | None
-    allow_cross_shard: bool
-    replica_reads: bool
-    scatter: str
+    # Defaults at class level: a session sets an attribute of its own only where it differs (or
+    # once it is used). SQLAlchemy's Session sets 18; with 20 more the instance dict passed the
+    # 30 keys CPython's shared-key dicts hold, and every session paid its growth (~20k instructions,
+    # more than the routing of a keyed read).
+    pinned_shard_id: str | None = None
+    allow_cross_shard: bool = False
+    replica_reads: bool = True
+    scatter: str = "allow"
+    _no_scatter = 0
+    _primary_reads = 0
+    _choose_replica: ReplicaChooser | None = None
+    _affinity: str | None = None  # the shard this transaction works on, for reference reads
+    _written_shards: Mapping[str, str] = EMPTY_DICT  # replaced, never changed in place
+    _planned_shards: Mapping[str, str] = EMPTY_DICT
+    _fenced_writes: set[tuple[str, Any]] | frozenset[tuple[str, Any]] = frozenset()  # see fenced_writes()
+    # the connections the last flush's fence took, and their (outermost) transaction
+    _flush_conns: tuple[SessionTransaction | None, dict[str, Connection]] | None = None
+    _reference_writes: Sequence[tuple[object, str, tuple[Any, ...] | None]] = ()
+    # None: the hook derived from the manager (a bound method, made when read: storing one
+    # would make every session a reference cycle that only the cyclic collector frees)
+    _shard_chooser_hook: Any = None
+    _identity_chooser_hook: Any = None
+    _execute_chooser_hook: Any = None
 
     def __init__(
         self,
@@ -291,6 +326,11 @@ class ShardedSession(_StockShardedSession):
         query_cls: Any = ShardedQuery,
         *,
         manager: ShardManager | None = None,
+        # Session's, named here so that sessionmaker's keywords match parameters by identity
+        # (a keyword left for **kwargs is compared as a string with every parameter name first)
+        bind: Any = None,
+        autoflush: bool = True,
+        expire_on_commit: bool = True,
         shard_id: str | None = None,
         allow_cross_shard: bool = False,
         replica_reads: bool = True,
@@ -298,30 +338,20 @@ class ShardedSession(_StockShardedSession):
         scatter: str = "allow",
         **kwargs: Any,
     ) -> None:
-        if scatter not in SCATTER_MODES:
-            raise ArgumentError(f"scatter must be one of {', '.join(SCATTER_MODES)}, not {scatter!r}")
-        self.scatter = scatter
-        self._no_scatter = 0
+        if scatter != "allow":
+            if scatter not in SCATTER_MODES:
+                raise ArgumentError(f"scatter must be one of {', '.join(SCATTER_MODES)}, not {scatter!r}")
+            self.scatter = scatter
         self.manager = manager
-        self.pinned_shard_id = shard_id
-        self.allow_cross_shard = allow_cross_shard
-        self.replica_reads = replica_reads
-        self._choose_replica = choose_replica
-        self._primary_reads = 0
+        if shard_id is not None:
+            self.pinned_shard_id = shard_id
+        if allow_cross_shard:
+            self.allow_cross_shard = True
+        if not replica_reads:
+            self.replica_reads = False
+        if choose_replica is not None:
+            self._choose_replica = choose_replica
         self._routed_execute = manager is not None and execute_chooser is None
-        self._written_shards: dict[str, str] = {}
-        self._affinity: str | None = None  # the shard this transaction works on, for reference reads
-        self._planned_shards: dict[str, str] = {}
-        self._fenced_writes: set[tuple[str, Any]] = set()  # held in this transaction (flush_fence)
-        # the connections the last flush's fence took, and their (outermost) transaction
-        self._flush_conns: tuple[SessionTransaction | None, dict[str, Connection]] | None = None
-        self._reference_writes: list[tuple[object, str, tuple[Any, ...] | None]] = []
-        self._keyed_reads: list[list[Any] | None] = []  # per running execute: see _execute_internal
-        # None: the hook derived from the manager (a bound method, made when read: storing one
-        # would make every session a reference cycle that only the cyclic collector frees)
-        self._shard_chooser_hook: Any = None
-        self._identity_chooser_hook: Any = None
-        self._execute_chooser_hook: Any = None
         factory = shards is not None and isinstance(shards, BindFactory)
         if factory and manager is None:
             raise ArgumentError("shards=BindFactory(...) needs manager=")
@@ -340,12 +370,20 @@ class ShardedSession(_StockShardedSession):
         elif shard_chooser is None:
             raise ArgumentError("ShardedSession needs shard_chooser (and the other hooks) or manager=")
         if "id_chooser" in kwargs or "query_chooser" in kwargs:  # deprecated stock arguments
+            kwargs.update(bind=bind, autoflush=autoflush, expire_on_commit=expire_on_commit)
             super().__init__(shard_chooser, identity_chooser, execute_chooser, binds, query_cls, **kwargs)  # type: ignore[arg-type]
             event.remove(self, "do_orm_execute", execute_and_instances)  # ours is class-level
         else:
             # the stock constructor minus its per-session event.listen (ours are class-level):
             # registering and removing listeners on every new session costs more than a query does
-            Session.__init__(self, query_cls=query_cls, **kwargs)
+            Session.__init__(
+                self,
+                bind=bind,
+                autoflush=autoflush,
+                expire_on_commit=expire_on_commit,
+                query_cls=query_cls,
+                **kwargs,
+            )
             if identity_chooser is None:
                 raise ArgumentError("identity_chooser or id_chooser is required")
             if execute_chooser is None:
@@ -836,6 +874,15 @@ class ShardedSession(_StockShardedSession):
                 "ShardedSession(allow_cross_shard=True) (not atomic across shards unless twophase=True)"
             )
 
+    def fenced_writes(self) -> set[tuple[str, Any]]:
+        """The (shard, key) pairs whose write fence this transaction holds (``flush_fence``), a set
+        of this session's own from the first fence on (emptied when the transaction ends)."""
+        fenced = self._fenced_writes
+        if type(fenced) is frozenset:
+            fenced = self._fenced_writes = set()
+        assert isinstance(fenced, set)
+        return fenced
+
     def shards_written(self) -> tuple[str, ...]:
         """Shards this session's current transaction has written to (sharded tables only)."""
         return tuple(self._written_shards)
@@ -905,7 +952,7 @@ def _before_flush(session: ShardedSession, flush_context: Any, instances: Any) -
     fence = _plan_flush(session, manager)
     if fence and session.pinned_shard_id is None:
         conns: dict[str, Connection] = {}
-        fence_planned(session, manager, fence, session._fenced_writes, conns)
+        fence_planned(session, manager, fence, session.fenced_writes(), conns)
         if conns:  # the flush's connection_callable answers with these (same transaction)
             root = session._transaction
             while root is not None and root._parent is not None:
@@ -1027,12 +1074,12 @@ def _after_flush_postexec(session: ShardedSession, flush_context: Any) -> None:
     planned = session._planned_shards
     if planned:
         written = session._written_shards
-        for shard, why in planned.items():
-            if shard not in written:
-                written[shard] = why
-        session._planned_shards = {}
+        added = {shard: why for shard, why in planned.items() if shard not in written}
+        if added:
+            session._written_shards = {**written, **added}
+        session._planned_shards = EMPTY_DICT
     if session._reference_writes:
-        writes, session._reference_writes = session._reference_writes, []
+        writes, session._reference_writes = session._reference_writes, ()
         for obj, action, old_pk in writes:
             _replicate_reference(session, obj, action, old_pk)
 
@@ -1048,11 +1095,15 @@ def _after_transaction_end(session: ShardedSession, transaction: SessionTransact
     nothing to forget): what it wrote and fenced, then the features' work."""
     if transaction._parent is not None:  # what .parent returns, without the call
         return
-    session._written_shards = {}
-    session._affinity = None
-    session._flush_conns = None
+    # reset only what the transaction set (a read-only one set none of them)
+    if session._written_shards:
+        session._written_shards = EMPTY_DICT
+    if session._affinity is not None:
+        session._affinity = None
+    if session._flush_conns is not None:
+        session._flush_conns = None
     if session._fenced_writes:
-        session._fenced_writes = set()
+        session._fenced_writes = frozenset()
     for armed, hook in _TRANSACTION_END:
         if armed:
             hook(session, transaction)
