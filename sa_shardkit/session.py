@@ -878,10 +878,11 @@ class ShardedSession(_StockShardedSession):
         """The (shard, key) pairs whose write fence this transaction holds (``flush_fence``), a set
         of this session's own from the first fence on (emptied when the transaction ends)."""
         fenced = self._fenced_writes
-        if type(fenced) is frozenset:
-            fenced = self._fenced_writes = set()
-        assert isinstance(fenced, set)
-        return fenced
+        if isinstance(fenced, set):
+            return fenced
+        own: set[tuple[str, Any]] = set()
+        self._fenced_writes = own
+        return own
 
     def shards_written(self) -> tuple[str, ...]:
         """Shards this session's current transaction has written to (sharded tables only)."""
@@ -1074,8 +1075,9 @@ def _after_flush_postexec(session: ShardedSession, flush_context: Any) -> None:
     planned = session._planned_shards
     if planned:
         written = session._written_shards
-        added = {shard: why for shard, why in planned.items() if shard not in written}
-        if added:
+        if not written:  # the plan's own dict, made for this flush: taken as it is
+            session._written_shards = planned
+        elif added := {shard: why for shard, why in planned.items() if shard not in written}:
             session._written_shards = {**written, **added}
         session._planned_shards = EMPTY_DICT
     if session._reference_writes:
