@@ -242,3 +242,65 @@ def test_frozen_shard_is_reported_missing_within_the_connect_timeout(
         assert ids == [c for c in range(1, N + 1) if manager.shard_for(c) != "shard-3"]
     finally:
         pg_fleet.server(2).resume()
+
+
+def test_a_lean_scatter_the_merge_cannot_use_runs_again_with_the_sort_columns(
+    manager: ShardManager, filled: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The safety net behind the lean plan's pre-check: a joined eager load the check missed (made
+    to miss here) is found after the round trip, and the scatter runs again with the hidden sort
+    columns: the right entities, in the right order, and the statements say so."""
+    import sa_shardkit.scatter.session as scatter_session
+
+    monkeypatch.setattr(scatter_session._ScatterRun, "_lean_applies", lambda self: True)
+    sent: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(statement)
+
+    for shard_id in manager.shard_ids:
+        event.listen(manager.engine(shard_id), "before_cursor_execute", record)
+    try:
+        with filled() as session:
+            stmt = (
+                select(Customer)
+                .options(joinedload(Customer.orders))
+                .order_by(Customer.customer_id.desc())
+                .limit(4)
+            )
+            customers = session.scalars(stmt).unique().all()
+            assert [c.customer_id for c in customers] == [16, 15, 14, 13]
+            assert all(len(c.orders) == 2 for c in customers)
+    finally:
+        for shard_id in manager.shard_ids:
+            event.remove(manager.engine(shard_id), "before_cursor_execute", record)
+    selects = [s for s in sent if "FROM" in s and "customers" in s]
+    lean = [s for s in selects if "_shardkit_o" not in s]
+    assert len(lean) == 4 and len(selects) == 8  # the lean try on each shard, then the full one
+
+
+def test_limit_scatter_of_an_entity_sends_no_hidden_sort_columns(
+    manager: ShardManager, filled: sessionmaker[Session]
+) -> None:
+    sent: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(statement)
+
+    for shard_id in manager.shard_ids:
+        event.listen(manager.engine(shard_id), "before_cursor_execute", record)
+    try:
+        with filled() as session:
+            stmt = select(Order).order_by(Order.created_at.desc(), Order.order_id).offset(1).limit(5)
+            rows = session.scalars(stmt).all()
+            joined = session.scalars(stmt.options(joinedload(Order.customer))).all()
+    finally:
+        for shard_id in manager.shard_ids:
+            event.remove(manager.engine(shard_id), "before_cursor_execute", record)
+    every = sorted(all_orders(manager), key=lambda r: (-r[4].timestamp(), r[1]))
+    assert [(o.customer_id, o.order_id) for o in rows] == [(r[0], r[1]) for r in every[1:6]]
+    assert joined == rows  # with a loader option: the hidden columns, the same answer
+    selects = [s for s in sent if "FROM orders" in s]
+    assert len(selects) == 8
+    assert not any("_shardkit_o" in s for s in selects[:4])
+    assert all("_shardkit_o" in s for s in selects[4:])

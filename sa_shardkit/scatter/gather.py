@@ -30,11 +30,13 @@ def gather(
     *,
     with_shard_id: bool = False,
     sequence: Sequence[str] | None = None,
+    lean: bool = False,
 ) -> ScatterResult:
     """Merge ``results`` (one per shard that answered) according to ``plan`` (``None``: concatenate).
 
     ``sequence``: the merge already done on the raw rows (:func:`.prefix.trim_to_merged_prefix`),
     the shard of each merged row in order; the loaded rows are then taken in that order.
+    ``lean``: the shards ran the plan's statement without hidden columns (needs ``sequence``).
     """
     answered = [s for s in shard_ids if s in results]
     sources = [results[s] for s in answered]
@@ -50,7 +52,8 @@ def gather(
         metadata = visible_metadata(first, len(first.keys()) - plan.visible)
         rows: Any = merge_groups(plan, streams)
     else:
-        hidden = plan.hidden if isinstance(plan, RowPlan) else 0
+        hidden = plan.hidden if isinstance(plan, RowPlan) and not lean else 0
+        assert not lean or sequence is not None, "a lean scatter's rows are merged on the raw rows"
         metadata = visible_metadata(first, hidden)
         by_shard = dict(zip(answered, streams, strict=True))
         if (

@@ -35,6 +35,7 @@ from sqlalchemy.sql.elements import (
     _label_reference,
     _textual_label_reference,
 )
+from sqlalchemy.sql.schema import Column
 from sqlalchemy.sql.selectable import (
     AliasedReturnsRows,
     CompoundSelect,
@@ -75,6 +76,13 @@ class RowPlan:
     limit: int | None
     offset: int
     distinct: bool
+    lean: Select[Any] | None = None
+    """The shard statement without the hidden columns, when every ORDER BY term is a table column
+    the statement selects (``lean_columns``) and a LIMIT applies: the merge on the raw rows
+    (:func:`.prefix.trim_to_merged_prefix`) then reads the sort keys where the rows hold them
+    already, and each shard sends, parses and loads fewer columns (:mod:`.session` decides)."""
+    lean_columns: tuple[ColumnElement[Any], ...] = ()
+    """The ORDER BY terms' table columns (not annotated), in ORDER BY order, for ``lean``."""
 
 
 @dataclass(frozen=True)
@@ -195,11 +203,43 @@ def _row_plan(statement: Select[Any], terms: list[OrderTerm]) -> RowPlan:
     shard_statement = statement
     if hidden:
         shard_statement = shard_statement.add_columns(*hidden)
+    lean: Select[Any] | None = None
+    lean_columns = _selected_table_columns(statement, terms) if limit is not None else None
     if limit is not None:
         shard_statement = shard_statement.limit(limit + offset)
+        if lean_columns is not None and not statement._distinct:
+            lean = statement.limit(limit + offset)
     if offset:
         shard_statement = shard_statement.offset(None)
-    return RowPlan(shard_statement, len(hidden), order, limit, offset, bool(statement._distinct))
+        lean = lean.offset(None) if lean is not None else None
+    return RowPlan(
+        shard_statement,
+        len(hidden),
+        order,
+        limit,
+        offset,
+        bool(statement._distinct),
+        lean,
+        lean_columns if lean is not None and lean_columns is not None else (),
+    )
+
+
+def _selected_table_columns(statement: Select[Any], terms: list[OrderTerm]) -> tuple[Column[Any], ...] | None:
+    """The ORDER BY terms as the table columns they are, when each is one the statement selects
+    (an ORM entity's columns count); None when any term is anything else (an expression, a label,
+    an aliased entity's column, a column not selected)."""
+    if not terms:
+        return None
+    columns = []
+    for term in terms:
+        expression = unlabel(term.expression)
+        if not isinstance(expression, Column):
+            return None
+        columns.append(expression._deannotate())
+    selected = {id(unlabel(c)._deannotate()) for c in statement.selected_columns}
+    if not all(id(column) in selected for column in columns):
+        return None
+    return tuple(columns)  # type: ignore[arg-type]
 
 
 @dataclass

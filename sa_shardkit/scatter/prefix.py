@@ -12,10 +12,11 @@ from __future__ import annotations
 import datetime as dt
 import heapq
 import uuid
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from itertools import chain, repeat
-from operator import add, itemgetter, le
+from operator import add, is_, itemgetter, le
 from typing import Any
 
 from sqlalchemy.engine import CursorResult
@@ -26,12 +27,14 @@ from .plan import HIDDEN_PREFIX, RowPlan
 
 
 def trim_to_merged_prefix(
-    plan: RowPlan, results: Mapping[str, Any], shard_order: Sequence[str]
+    plan: RowPlan, results: Mapping[str, Any], shard_order: Sequence[str], *, lean: bool = False
 ) -> list[str] | None:
     """Cut each shard's buffered rows to the part the merged LIMIT uses.
 
     Returns the merge's answer: the shard of each of the ``offset + limit`` merged rows, in order
     (so the rows need not be merged again once loaded); ``None`` when not applicable.
+    ``lean``: the shards ran ``plan.lean`` (no hidden columns): the sort keys are read from the
+    selected columns ``plan.lean_columns`` (None when a row does not hold one of them).
     """
     if plan.limit is None or not plan.order or plan.distinct:
         return None
@@ -42,9 +45,16 @@ def trim_to_merged_prefix(
         result = results[shard]
         if not isinstance(result, CursorResult) or result.context._is_server_side:
             return None
-        compile_state = getattr(result.context.compiled, "compile_state", None)
+        compiled = result.context.compiled
+        compile_state = getattr(compiled, "compile_state", None)
         if compile_state is None or getattr(compile_state, "eager_joins", None):
             return None
+        if lean:
+            found = lean_positions(compiled, plan.lean_columns)
+            if found is None:
+                return None
+            positions[shard] = found
+            continue
         keys = list(result.keys())
         if not all(name in keys for name in names):
             return None
@@ -64,6 +74,47 @@ def trim_to_merged_prefix(
             result.cursor, initial_buffer=rows[shard].taken(used[shard])
         )
     return sequence
+
+
+def lean_positions(compiled: Any, columns: Sequence[Any]) -> list[int] | None:
+    """Where each of ``columns`` (table columns, not annotated) sits in the rows of ``compiled``
+    (its result columns, as SQLAlchemy matches them); None when one is not there. Kept per
+    compiled statement, which SQLAlchemy caches and reuses for every execution of its shape."""
+    try:
+        known = _lean_positions[compiled]
+    except (KeyError, TypeError):
+        known = None
+    if known is not None and len(known[0]) == len(columns) and all(map(is_, known[0], columns)):
+        return known[1]
+    found: list[int] | None = []
+    entries = getattr(compiled, "_result_columns", None) or []
+    for column in columns:
+        index = next(
+            (
+                i
+                for i, entry in enumerate(entries)
+                if any(
+                    getattr(o, "_deannotate", None) is not None and o._deannotate() is column
+                    for o in entry[2]
+                )
+            ),
+            None,
+        )
+        if index is None:
+            found = None
+            break
+        assert found is not None
+        found.append(index)
+    try:
+        _lean_positions[compiled] = (tuple(columns), found)
+    except TypeError:  # not weak-referenceable
+        pass
+    return found
+
+
+_lean_positions: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], list[int] | None]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class _Rows:

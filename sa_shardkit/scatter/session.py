@@ -116,6 +116,10 @@ class _ScatterRun:
         self.statement = orm_context.statement if plan is None else plan.statement
         self.all_shard_ids = shard_ids
         self.binds: dict[str, Any] | None = None
+        self.lean = False
+        """Whether the shards run ``plan.lean`` (the sort keys read from the selected columns)."""
+        self.lean_refused = False
+        """The merge could not use the lean statement's rows: this scatter runs the full one."""
         self.sequence: list[str] | None = None
         """The shard of each merged row, when the merge ran on the raw rows already."""
         self.unlisted = _unlisted(self.session, shard_ids)
@@ -164,7 +168,9 @@ class _ScatterRun:
         raise_for_errors(
             errors, allow_partial=self.allow_partial, any_result=bool(results), describe=self._describe
         )
-        merged = gather(self.plan, results, self.all_shard_ids, errors, sequence=self.sequence)
+        merged = gather(
+            self.plan, results, self.all_shard_ids, errors, sequence=self.sequence, lean=self.lean
+        )
         self._restore_result_attributes(merged, results)
         yield_per = self.context.execution_options.get("yield_per")
         return merged.yield_per(yield_per) if yield_per else merged
@@ -175,6 +181,14 @@ class _ScatterRun:
         if self.compile_state_cls is None:
             self.session._autoflush()
         queued = self._beyond_budget()
+        if (
+            not queued
+            and not self.lean_refused
+            and isinstance(self.plan, RowPlan)
+            and self.plan.lean is not None
+            and self._lean_applies()
+        ):
+            self.lean, self.statement = True, self.plan.lean
         if not queued:
             errors.update(self._probe_unheld())
         for position, shard_id in enumerate(self.shard_ids):
@@ -196,7 +210,15 @@ class _ScatterRun:
             outcome = fan_out(tasks)
         errors.update(outcome.errors)
         if self.compile_state_cls is not None and isinstance(self.plan, RowPlan) and not queued:
-            self.sequence = trim_to_merged_prefix(self.plan, outcome.results, self.shard_ids)
+            self.sequence = trim_to_merged_prefix(self.plan, outcome.results, self.shard_ids, lean=self.lean)
+            if self.lean and (self.sequence is None or any(r._unique_filter_state for r in loaded.values())):
+                # the merge needs the hidden sort columns after all (a streaming connection, a
+                # joined eager load the statement did not show): run again with them
+                for result in (*loaded.values(), *outcome.results.values()):
+                    result.close()
+                self.lean, self.lean_refused, self.sequence = False, True, None
+                self.statement = self.plan.statement
+                return self.run()
         results = {
             s: loaded[s] if s in loaded else self._load(s, prepared[s], r) for s, r in outcome.results.items()
         }
@@ -205,6 +227,28 @@ class _ScatterRun:
             results.update(loaded)
             errors.update(failed)
         return self._merge({s: results[s] for s in self.shard_ids if s in results}, errors)
+
+    def _lean_applies(self) -> bool:
+        """Whether the shards may run ``plan.lean``: an ORM SELECT whose merge will run on the raw
+        rows (LIMIT, the psycopg engines' hub, no streaming, no loader options, no joined eager
+        load configured on a selected mapper). Whatever this misses, :meth:`run` finds out after
+        the round trip and runs the statement again with the hidden columns."""
+        plan = self.plan
+        if not isinstance(plan, RowPlan) or plan.lean is None or self.compile_state_cls is None:
+            return False
+        statement = self.context.statement
+        if statement._with_options or not self._hub_ready():
+            return False
+        options = self.context.execution_options
+        if options.get("yield_per") or options.get("stream_results"):
+            return False
+        return not any(_joins_eagerly(d.get("entity")) for d in _descriptions(statement))
+
+    def _hub_ready(self) -> bool:
+        """Whether the shards' connections will be waited for on the hub (every engine cooperative)."""
+        if in_greenlet() or current_hub() is not None:
+            return False
+        return all(is_cooperative(bind) for bind in self._binds().values())
 
     def _on_hub(
         self, shard_id: str, connection: Connection, prepared: Prepared, loaded: dict[str, Result[Any]]
@@ -324,7 +368,7 @@ class _ScatterRun:
         if not results:
             return
         attributes = next(iter(results.values()))._attributes
-        if isinstance(self.plan, RowPlan) and self.plan.hidden:
+        if isinstance(self.plan, RowPlan) and self.plan.hidden and not self.lean:
             attributes = attributes.union({"is_single_entity": _is_single_entity(self.context)})
         merged._attributes = attributes
 
@@ -354,6 +398,37 @@ def _cooperative(held: Iterable[tuple[Prepared, Connection]]) -> bool:
 
 def _execute(connection: Connection, statement: Any, options: Any, params: Any) -> Result[Any]:
     return connection.execute(statement, params or {}, execution_options=options)
+
+
+def _descriptions(statement: Any) -> list[dict[str, Any]]:
+    """The statement's column descriptions, once per statement object (~30 us a call)."""
+    try:
+        return _column_descriptions[statement]
+    except (KeyError, TypeError):
+        pass
+    descriptions: list[dict[str, Any]] = list(getattr(statement, "column_descriptions", []))
+    try:
+        _column_descriptions[statement] = descriptions
+    except TypeError:
+        pass
+    return descriptions
+
+
+_column_descriptions: weakref.WeakKeyDictionary[Any, list[dict[str, Any]]] = weakref.WeakKeyDictionary()
+
+
+def _joins_eagerly(entity: Any) -> bool:
+    """Whether loading ``entity`` (a mapped class or alias, else None) joins a relationship eagerly
+    by its configuration (``lazy="joined"``), in its mapper or a mapper it inherits or loads."""
+    insp = inspect(entity, raiseerr=False) if entity is not None else None
+    mapper = getattr(insp, "mapper", None)
+    if mapper is None:
+        return False
+    return any(
+        r.lazy == "joined"
+        for m in (*mapper.iterate_to_root(), *mapper.self_and_descendants)
+        for r in m.relationships
+    )
 
 
 def _is_single_entity(orm_context: ORMExecuteState) -> bool:
