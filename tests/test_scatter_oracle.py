@@ -16,13 +16,14 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import create_engine, event, func, inspect, select
+from sqlalchemy import create_engine, func, inspect, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase
 
 from sa_shardkit import ShardManager
 from tests.fleet import TestFleet
 from tests.scatter_data import load, orders, random_orders
+from tests.session_support import SqlLog
 
 o = orders.c
 COLUMNS = {
@@ -95,6 +96,20 @@ def oracle_rows(oracle: Engine, statement: Any) -> list[tuple[Any, ...]]:
         return [tuple(r) for r in conn.execute(statement)]
 
 
+def assert_same_rows(
+    sharded: list[tuple[Any, ...]], expected: list[tuple[Any, ...]], terms: list[Any], tiebreak: bool
+) -> None:
+    """Exactly the oracle's rows when the ORDER BY fixes the order; else the same sort keys in order."""
+    names = list(COLUMNS)
+    if tiebreak:
+        assert sharded == expected
+    elif terms:
+        positions = [names.index(t[0]) for t in terms]
+        assert [[r[i] for i in positions] for r in sharded] == [[r[i] for i in positions] for r in expected]
+    else:
+        assert len(sharded) == len(expected)
+
+
 order_terms = st.lists(
     st.tuples(st.sampled_from(SORTABLE), st.booleans(), st.sampled_from([None, "first", "last"])),
     max_size=3,
@@ -140,14 +155,7 @@ def test_row_queries_match_the_oracle(
     statement = statement.limit(limit).offset(offset)
     sharded = sharded_rows(manager, via, statement)
     expected = oracle_rows(oracle, statement)
-    names = list(COLUMNS)
-    if tiebreak:
-        assert sharded == expected
-    elif terms:
-        positions = [names.index(t[0]) for t in terms]
-        assert [[r[i] for i in positions] for r in sharded] == [[r[i] for i in positions] for r in expected]
-    else:
-        assert len(sharded) == len(expected)
+    assert_same_rows(sharded, expected, terms, tiebreak)
     if limit is None and not offset:
         assert Counter(sharded) == Counter(expected)
 
@@ -230,22 +238,6 @@ class OrderRow(_Base):
     __table__ = orders
 
 
-def _sent_sql(manager: ShardManager) -> Iterator[list[str]]:
-    statements: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        statements.append(statement)
-
-    engines = [manager.engine(s) for s in manager.shard_ids]
-    for engine in engines:
-        event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield statements
-    finally:
-        for engine in engines:
-            event.remove(engine, "before_cursor_execute", record)
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     where=st.sampled_from(FILTERS),
@@ -277,26 +269,17 @@ def test_orm_entity_limit_queries_read_sort_keys_from_the_entity_and_match_the_o
         statement = statement.order_by(OrderRow.customer_id, OrderRow.order_id)
         core = core.order_by(o.customer_id, o.order_id)
     statement, core = statement.limit(limit).offset(offset), core.limit(limit).offset(offset)
-    recorder = _sent_sql(manager)
-    sent = next(recorder)
+    log = SqlLog(manager)
     try:
         with manager.sessionmaker()() as session:
             found = session.scalars(statement).all()
             sharded = [tuple(getattr(row, name) for name in COLUMNS) for row in found]
             tokens = {inspect(row).identity_token for row in found}
     finally:
-        next(recorder, None)
-    expected = oracle_rows(oracle, core)
-    names = list(COLUMNS)
-    if tiebreak:
-        assert sharded == expected
-    elif terms:
-        positions = [names.index(t[0]) for t in terms]
-        assert [[r[i] for i in positions] for r in sharded] == [[r[i] for i in positions] for r in expected]
-    else:
-        assert len(sharded) == len(expected)
+        log.close()
+    assert_same_rows(sharded, oracle_rows(oracle, core), terms, tiebreak)
     assert tokens <= set(manager.shard_ids)
-    selects = [s for s in sent if "FROM orders" in s]
+    selects = [sql for _, sql in log.statements if "FROM orders" in sql]
     assert len(selects) == 4  # one statement per shard: the lean one was enough
     if terms or tiebreak:
         assert not any("_shardkit_o" in s for s in selects)  # no hidden sort columns sent

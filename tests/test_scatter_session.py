@@ -16,7 +16,7 @@ from sa_shardkit import ShardManager, errors
 from sa_shardkit.demo.models import Customer, Order
 from sa_shardkit.scatter import ScatterResult
 from tests.fleet import TestFleet
-from tests.session_support import create_schema
+from tests.session_support import SqlLog, create_schema
 
 N = 16
 START = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
@@ -113,17 +113,19 @@ def test_legacy_query_returns_entities_in_global_order(filled: sessionmaker[Sess
         assert session.query(Order).count() == 2 * N
 
 
+def assert_top_customers_with_orders(session: Session) -> None:
+    """A joined eager load under a global LIMIT: the four highest customers, each with both orders."""
+    stmt = (
+        select(Customer).options(joinedload(Customer.orders)).order_by(Customer.customer_id.desc()).limit(4)
+    )
+    customers = session.scalars(stmt).unique().all()
+    assert [c.customer_id for c in customers] == [16, 15, 14, 13]
+    assert all(len(c.orders) == 2 for c in customers)
+
+
 def test_joined_eager_load_with_global_limit(filled: sessionmaker[Session]) -> None:
     with filled() as session:
-        stmt = (
-            select(Customer)
-            .options(joinedload(Customer.orders))
-            .order_by(Customer.customer_id.desc())
-            .limit(4)
-        )
-        customers = session.scalars(stmt).unique().all()
-        assert [c.customer_id for c in customers] == [16, 15, 14, 13]
-        assert all(len(c.orders) == 2 for c in customers)
+        assert_top_customers_with_orders(session)
 
 
 def test_scatter_sees_the_sessions_own_uncommitted_rows(
@@ -253,54 +255,32 @@ def test_a_lean_scatter_the_merge_cannot_use_runs_again_with_the_sort_columns(
     import sa_shardkit.scatter.session as scatter_session
 
     monkeypatch.setattr(scatter_session._ScatterRun, "_lean_applies", lambda self: True)
-    sent: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        sent.append(statement)
-
-    for shard_id in manager.shard_ids:
-        event.listen(manager.engine(shard_id), "before_cursor_execute", record)
+    log = SqlLog(manager)
     try:
         with filled() as session:
-            stmt = (
-                select(Customer)
-                .options(joinedload(Customer.orders))
-                .order_by(Customer.customer_id.desc())
-                .limit(4)
-            )
-            customers = session.scalars(stmt).unique().all()
-            assert [c.customer_id for c in customers] == [16, 15, 14, 13]
-            assert all(len(c.orders) == 2 for c in customers)
+            assert_top_customers_with_orders(session)
     finally:
-        for shard_id in manager.shard_ids:
-            event.remove(manager.engine(shard_id), "before_cursor_execute", record)
-    selects = [s for s in sent if "FROM" in s and "customers" in s]
-    lean = [s for s in selects if "_shardkit_o" not in s]
+        log.close()
+    selects = [sql for _, sql in log.statements if "FROM" in sql and "customers" in sql]
+    lean = [sql for sql in selects if "_shardkit_o" not in sql]
     assert len(lean) == 4 and len(selects) == 8  # the lean try on each shard, then the full one
 
 
 def test_limit_scatter_of_an_entity_sends_no_hidden_sort_columns(
     manager: ShardManager, filled: sessionmaker[Session]
 ) -> None:
-    sent: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        sent.append(statement)
-
-    for shard_id in manager.shard_ids:
-        event.listen(manager.engine(shard_id), "before_cursor_execute", record)
+    log = SqlLog(manager)
     try:
         with filled() as session:
             stmt = select(Order).order_by(Order.created_at.desc(), Order.order_id).offset(1).limit(5)
             rows = session.scalars(stmt).all()
             joined = session.scalars(stmt.options(joinedload(Order.customer))).all()
     finally:
-        for shard_id in manager.shard_ids:
-            event.remove(manager.engine(shard_id), "before_cursor_execute", record)
+        log.close()
     every = sorted(all_orders(manager), key=lambda r: (-r[4].timestamp(), r[1]))
     assert [(o.customer_id, o.order_id) for o in rows] == [(r[0], r[1]) for r in every[1:6]]
     assert joined == rows  # with a loader option: the hidden columns, the same answer
-    selects = [s for s in sent if "FROM orders" in s]
+    selects = [sql for _, sql in log.statements if "FROM orders" in sql]
     assert len(selects) == 8
-    assert not any("_shardkit_o" in s for s in selects[:4])
-    assert all("_shardkit_o" in s for s in selects[4:])
+    assert not any("_shardkit_o" in sql for sql in selects[:4])
+    assert all("_shardkit_o" in sql for sql in selects[4:])
