@@ -284,3 +284,31 @@ def test_limit_scatter_of_an_entity_sends_no_hidden_sort_columns(
     assert len(selects) == 8
     assert not any("_shardkit_o" in sql for sql in selects[:4])
     assert all("_shardkit_o" in sql for sql in selects[4:])
+
+
+def test_a_deferred_sort_column_keeps_the_hidden_columns_and_one_statement_per_shard(
+    manager: ShardManager, filled: sessionmaker[Session]
+) -> None:
+    """A lean statement would leave a deferred ORDER BY column out of the rows: the plan's full
+    statement runs at once (never a lean try and a second round trip), and the answer is right."""
+    from sqlalchemy.orm import DeclarativeBase, deferred
+
+    class _Base(DeclarativeBase):
+        pass
+
+    class LazyOrder(_Base):
+        __table__ = Order.__table__
+        created_at = deferred(Order.__table__.c.created_at)
+
+    log = SqlLog(manager)
+    try:
+        with filled() as session:
+            rows = session.scalars(
+                select(LazyOrder).order_by(LazyOrder.created_at, LazyOrder.order_id).limit(3)
+            ).all()
+    finally:
+        log.close()
+    every = sorted(all_orders(manager), key=lambda r: (r[4], r[1]))
+    assert [(o.customer_id, o.order_id) for o in rows] == [(r[0], r[1]) for r in every[:3]]
+    selects = [sql for _, sql in log.statements if "FROM orders" in sql]
+    assert len(selects) == 4 and all("_shardkit_o" in sql for sql in selects)

@@ -27,6 +27,7 @@ step moved to the worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import queue
 import threading
@@ -216,6 +217,8 @@ class _ScatterRun:
                 # joined eager load the statement did not show): run again with them
                 for result in (*loaded.values(), *outcome.results.values()):
                     result.close()
+                with contextlib.suppress(TypeError):  # this statement object: not lean again
+                    _lean_refused[self.plan.lean] = True
                 self.lean, self.lean_refused, self.sequence = False, True, None
                 self.statement = self.plan.statement
                 return self.run()
@@ -240,9 +243,13 @@ class _ScatterRun:
         if statement._with_options or not self._hub_ready():
             return False
         options = self.context.execution_options
-        if options.get("yield_per") or options.get("stream_results"):
+        if options.get("yield_per") or options.get("stream_results") or plan.lean in _lean_refused:
             return False
-        return not any(_joins_eagerly(d.get("entity")) for d in _descriptions(statement))
+        for description in _descriptions(statement):
+            mapper = _mapper_of(description.get("entity"))
+            if mapper is not None and not _loads_lean(mapper, plan.lean_columns):
+                return False
+        return True
 
     def _hub_ready(self) -> bool:
         """Whether the shards' connections will be waited for on the hub (every engine cooperative)."""
@@ -417,18 +424,38 @@ def _descriptions(statement: Any) -> list[dict[str, Any]]:
 _column_descriptions: weakref.WeakKeyDictionary[Any, list[dict[str, Any]]] = weakref.WeakKeyDictionary()
 
 
-def _joins_eagerly(entity: Any) -> bool:
-    """Whether loading ``entity`` (a mapped class or alias, else None) joins a relationship eagerly
-    by its configuration (``lazy="joined"``), in its mapper or a mapper it inherits or loads."""
+_lean_refused: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+"""Lean statements whose rows the merge could not use once: their plan's statement runs instead."""
+
+
+def _mapper_of(entity: Any) -> Any:
     insp = inspect(entity, raiseerr=False) if entity is not None else None
-    mapper = getattr(insp, "mapper", None)
-    if mapper is None:
+    return getattr(insp, "mapper", None)
+
+
+def _loads_lean(mapper: Any, columns: tuple[Any, ...]) -> bool:
+    """Whether loading ``mapper``'s entities keeps its rows 1:1 and holding ``columns``: no
+    relationship configured ``lazy="joined"`` (in the mapper, what it inherits, its subclasses) and
+    none of ``columns`` deferred. Kept per mapper and columns (a configuration, not a statement)."""
+    if not mapper.configured:  # its relationships may not all be there yet: not lean this time
         return False
-    return any(
-        r.lazy == "joined"
-        for m in (*mapper.iterate_to_root(), *mapper.self_and_descendants)
-        for r in m.relationships
-    )
+    known = _lean_mappers.setdefault(mapper, {})
+    key = tuple(map(id, columns))
+    answer = known.get(key)
+    if answer is None:
+        mappers = (*mapper.iterate_to_root(), *mapper.self_and_descendants)
+        eager = any(r.lazy == "joined" for m in mappers for r in m.relationships)
+        wanted = set(key)
+        deferred = any(
+            getattr(prop, "deferred", False) and any(id(c) in wanted for c in getattr(prop, "columns", ()))
+            for m in mappers
+            for prop in m.column_attrs
+        )
+        answer = known[key] = not eager and not deferred
+    return answer
+
+
+_lean_mappers: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], bool]] = weakref.WeakKeyDictionary()
 
 
 def _is_single_entity(orm_context: ORMExecuteState) -> bool:
