@@ -10,6 +10,7 @@ fleet must be consistent.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from sqlalchemy import text
@@ -24,11 +25,24 @@ FOUR = HashRing(["shard-1", "shard-2", "shard-3", "shard-4"])
 FIVE = FOUR.add_shard("shard-5")
 ALL = [*FOUR.shard_ids, "shard-5"]
 
-TERMINATE = (
-    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database()"
+TERMINATE = (  # the victims chosen first (MATERIALIZED), then each one terminated
+    "WITH victims AS MATERIALIZED (SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
     " AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND state = 'idle'"
-    " AND pid NOT IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory')"
+    " AND pid NOT IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory'))"
+    " SELECT coalesce(array_agg(pid), '{}') FROM victims WHERE pg_terminate_backend(pid)"
 )
+GONE = "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:pids)"
+
+
+def _wait_gone(conn: Any, pids: list[int]) -> None:
+    """Until the terminated backends have exited: pg_terminate_backend only signals them, and a
+    backend leaves pg_stat_activity after it sent its client the FATAL message (so the kept
+    connection was closed by the server while idle, as the test means, not while in use)."""
+    deadline = time.monotonic() + 10
+    while conn.execute(text(GONE), {"pids": pids}).scalar_one():
+        conn.rollback()
+        assert time.monotonic() < deadline, f"backends {pids} still there 10 s after pg_terminate_backend"
+        time.sleep(0.01)
 
 
 def test_a_move_survives_the_server_closing_its_kept_connections(
@@ -47,8 +61,10 @@ def test_a_move_survives_the_server_closing_its_kept_connections(
         with ShardManager.from_urls({s: manager.config(s).primary_url for s in ALL}) as admin:
             for shard_id in ALL:
                 with admin.connect(shard_id) as conn:
-                    killed.append(int(conn.execute(text(TERMINATE)).scalar_one()))
+                    pids = list(conn.execute(text(TERMINATE)).scalar_one())
                     conn.commit()
+                    _wait_gone(conn, pids)
+                    killed.append(len(pids))
 
     add_shard(manager, "shard-5", Base, options=MoveOptions(batch_size=8), progress=terminate_once)
     assert done.is_set() and sum(killed) > 0
