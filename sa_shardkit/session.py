@@ -138,17 +138,8 @@ def _identity_option(shard_id: str) -> Any:
     too), made once per shard: SQLAlchemy then has no option to turn into load options per
     statement (~10k instructions of a keyed read). The direct path runs only for a statement and
     session without execution options of their own, so there are none to merge with."""
-    options = _IDENTITY_OPTIONS.get(shard_id)
-    if options is None:
-        if len(_IDENTITY_OPTIONS) >= _MAX_IDENTITY_OPTIONS:
-            _IDENTITY_OPTIONS.clear()
-        load_options = QueryContext.default_load_options + {"_identity_token": shard_id}
-        options = _IDENTITY_OPTIONS[shard_id] = immutabledict({"_sa_orm_load_options": load_options})
-    return options
-
-
-_IDENTITY_OPTIONS: dict[str, Any] = {}
-_MAX_IDENTITY_OPTIONS = 4096
+    load_options = QueryContext.default_load_options + {"_identity_token": shard_id}
+    return immutabledict({"_sa_orm_load_options": load_options})
 
 
 class _NoEvents:
