@@ -254,7 +254,7 @@ def test_a_lean_scatter_the_merge_cannot_use_runs_again_with_the_sort_columns(
     columns: the right entities, in the right order, and the statements say so."""
     import sa_shardkit.scatter.session as scatter_session
 
-    monkeypatch.setattr(scatter_session._ScatterRun, "_lean_applies", lambda self: True)
+    monkeypatch.setattr(scatter_session._ScatterRun, "_lean_statement", lambda self: self.plan.lean)
     log = SqlLog(manager)
     try:
         with filled() as session:

@@ -182,14 +182,9 @@ class _ScatterRun:
         if self.compile_state_cls is None:
             self.session._autoflush()
         queued = self._beyond_budget()
-        if (
-            not queued
-            and not self.lean_refused
-            and isinstance(self.plan, RowPlan)
-            and self.plan.lean is not None
-            and self._lean_applies()
-        ):
-            self.lean, self.statement = True, self.plan.lean
+        lean = None if queued or self.lean_refused else self._lean_statement()
+        if lean is not None:
+            self.lean, self.statement = True, lean
         if not queued:
             errors.update(self._probe_unheld())
         for position, shard_id in enumerate(self.shard_ids):
@@ -231,25 +226,26 @@ class _ScatterRun:
             errors.update(failed)
         return self._merge({s: results[s] for s in self.shard_ids if s in results}, errors)
 
-    def _lean_applies(self) -> bool:
-        """Whether the shards may run ``plan.lean``: an ORM SELECT whose merge will run on the raw
+    def _lean_statement(self) -> Select[Any] | None:
+        """``plan.lean`` when the shards may run it: an ORM SELECT whose merge will run on the raw
         rows (LIMIT, the psycopg engines' hub, no streaming, no loader options, no joined eager
-        load configured on a selected mapper). Whatever this misses, :meth:`run` finds out after
-        the round trip and runs the statement again with the hidden columns."""
+        load or deferred sort column configured on a selected mapper); else None. Whatever this
+        misses, :meth:`run` finds out after the round trip and runs the statement again with the
+        hidden columns."""
         plan = self.plan
         if not isinstance(plan, RowPlan) or plan.lean is None or self.compile_state_cls is None:
-            return False
+            return None
         statement = self.context.statement
         if statement._with_options or not self._hub_ready():
-            return False
+            return None
         options = self.context.execution_options
         if options.get("yield_per") or options.get("stream_results") or plan.lean in _lean_refused:
-            return False
+            return None
         for description in _descriptions(statement):
             mapper = _mapper_of(description.get("entity"))
             if mapper is not None and not _loads_lean(mapper, plan.lean_columns):
-                return False
-        return True
+                return None
+        return plan.lean
 
     def _hub_ready(self) -> bool:
         """Whether the shards' connections will be waited for on the hub (every engine cooperative)."""
@@ -408,7 +404,8 @@ def _execute(connection: Connection, statement: Any, options: Any, params: Any) 
 
 
 def _descriptions(statement: Any) -> list[dict[str, Any]]:
-    """The statement's column descriptions, once per statement object (~30 us a call)."""
+    """The statement's column descriptions, once per statement object (~30 us a call; read by the
+    lean check and by the single-entity check of the merged result)."""
     try:
         return _column_descriptions[statement]
     except (KeyError, TypeError):
@@ -462,29 +459,10 @@ def _is_single_entity(orm_context: ORMExecuteState) -> bool:
     """Whether the caller's statement (before extra ORDER BY columns) returns bare entities."""
     if orm_context.load_options._only_return_tuples:
         return False
-    statement = orm_context.statement
-    try:
-        return _single_entity[statement]
-    except (KeyError, TypeError):  # TypeError: not weak-referenceable
-        pass
-    single = _selects_one_entity(statement)
-    try:
-        _single_entity[statement] = single
-    except TypeError:
-        pass
-    return single
-
-
-_single_entity: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
-""":func:`_selects_one_entity` per statement object (its column descriptions cost ~30 us a call)."""
-
-
-def _selects_one_entity(statement: Any) -> bool:
-    descriptions = getattr(statement, "column_descriptions", [])
+    descriptions = _descriptions(orm_context.statement)
     if len(descriptions) != 1:
         return False
-    expr = descriptions[0].get("expr")
-    insp = inspect(expr, raiseerr=False)
+    insp = inspect(descriptions[0].get("expr"), raiseerr=False)
     return bool(getattr(insp, "is_mapper", False) or getattr(insp, "is_aliased_class", False))
 
 
