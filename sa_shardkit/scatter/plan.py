@@ -203,24 +203,24 @@ def _row_plan(statement: Select[Any], terms: list[OrderTerm]) -> RowPlan:
     shard_statement = statement
     if hidden:
         shard_statement = shard_statement.add_columns(*hidden)
-    lean: Select[Any] | None = None
-    lean_columns = _selected_table_columns(statement, terms) if limit is not None else None
+    lean = statement  # the shard statement without the hidden columns, for a lean LIMIT scatter
     if limit is not None:
         shard_statement = shard_statement.limit(limit + offset)
-        if lean_columns is not None and not statement._distinct:
-            lean = statement.limit(limit + offset)
+        lean = lean.limit(limit + offset)
     if offset:
         shard_statement = shard_statement.offset(None)
-        lean = lean.offset(None) if lean is not None else None
+        lean = lean.offset(None)
+    distinct = bool(statement._distinct)
+    lean_columns = None if limit is None or distinct else _selected_table_columns(statement, terms)
     return RowPlan(
         shard_statement,
         len(hidden),
         order,
         limit,
         offset,
-        bool(statement._distinct),
-        lean,
-        lean_columns if lean is not None and lean_columns is not None else (),
+        distinct,
+        None if lean_columns is None else lean,
+        lean_columns or (),
     )
 
 

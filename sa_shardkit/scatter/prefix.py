@@ -16,7 +16,7 @@ import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from itertools import chain, repeat
-from operator import add, is_, itemgetter, le
+from operator import add, itemgetter, le
 from typing import Any
 
 from sqlalchemy.engine import CursorResult
@@ -79,42 +79,35 @@ def trim_to_merged_prefix(
 def lean_positions(compiled: Any, columns: Sequence[Any]) -> list[int] | None:
     """Where each of ``columns`` (table columns, not annotated) sits in the rows of ``compiled``
     (its result columns, as SQLAlchemy matches them); None when one is not there. Kept per
-    compiled statement, which SQLAlchemy caches and reuses for every execution of its shape."""
+    compiled statement, which SQLAlchemy caches and reuses for every execution of its shape (the
+    shape fixes its ORDER BY columns, so the answer too)."""
     try:
-        known = _lean_positions[compiled]
-    except (KeyError, TypeError):
-        known = None
-    if known is not None and len(known[0]) == len(columns) and all(map(is_, known[0], columns)):
-        return known[1]
-    found: list[int] | None = []
-    entries = getattr(compiled, "_result_columns", None) or []
-    for column in columns:
-        index = next(
-            (
-                i
-                for i, entry in enumerate(entries)
-                if any(
-                    getattr(o, "_deannotate", None) is not None and o._deannotate() is column
-                    for o in entry[2]
-                )
-            ),
-            None,
-        )
-        if index is None:
-            found = None
-            break
-        assert found is not None
-        found.append(index)
-    try:
-        _lean_positions[compiled] = (tuple(columns), found)
-    except TypeError:  # not weak-referenceable
+        return _lean_positions[compiled]
+    except KeyError:
         pass
+    except TypeError:  # not weak-referenceable: worked out each time
+        return _positions(compiled, columns)
+    found = _lean_positions[compiled] = _positions(compiled, columns)
     return found
 
 
-_lean_positions: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], list[int] | None]] = (
-    weakref.WeakKeyDictionary()
-)
+def _positions(compiled: Any, columns: Sequence[Any]) -> list[int] | None:
+    entries = getattr(compiled, "_result_columns", None) or []
+    found = []
+    for column in columns:
+        index = next((i for i, entry in enumerate(entries) if _names(entry, column)), None)
+        if index is None:
+            return None
+        found.append(index)
+    return found
+
+
+def _names(entry: Any, column: Any) -> bool:
+    """Whether a compiled result column entry (keyname, name, objects, type) is ``column``."""
+    return any(getattr(o, "_deannotate", None) is not None and o._deannotate() is column for o in entry[2])
+
+
+_lean_positions: weakref.WeakKeyDictionary[Any, list[int] | None] = weakref.WeakKeyDictionary()
 
 
 class _Rows:
