@@ -312,3 +312,37 @@ def test_a_deferred_sort_column_keeps_the_hidden_columns_and_one_statement_per_s
     assert [(o.customer_id, o.order_id) for o in rows] == [(r[0], r[1]) for r in every[:3]]
     selects = [sql for _, sql in log.statements if "FROM orders" in sql]
     assert len(selects) == 4 and all("_shardkit_o" in sql for sql in selects)
+
+
+def test_a_lean_limit_scatter_with_a_frozen_shard_names_it_and_merges_the_rest(
+    pg_fleet: TestFleet, manager: ShardManager, filled: sessionmaker[Session]
+) -> None:
+    """The lean path with a shard frozen (SIGSTOP) under ``allow_partial``: the frozen shard is
+    reported missing within its connect timeout, and the healthy shards' rows come in the global
+    order the servers' own rows give (read from each server before the freeze), no hidden column sent."""
+    every = sorted(all_orders(manager), key=lambda r: (r[4], r[1]))  # each server read directly
+    expected = [(r[0], r[1]) for r in every if manager.shard_for(r[0]) != "shard-3"][:5]
+    with filled() as session:
+        session.scalars(select(Order)).all()  # pooled connections everywhere
+    log = SqlLog(manager)
+    pg_fleet.server(2).pause()
+    try:
+        with filled() as session:
+            started = time.perf_counter()
+            stmt = (
+                select(Order)
+                .order_by(Order.created_at, Order.order_id)
+                .limit(5)
+                .execution_options(allow_partial=True)
+            )
+            result = session.execute(stmt)
+            assert time.perf_counter() - started < manager.config("shard-3").connect_timeout + 2
+            assert result.missing_shards == ("shard-3",)  # type: ignore[attr-defined]
+            assert isinstance(result.shard_errors["shard-3"], errors.ShardUnavailableError)  # type: ignore[attr-defined]
+            rows = [(o.customer_id, o.order_id) for o in result.scalars()]
+    finally:
+        pg_fleet.server(2).resume()
+        log.close()
+    assert rows == expected
+    selects = [sql for _, sql in log.statements if "FROM orders" in sql and "LIMIT" in sql]
+    assert selects and not any("_shardkit_o" in sql for sql in selects)
