@@ -53,6 +53,7 @@ from .saga import Saga, SagaOptions, SagaOutcome, Step, recover, run_saga
 from .scatter import ScatterResult
 from .sequences import SequenceAllocator, ShardSequence, create_sequence_tables, sequence_metadata
 from .session import ShardedSession, set_shard_id
+from .sessionmaker import ShardedSessionmaker
 
 __version__ = "0.1.0"
 
@@ -110,6 +111,7 @@ __all__ = [
     "ShardUnavailableError",
     "StaleRingError",
     "ShardedSession",
+    "ShardedSessionmaker",
     "Sharding",
     "Step",
     "TwoPhaseAbortedError",

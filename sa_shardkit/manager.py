@@ -37,10 +37,9 @@ from .scatter.connected import fan_out_connected
 from .scatter.core import query_all_shards
 from .scatter.fanout import raise_for_errors
 from .scatter.lean import Answer, LeanStatement, as_result
-from .session import sessionmaker_for
+from .sessionmaker import ShardedSessionmaker, sessionmaker_for
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import sessionmaker as SessionMaker
     from sqlalchemy.sql import Executable
 
     from .scatter.result import ScatterResult
@@ -518,7 +517,7 @@ class ShardManager:
             pool.shutdown(wait=False, cancel_futures=True)
         return report
 
-    def sessionmaker(self, **kw: Any) -> SessionMaker[Any]:
+    def sessionmaker(self, **kw: Any) -> ShardedSessionmaker:
         """A ``sessionmaker`` producing :class:`sa_shardkit.ShardedSession` bound to this manager."""
         return sessionmaker_for(self, **kw)
 

@@ -91,13 +91,11 @@ OPTIMISTIC_SCATTERS = 3
 """Reads of a key range that is mid-move re-run at most this often when cut-overs keep landing."""
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import sessionmaker as SessionMaker
-
     from .manager import ShardManager
 
 log = logging.getLogger("sa_shardkit.session")
 
-__all__ = ["BindFactory", "ShardedSession", "add_session_hook", "sessionmaker_for", "set_shard_id"]
+__all__ = ["BindFactory", "ShardedSession", "add_session_hook", "set_shard_id"]
 
 _DERIVED: Any = object()
 """A hook argument standing for "derive it from the manager"."""
@@ -391,6 +389,20 @@ class ShardedSession(_StockShardedSession):
             )
         if shard_id is not None and shard_id not in self._shard_ids():
             raise UnknownShardError(f"cannot pin the session to unknown shard {shard_id!r}")
+
+    @classmethod
+    def _of_manager(cls, manager: ShardManager, autoflush: bool, expire_on_commit: bool) -> Any:
+        """``cls(manager=manager, autoflush=..., expire_on_commit=...)``, everything else left at
+        its default, without matching a dozen keywords against parameters that are not given
+        (what :class:`sa_shardkit.sessionmaker.ShardedSessionmaker` calls): what ``__init__`` sets in that
+        case, and nothing else (a test compares the two)."""
+        self = cls.__new__(cls)
+        self.manager = manager
+        self._routed_execute = True
+        Session.__init__(self, autoflush=autoflush, expire_on_commit=expire_on_commit, query_cls=ShardedQuery)
+        binds = getattr(manager, _SHARED_BINDS, None)
+        self._ShardedSession__shards = _manager_binds(manager) if binds is None else binds
+        return self
 
     # -- the hooks: given ones, else derived from the manager --------------------------------------
 
@@ -1580,10 +1592,3 @@ listen_execute(_execute_routed, retval=True)
 event.listen(ShardedSession, "before_flush", _before_flush)
 event.listen(ShardedSession, "after_flush_postexec", _after_flush_postexec)
 event.listen(ShardedSession, "after_transaction_end", _after_transaction_end)
-
-
-def sessionmaker_for(manager: ShardManager, **kw: Any) -> SessionMaker[Any]:
-    """A ``sessionmaker`` of :class:`ShardedSession` routed by ``manager`` (``manager.sessionmaker()``)."""
-    from sqlalchemy.orm import sessionmaker
-
-    return sessionmaker(class_=ShardedSession, manager=manager, **kw)

@@ -40,7 +40,7 @@ def reads(manager: ShardManager) -> tuple[list[RenderableType], dict[str, Any]]:
     with Session() as session:
         customer = session.get(Customer, 1)
         key_orders = session.scalars(by_key).all()
-        scatter_top = [tuple(r) for r in session.execute(top)]
+        scatter_top: list[tuple[Any, ...]] = [tuple(r) for r in session.execute(top)]
         groups = [(s, n, Decimal(t)) for s, n, t in session.execute(per_status)]
         total = session.scalar(select(func.count()).select_from(Order)) or 0
 
