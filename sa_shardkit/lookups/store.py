@@ -565,7 +565,9 @@ def insert_entries(
     once the move's start bump reached it, the entry goes to the new position (the mover copies
     the old shard's entries after every shard was bumped); before, to the old shard, fenced so
     that the bump waits for it (the mover copies it then). Either way a reader of either version
-    finds it. Nothing waits for a bump. ``old_holders`` (unique lookups) receives value -> key of
+    finds it. A shard that is both such a value's old position and another value's position
+    gets one insert of both under the older version's fence (bumped meanwhile: written again).
+    Nothing waits for a bump. ``old_holders`` (unique lookups) receives value -> key of
     the entries found at old positions.
     """
     if not entries:
@@ -595,7 +597,9 @@ def insert_entries(
         if not newer:
             for shard in sorted(new):
                 wanted = {v for v in new[shard] if v not in pre_bump}
-                if wanted:
+                if wanted and shard in targets:  # also the old shard of values written before its bump:
+                    targets[shard][0].update(wanted)  # one insert, under their stricter fence
+                elif wanted:
                     targets[shard] = (wanted, state.version or None)
             for shard in sorted(targets):
                 wanted, limit = targets[shard]
