@@ -13,6 +13,10 @@ routing, SQLAlchemy, the driver and the hub, not the database's.
 * ``scatter.py``'s ``ORDER BY created_at, event_id LIMIT 50`` on 4 shards of 25k rows each against the
   same statement on one shard (``set_shard_id``), on one held session.
 
+Not counted: the stored-ring check a process makes every ``refresh_seconds`` (set to an hour here).
+At full speed it comes once per ~15,000 operations; under callgrind's ~50x slowdown it would come
+every few hundred and weigh 50x its share. The wall-clock scripts include it at its real rate.
+
 A ratio here is plain / sharded (session) or scatter / one shard: the share of the client's work,
 not of the wall time; the database's and the network's time come on top of both sides alike.
 """
@@ -31,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).parent
+UNCOUNTED_REFRESH = 3600
+"""refresh_seconds (and the recheck cap) of the counted processes: no stored-ring check while counting."""
 WORKLOADS = {
     "plain insert": ("session", "plain", "insert"),
     "sharded insert": ("session", "sharded", "insert"),
@@ -51,6 +57,7 @@ def counted(run: Callable[[], Any], n: int) -> None:
     for _ in range(n):
         run()
     subprocess.run(["callgrind_control", "-i", "off", pid], capture_output=True, check=False)
+    time.sleep(0.3)  # picked up asynchronously too: idle until then, not tearing down
 
 
 def child_session(kind: str, phase: str, n: int) -> None:
@@ -63,7 +70,9 @@ def child_session(kind: str, phase: str, n: int) -> None:
     from sa_shardkit.testing import PostgresFleet
 
     with PostgresFleet(1) as fleet:
-        manager = ShardManager.from_urls({f"shard-{i}": fleet.urls[0] for i in range(1, 5)})
+        manager = ShardManager.from_urls(
+            {f"shard-{i}": fleet.urls[0] for i in range(1, 5)}, refresh_seconds=UNCOUNTED_REFRESH
+        )
         engine = manager.engine("shard-1")
         Base.metadata.create_all(engine)
         keys = [k for k in range(1, 100_000) if manager.shard_for(k) == "shard-1"][: n + 40]
@@ -78,7 +87,9 @@ def child_session(kind: str, phase: str, n: int) -> None:
         for key, order_id in work[:40]:
             operation(factory, key, order_id)
         measured = iter(work[40:])
+        probes = manager.placement.probes
         counted(lambda: operation(factory, *next(measured)), n)
+        assert manager.placement.probes == probes, "a stored-ring check ran while counting"
         manager.dispose()
 
 
@@ -91,7 +102,7 @@ def child_scatter(kind: str, n: int) -> None:
     from sa_shardkit.testing import PostgresFleet
 
     with PostgresFleet(4) as fleet:
-        manager = ShardManager.from_urls(fleet.urls)
+        manager = ShardManager.from_urls(fleet.urls, refresh_seconds=UNCOUNTED_REFRESH)
         data.load(manager, 25_000)
         top = select(data.Event).order_by(data.Event.created_at, data.Event.event_id).limit(50)
         one = top.options(set_shard_id(manager.shard_ids[0]))
@@ -104,8 +115,13 @@ def child_scatter(kind: str, n: int) -> None:
         manager.dispose()
 
 
-def instructions(name: str, n: int) -> float:
-    """Instructions per operation of workload ``name`` (a child process under callgrind)."""
+def instructions(name: str, n: int, layout: int = 0) -> float:
+    """Instructions per operation of workload ``name`` (a child process under callgrind).
+
+    ``layout`` pads the child's environment by that many 64-byte blocks: it moves where the
+    process's objects sit in memory, and with them the collisions of every dict and set keyed by
+    object identity (classes, mappers, states). One layout's count differs from another's by up to
+    +-1.5%, each repeatable exactly; :func:`main` averages several."""
     out = Path(f"/tmp/shardkit-callgrind.{os.getpid()}.out")
     command = [
         "valgrind",
@@ -119,9 +135,15 @@ def instructions(name: str, n: int) -> float:
         "--n",
         str(n),
     ]
-    done = subprocess.run(
-        command, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONHASHSEED": "0"}
-    )
+    # the stored-ring check every few seconds (refresh_seconds): one per ~15,000 operations at full
+    # speed, but one per few hundred under callgrind's 50x slowdown; the wall-clock scripts count it
+    env = {
+        **os.environ,
+        "PYTHONHASHSEED": "0",
+        "SHARDKIT_RING_RECHECK_SECONDS": str(UNCOUNTED_REFRESH),
+        "SHARDKIT_LAYOUT_PAD": "x" * (64 * layout),
+    }
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     out.unlink(missing_ok=True)
     match = re.search(r"Collected : (\d+)", done.stderr)
     if done.returncode != 0 or match is None:
@@ -132,6 +154,7 @@ def instructions(name: str, n: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--n", type=int, default=60, help="counted operations per workload")
+    parser.add_argument("--layouts", type=int, default=3, help="memory layouts averaged per workload")
     parser.add_argument("--only", default="", help="run only the workloads whose name contains this")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -144,17 +167,31 @@ def main() -> None:
             child_scatter(kind, args.n)
         return
     names = [n for n in WORKLOADS if not args.only or args.only in n]
-    counts = {name: instructions(name, args.n) for name in names}
-    print(f"client instructions per operation (callgrind, {args.n} operations each, after a warm-up)")
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for layout in range(args.layouts):  # every workload in one layout, then the next
+        for name in names:
+            samples[name].append(instructions(name, args.n, layout))
+    counts = {name: sum(values) / len(values) for name, values in samples.items()}
+    print(
+        f"client instructions per operation (callgrind, {args.n} operations each after a warm-up,"
+        f" mean of {args.layouts} memory layouts)"
+    )
     if len(counts) < len(WORKLOADS):
         for name, count in counts.items():
             print(f"  {name:<24}{count / 1e6:8.3f} M")
-    print(f"{'phase':<8}{'plain Session':>16}{'ShardedSession, 4 shards':>28}{'plain / sharded':>18}")
+    print(
+        f"{'phase':<8}{'plain Session':>16}{'ShardedSession, 4 shards':>28}{'plain / sharded':>18}"
+        f"{'per layout':>18}"
+    )
     for phase in ("insert", "get", "select"):
         if f"plain {phase}" not in counts or f"sharded {phase}" not in counts:
             continue
         plain, sharded = counts[f"plain {phase}"], counts[f"sharded {phase}"]
-        print(f"{phase:<8}{plain / 1e6:>14.3f} M{sharded / 1e6:>26.3f} M{plain / sharded:>17.3f}x")
+        each = [p / s for p, s in zip(samples[f"plain {phase}"], samples[f"sharded {phase}"], strict=True)]
+        print(
+            f"{phase:<8}{plain / 1e6:>14.3f} M{sharded / 1e6:>26.3f} M{plain / sharded:>17.3f}x"
+            f"{min(each):>11.3f}-{max(each):.3f}"
+        )
     if "one shard" not in counts or "scatter, 4 shards" not in counts:
         return
     one, scatter = counts["one shard"], counts["scatter, 4 shards"]

@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import math
 import uuid
+from array import array
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import accumulate
 from typing import Any
 
 from xxhash import xxh3_64_intdigest
@@ -43,6 +45,10 @@ DEFAULT_VNODES = 2048
 """Virtual nodes per unit of weight: 2048 keeps 4 equal shards within ~4% of the mean share."""
 
 RING_SPACE = 1 << 64
+
+_INDEX_BITS_MAX = 20
+"""At most 2**20 buckets in a ring's point index (4 MiB): a 256-shard ring of 2048 vnodes each
+still averages half a point per bucket."""
 
 
 def key_bytes(key: object) -> bytes:
@@ -95,6 +101,20 @@ def _sorted_points(counts: Mapping[str, int]) -> list[tuple[int, str]]:
     return [(p, owner[p]) for p in sorted(owner)]
 
 
+def _point_index(points: list[int]) -> tuple[int, array[int]]:
+    """``(shift, first)``: ``first[h >> shift]`` counts the points below the start of the bucket
+    holding hash ``h``, so the point that owns ``h`` (``bisect_right(points, h)``) is found by
+    stepping from there past the few points of that bucket. About two buckets per point."""
+    bits = min(_INDEX_BITS_MAX, max(1, (2 * len(points) - 1).bit_length()))
+    shift = 64 - bits
+    counts = [0] * (1 << bits)
+    for point in points:
+        counts[point >> shift] += 1
+    first = array("I", accumulate(counts, initial=0))
+    first.pop()  # the total: no bucket starts there
+    return shift, first
+
+
 @dataclass(frozen=True)
 class Segment:
     """A half-open arc ``(start, end]`` of the ring owned by one shard; ``start > end`` wraps."""
@@ -112,7 +132,17 @@ class Segment:
 class HashRing:
     """An immutable consistent-hash ring mapping shard keys to shard ids."""
 
-    __slots__ = ("_weights", "_vnodes", "_points", "_owners", "_wrapped_owners", "_size")
+    __slots__ = (
+        "_weights",
+        "_vnodes",
+        "_points",
+        "_owners",
+        "_wrapped_owners",
+        "_size",
+        "_probe",
+        "_first",
+        "_shift",
+    )
 
     def __init__(
         self,
@@ -150,21 +180,34 @@ class HashRing:
         self._owners = [s for _, s in pairs]
         self._wrapped_owners = [*self._owners, self._owners[0]]  # index len(points) wraps to the first
         self._size = len(pairs)
+        self._probe = [*self._points, RING_SPACE]  # a sentinel above every hash ends each scan
+        self._shift, self._first = _point_index(self._points)
 
     # -- lookups -------------------------------------------------------------------------------
 
-    def get_shard(self, key: ShardKey, _hash: Any = xxh3_64_intdigest, _bisect: Any = bisect_right) -> str:
+    def get_shard(self, key: ShardKey, _hash: Any = xxh3_64_intdigest) -> str:
         """The shard id that owns ``key``."""
-        # Hot path: functions bound as defaults and a wrapped owner list avoid lookups and a branch.
+        # Hot path: the hash bound as a default, and the point index instead of a bisection
+        # (13 comparisons of 64-bit ints for 4 shards, 19 for 256; here about one)
         if type(key) is str:
-            return self._wrapped_owners[_bisect(self._points, _hash(key.encode()))]  # type: ignore[no-any-return]
-        if type(key) is int:  # key_bytes' form of an int (not a bool: its type is bool)
-            return self._wrapped_owners[_bisect(self._points, _hash(str(key).encode()))]  # type: ignore[no-any-return]
-        return self._wrapped_owners[_bisect(self._points, _hash(key_bytes(key)))]  # type: ignore[no-any-return]
+            point = _hash(key.encode())
+        elif type(key) is int:  # key_bytes' form of an int (not a bool: its type is bool)
+            point = _hash(str(key).encode())
+        else:
+            point = _hash(key_bytes(key))
+        probe = self._probe  # shard_for_point(point), without the call
+        index = self._first[point >> self._shift]
+        while probe[index] <= point:
+            index += 1
+        return self._wrapped_owners[index]  # type: ignore[no-any-return]
 
     def shard_for_point(self, point: int) -> str:
-        """The shard owning a ring position (a value of :func:`key_hash`)."""
-        return self._wrapped_owners[bisect_right(self._points, point)]
+        """The shard owning a ring position (a value of :func:`key_hash`); get_shard's scan."""
+        probe = self._probe
+        index = self._first[point >> self._shift]
+        while probe[index] <= point:
+            index += 1
+        return self._wrapped_owners[index]  # type: ignore[no-any-return]
 
     def segments(self) -> list[Segment]:
         """The ring as arcs, adjacent arcs of one shard merged, in ring order."""

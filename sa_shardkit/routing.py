@@ -273,9 +273,11 @@ def identity_shard(manager: ShardManager, mapper: Mapper[Any], primary_key: Sequ
 
     The session's ``get()`` asks this first; the answer is :func:`route_identity`'s.
     """
-    index = _key_index_of.get(weakref.ref(mapper))
-    if index is None:
-        index = _key_index_of[weakref.ref(mapper, _forget_mapper)] = _pk_key_index(mapper)
+    # kept on the mapper itself: one attribute read (a weak-keyed dict needed a weakref per call)
+    try:
+        index: int = mapper._sa_shardkit_key_index  # type: ignore[attr-defined]
+    except AttributeError:
+        index = mapper._sa_shardkit_key_index = _pk_key_index(mapper)  # type: ignore[attr-defined]
     if index < 0 or index >= len(primary_key):
         return None
     key = primary_key[index]
@@ -289,15 +291,6 @@ def _pk_key_index(mapper: Mapper[Any]) -> int:
         return -1
     names = [c.name for c in mapper.primary_key]
     return names.index(sharding.column_name) if sharding.column_name in names else -1
-
-
-_key_index_of: dict[weakref.ref[Mapper[Any]], int] = {}
-"""mapper (weakly) -> :func:`_pk_key_index`, for :func:`identity_shard`: a WeakKeyDictionary's
-own dict, read without the Python-level call of its ``get``."""
-
-
-def _forget_mapper(ref: weakref.ref[Mapper[Any]]) -> None:
-    _key_index_of.pop(ref, None)
 
 
 # -- statements --------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from sqlalchemy.ext.horizontal_shard import ShardedSession as _StockShardedSessi
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction
 from sqlalchemy.orm.base import instance_state
 from sqlalchemy.orm.context import QueryContext
+from sqlalchemy.orm.loading import _load_on_pk_identity
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.schema import Table
 from sqlalchemy.sql.selectable import Select
@@ -129,6 +130,12 @@ _SESSION_HOOKS = {
 
 
 @functools.lru_cache(maxsize=1024)
+def _token_load_options(shard_id: str) -> Any:
+    """The ORM load options that ``identity_token=shard_id`` becomes, made once per shard."""
+    return QueryContext.default_load_options + {"_identity_token": shard_id}
+
+
+@functools.lru_cache(maxsize=1024)
 def _identity_option(shard_id: str) -> Any:
     """The execution options of a directly routed SELECT: its rows' identity token is the shard.
 
@@ -136,8 +143,29 @@ def _identity_option(shard_id: str) -> Any:
     too), made once per shard: SQLAlchemy then has no option to turn into load options per
     statement (~10k instructions of a keyed read). The direct path runs only for a statement and
     session without execution options of their own, so there are none to merge with."""
-    load_options = QueryContext.default_load_options + {"_identity_token": shard_id}
-    return immutabledict({"_sa_orm_load_options": load_options})
+    return immutabledict({"_sa_orm_load_options": _token_load_options(shard_id)})
+
+
+_DEFAULT_LOAD_OPTIONS = QueryContext.default_load_options
+
+
+def _load_by_token(
+    session: Session,
+    statement: Any,
+    primary_key: Any,
+    *,
+    load_options: Any = None,
+    identity_token: Any = None,
+    **kw: Any,
+) -> Any:
+    """``Session.get``'s load of a row it did not find in the identity map
+    (``loading._load_on_pk_identity``), the identity token given as its cached load options: the
+    stock path adds the token to the default options anew on every ``get()``."""
+    if identity_token is not None and load_options is _DEFAULT_LOAD_OPTIONS:
+        load_options, identity_token = _token_load_options(identity_token), None
+    return _load_on_pk_identity(
+        session, statement, primary_key, load_options=load_options, identity_token=identity_token, **kw
+    )
 
 
 class _NoEvents:
@@ -458,18 +486,12 @@ class ShardedSession(_StockShardedSession):
         ``get()`` routed already (bind argument :data:`ROUTED`) skip the hooks: all they would do
         is bind the shard named here.
         """
-        kw: dict[str, Any] = {
-            "execution_options": execution_options,
-            "_parent_execute_state": _parent_execute_state,
-            "_add_event": _add_event,
-            "_scalar_result": _scalar_result,
-        }
         manager = self.manager
-        if manager is None:
-            return _run_named(self, statement, params, bind_arguments, kw)
-        if bind_arguments:
-            bind_arguments = dict(bind_arguments)
-            if bind_arguments.pop(ROUTED, False) and self._hooks_idle():  # get(), routed already
+        # get(), routed already: the bind arguments are the dict get() made (ROUTED is this
+        # module's own key), so it is changed in place rather than copied
+        if bind_arguments and ROUTED in bind_arguments and manager is not None:
+            del bind_arguments[ROUTED]
+            if self._hooks_idle():
                 if self._affinity is None:
                     self._affinity = bind_arguments["shard_id"]
                 try:  # what _run_named does, without the call
@@ -488,6 +510,16 @@ class ShardedSession(_StockShardedSession):
                     if unavailable is not None:
                         raise unavailable from error
                     raise
+        kw: dict[str, Any] = {
+            "execution_options": execution_options,
+            "_parent_execute_state": _parent_execute_state,
+            "_add_event": _add_event,
+            "_scalar_result": _scalar_result,
+        }
+        if manager is None:
+            return _run_named(self, statement, params, bind_arguments, kw)
+        if bind_arguments:
+            bind_arguments = dict(bind_arguments)
         else:
             bind_arguments = {}
             if (
@@ -718,7 +750,10 @@ class ShardedSession(_StockShardedSession):
                         and (self._choose_replica is not None or manager.has_replicas)
                     ):
                         bind[REPLICA_OK] = True
-                    found = super().get(entity, ident, identity_token=shard, bind_arguments=bind)
+                    # Session.get's own call, the token given as load options made once per shard
+                    found = self._get_impl(
+                        entity, ident, _load_by_token, identity_token=shard, bind_arguments=bind
+                    )
                     if found is not None or not ring_moved_on(manager, (shard,)):
                         return found
         if not follows_placement(manager):  # no move in flight: only an empty answer is re-checked

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import random
 import threading
 import uuid
@@ -216,3 +217,33 @@ def test_lookups_never_fail_while_rings_are_swapped_in_other_threads() -> None:
         t.join()
     assert not failures
     assert sum(answers.values()) > 0
+
+
+def _owner_by_bisection(ring: HashRing, point: int) -> str:
+    """The contract's rule itself: the first point strictly greater than ``point``, wrapping."""
+    points = sorted(key_hash(f"{s}#{i}") for s in ring.shard_ids for i in range(ring.vnodes))
+    owner = {key_hash(f"{s}#{i}"): s for s in ring.shard_ids for i in range(ring.vnodes)}
+    index = bisect.bisect_right(points, point)
+    return owner[points[index % len(points)]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shards=st.integers(min_value=1, max_value=6),
+    vnodes=st.sampled_from([1, 2, 3, 17, 64]),
+    keys=st.lists(st.one_of(st.integers(), st.text(max_size=8)), min_size=1, max_size=40),
+)
+def test_the_point_index_answers_what_the_bisection_of_the_points_answers(
+    shards: int, vnodes: int, keys: list[object]
+) -> None:
+    ring = HashRing([f"s{i}" for i in range(shards)], vnodes=vnodes)
+    points = sorted(key_hash(f"s{i}#{j}") for i in range(shards) for j in range(vnodes))
+    # the keys given, and the ring's own points and their neighbours (the edges of a bucket's scan)
+    for key in keys:
+        assert ring.get_shard(key) == _owner_by_bisection(ring, key_hash(key)), key
+    for point in points:
+        for probe in (point - 1, point, point + 1):
+            if 0 <= probe < 2**64:
+                assert ring.shard_for_point(probe) == _owner_by_bisection(ring, probe)
+    for edge in (0, 2**64 - 1):
+        assert ring.shard_for_point(edge) == _owner_by_bisection(ring, edge)
