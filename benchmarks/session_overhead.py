@@ -12,6 +12,9 @@ shared machine where a best-of-N of whole passes is mostly noise. The process's 
 is summed too (``time.process_time``): on a loaded machine the wall clock mostly measures waiting
 for a core, the CPU ratio what each session costs the client.
 
+It also prints the median over turns of each turn's own ratio (the two sessions of a turn ran back
+to back): a burst of machine noise moves one turn, not the median, while it moves the sums.
+
 Run: python benchmarks/session_overhead.py [--n 1000] [--rounds 3] [--chunk 25] [--shards 4,64]
 (uses SHARD_1_URL when set, else starts one throwaway local PostgreSQL server)
 """
@@ -23,6 +26,7 @@ import contextlib
 import cProfile
 import os
 import pstats
+import statistics
 import time
 import uuid
 from collections import Counter
@@ -76,23 +80,29 @@ def run_round(
     chunk: int,
     totals: dict[str, dict[str, float]] | None,
     cpu: dict[str, dict[str, float]] | None = None,
+    chunks: dict[str, list[dict[str, float]]] | None = None,
 ) -> None:
-    """One pass of every phase, the sessions alternating chunk by chunk."""
+    """One pass of every phase, the sessions alternating chunk by chunk (``chunks``: each turn's
+    seconds per session, for the paired ratios)."""
     n = len(next(iter(work.values())))
     kinds = list(factories)
     for phase in PHASES:
         operation = OPERATIONS[phase]
         for number, start in enumerate(range(0, n, chunk)):
             turn = number % len(kinds)
+            pair: dict[str, float] = {}
             for kind in kinds[turn:] + kinds[:turn]:
                 factory = factories[kind]
                 started, started_cpu = time.perf_counter(), time.process_time()
                 for key, order_id in work[kind][start : start + chunk]:
                     operation(factory, key, order_id)
+                pair[kind] = time.perf_counter() - started
                 if totals is not None:
-                    totals[kind][phase] += time.perf_counter() - started
+                    totals[kind][phase] += pair[kind]
                 if cpu is not None:
                     cpu[kind][phase] += time.process_time() - started_cpu
+            if chunks is not None:
+                chunks[phase].append(pair)
 
 
 def sharded_name(shards: int) -> str:
@@ -132,12 +142,22 @@ def main() -> None:
             factories[sharded_name(count)] = manager.sessionmaker()
         totals: dict[str, dict[str, float]] = {kind: dict.fromkeys(PHASES, 0.0) for kind in kinds}
         cpu: dict[str, dict[str, float]] = {kind: dict.fromkeys(PHASES, 0.0) for kind in kinds}
+        chunks: dict[str, list[dict[str, float]]] = {phase: [] for phase in PHASES}
         for round_no in range(args.rounds + 1):  # round 0 warms pools and caches
             with engine.begin() as conn:
                 conn.execute(text("TRUNCATE order_items, orders"))
             work = {kind: [(k, uuid.uuid4()) for k in keys[i :: len(kinds)]] for i, kind in enumerate(kinds)}
-            run_round(factories, work, args.chunk, totals if round_no else None, cpu if round_no else None)
+            measured = bool(round_no)
+            run_round(
+                factories,
+                work,
+                args.chunk,
+                totals if measured else None,
+                cpu if measured else None,
+                chunks if measured else None,
+            )
         report(totals, args.n * args.rounds)
+        paired(chunks)
         print("\nthe same, by the process's CPU time (ops per CPU second)")
         report(cpu, args.n * args.rounds)
         calls_per_operation(factories, keys[: args.chunk], engine)
@@ -201,6 +221,19 @@ def ring_checks(managers: dict[int, ShardManager], checks: dict[int, Counter[str
 
 def phase_seconds(times: dict[str, float], phase: str) -> float:
     return sum(times.values()) if phase == "all" else times[phase]
+
+
+def paired(chunks: dict[str, list[dict[str, float]]]) -> None:
+    """The median over turns of each turn's own ratio: the sessions of one turn ran back to back,
+    so a burst of machine noise moves that turn's ratio, not the median (sums of times carry it)."""
+    kinds = [kind for kind in next(iter(chunks.values()))[0] if kind != PLAIN]
+    print(f"\nmedian of the {len(chunks[PHASES[0]])} turns' own ratios (ShardedSession / plain Session)")
+    print(f"{'phase':<8}" + "".join(f"{kind:>28}" for kind in kinds))
+    for phase in PHASES:
+        line = f"{phase:<8}"
+        for kind in kinds:
+            line += f"{statistics.median(t[PLAIN] / t[kind] for t in chunks[phase]):>27.3f}x"
+        print(line)
 
 
 def report(totals: dict[str, dict[str, float]], ops: int) -> None:
