@@ -428,8 +428,7 @@ class ShardedSession(_StockShardedSession):
         self.manager = manager
         self._routed_execute = True
         Session.__init__(self, autoflush=autoflush, expire_on_commit=expire_on_commit, query_cls=ShardedQuery)
-        binds = getattr(manager, _SHARED_BINDS, None)
-        self._ShardedSession__shards = _manager_binds(manager) if binds is None else binds
+        self._ShardedSession__shards = _manager_binds(manager)
         return self
 
     # -- the hooks: given ones, else derived from the manager --------------------------------------
