@@ -50,7 +50,7 @@ def fence_planned(
         # what session.connection() does, without its calls: the flush names shard faults
         conn = conns.get(shard) or session._flush_connection(shard)
         conns[shard] = conn
-        placement.fence_write(conn, shard, key, checked=True)
+        placement.fence_write(conn, shard, key, checked=True, deferrable=True)
         fenced.add((shard, key))
 
 

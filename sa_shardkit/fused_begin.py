@@ -36,7 +36,7 @@ class LockWaitTimedOut(Exception):
 
 _LOCK_NOT_AVAILABLE = b"55P03"
 
-_PREPARED = "_shardkit_prepared"
+PREPARED_ATTR = "_shardkit_prepared"
 """Driver connection attribute: names of the statements :func:`first_value_with_begin` prepared on it."""
 
 
@@ -76,10 +76,10 @@ def first_value_with_begin(
     options = conn._execution_options
     # the engine's bound: what statement_bound(conn.engine) reads
     limit = options[QUERY_TIMEOUT] if QUERY_TIMEOUT in options else getattr(conn.engine, BOUND_ATTR, None)
-    names: set[bytes] | None = getattr(driver, _PREPARED, None)
+    names: set[bytes] | None = getattr(driver, PREPARED_ATTR, None)
     if names is None:
         names = set()
-        setattr(driver, _PREPARED, names)
+        setattr(driver, PREPARED_ATTR, names)
     # the BEGIN psycopg itself would send now (it caches it, and forgets it when the connection's
     # isolation level, read-only or deferrable setting changes)
     begin: bytes = driver._begin_statement or driver._get_tx_start_command()
@@ -141,4 +141,4 @@ def _roll_back(driver: psycopg.Connection[Any]) -> None:
         pass  # lost meanwhile: the ordinary statement raises it, named
 
 
-__all__ = ["LockWaitTimedOut", "first_value_with_begin"]
+__all__ = ["PREPARED_ATTR", "LockWaitTimedOut", "first_value_with_begin"]

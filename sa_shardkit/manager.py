@@ -28,6 +28,7 @@ from .config import ShardConfig, ShardSettings, settings_from_env, settings_from
 from .errors import ConfigError, DuplicateShardError, UnknownShardError
 from .events import QueryEvents
 from .faults import guard, unavailable
+from .fused_write import install as install_fused_write
 from .multiplex import make_cooperative
 from .placement import REFRESH_SECONDS, Placement
 from .replicas import ReplicaRouter
@@ -81,9 +82,8 @@ def _engine_for(config: ShardConfig, url: Any) -> Engine:
     options.setdefault("pool_pre_ping", config.pool_pre_ping)
     engine = create_engine(url, **options)
     make_cooperative(engine)  # its waits for the server can share one thread in a fan-out
-    return guard(
-        engine, config.id, connect_timeout=config.connect_timeout, query_timeout=config.query_timeout
-    )
+    guard(engine, config.id, connect_timeout=config.connect_timeout, query_timeout=config.query_timeout)
+    return install_fused_write(engine)  # outside guard's bound: the statement it runs stays bounded
 
 
 class ShardManager:

@@ -59,6 +59,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.util.concurrency import await_only, in_greenlet
 
 from .errors import StaleRingError, UnknownShardError
+from .fused_write import can_defer, defer_check, pending_check
 from .replicas import INTERNAL
 from .ring import HashRing, ShardKey
 from .ring_state import (
@@ -127,6 +128,30 @@ def _blocking(work: Callable[[], T]) -> T:
     if in_greenlet():
         return await_only(asyncio.to_thread(work))  # type: ignore[no-any-return]
     return work()
+
+
+class _DeferredCheck:
+    """The unstored-ring check of one shard's write transaction, made by the connection's next
+    statement (:class:`sa_shardkit.fused_write.PendingCheck`)."""
+
+    __slots__ = ("keys", "placement", "shard", "transaction")
+
+    def __init__(self, transaction: Any, placement: Placement, shard: str, key: ShardKey) -> None:
+        self.transaction = transaction
+        self.placement = placement
+        self.shard = shard
+        self.keys = [key]
+
+    def checked(self, conn: Connection) -> None:
+        """No ring is stored on the shard in this transaction's check: as :meth:`Placement._unstored_here` records it."""
+        fairy = conn._dbapi_connection
+        record = fairy._connection_record if fairy is not None else None
+        (record.info if record is not None else conn.info)[_UNSTORED] = self.transaction
+
+    def fence_again(self, conn: Connection) -> None:
+        """The fence the ordinary way, for every key deferred (it adopts a stored ring)."""
+        for key in self.keys:
+            self.placement.fence_write(conn, self.shard, key, checked=True)
 
 
 class Placement:
@@ -629,20 +654,35 @@ class Placement:
 
     # -- the write fence -------------------------------------------------------------------------
 
-    def fence_write(self, conn: Connection, shard_id: str, key: ShardKey, *, checked: bool = False) -> None:
+    def fence_write(
+        self,
+        conn: Connection,
+        shard_id: str,
+        key: ShardKey,
+        *,
+        checked: bool = False,
+        deferrable: bool = False,
+    ) -> None:
         """Hold the fence for writing ``key`` on ``shard_id`` in ``conn``'s transaction.
 
         Call it before the transaction's first write of ``key``. Raises :class:`StaleRingError`
         (naming the right shard) when ``key`` does not belong on ``shard_id``; the transaction must
         then be rolled back and retried there. With no stored ring it is one small query per
         transaction (that none is stored yet); SQLite connections cost nothing. ``checked``: the
-        caller asked :meth:`fences_writes` already (it said True).
+        caller asked :meth:`fences_writes` already (it said True). ``deferrable``: the caller's next
+        statement on ``conn`` is its first write of ``key`` and goes through the connection's own
+        execute (a session flush): with no stored ring the check may ride on it
+        (:mod:`sa_shardkit.fused_write`).
         """
         if (not checked and not self.fences_writes()) or conn.dialect.name != "postgresql":
             return
         try:
             # what _fence_write's first pass does, without its call and _unstored_fence's
-            if self._state.version == 0 and (self._unstored_here(conn) or self._stored_here(conn, shard_id)):
+            if self._state.version == 0 and (
+                (deferrable and self._deferred_here(conn, shard_id, key))
+                or self._unstored_here(conn)
+                or self._stored_here(conn, shard_id)
+            ):
                 return
             self._fence_write(conn, shard_id, key)
         except StaleRingError as stale:
@@ -846,6 +886,30 @@ class Placement:
         self._adopt(row.state)
         self.expire()  # and the fleet's newest, on the next routing decision
         return False
+
+    def _deferred_here(self, conn: Connection, shard: str, key: ShardKey) -> bool:
+        """True when the unstored-ring check for writing ``key`` is made by ``conn``'s next
+        statement, or was made in this transaction already (:mod:`sa_shardkit.fused_write`)."""
+        transaction = conn._transaction
+        if transaction is None:
+            return False
+        fairy = conn._dbapi_connection
+        record = fairy._connection_record if fairy is not None else None
+        info = record.info if record is not None else conn.info
+        if info.get(_UNSTORED) is transaction:
+            return True
+        pending = pending_check(conn)
+        if (
+            isinstance(pending, _DeferredCheck)
+            and pending.transaction is transaction
+            and pending.shard == shard
+        ):
+            pending.keys.append(key)
+            return True
+        if not can_defer(conn):
+            return False
+        defer_check(conn, _DeferredCheck(transaction, self, shard, key))
+        return True
 
     @staticmethod
     def _unstored_here(conn: Connection) -> bool:

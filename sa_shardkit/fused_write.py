@@ -1,0 +1,291 @@
+"""A write transaction's fence check carried by its first statement (sync psycopg).
+
+Before a ring is stored, every write transaction checks that none is stored on its shard (the
+unstored-ring fence, :meth:`sa_shardkit.placement.Placement.fence_write`). Sent with the BEGIN
+(:mod:`sa_shardkit.fused_begin`) the check costs no round trip of its own, but the write still waits
+for it: BEGIN + check, then the first statement, then COMMIT. Here a session flush's fence marks the
+connection instead (:func:`defer_check`), and the first statement sent on it afterwards goes out in
+one libpq pipeline behind the BEGIN and a form of the check that *fails* when a ring is stored
+(:data:`CHECK_OR_FAIL`): BEGIN, check, statement, Sync, one round trip. A failed statement aborts
+the rest of the pipeline and the transaction, so the statement never runs after a failed check.
+Then (a ring is stored, or the pipeline could not be used) the transaction is rolled back (it had
+run nothing else: the check is its first statement on this connection), the fence is held the
+ordinary way (:meth:`PendingCheck.fence_again`: it adopts the stored ring, and raises
+:class:`~sa_shardkit.StaleRingError` when a key moved), and the statement runs as usual.
+
+Safety is the ordinary check's: the check is the first statement of the transaction on this
+connection and precedes the write in it. Anything unusual (another driver or cursor class, an async
+or autocommit connection, prepared statements off, a statement the wrapper does not see first)
+takes the ordinary path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import psycopg
+from psycopg import adapt, generators, pq
+from psycopg._preparing import Prepare
+from psycopg.pq import ExecStatus, TransactionStatus
+from sqlalchemy.engine import Connection, Engine
+
+from .faults import BOUND_ATTR, QUERY_TIMEOUT, WATCHDOG
+from .fused_begin import PREPARED_ATTR
+from .ring_state import STATE_TABLE
+
+CHECK_OR_FAIL = (
+    "SELECT (CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_class c"
+    " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE c.relname = '{table}' AND n.nspname = ANY (current_schemas(false)))"
+    " THEN 'sa_shardkit: a ring is stored on this shard' END)::int"
+)
+"""The unstored-ring check that fails (SQLSTATE 22P02, :data:`_STORED_MARK` in its message) when the
+state table exists in its snapshot: the CASE is not a constant (a sublink), so the cast is evaluated
+at run time, on its one row."""
+
+_CHECK = CHECK_OR_FAIL.format(table=STATE_TABLE).encode()
+_STORED_MARK = b"sa_shardkit: a ring is stored on this shard"
+_INVALID_TEXT = b"22P02"
+_DUPLICATE = b"42P05"
+_NAME = b"shardkit_unstored_or_fail"
+_MARK = "_shardkit_pending_check"
+"""Driver connection attribute: the :class:`PendingCheck` its next statement carries."""
+_WRAPPED = "_shardkit_fused_write"
+
+
+class PendingCheck(Protocol):
+    """A deferred unstored-ring check of one shard in one transaction (made by the placement)."""
+
+    transaction: Any
+    """The SQLAlchemy transaction it belongs to: a mark left by a transaction that ran nothing is
+    ignored by the next one."""
+
+    def checked(self, conn: Connection) -> None:
+        """The check found no stored ring (the statement then runs in the same transaction)."""
+
+    def fence_again(self, conn: Connection) -> None:
+        """Hold the fence the ordinary way (no transaction begun on the driver connection)."""
+
+
+def _driver_of(conn: Connection) -> Any:
+    fairy = conn._dbapi_connection
+    driver = fairy.dbapi_connection if fairy is not None else None
+    return driver if isinstance(driver, psycopg.Connection) else None
+
+
+def can_defer(conn: Connection) -> bool:
+    """Whether ``conn``'s next statement can carry a fence check (:func:`defer_check`)."""
+    if not getattr(conn.dialect, _WRAPPED, False):
+        return False
+    driver = _driver_of(conn)
+    if driver is None or driver._autocommit or driver._pipeline is not None:
+        return False
+    if driver._prepared.prepare_threshold is None:  # behind PgBouncer: the fused BEGIN's text form
+        return False
+    # nothing of the transaction has run on the connection: a failed check may roll it all back
+    return bool(driver.pgconn.transaction_status == TransactionStatus.IDLE)
+
+
+def defer_check(conn: Connection, pending: PendingCheck) -> None:
+    """Make ``conn``'s next statement carry ``pending`` (call :func:`can_defer` first)."""
+    setattr(_driver_of(conn), _MARK, pending)
+
+
+def pending_check(conn: Connection) -> Any:
+    """The check ``conn``'s next statement would carry (None: none)."""
+    driver = _driver_of(conn)
+    return None if driver is None else getattr(driver, _MARK, None)
+
+
+def install(engine: Engine) -> Engine:
+    """Let ``engine``'s statements carry a deferred check (sync psycopg only; call after
+    :func:`sa_shardkit.faults.guard`, so the statement's own call stays bounded by it)."""
+    dialect: Any = engine.dialect
+    if dialect.driver != "psycopg" or dialect.is_async or getattr(dialect, _WRAPPED, False):
+        return engine
+    execute = dialect.do_execute
+
+    def do_execute(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
+        driver = getattr(cursor, "_conn", None)
+        pending = getattr(driver, _MARK, None)
+        if pending is None or context is None:
+            execute(cursor, statement, parameters, context)
+            return
+        setattr(driver, _MARK, None)
+        conn: Connection = context.root_connection
+        if pending.transaction is not conn._transaction:  # left by a transaction that ran nothing
+            execute(cursor, statement, parameters, context)
+            return
+        if _run_fused(pending, conn, cursor, statement, parameters, context) is None:
+            pending.fence_again(conn)
+            execute(cursor, statement, parameters, context)
+
+    def carried(original: Callable[..., Any]) -> Callable[..., Any]:
+        def run(cursor: Any, *args: Any) -> Any:
+            pending = getattr(getattr(cursor, "_conn", None), _MARK, None)
+            context = args[-1] if args else None
+            if pending is not None and context is not None:  # resolved first, the ordinary way
+                setattr(cursor._conn, _MARK, None)
+                conn: Connection = context.root_connection
+                if pending.transaction is conn._transaction:
+                    pending.fence_again(conn)
+            return original(cursor, *args)
+
+        return run
+
+    dialect.do_execute = do_execute
+    dialect.do_executemany = carried(dialect.do_executemany)
+    dialect.do_execute_no_params = carried(dialect.do_execute_no_params)
+    setattr(dialect, _WRAPPED, True)
+    return engine
+
+
+def _run_fused(
+    pending: PendingCheck, conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any
+) -> bool | None:
+    """Run ``statement`` behind the check in one pipeline: True when it ran (its results are in
+    ``cursor``; its own failure is raised as psycopg raises it); None when it did not (a ring is
+    stored, or the pipeline could not be used): nothing of this transaction ran on the connection."""
+    if type(cursor) is not psycopg.Cursor or cursor.closed:
+        return None
+    driver: Any = cursor._conn
+    pgconn = driver.pgconn
+    if driver._autocommit or driver._pipeline is not None or driver._prepared.prepare_threshold is None:
+        return None
+    if pgconn.transaction_status != TransactionStatus.IDLE:
+        return None  # something ran in the transaction since the mark: a failed check would lose it
+    options = context.execution_options
+    limit = options[QUERY_TIMEOUT] if QUERY_TIMEOUT in options else getattr(conn.engine, BOUND_ATTR, None)
+    names: set[bytes] | None = getattr(driver, PREPARED_ATTR, None)
+    if names is None:
+        names = set()
+        setattr(driver, PREPARED_ATTR, names)
+    with driver.lock:
+        # what psycopg's Cursor.execute does before it sends (_start_query, _convert_query)
+        cursor._reset()
+        if not cursor._last_query or cursor._last_query is not statement:
+            cursor._last_query = None
+            cursor._tx = adapt.Transformer(cursor)
+        pgq = cursor._convert_query(statement, parameters)
+        prep, prepared_name = driver._prepared.get(pgq, None)
+        fmt = cursor.format
+        begin = driver._begin_statement or driver._get_tx_start_command()
+        sends: list[Callable[[], None]] = [lambda: pgconn.send_query_params(begin, None)]
+        check_prepared = _NAME in names
+        if not check_prepared:
+            sends.append(lambda: pgconn.send_prepare(_NAME, _CHECK))
+        sends.append(lambda: pgconn.send_query_prepared(_NAME, None))
+        if prep is Prepare.NO:
+            sends.append(
+                lambda: pgconn.send_query_params(
+                    pgq.query, pgq.params, param_formats=pgq.formats, param_types=pgq.types, result_format=fmt
+                )
+            )
+        else:
+            if prep is Prepare.SHOULD:
+                sends.append(lambda: pgconn.send_prepare(prepared_name, pgq.query, param_types=pgq.types))
+            sends.append(
+                lambda: pgconn.send_query_prepared(
+                    prepared_name, pgq.params, param_formats=pgq.formats, result_format=fmt
+                )
+            )
+        armed = None if limit is None else WATCHDOG.arm(driver, limit, pgconn.socket)
+        try:
+            try:
+                pgconn.enter_pipeline_mode()
+                for send in sends:
+                    send()
+                pgconn.pipeline_sync()
+                groups = driver.wait(_pipeline_results(pgconn, len(sends) + 1))
+                pgconn.exit_pipeline_mode()
+            except psycopg.Error:
+                _abandon(driver)  # the ordinary path then fails on it as a lost connection, named
+                return None
+            except BaseException:  # e.g. Ctrl-C mid-pipeline: the connection's state is unknown
+                _abandon(driver)
+                raise
+        finally:
+            if armed is not None:
+                WATCHDOG.disarm(armed)
+        if groups[0][-1].status != ExecStatus.COMMAND_OK:
+            _roll_back(driver)
+            return None
+        at = 1
+        if not check_prepared:
+            prepared = groups[at][-1]
+            if prepared.status != ExecStatus.COMMAND_OK:
+                if prepared.error_field(pq.DiagnosticField.SQLSTATE) == _DUPLICATE:
+                    names.add(_NAME)  # prepared on the connection already (by an earlier pipeline)
+                _roll_back(driver)
+                return None
+            at += 1
+        check = groups[at][-1]
+        at += 1
+        if check.status != ExecStatus.TUPLES_OK:
+            stored = (
+                check.status == ExecStatus.FATAL_ERROR
+                and check.error_field(pq.DiagnosticField.SQLSTATE) == _INVALID_TEXT
+                and _STORED_MARK in (check.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b"")
+            )
+            if stored:
+                names.add(_NAME)
+            else:
+                names.discard(_NAME)  # e.g. DEALLOCATE ALL dropped it: prepared again next time
+            _roll_back(driver)
+            return None
+        names.add(_NAME)
+        pending.checked(conn)
+        if prep is Prepare.SHOULD:
+            prepared = groups[at][-1]
+            at += 1
+            if prepared.status == ExecStatus.FATAL_ERROR:
+                raise psycopg.errors.error_from_result(prepared, encoding=cursor._encoding)
+        results = groups[at]
+        if not any(r.status == ExecStatus.FATAL_ERROR for r in results):
+            key = driver._prepared.maybe_add_to_cache(pgq, prep, prepared_name)
+            if key is not None:
+                driver._prepared.validate(key, prep, prepared_name, results)
+        cursor._query = pgq
+        cursor._check_results(results)  # raises the statement's failure as psycopg does
+        cursor._set_results(results)
+        cursor._last_query = statement
+        driver.wait(driver._prepared.maintain_gen(driver))
+    return True
+
+
+def _pipeline_results(pgconn: Any, commands: int) -> Any:
+    """Flush the pipeline and read the results of ``commands`` commands (the last a Sync)."""
+    yield from generators.send(pgconn)
+    groups: list[list[Any]] = []
+    while len(groups) < commands:
+        results = yield from generators.fetch_many(pgconn)
+        if not results:
+            raise psycopg.OperationalError("the pipeline's results ended early")
+        groups.append(results)
+        if results[0].status == ExecStatus.PIPELINE_SYNC:
+            break
+    return groups
+
+
+def _roll_back(driver: Any) -> None:
+    """Undo the pipeline's transaction: it ran the BEGIN and at most the check."""
+    pgconn = driver.pgconn
+    if pgconn.transaction_status == TransactionStatus.IDLE:
+        return
+    try:
+        pgconn.send_query(b"ROLLBACK")
+        driver.wait(generators.execute(pgconn))
+    except psycopg.Error:
+        _abandon(driver)
+
+
+def _abandon(driver: Any) -> None:
+    """A pipeline that failed part-way: close the connection (its state is unknown)."""
+    try:
+        driver.close()
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+
+
+__all__ = ["CHECK_OR_FAIL", "PendingCheck", "can_defer", "defer_check", "install", "pending_check"]

@@ -1,0 +1,213 @@
+"""A session flush's unstored-ring check rides on its first statement (sa_shardkit.fused_write).
+
+The check is sent in one pipeline with the BEGIN and the flush's first statement, in a form that
+fails when a ring is stored, so the statement never runs after a failed check. These tests store a
+ring behind the back of a process that would not look for one for an hour and check that its next
+flush still finds it (it adopts the ring, whichever statement the flush starts with), that the
+check fails exactly when the state table exists, and that a statement's own failure is raised as
+without the pipeline. Rows are counted on each server directly.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.exc import IntegrityError
+
+from sa_shardkit import ShardManager, fused_write
+from sa_shardkit.demo.models import Base, Customer, Order
+from sa_shardkit.errors import ShardUnavailableError
+from sa_shardkit.placement import RECHECK_ENV
+from sa_shardkit.rebalance import install_ring
+from sa_shardkit.ring_state import STATE_TABLE
+from tests.fleet import TestFleet
+
+
+def counts(urls: dict[str, str], table: str) -> dict[str, int]:
+    """Rows of ``table`` per server, asked directly."""
+    found = {}
+    for shard_id, url in urls.items():
+        with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+            found[shard_id] = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # type: ignore[index]
+    return found
+
+
+@pytest.fixture
+def never_looks(
+    shard_map: dict[str, str], manager: ShardManager, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[ShardManager]:
+    """A process that has seen no stored ring and would not look for one for an hour."""
+    for shard_id in shard_map:
+        Base.metadata.create_all(manager.engine(shard_id))
+    monkeypatch.setenv(RECHECK_ENV, "3600")
+    with ShardManager.from_urls(shard_map, refresh_seconds=3600) as process:
+        assert process.placement.refresh().version == 0
+        yield process
+
+
+@pytest.fixture
+def fused_runs(monkeypatch: pytest.MonkeyPatch) -> list[bool | None]:
+    """What each fused run answered (True: the statement ran behind the check; None: it did not)."""
+    answers: list[bool | None] = []
+    original = fused_write._run_fused
+
+    def spy(*args: Any) -> bool | None:
+        answer = original(*args)
+        answers.append(answer)
+        return answer
+
+    monkeypatch.setattr(fused_write, "_run_fused", spy)
+    return answers
+
+
+def key_on(process: ShardManager, shard_id: str, skip: int = 0) -> int:
+    return [k for k in range(1, 500) if process.shard_for(k) == shard_id][skip]
+
+
+def add_customer(process: ShardManager, key: int) -> None:
+    with process.sessionmaker()() as session, session.begin():
+        session.add(Customer(customer_id=key, name=f"c{key}"))
+
+
+def test_the_check_fails_exactly_when_the_state_table_exists(shard_map: dict[str, str]) -> None:
+    """The failing form is evaluated on its row, not folded by the planner into an error always."""
+    url = shard_map["shard-1"].replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute(fused_write._CHECK).fetchone() == (None,)
+        conn.execute(f"CREATE TABLE {STATE_TABLE} (x int)")
+        try:
+            with pytest.raises(psycopg.errors.InvalidTextRepresentation, match="a ring is stored"):
+                conn.execute(fused_write._CHECK)
+            conn.execute("CREATE SCHEMA elsewhere")
+            conn.execute(f"ALTER TABLE {STATE_TABLE} SET SCHEMA elsewhere")  # not on the search path
+            assert conn.execute(fused_write._CHECK).fetchone() == (None,)
+        finally:
+            conn.execute("DROP SCHEMA IF EXISTS elsewhere CASCADE")
+            conn.execute(f"DROP TABLE IF EXISTS {STATE_TABLE}")
+
+
+def test_a_flush_finds_a_ring_stored_after_its_process_last_looked(
+    never_looks: ShardManager, shard_map: dict[str, str], fused_runs: list[bool | None]
+) -> None:
+    key = key_on(never_looks, "shard-1")
+    add_customer(never_looks, key)
+    assert fused_runs == [True]  # the check rode on the INSERT
+    with ShardManager.from_urls(shard_map) as operator:
+        install_ring(operator)
+    add_customer(never_looks, key + 1000)  # by the configured ring: on the key's owner, not moving
+    assert fused_runs == [True, None]  # the check failed: the INSERT did not run behind it
+    assert never_looks.placement.state.version == 1  # ... and the ordinary fence adopted the ring
+    owner = never_looks.shard_for(key + 1000)
+    found = counts(shard_map, "customers")
+    assert found[owner] == (2 if owner == "shard-1" else 1)
+    assert sum(found.values()) == 2
+
+
+def test_a_flush_that_starts_with_an_executemany_still_checks(
+    never_looks: ShardManager, shard_map: dict[str, str], fused_runs: list[bool | None]
+) -> None:
+    """A flush that updates several loaded rows sends one executemany (the dialect's
+    do_executemany, not the pipeline): the check is made the ordinary way before it."""
+    key = key_on(never_looks, "shard-2")
+    add_customer(never_looks, key)
+    maker = never_looks.sessionmaker(expire_on_commit=False)
+    with maker() as session, session.begin():
+        orders = [
+            Order(customer_id=key, order_id=uuid.uuid4(), status="new", total=Decimal(1)) for _ in range(3)
+        ]
+        session.add_all(orders)
+    with ShardManager.from_urls(shard_map) as operator:
+        install_ring(operator)
+    many: list[tuple[str, bool]] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool) -> None:
+        many.append((statement.split()[0].upper(), executemany))
+
+    engine = never_looks.engine("shard-2")
+    event.listen(engine, "before_cursor_execute", seen)
+    runs = len(fused_runs)
+    try:
+        with maker() as session, session.begin():
+            session.add_all(orders)
+            for order in orders:
+                order.status = "paid"
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    # the batch's event fires first; the ordinary fence's reads run inside its do_executemany
+    assert many[0] == ("UPDATE", True) and len(many) > 1
+    assert len(fused_runs) == runs  # no pipeline
+    assert never_looks.placement.state.version == 1  # the check ran (and found the ring)
+    assert counts(shard_map, "orders") == {s: (3 if s == "shard-2" else 0) for s in shard_map}
+
+
+def test_a_statement_that_fails_behind_the_check_fails_as_usual(
+    never_looks: ShardManager, shard_map: dict[str, str], fused_runs: list[bool | None]
+) -> None:
+    key = key_on(never_looks, "shard-3")
+    add_customer(never_looks, key)
+    with pytest.raises(IntegrityError, match="customers_pkey"):
+        add_customer(never_looks, key)
+    assert fused_runs == [True]  # the duplicate's pipeline raised (no answer): the check had passed
+    add_customer(never_looks, key_on(never_looks, "shard-3", 1))  # the connection goes on
+    assert counts(shard_map, "customers")["shard-3"] == 2
+    assert never_looks.placement.state.version == 0
+
+
+def test_a_mark_left_by_a_transaction_that_wrote_nothing_is_not_carried_by_the_next(
+    never_looks: ShardManager, shard_map: dict[str, str], fused_runs: list[bool | None]
+) -> None:
+    """The fence marked the connection, but its transaction ended before any statement: the next
+    transaction's statement runs as it is (its own fence, if any, marks it again)."""
+    key = key_on(never_looks, "shard-4")
+    with never_looks.connect("shard-4") as conn:
+        conn.begin()
+        never_looks.placement.fence_write(conn, "shard-4", key, deferrable=True)
+        assert fused_write.pending_check(conn) is not None
+        conn.commit()
+        conn.execute(text("SELECT 1"))
+        conn.commit()
+    assert fused_runs == []
+
+
+@pytest.mark.timeout(120)
+def test_a_shard_frozen_as_the_pipeline_is_sent_is_named_and_nothing_is_written(
+    pg_fleet: TestFleet, shard_map: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server stops (SIGSTOP) after the connection's checkout ping, right before the flush's
+    pipeline goes out: the watchdog bounds the wait, the flush raises ShardUnavailableError naming
+    the shard, and once the server runs again no row of it is there."""
+    monkeypatch.setenv(RECHECK_ENV, "3600")
+    server = pg_fleet.server(1)  # shard-2
+    with ShardManager.from_urls(
+        shard_map, connect_timeout=2, query_timeout=3, refresh_seconds=3600
+    ) as process:
+        for shard_id in shard_map:
+            Base.metadata.create_all(process.engine(shard_id))
+        key = key_on(process, "shard-2")
+        add_customer(process, key)  # a pooled connection, the check prepared on it
+        engine = process.engine("shard-2")
+
+        def freeze(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if statement.lstrip().upper().startswith("INSERT"):
+                server.pause()
+
+        event.listen(engine, "before_cursor_execute", freeze)
+        try:
+            with pytest.raises(ShardUnavailableError) as raised:
+                add_customer(
+                    process,
+                    key + 1000
+                    if process.shard_for(key + 1000) == "shard-2"
+                    else key_on(process, "shard-2", 1),
+                )
+        finally:
+            event.remove(engine, "before_cursor_execute", freeze)
+            server.resume()
+        assert raised.value.shard_id == "shard-2"
+    assert counts(shard_map, "customers") == {s: (1 if s == "shard-2" else 0) for s in shard_map}
