@@ -1,27 +1,33 @@
 """A write transaction's fence check carried by its first statement (sync psycopg).
 
-Before a ring is stored, every write transaction checks that none is stored on its shard (the
-unstored-ring fence, :meth:`sa_shardkit.placement.Placement.fence_write`). Sent with the BEGIN
-(:mod:`sa_shardkit.fused_begin`) the check costs no round trip of its own, but the write still waits
-for it: BEGIN + check, then the first statement, then COMMIT. Here a session flush's fence marks the
-connection instead (:func:`defer_check`), and the first statement sent on it afterwards goes out in
-one libpq pipeline behind the BEGIN and a form of the check that *fails* when a ring is stored
-(:data:`CHECK_OR_FAIL`): BEGIN, check, statement, Sync, one round trip. A failed statement aborts
-the rest of the pipeline and the transaction, so the statement never runs after a failed check.
-Then (a ring is stored, or the pipeline could not be used) the transaction is rolled back (it had
-run nothing else: the check is its first statement on this connection), the fence is held the
-ordinary way (:meth:`PendingCheck.fence_again`: it adopts the stored ring, and raises
-:class:`~sa_shardkit.StaleRingError` when a key moved), and the statement runs as usual.
+Every write transaction first holds the write fence on its shard
+(:meth:`sa_shardkit.placement.Placement.fence_write`): with no ring stored, a check that none is;
+with one, the shard's state row locked ``FOR KEY SHARE`` at the routed ring version (a key that is
+not moving). Sent with the BEGIN (:mod:`sa_shardkit.fused_begin`) it costs no round trip of its
+own, but the write still waits for it: BEGIN + fence, then the first statement, then COMMIT.
 
-Safety is the ordinary check's: the check is the first statement of the transaction on this
-connection and precedes the write in it. Anything unusual (another driver or cursor class, an async
-or autocommit connection, prepared statements off, a statement the wrapper does not see first)
-takes the ordinary path.
+Here a session flush's fence marks the connection instead (:func:`defer_check`), and the first
+statement sent on it goes out in one libpq pipeline behind the BEGIN and a form of the fence that
+*fails* (SQLSTATE 22P02, a message starting ``sa_shardkit:``) when the write may not go ahead as
+routed (:func:`unstored_check`, :func:`stored_check`): BEGIN, fence, statement, Sync, one round
+trip. A failed command aborts the rest of the pipeline and the transaction, so the statement never
+runs after a failed fence. Then the transaction is rolled back (it had run nothing else: marks are
+made on an idle connection only), the fence is held the ordinary way
+(:meth:`PendingCheck.fence_again`: it adopts the stored or newer ring, and raises
+:class:`~sa_shardkit.StaleRingError` when a key moved), and the statement runs as usual. A lock
+wait that runs out (``fence_timeout``) raises :class:`~sa_shardkit.FenceTimeoutError` naming the
+shard, as the ordinary fence does.
+
+Safety is the ordinary fence's: the same check, the first statement of the transaction on this
+connection, before the write in it. Anything unusual (another driver or cursor class, an async or
+autocommit connection, prepared statements off as behind PgBouncer, a moving key, an executemany,
+a statement sent past SQLAlchemy's execute) takes the ordinary path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any, Protocol
 
 import psycopg
@@ -32,23 +38,45 @@ from sqlalchemy.engine import Connection, Engine
 
 from .faults import BOUND_ATTR, QUERY_TIMEOUT, WATCHDOG
 from .fused_begin import PREPARED_ATTR
-from .ring_state import STATE_TABLE
+from .ring_state import STATE_TABLE, bounded_lock_sql
 
-CHECK_OR_FAIL = (
+_FAIL = "'sa_shardkit: {why}'"
+_UNSTORED_CHECK = (
     "SELECT (CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_class c"
     " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
-    " WHERE c.relname = '{table}' AND n.nspname = ANY (current_schemas(false)))"
-    " THEN 'sa_shardkit: a ring is stored on this shard' END)::int"
-)
-"""The unstored-ring check that fails (SQLSTATE 22P02, :data:`_STORED_MARK` in its message) when the
-state table exists in its snapshot: the CASE is not a constant (a sublink), so the cast is evaluated
-at run time, on its one row."""
-
-_CHECK = CHECK_OR_FAIL.format(table=STATE_TABLE).encode()
-_STORED_MARK = b"sa_shardkit: a ring is stored on this shard"
+    f" WHERE c.relname = '{STATE_TABLE}' AND n.nspname = ANY (current_schemas(false)))"
+    f" THEN {_FAIL.format(why='a ring is stored on this shard')} END)::int"
+).encode()
+_CHECK_FAILED = b"sa_shardkit: "
 _INVALID_TEXT = b"22P02"
 _DUPLICATE = b"42P05"
-_NAME = b"shardkit_unstored_or_fail"
+_LOCK_NOT_AVAILABLE = b"55P03"
+
+
+def unstored_check() -> tuple[bytes, bytes]:
+    """(name, SQL) of the unstored-ring check that fails when the state table exists in its
+    snapshot. The CASE is not a constant (a sublink), so the cast is evaluated at run time, on its
+    one row, and only the failing branch fails."""
+    return b"shardkit_unstored_or_fail", _UNSTORED_CHECK
+
+
+@lru_cache(maxsize=64)
+def stored_check(version: int, ms: int | None) -> tuple[bytes, bytes]:
+    """(name, SQL) of the stored-ring fence of a key that is not moving: the shard's state row
+    locked ``FOR KEY SHARE`` (the wait bounded by ``ms``, :func:`~sa_shardkit.ring_state.bounded_lock_sql`),
+    failing unless it stores ring ``version`` (or when it has no row)."""
+    fail = _FAIL.format(why=f"the shard does not store ring version {version}")
+    if ms is None:
+        sql = f"SELECT (CASE WHEN version IS DISTINCT FROM {version} THEN {fail} END)::int FROM {STATE_TABLE} FOR KEY SHARE"
+        return b"shardkit_fence_or_fail_%d" % version, sql.encode()
+    locked = bounded_lock_sql("version", "FOR KEY SHARE", ms)
+    sql = (
+        f"SELECT (CASE WHEN f.version IS DISTINCT FROM {version} THEN {fail} END)::int,"
+        f" f.restored_lock_timeout FROM ({locked}) AS f"
+    )
+    return b"shardkit_fence_or_fail_%d_%d" % (version, ms), sql.encode()
+
+
 _MARK = "_shardkit_pending_check"
 """Driver connection attribute: the :class:`PendingCheck` its next statement carries."""
 _WRAPPED = "_shardkit_fused_write"
@@ -61,8 +89,17 @@ class PendingCheck(Protocol):
     """The SQLAlchemy transaction it belongs to: a mark left by a transaction that ran nothing is
     ignored by the next one."""
 
+    name: bytes
+    """The prepared statement the check is kept as on the connection."""
+    sql: bytes
+    """The check: a fixed statement that fails with a message starting ``sa_shardkit:`` (SQLSTATE
+    22P02) when the write may not go ahead as routed (:func:`unstored_check`, :func:`stored_check`)."""
+
     def checked(self, conn: Connection) -> None:
-        """The check found no stored ring (the statement then runs in the same transaction)."""
+        """The check passed (the statement then runs in the same transaction)."""
+
+    def timed_out(self, conn: Connection) -> None:
+        """Raise the error of a check whose lock wait ran out (the transaction was rolled back)."""
 
     def fence_again(self, conn: Connection) -> None:
         """Hold the fence the ordinary way (no transaction begun on the driver connection)."""
@@ -172,10 +209,11 @@ def _run_fused(
         fmt = cursor.format
         begin = driver._begin_statement or driver._get_tx_start_command()
         sends: list[Callable[[], None]] = [lambda: pgconn.send_query_params(begin, None)]
-        check_prepared = _NAME in names
+        name, sql = pending.name, pending.sql
+        check_prepared = name in names
         if not check_prepared:
-            sends.append(lambda: pgconn.send_prepare(_NAME, _CHECK))
-        sends.append(lambda: pgconn.send_query_prepared(_NAME, None))
+            sends.append(lambda: pgconn.send_prepare(name, sql))
+        sends.append(lambda: pgconn.send_query_prepared(name, None))
         if prep is Prepare.NO:
             sends.append(
                 lambda: pgconn.send_query_params(
@@ -216,25 +254,26 @@ def _run_fused(
             prepared = groups[at][-1]
             if prepared.status != ExecStatus.COMMAND_OK:
                 if prepared.error_field(pq.DiagnosticField.SQLSTATE) == _DUPLICATE:
-                    names.add(_NAME)  # prepared on the connection already (by an earlier pipeline)
+                    names.add(name)  # prepared on the connection already (by an earlier pipeline)
                 _roll_back(driver)
                 return None
             at += 1
         check = groups[at][-1]
         at += 1
         if check.status != ExecStatus.TUPLES_OK:
-            stored = (
-                check.status == ExecStatus.FATAL_ERROR
-                and check.error_field(pq.DiagnosticField.SQLSTATE) == _INVALID_TEXT
-                and _STORED_MARK in (check.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b"")
+            state = check.error_field(pq.DiagnosticField.SQLSTATE)
+            failed = state == _INVALID_TEXT and _CHECK_FAILED in (
+                check.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b""
             )
-            if stored:
-                names.add(_NAME)
+            if failed or state == _LOCK_NOT_AVAILABLE:
+                names.add(name)  # the statement itself ran: it is prepared
             else:
-                names.discard(_NAME)  # e.g. DEALLOCATE ALL dropped it: prepared again next time
+                names.discard(name)  # e.g. DEALLOCATE ALL dropped it: prepared again next time
             _roll_back(driver)
+            if state == _LOCK_NOT_AVAILABLE:
+                pending.timed_out(conn)  # waiting again the ordinary way would wait as long again
             return None
-        names.add(_NAME)
+        names.add(name)
         pending.checked(conn)
         if prep is Prepare.SHOULD:
             prepared = groups[at][-1]
@@ -288,4 +327,12 @@ def _abandon(driver: Any) -> None:
         pass
 
 
-__all__ = ["CHECK_OR_FAIL", "PendingCheck", "can_defer", "defer_check", "install", "pending_check"]
+__all__ = [
+    "PendingCheck",
+    "can_defer",
+    "defer_check",
+    "install",
+    "pending_check",
+    "stored_check",
+    "unstored_check",
+]

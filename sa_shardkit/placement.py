@@ -7,14 +7,16 @@ at most every ``refresh_seconds``, and after a keyed read found nothing. A perio
 one shard's row (:meth:`Placement.refresh`), every shard only after that row showed a change. A fleet
 that stores no ring (never rebalanced) routes by the configured ring; its write transactions pay
 one small query per shard (below), sent with the transaction's BEGIN on psycopg (no round trip of
-its own, :mod:`sa_shardkit.fused_begin`); SQLite files pay nothing.
+its own, :mod:`sa_shardkit.fused_begin`), and by a session flush in one pipeline with the BEGIN and
+its first statement (:mod:`sa_shardkit.fused_write`); SQLite files pay nothing.
 
 A stored ring may name a shard this process's configuration lacks (the fleet grew after the
 process was configured): routing a key there raises :class:`~sa_shardkit.UnknownShardError`
 naming the shard and the ring version; the old shard is never used instead.
 
 Every write transaction on a shard first reads that shard's state row with a lock (the fence; for a
-key that is not moving, on psycopg, in the BEGIN's round trip, :mod:`sa_shardkit.fused_begin`):
+key that is not moving, on psycopg, in the BEGIN's round trip, :mod:`sa_shardkit.fused_begin`, or a
+flush's first statement's, :mod:`sa_shardkit.fused_write`):
 
 * a key that is not moving: ``FOR KEY SHARE``. Only a version bump (a key update, preceded by
   ``FOR UPDATE``) conflicts, so after a bump no writer of the older version is still in flight, and
@@ -59,14 +61,16 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.util.concurrency import await_only, in_greenlet
 
 from .errors import StaleRingError, UnknownShardError
-from .fused_write import can_defer, defer_check, pending_check
+from .fused_write import can_defer, defer_check, pending_check, stored_check, unstored_check
 from .replicas import INTERNAL
 from .ring import HashRing, ShardKey
 from .ring_state import (
     FenceRow,
     RingState,
     SourceMarks,
+    bound_ms,
     bounded_fence,
+    fence_timeout_error,
     fence_version_with_begin,
     read_any_state,
     read_fence,
@@ -131,25 +135,45 @@ def _blocking(work: Callable[[], T]) -> T:
 
 
 class _DeferredCheck:
-    """The unstored-ring check of one shard's write transaction, made by the connection's next
-    statement (:class:`sa_shardkit.fused_write.PendingCheck`)."""
+    """The fence check of one shard's write transaction, made by the connection's next statement
+    (:class:`sa_shardkit.fused_write.PendingCheck`): with no ring stored (``version`` 0), that none
+    is; with one, the state row locked ``FOR KEY SHARE`` at ``version`` (keys that are not moving)."""
 
-    __slots__ = ("keys", "placement", "shard", "transaction")
+    __slots__ = ("bound", "keys", "name", "placement", "shard", "sql", "transaction", "version")
 
-    def __init__(self, transaction: Any, placement: Placement, shard: str, key: ShardKey) -> None:
+    def __init__(
+        self,
+        transaction: Any,
+        placement: Placement,
+        shard: str,
+        key: ShardKey,
+        version: int,
+        bound: float | None,
+    ) -> None:
         self.transaction = transaction
         self.placement = placement
         self.shard = shard
         self.keys = [key]
+        self.version = version
+        self.bound = bound
+        self.name, self.sql = (
+            unstored_check()
+            if version == 0
+            else stored_check(version, None if bound is None else bound_ms(bound))
+        )
 
     def checked(self, conn: Connection) -> None:
-        """No ring is stored on the shard in this transaction's check: as :meth:`Placement._unstored_here` records it."""
-        fairy = conn._dbapi_connection
-        record = fairy._connection_record if fairy is not None else None
-        (record.info if record is not None else conn.info)[_UNSTORED] = self.transaction
+        """The check passed: with no ring stored, recorded as :meth:`Placement._unstored_here` does."""
+        if self.version == 0:
+            fairy = conn._dbapi_connection
+            record = fairy._connection_record if fairy is not None else None
+            (record.info if record is not None else conn.info)[_UNSTORED] = self.transaction
+
+    def timed_out(self, conn: Connection) -> None:
+        raise fence_timeout_error(self.shard, bound_ms(self.bound or 0) / 1000, own=True)
 
     def fence_again(self, conn: Connection) -> None:
-        """The fence the ordinary way, for every key deferred (it adopts a stored ring)."""
+        """The fence the ordinary way, for every key deferred (it adopts a stored or newer ring)."""
         for key in self.keys:
             self.placement.fence_write(conn, self.shard, key, checked=True)
 
@@ -678,11 +702,9 @@ class Placement:
             return
         try:
             # what _fence_write's first pass does, without its call and _unstored_fence's
-            if self._state.version == 0 and (
-                (deferrable and self._deferred_here(conn, shard_id, key))
-                or self._unstored_here(conn)
-                or self._stored_here(conn, shard_id)
-            ):
+            if deferrable and self._deferred_here(conn, shard_id, key):
+                return
+            if self._state.version == 0 and (self._unstored_here(conn) or self._stored_here(conn, shard_id)):
                 return
             self._fence_write(conn, shard_id, key)
         except StaleRingError as stale:
@@ -888,27 +910,34 @@ class Placement:
         return False
 
     def _deferred_here(self, conn: Connection, shard: str, key: ShardKey) -> bool:
-        """True when the unstored-ring check for writing ``key`` is made by ``conn``'s next
-        statement, or was made in this transaction already (:mod:`sa_shardkit.fused_write`)."""
+        """True when the fence for writing ``key`` is checked by ``conn``'s next statement (or, with
+        no ring stored, was checked in this transaction already): :mod:`sa_shardkit.fused_write`.
+        Raises :class:`StaleRingError` when the ring routed by puts ``key`` elsewhere."""
         transaction = conn._transaction
         if transaction is None:
             return False
-        fairy = conn._dbapi_connection
-        record = fairy._connection_record if fairy is not None else None
-        info = record.info if record is not None else conn.info
-        if info.get(_UNSTORED) is transaction:
-            return True
+        state = self._state
+        version = state.version
+        if version == 0:
+            fairy = conn._dbapi_connection
+            record = fairy._connection_record if fairy is not None else None
+            if (record.info if record is not None else conn.info).get(_UNSTORED) is transaction:
+                return True
+        elif state.move_of(key) is not None:
+            return False  # a moving key's fence reads its source's watermark: the ordinary way
         pending = pending_check(conn)
-        if (
-            isinstance(pending, _DeferredCheck)
-            and pending.transaction is transaction
-            and pending.shard == shard
-        ):
+        if isinstance(pending, _DeferredCheck) and pending.transaction is transaction:
+            if pending.shard != shard or pending.version != version:
+                return False  # the ordinary fence; the mark is then resolved the ordinary way too
+            if version:
+                self._require_owner(state, key, shard)
             pending.keys.append(key)
             return True
         if not can_defer(conn):
             return False
-        defer_check(conn, _DeferredCheck(transaction, self, shard, key))
+        if version:
+            self._require_owner(state, key, shard)  # the check holds the row at this version
+        defer_check(conn, _DeferredCheck(transaction, self, shard, key, version, self._fence_timeout(shard)))
         return True
 
     @staticmethod

@@ -20,12 +20,13 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.exc import IntegrityError
 
-from sa_shardkit import ShardManager, fused_write
+from sa_shardkit import HashRing, ShardManager, fused_write
 from sa_shardkit.demo.models import Base, Customer, Order
-from sa_shardkit.errors import ShardUnavailableError
+from sa_shardkit.errors import ShardUnavailableError, StaleRingError
 from sa_shardkit.placement import RECHECK_ENV
-from sa_shardkit.rebalance import install_ring
+from sa_shardkit.rebalance import add_shard, install_ring
 from sa_shardkit.ring_state import STATE_TABLE
+from sa_shardkit.saga import create_saga_tables
 from tests.fleet import TestFleet
 
 
@@ -79,17 +80,32 @@ def test_the_check_fails_exactly_when_the_state_table_exists(shard_map: dict[str
     """The failing form is evaluated on its row, not folded by the planner into an error always."""
     url = shard_map["shard-1"].replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(url, autocommit=True) as conn:
-        assert conn.execute(fused_write._CHECK).fetchone() == (None,)
+        assert conn.execute(fused_write.unstored_check()[1]).fetchone() == (None,)
         conn.execute(f"CREATE TABLE {STATE_TABLE} (x int)")
         try:
             with pytest.raises(psycopg.errors.InvalidTextRepresentation, match="a ring is stored"):
-                conn.execute(fused_write._CHECK)
+                conn.execute(fused_write.unstored_check()[1])
             conn.execute("CREATE SCHEMA elsewhere")
             conn.execute(f"ALTER TABLE {STATE_TABLE} SET SCHEMA elsewhere")  # not on the search path
-            assert conn.execute(fused_write._CHECK).fetchone() == (None,)
+            assert conn.execute(fused_write.unstored_check()[1]).fetchone() == (None,)
         finally:
             conn.execute("DROP SCHEMA IF EXISTS elsewhere CASCADE")
             conn.execute(f"DROP TABLE IF EXISTS {STATE_TABLE}")
+
+
+def test_the_stored_ring_check_fails_exactly_on_another_version(manager: ShardManager) -> None:
+    """Bounded or not, the version check passes at the stored version (and puts lock_timeout
+    back), and fails at any other."""
+    install_ring(manager)
+    url = manager.config("shard-1").url.render_as_string(hide_password=False)
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        for ms in (None, 1500):
+            assert conn.execute(fused_write.stored_check(1, ms)[1]).fetchone()[0] is None  # type: ignore[index]
+            assert conn.execute("SHOW lock_timeout").fetchone() == ("0",)
+            conn.rollback()
+            with pytest.raises(psycopg.errors.InvalidTextRepresentation, match="ring version 2"):
+                conn.execute(fused_write.stored_check(2, ms)[1])
+            conn.rollback()
 
 
 def test_a_flush_finds_a_ring_stored_after_its_process_last_looked(
@@ -211,3 +227,51 @@ def test_a_shard_frozen_as_the_pipeline_is_sent_is_named_and_nothing_is_written(
             server.resume()
         assert raised.value.shard_id == "shard-2"
     assert counts(shard_map, "customers") == {s: (1 if s == "shard-2" else 0) for s in shard_map}
+
+
+def test_a_flush_by_an_older_stored_ring_meets_the_newer_one_in_its_pipeline(
+    shard_map: dict[str, str],
+    shard5_url: str,
+    manager: ShardManager,
+    fused_runs: list[bool | None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A process routes by stored ring version 1 while an online add moved the fleet on. Its flush
+    of a moved key locks the old shard's state row in the pipeline and fails on the version (the
+    INSERT does not run there): the ordinary fence adopts the new ring and raises StaleRingError
+    naming the new shard, nothing written on the old one; the retry and later writes ride on their
+    INSERTs again, each on its shard."""
+    urls = {**shard_map, "shard-5": shard5_url}
+    four = HashRing(list(shard_map))
+    five = four.add_shard("shard-5")
+    first, stayed = [k for k in range(1, 500) if four.get_shard(k) == five.get_shard(k) == "shard-1"][:2]
+    moved = next(
+        k for k in range(1, 500) if four.get_shard(k) == "shard-1" and five.get_shard(k) == "shard-5"
+    )
+    with ShardManager.from_urls(urls) as operator:
+        for shard_id in urls:
+            Base.metadata.create_all(operator.engine(shard_id))
+        create_saga_tables(operator)
+        operator.set_ring(four)
+        install_ring(operator)
+    monkeypatch.setenv(RECHECK_ENV, "3600")
+    with ShardManager.from_urls(urls, refresh_seconds=3600) as process:
+        process.set_ring(four)
+        assert process.placement.refresh().version == 1  # and not again for an hour
+        monkeypatch.setenv(RECHECK_ENV, "0.2")  # the operator's horizon (its move waits it out)
+        add_customer(process, first)
+        assert fused_runs == [True]  # the lock and the version check rode on the INSERT
+        with ShardManager.from_urls(urls) as operator:
+            operator.set_ring(four)
+            add_shard(operator, "shard-5", Base)
+        assert process.placement.state.version == 1  # it has not looked
+        with pytest.raises(StaleRingError) as stale:  # routed by version 1 to shard-1
+            add_customer(process, moved)
+        assert stale.value.shard_id == "shard-5"
+        assert fused_runs[-1] is None and process.placement.state.version > 1  # the check failed
+        assert counts(urls, "customers") == {s: (1 if s == "shard-1" else 0) for s in urls}
+        add_customer(process, moved)  # the retry, by the adopted ring
+        add_customer(process, stayed)
+        assert fused_runs[-2:] == [True, True]
+    found = counts(urls, "customers")
+    assert found == {s: {"shard-1": 2, "shard-5": 1}.get(s, 0) for s in urls}
