@@ -73,13 +73,8 @@ def first_value_with_begin(
         return None
     if pgconn.transaction_status != TransactionStatus.IDLE:
         return None
-    options = conn._execution_options
-    # the engine's bound: what statement_bound(conn.engine) reads
-    limit = options[QUERY_TIMEOUT] if QUERY_TIMEOUT in options else getattr(conn.engine, BOUND_ATTR, None)
-    names: set[bytes] | None = getattr(driver, PREPARED_ATTR, None)
-    if names is None:
-        names = set()
-        setattr(driver, PREPARED_ATTR, names)
+    limit = statement_limit(conn._execution_options, conn.engine)
+    names = prepared_names(driver)
     # the BEGIN psycopg itself would send now (it caches it, and forgets it when the connection's
     # isolation level, read-only or deferrable setting changes)
     begin: bytes = driver._begin_statement or driver._get_tx_start_command()
@@ -129,6 +124,25 @@ def first_value_with_begin(
     return None
 
 
+def statement_limit(options: Any, engine: Any) -> float | None:
+    """The bound on a statement with execution ``options`` on ``engine``: its own
+    ``shardkit_query_timeout`` option, else the engine's (what ``statement_bound(engine)`` reads)."""
+    limit: float | None = (
+        options[QUERY_TIMEOUT] if QUERY_TIMEOUT in options else getattr(engine, BOUND_ATTR, None)
+    )
+    return limit
+
+
+def prepared_names(driver: Any) -> set[bytes]:
+    """Names of the statements this module and :mod:`sa_shardkit.fused_write` prepared on ``driver``
+    (a psycopg connection), kept on it."""
+    names: set[bytes] | None = getattr(driver, PREPARED_ATTR, None)
+    if names is None:
+        names = set()
+        setattr(driver, PREPARED_ATTR, names)
+    return names
+
+
 def _roll_back(driver: psycopg.Connection[Any]) -> None:
     """Back to no transaction after a failed fused BEGIN (the ordinary path then begins anew)."""
     pgconn = driver.pgconn
@@ -141,4 +155,4 @@ def _roll_back(driver: psycopg.Connection[Any]) -> None:
         pass  # lost meanwhile: the ordinary statement raises it, named
 
 
-__all__ = ["PREPARED_ATTR", "LockWaitTimedOut", "first_value_with_begin"]
+__all__ = ["PREPARED_ATTR", "LockWaitTimedOut", "first_value_with_begin", "prepared_names", "statement_limit"]

@@ -36,8 +36,8 @@ from psycopg._preparing import Prepare
 from psycopg.pq import ExecStatus, TransactionStatus
 from sqlalchemy.engine import Connection, Engine
 
-from .faults import BOUND_ATTR, QUERY_TIMEOUT, WATCHDOG
-from .fused_begin import PREPARED_ATTR
+from .faults import WATCHDOG
+from .fused_begin import prepared_names, statement_limit
 from .ring_state import STATE_TABLE, bounded_lock_sql
 
 _FAIL = "'sa_shardkit: {why}'"
@@ -192,12 +192,8 @@ def _run_fused(
         return None
     if pgconn.transaction_status != TransactionStatus.IDLE:
         return None  # something ran in the transaction since the mark: a failed check would lose it
-    options = context.execution_options
-    limit = options[QUERY_TIMEOUT] if QUERY_TIMEOUT in options else getattr(conn.engine, BOUND_ATTR, None)
-    names: set[bytes] | None = getattr(driver, PREPARED_ATTR, None)
-    if names is None:
-        names = set()
-        setattr(driver, PREPARED_ATTR, names)
+    limit = statement_limit(context.execution_options, conn.engine)
+    names = prepared_names(driver)
     with driver.lock:
         # what psycopg's Cursor.execute does before it sends (_start_query, _convert_query)
         cursor._reset()

@@ -134,6 +134,14 @@ def _blocking(work: Callable[[], T]) -> T:
     return work()
 
 
+def _connection_info(conn: Connection) -> dict[Any, Any]:
+    """``conn.info`` (the pool record's info), read without its calls."""
+    fairy = conn._dbapi_connection
+    record = fairy._connection_record if fairy is not None else None
+    info: dict[Any, Any] = record.info if record is not None else conn.info  # (memoized on the record)
+    return info
+
+
 class _DeferredCheck:
     """The fence check of one shard's write transaction, made by the connection's next statement
     (:class:`sa_shardkit.fused_write.PendingCheck`): with no ring stored (``version`` 0), that none
@@ -165,9 +173,7 @@ class _DeferredCheck:
     def checked(self, conn: Connection) -> None:
         """The check passed: with no ring stored, recorded as :meth:`Placement._unstored_here` does."""
         if self.version == 0:
-            fairy = conn._dbapi_connection
-            record = fairy._connection_record if fairy is not None else None
-            (record.info if record is not None else conn.info)[_UNSTORED] = self.transaction
+            _connection_info(conn)[_UNSTORED] = self.transaction
 
     def timed_out(self, conn: Connection) -> None:
         raise fence_timeout_error(self.shard, bound_ms(self.bound or 0) / 1000, own=True)
@@ -919,9 +925,7 @@ class Placement:
         state = self._state
         version = state.version
         if version == 0:
-            fairy = conn._dbapi_connection
-            record = fairy._connection_record if fairy is not None else None
-            if (record.info if record is not None else conn.info).get(_UNSTORED) is transaction:
+            if _connection_info(conn).get(_UNSTORED) is transaction:
                 return True
         elif state.move_of(key) is not None:
             return False  # a moving key's fence reads its source's watermark: the ordinary way
@@ -944,9 +948,7 @@ class Placement:
     def _unstored_here(conn: Connection) -> bool:
         """No ring stored on this shard as of this transaction's check (made once per transaction)."""
         transaction = conn._transaction  # what get_transaction() returns
-        fairy = conn._dbapi_connection  # what conn.info reads its info from: the pool record's
-        record = fairy._connection_record if fairy is not None else None
-        info = record.info if record is not None else conn.info  # (memoized on the record)
+        info = _connection_info(conn)
         if transaction is not None and info.get(_UNSTORED) is transaction:
             return True
         if state_table_committed(conn):
