@@ -38,7 +38,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from .faults import WATCHDOG
 from .fused_begin import prepared_names, statement_limit
-from .ring_state import STATE_TABLE, bounded_lock_sql
+from .ring_state import FENCE_VERSION_SQL, STATE_TABLE, bounded_lock_sql
 
 _FAIL = "'sa_shardkit: {why}'"
 _UNSTORED_CHECK = (
@@ -62,19 +62,15 @@ def unstored_check() -> tuple[bytes, bytes]:
 
 @lru_cache(maxsize=64)
 def stored_check(version: int, ms: int | None) -> tuple[bytes, bytes]:
-    """(name, SQL) of the stored-ring fence of a key that is not moving: the shard's state row
-    locked ``FOR KEY SHARE`` (the wait bounded by ``ms``, :func:`~sa_shardkit.ring_state.bounded_lock_sql`),
-    failing unless it stores ring ``version`` (or when it has no row)."""
+    """(name, SQL) of the stored-ring fence of a key that is not moving: the fused BEGIN's lock of
+    the shard's state row ``FOR KEY SHARE`` (the wait bounded by ``ms``,
+    :func:`~sa_shardkit.ring_state.bounded_lock_sql`), failing unless it stores ring ``version`` (or
+    when it has no row). Every column of the lock's statement is selected, so none of its side
+    effects (the bound put back) is planned away."""
+    locked = FENCE_VERSION_SQL if ms is None else bounded_lock_sql("version", "FOR KEY SHARE", ms)
     fail = _FAIL.format(why=f"the shard does not store ring version {version}")
-    if ms is None:
-        sql = f"SELECT (CASE WHEN version IS DISTINCT FROM {version} THEN {fail} END)::int FROM {STATE_TABLE} FOR KEY SHARE"
-        return b"shardkit_fence_or_fail_%d" % version, sql.encode()
-    locked = bounded_lock_sql("version", "FOR KEY SHARE", ms)
-    sql = (
-        f"SELECT (CASE WHEN f.version IS DISTINCT FROM {version} THEN {fail} END)::int,"
-        f" f.restored_lock_timeout FROM ({locked}) AS f"
-    )
-    return b"shardkit_fence_or_fail_%d_%d" % (version, ms), sql.encode()
+    sql = f"SELECT (CASE WHEN f.version IS DISTINCT FROM {version} THEN {fail} END)::int, f.* FROM ({locked}) AS f"
+    return b"shardkit_fence_or_fail_%d_%d" % (version, ms or 0), sql.encode()
 
 
 _MARK = "_shardkit_pending_check"
@@ -83,7 +79,7 @@ _WRAPPED = "_shardkit_fused_write"
 
 
 class PendingCheck(Protocol):
-    """A deferred unstored-ring check of one shard in one transaction (made by the placement)."""
+    """A deferred fence check of one shard in one transaction (made by the placement)."""
 
     transaction: Any
     """The SQLAlchemy transaction it belongs to: a mark left by a transaction that ran nothing is
@@ -111,17 +107,23 @@ def _driver_of(conn: Connection) -> Any:
     return driver if isinstance(driver, psycopg.Connection) else None
 
 
-def can_defer(conn: Connection) -> bool:
-    """Whether ``conn``'s next statement can carry a fence check (:func:`defer_check`)."""
-    if not getattr(conn.dialect, _WRAPPED, False):
-        return False
-    driver = _driver_of(conn)
-    if driver is None or driver._autocommit or driver._pipeline is not None:
+def _pipeline_usable(driver: Any) -> bool:
+    """Whether a pipeline may carry a check on ``driver`` now: when the mark is made and again when
+    it is used (the connection may have changed meanwhile)."""
+    if driver._autocommit or driver._pipeline is not None:
         return False
     if driver._prepared.prepare_threshold is None:  # behind PgBouncer: the fused BEGIN's text form
         return False
     # nothing of the transaction has run on the connection: a failed check may roll it all back
     return bool(driver.pgconn.transaction_status == TransactionStatus.IDLE)
+
+
+def can_defer(conn: Connection) -> bool:
+    """Whether ``conn``'s next statement can carry a fence check (:func:`defer_check`)."""
+    if not getattr(conn.dialect, _WRAPPED, False):
+        return False
+    driver = _driver_of(conn)
+    return driver is not None and _pipeline_usable(driver)
 
 
 def defer_check(conn: Connection, pending: PendingCheck) -> None:
@@ -144,29 +146,18 @@ def install(engine: Engine) -> Engine:
     execute = dialect.do_execute
 
     def do_execute(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
-        driver = getattr(cursor, "_conn", None)
-        pending = getattr(driver, _MARK, None)
-        if pending is None or context is None:
-            execute(cursor, statement, parameters, context)
-            return
-        setattr(driver, _MARK, None)
-        conn: Connection = context.root_connection
-        if pending.transaction is not conn._transaction:  # left by a transaction that ran nothing
-            execute(cursor, statement, parameters, context)
-            return
-        if _run_fused(pending, conn, cursor, statement, parameters, context) is None:
-            pending.fence_again(conn)
+        pending = _take_mark(cursor, context)
+        if pending is not None and _run_fused(pending, cursor, statement, parameters, context) is None:
+            pending.fence_again(context.root_connection)
+            pending = None
+        if pending is None:
             execute(cursor, statement, parameters, context)
 
     def carried(original: Callable[..., Any]) -> Callable[..., Any]:
         def run(cursor: Any, *args: Any) -> Any:
-            pending = getattr(getattr(cursor, "_conn", None), _MARK, None)
-            context = args[-1] if args else None
-            if pending is not None and context is not None:  # resolved first, the ordinary way
-                setattr(cursor._conn, _MARK, None)
-                conn: Connection = context.root_connection
-                if pending.transaction is conn._transaction:
-                    pending.fence_again(conn)
+            pending = _take_mark(cursor, args[-1] if args else None)
+            if pending is not None:  # resolved first, the ordinary way
+                pending.fence_again(args[-1].root_connection)
             return original(cursor, *args)
 
         return run
@@ -178,8 +169,20 @@ def install(engine: Engine) -> Engine:
     return engine
 
 
+def _take_mark(cursor: Any, context: Any) -> PendingCheck | None:
+    """The check ``cursor``'s statement must carry, taken off its connection (None: none, or a mark
+    left by a transaction that ended without a statement). A statement without an execution context
+    (the dialect's own) leaves the mark for the next."""
+    driver = getattr(cursor, "_conn", None)
+    pending: PendingCheck | None = getattr(driver, _MARK, None)
+    if pending is None or context is None:
+        return None
+    setattr(driver, _MARK, None)
+    return pending if pending.transaction is context.root_connection._transaction else None
+
+
 def _run_fused(
-    pending: PendingCheck, conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any
+    pending: PendingCheck, cursor: Any, statement: str, parameters: Any, context: Any
 ) -> bool | None:
     """Run ``statement`` behind the check in one pipeline: True when it ran (its results are in
     ``cursor``; its own failure is raised as psycopg raises it); None when it did not (a ring is
@@ -187,11 +190,10 @@ def _run_fused(
     if type(cursor) is not psycopg.Cursor or cursor.closed:
         return None
     driver: Any = cursor._conn
+    if not _pipeline_usable(driver):
+        return None  # e.g. something ran in the transaction since the mark
     pgconn = driver.pgconn
-    if driver._autocommit or driver._pipeline is not None or driver._prepared.prepare_threshold is None:
-        return None
-    if pgconn.transaction_status != TransactionStatus.IDLE:
-        return None  # something ran in the transaction since the mark: a failed check would lose it
+    conn: Connection = context.root_connection
     limit = statement_limit(context.execution_options, conn.engine)
     names = prepared_names(driver)
     with driver.lock:

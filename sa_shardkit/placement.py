@@ -701,8 +701,8 @@ class Placement:
         transaction (that none is stored yet); SQLite connections cost nothing. ``checked``: the
         caller asked :meth:`fences_writes` already (it said True). ``deferrable``: the caller's next
         statement on ``conn`` is its first write of ``key`` and goes through the connection's own
-        execute (a session flush): with no stored ring the check may ride on it
-        (:mod:`sa_shardkit.fused_write`).
+        execute (a session flush): the fence's check may ride on it, with the BEGIN, when the key
+        is not moving (:mod:`sa_shardkit.fused_write`).
         """
         if (not checked and not self.fences_writes()) or conn.dialect.name != "postgresql":
             return

@@ -279,7 +279,8 @@ def read_shard_state(
     return None if row is None else row_to_state(shard_id, row)
 
 
-_FENCE_VERSION = f"SELECT version FROM {STATE_TABLE} FOR KEY SHARE".encode()
+FENCE_VERSION_SQL = f"SELECT version FROM {STATE_TABLE} FOR KEY SHARE"
+_FENCE_VERSION = FENCE_VERSION_SQL.encode()
 
 
 def fence_version_with_begin(conn: Connection, shard_id: str = "", bound: float | None = None) -> int | None:
@@ -454,6 +455,7 @@ __all__ = [
     "create_state_table",
     "load_ring_state",
     "fence_timeout_error",
+    "FENCE_VERSION_SQL",
     "fence_version_with_begin",
     "read_fence",
     "read_value_fence",
