@@ -275,3 +275,37 @@ def test_a_flush_by_an_older_stored_ring_meets_the_newer_one_in_its_pipeline(
         assert fused_runs[-2:] == [True, True]
     found = counts(urls, "customers")
     assert found == {s: {"shard-1": 2, "shard-5": 1}.get(s, 0) for s in urls}
+
+
+@pytest.mark.timeout(120)
+def test_a_connection_killed_as_the_pipeline_is_sent_is_named_and_the_next_write_lands(
+    shard_map: dict[str, str], monkeypatch: pytest.MonkeyPatch, fused_runs: list[bool | None]
+) -> None:
+    """The server ends the session's backend (pg_terminate_backend) after its checkout ping, right
+    before the flush's pipeline goes out: the flush raises ShardUnavailableError naming the shard,
+    nothing of it is on the server, and the next write gets a fresh connection and lands."""
+    monkeypatch.setenv(RECHECK_ENV, "3600")
+    with ShardManager.from_urls(shard_map, refresh_seconds=3600) as process:
+        for shard_id in shard_map:
+            Base.metadata.create_all(process.engine(shard_id))
+        first, killed, after = (key_on(process, "shard-2", n) for n in range(3))
+        add_customer(process, first)
+        engine = process.engine("shard-2")
+        url = shard_map["shard-2"].replace("postgresql+psycopg://", "postgresql://")
+
+        def kill(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if statement.lstrip().upper().startswith("INSERT"):
+                pid = cursor.connection.info.backend_pid
+                with psycopg.connect(url, autocommit=True) as admin:
+                    admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
+
+        event.listen(engine, "before_cursor_execute", kill)
+        try:
+            with pytest.raises(ShardUnavailableError) as raised:
+                add_customer(process, killed)
+        finally:
+            event.remove(engine, "before_cursor_execute", kill)
+        assert raised.value.shard_id == "shard-2"
+        add_customer(process, after)
+        assert fused_runs == [True, None, True]  # the pipeline met the closed socket, then a fresh one
+    assert counts(shard_map, "customers") == {s: (2 if s == "shard-2" else 0) for s in shard_map}
