@@ -85,8 +85,11 @@ class PendingCheck(Protocol):
     """The SQLAlchemy transaction it belongs to: a mark left by a transaction that ran nothing is
     ignored by the next one."""
 
-    name: bytes
-    """The prepared statement the check is kept as on the connection."""
+    @property
+    def name(self) -> bytes | None:
+        """The prepared statement the check is kept as on the connection (None: no check, the BEGIN
+        alone rides on the statement)."""
+
     sql: bytes
     """The check: a fixed statement that fails with a message starting ``sa_shardkit:`` (SQLSTATE
     22P02) when the write may not go ahead as routed (:func:`unstored_check`, :func:`stored_check`)."""
@@ -129,6 +132,40 @@ def can_defer(conn: Connection) -> bool:
 def defer_check(conn: Connection, pending: PendingCheck) -> None:
     """Make ``conn``'s next statement carry ``pending`` (call :func:`can_defer` first)."""
     setattr(_driver_of(conn), _MARK, pending)
+
+
+class _BeginOnly:
+    """The mark of a transaction's first statement that carries no check, only the BEGIN."""
+
+    __slots__ = ("transaction",)
+    name = None
+    sql = b""
+
+    def __init__(self, transaction: Any) -> None:
+        self.transaction = transaction
+
+    def checked(self, conn: Connection) -> None:
+        """Nothing to note: there was no check."""
+
+    def timed_out(self, conn: Connection) -> None:  # pragma: no cover - no check, no lock wait
+        """Never called: only a check waits for a lock."""
+
+    def fence_again(self, conn: Connection) -> None:
+        """Nothing to hold: the statement then runs the ordinary way (psycopg sends the BEGIN)."""
+
+
+def begin_with_next_statement(conn: Connection) -> None:
+    """Send ``conn``'s BEGIN with its next statement, in one pipeline (what a session does for each
+    connection its transaction takes, :mod:`sa_shardkit.session`): psycopg sends a transaction's
+    BEGIN in a round trip of its own, the first of every read transaction. A deferred fence check
+    (:func:`defer_check`) made later in the transaction replaces this mark and carries the BEGIN
+    itself. Nothing happens where a pipeline cannot be used (:func:`can_defer`)."""
+    if not getattr(conn.dialect, _WRAPPED, False):
+        return
+    fairy = conn._dbapi_connection
+    driver: Any = fairy.dbapi_connection if fairy is not None else None
+    if isinstance(driver, psycopg.Connection) and _pipeline_usable(driver):
+        setattr(driver, _MARK, _BeginOnly(conn._transaction))
 
 
 def pending_check(conn: Connection) -> Any:
@@ -203,15 +240,18 @@ def _run_fused(
             cursor._last_query = None
             cursor._tx = adapt.Transformer(cursor)
         pgq = cursor._convert_query(statement, parameters)
+        if not pgq.params:  # psycopg sends it as a simple query (it may be several): the ordinary way
+            return None
         prep, prepared_name = driver._prepared.get(pgq, None)
         fmt = cursor.format
         begin = driver._begin_statement or driver._get_tx_start_command()
         sends: list[Callable[[], None]] = [lambda: pgconn.send_query_params(begin, None)]
         name, sql = pending.name, pending.sql
-        check_prepared = name in names
-        if not check_prepared:
-            sends.append(lambda: pgconn.send_prepare(name, sql))
-        sends.append(lambda: pgconn.send_query_prepared(name, None))
+        prepare_check = name is not None and name not in names
+        if name is not None:
+            if prepare_check:
+                sends.append(lambda: pgconn.send_prepare(name, sql))
+            sends.append(lambda: pgconn.send_query_prepared(name, None))
         if prep is Prepare.NO:
             sends.append(
                 lambda: pgconn.send_query_params(
@@ -248,7 +288,7 @@ def _run_fused(
             _roll_back(driver)
             return None
         at = 1
-        if not check_prepared:
+        if prepare_check and name is not None:
             prepared = groups[at][-1]
             if prepared.status != ExecStatus.COMMAND_OK:
                 if prepared.error_field(pq.DiagnosticField.SQLSTATE) == _DUPLICATE:
@@ -256,23 +296,10 @@ def _run_fused(
                 _roll_back(driver)
                 return None
             at += 1
-        check = groups[at][-1]
-        at += 1
-        if check.status != ExecStatus.TUPLES_OK:
-            state = check.error_field(pq.DiagnosticField.SQLSTATE)
-            failed = state == _INVALID_TEXT and _CHECK_FAILED in (
-                check.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b""
-            )
-            if failed or state == _LOCK_NOT_AVAILABLE:
-                names.add(name)  # the statement itself ran: it is prepared
-            else:
-                names.discard(name)  # e.g. DEALLOCATE ALL dropped it: prepared again next time
-            _roll_back(driver)
-            if state == _LOCK_NOT_AVAILABLE:
-                pending.timed_out(conn)  # waiting again the ordinary way would wait as long again
-            return None
-        names.add(name)
-        pending.checked(conn)
+        if name is not None:
+            if not _check_passed(pending, name, groups[at][-1], names, driver, conn):
+                return None
+            at += 1
         if prep is Prepare.SHOULD:
             prepared = groups[at][-1]
             at += 1
@@ -289,6 +316,29 @@ def _run_fused(
         cursor._last_query = statement
         driver.wait(driver._prepared.maintain_gen(driver))
     return True
+
+
+def _check_passed(
+    pending: PendingCheck, name: bytes, check: Any, names: set[bytes], driver: Any, conn: Connection
+) -> bool:
+    """Whether the pipeline's check passed (then noted); else its transaction is rolled back, and a
+    lock wait that ran out raises as :meth:`PendingCheck.timed_out` raises it."""
+    if check.status == ExecStatus.TUPLES_OK:
+        names.add(name)
+        pending.checked(conn)
+        return True
+    state = check.error_field(pq.DiagnosticField.SQLSTATE)
+    failed = state == _INVALID_TEXT and _CHECK_FAILED in (
+        check.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b""
+    )
+    if failed or state == _LOCK_NOT_AVAILABLE:
+        names.add(name)  # the statement itself ran: it is prepared
+    else:
+        names.discard(name)  # e.g. DEALLOCATE ALL dropped it: prepared again next time
+    _roll_back(driver)
+    if state == _LOCK_NOT_AVAILABLE:
+        pending.timed_out(conn)  # waiting again the ordinary way would wait as long again
+    return False
 
 
 def _pipeline_results(pgconn: Any, commands: int) -> Any:
@@ -327,6 +377,7 @@ def _abandon(driver: Any) -> None:
 
 __all__ = [
     "PendingCheck",
+    "begin_with_next_statement",
     "can_defer",
     "defer_check",
     "install",

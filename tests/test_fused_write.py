@@ -5,7 +5,9 @@ fails when a ring is stored, so the statement never runs after a failed check. T
 ring behind the back of a process that would not look for one for an hour and check that its next
 flush still finds it (it adopts the ring, whichever statement the flush starts with), that the
 check fails exactly when the state table exists, and that a statement's own failure is raised as
-without the pipeline. Rows are counted on each server directly.
+without the pipeline. A session's read transaction sends its BEGIN in a pipeline with its first
+statement too: the transaction, its isolation level and read-only setting are the server's, and a
+lost shard is named. Rows are counted on each server directly.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import event, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import event, select, text
+from sqlalchemy.exc import DBAPIError, IntegrityError, ProgrammingError
+from sqlalchemy.orm import Session
 
 from sa_shardkit import HashRing, ShardManager, fused_write
 from sa_shardkit.demo.models import Base, Customer, Order
@@ -309,3 +312,191 @@ def test_a_connection_killed_as_the_pipeline_is_sent_is_named_and_the_next_write
         add_customer(process, after)
         assert fused_runs == [True, None, True]  # the pipeline met the closed socket, then a fresh one
     assert counts(shard_map, "customers") == {s: (2 if s == "shard-2" else 0) for s in shard_map}
+
+
+# -- a read transaction's BEGIN rides on its first statement (begin_with_next_statement) -------
+
+
+def backend_of(session: Session, shard_id: str) -> int:
+    conn = session.connection(bind_arguments={"shard_id": shard_id})
+    pid: int = conn.connection.driver_connection.info.backend_pid  # type: ignore[union-attr]
+    return pid
+
+
+def server_state(url: str, pid: int) -> tuple[str, bool]:
+    """(state, in a transaction) of backend ``pid``, asked from another connection."""
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT state, xact_start IS NOT NULL FROM pg_stat_activity WHERE pid = %s", (pid,)
+        ).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def test_a_read_runs_in_the_transaction_its_pipeline_began(
+    never_looks: ShardManager, shard_map: dict[str, str], fused_runs: list[bool | None]
+) -> None:
+    """The server holds the read's transaction open after it (the BEGIN ran before the SELECT, not
+    skipped), and the transaction's later statements see its snapshot: a row committed by another
+    session meanwhile is not in a REPEATABLE READ transaction's second read."""
+    key = key_on(never_looks, "shard-2")
+    add_customer(never_looks, key)
+    fused_runs.clear()
+    with never_looks.sessionmaker()() as session:
+        session.connection(
+            bind_arguments={"shard_id": "shard-2"}, execution_options={"isolation_level": "REPEATABLE READ"}
+        )
+        assert session.scalars(select(Customer).where(Customer.customer_id == key)).one().name == f"c{key}"
+        assert fused_runs == [True]  # the BEGIN rode on the SELECT
+        assert server_state(shard_map["shard-2"], backend_of(session, "shard-2")) == (
+            "idle in transaction",
+            True,
+        )
+        level = session.execute(
+            text("SELECT current_setting(:name)"),
+            {"name": "transaction_isolation"},
+            bind_arguments={"shard_id": "shard-2"},
+        ).scalar()
+        assert level == "repeatable read"
+        add_customer(never_looks, key_on(never_looks, "shard-2", 1))  # another session commits a row
+        seen = session.execute(
+            text("SELECT count(*) FROM customers WHERE customer_id > :k"),
+            {"k": -1},
+            bind_arguments={"shard_id": "shard-2"},
+        ).scalar()
+        assert seen == 1  # the transaction's snapshot, taken by its first SELECT
+    assert counts(shard_map, "customers")["shard-2"] == 2
+
+
+def test_a_read_only_transaction_stays_read_only(
+    never_looks: ShardManager, shard_map: dict[str, str], fused_runs: list[bool | None]
+) -> None:
+    """The BEGIN sent in the pipeline is the one psycopg would send: read only when asked."""
+    key = key_on(never_looks, "shard-3")
+    add_customer(never_looks, key)
+    fused_runs.clear()
+    with never_looks.sessionmaker()() as session:
+        session.connection(
+            bind_arguments={"shard_id": "shard-3"}, execution_options={"postgresql_readonly": True}
+        )
+        assert (
+            session.execute(
+                text("SELECT current_setting(:name)"),
+                {"name": "transaction_read_only"},
+                bind_arguments={"shard_id": "shard-3"},
+            ).scalar()
+            == "on"
+        )
+        assert fused_runs == [True]
+        with pytest.raises(DBAPIError, match="read-only transaction"):
+            session.execute(
+                text("DELETE FROM customers WHERE customer_id = :k"),
+                {"k": key},
+                bind_arguments={"shard_id": "shard-3"},
+            )
+    assert counts(shard_map, "customers")["shard-3"] == 1
+
+
+def test_a_read_that_fails_in_its_pipeline_fails_as_usual_and_the_session_goes_on(
+    never_looks: ShardManager, fused_runs: list[bool | None]
+) -> None:
+    key = key_on(never_looks, "shard-1")
+    add_customer(never_looks, key)
+    fused_runs.clear()
+    with never_looks.sessionmaker()() as session:
+        with pytest.raises(ProgrammingError, match="no_such_table"):
+            session.execute(
+                text("SELECT * FROM no_such_table WHERE x = :x"),
+                {"x": 1},
+                bind_arguments={"shard_id": "shard-1"},
+            )
+        assert fused_runs == []  # the pipeline raised the statement's own error: no answer
+        session.rollback()
+        assert session.get(Customer, key) is not None  # a new transaction, its BEGIN in the pipeline again
+        assert fused_runs == [True]
+
+
+def test_several_statements_without_parameters_run_the_ordinary_way(
+    never_looks: ShardManager, shard_map: dict[str, str], fused_runs: list[bool | None]
+) -> None:
+    """A statement without parameters goes to psycopg as a simple query, which may hold several
+    statements: not pipelined (a pipeline would refuse it), and still in a transaction."""
+    fused_runs.clear()
+    with never_looks.sessionmaker()() as session:
+        value = session.execute(text("SELECT 1; SELECT 2"), bind_arguments={"shard_id": "shard-4"}).scalar()
+        assert value == 1  # psycopg answers with the first statement's rows
+        assert fused_runs == [None]
+        assert server_state(shard_map["shard-4"], backend_of(session, "shard-4")) == (
+            "idle in transaction",
+            True,
+        )
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fault", ["freeze", "kill"])
+def test_a_shard_lost_as_a_reads_pipeline_is_sent_is_named_and_the_next_read_works(
+    pg_fleet: TestFleet,
+    shard_map: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    fused_runs: list[bool | None],
+    fault: str,
+) -> None:
+    """After the checkout ping, right before a get()'s pipeline goes out, the server freezes
+    (SIGSTOP) or ends the backend: the get raises ShardUnavailableError naming the shard (bounded
+    by the watchdog), and once the server runs again the next get finds the row."""
+    monkeypatch.setenv(RECHECK_ENV, "3600")
+    server = pg_fleet.server(1)  # shard-2
+    url = shard_map["shard-2"].replace("postgresql+psycopg://", "postgresql://")
+    with ShardManager.from_urls(
+        shard_map, connect_timeout=2, query_timeout=3, refresh_seconds=3600
+    ) as process:
+        for shard_id in shard_map:
+            Base.metadata.create_all(process.engine(shard_id))
+        key = key_on(process, "shard-2")
+        add_customer(process, key)
+        engine = process.engine("shard-2")
+
+        def lose(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if statement.lstrip().upper().startswith("SELECT"):
+                if fault == "freeze":
+                    server.pause()
+                else:
+                    with psycopg.connect(url, autocommit=True) as admin:
+                        admin.execute(
+                            "SELECT pg_terminate_backend(%s, 10000)", (cursor.connection.info.backend_pid,)
+                        )
+
+        fused_runs.clear()
+        event.listen(engine, "before_cursor_execute", lose)
+        try:
+            with pytest.raises(ShardUnavailableError) as raised, process.sessionmaker()() as session:
+                session.get(Customer, key)
+        finally:
+            event.remove(engine, "before_cursor_execute", lose)
+            server.resume()
+        assert raised.value.shard_id == "shard-2"
+        assert fused_runs == [None]  # the pipeline met the lost socket; the ordinary path named it
+        with process.sessionmaker()() as session:
+            assert session.get(Customer, key) is not None
+        assert fused_runs == [None, True]
+
+
+def test_a_read_then_a_write_in_one_transaction_still_fences_the_write(
+    never_looks: ShardManager, shard_map: dict[str, str], fused_runs: list[bool | None]
+) -> None:
+    """The read's pipeline began the transaction, so the flush's check cannot ride on its INSERT:
+    it runs the ordinary way, and still finds a ring stored behind the process's back."""
+    key = key_on(never_looks, "shard-1")
+    add_customer(never_looks, key)
+    with ShardManager.from_urls(shard_map) as operator:
+        install_ring(operator)
+    fused_runs.clear()
+    with never_looks.sessionmaker()() as session, session.begin():
+        assert session.get(Customer, key) is not None
+        session.add(Customer(customer_id=key + 1000, name="later"))
+    assert fused_runs == [True]  # the get's BEGIN; the flush's check ran on its own
+    assert never_looks.placement.state.version == 1  # the ordinary fence adopted the stored ring
+    owner = never_looks.shard_for(key + 1000)
+    found = counts(shard_map, "customers")
+    assert found[owner] == (2 if owner == "shard-1" else 1)
+    assert sum(found.values()) == 2
