@@ -18,6 +18,7 @@ also raises a failure the ordinary way (a lost connection named by the shard's e
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import Any
 
 import greenlet  # type: ignore[import-untyped]  # no stubs shipped
@@ -140,7 +141,27 @@ def prepared_names(driver: Any) -> set[bytes]:
     if names is None:
         names = set()
         setattr(driver, PREPARED_ATTR, names)
+        _forget_on_deallocate_all(driver, names)
     return names
+
+
+def _forget_on_deallocate_all(driver: Any, names: set[bytes]) -> None:
+    """Empty ``names`` whenever psycopg deallocates every statement of ``driver``: it does after
+    each ROLLBACK once it has prepared a statement of its own (``Connection._deallocate(None)``,
+    what its prepared-statement cache's maintenance calls). Else a write after a read would find its
+    check missing from the server (one failed pipeline and the ordinary fence: three more round
+    trips) instead of preparing it again in its pipeline."""
+    deallocate = getattr(type(driver), "_deallocate", None)
+    if deallocate is None:  # another psycopg: a missing statement is still found and prepared again
+        return
+    ref = weakref.ref(driver)  # the connection holds this function: no reference cycle through it
+
+    def forgetting(name: bytes | None) -> Any:
+        if name is None:
+            names.clear()
+        return deallocate(ref(), name)
+
+    driver._deallocate = forgetting
 
 
 def _roll_back(driver: psycopg.Connection[Any]) -> None:

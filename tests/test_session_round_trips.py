@@ -193,3 +193,22 @@ def test_with_a_stored_ring_the_fence_rides_on_begin_too(
             text("SELECT count(*) FROM orders WHERE customer_id = :k"), {"k": one_shard_keys[1]}
         ).scalar()
     assert stored == WARM + 1
+
+
+def test_a_write_after_a_read_keeps_its_round_trip(manager: ShardManager, one_shard_keys: list[int]) -> None:
+    """A read transaction ends with ROLLBACK, after which psycopg deallocates every prepared
+    statement of the connection (once it prepared one of its own: the INSERT, used 5 times): the
+    next write's check is prepared again in its pipeline, not found missing, so it still makes one
+    round trip fewer than a plain Session's."""
+    engine = manager.engine("shard-1")
+    plain, routed = sessionmaker(engine), manager.sessionmaker()
+    for _ in range(WARM):
+        insert_order(plain, one_shard_keys[0])
+        insert_order(routed, one_shard_keys[1])
+    stock = round_trips(engine, lambda: insert_order(plain, one_shard_keys[0]))
+    for _ in range(3):
+        for _ in range(WARM):  # psycopg prepares the INSERT again after each DEALLOCATE ALL
+            insert_order(routed, one_shard_keys[1])
+        get_orders(routed, one_shard_keys[1])  # ROLLBACK, then DEALLOCATE ALL
+        ours = round_trips(engine, lambda: insert_order(routed, one_shard_keys[1]))
+        assert ours == stock - 1
