@@ -245,35 +245,37 @@ def _run_fused(
         prep, prepared_name = driver._prepared.get(pgq, None)
         fmt = cursor.format
         begin = driver._begin_statement or driver._get_tx_start_command()
-        sends: list[Callable[[], None]] = [lambda: pgconn.send_query_params(begin, None)]
         name, sql = pending.name, pending.sql
         prepare_check = name is not None and name not in names
-        if name is not None:
-            if prepare_check:
-                sends.append(lambda: pgconn.send_prepare(name, sql))
-            sends.append(lambda: pgconn.send_query_prepared(name, None))
-        if prep is Prepare.NO:
-            sends.append(
-                lambda: pgconn.send_query_params(
-                    pgq.query, pgq.params, param_formats=pgq.formats, param_types=pgq.types, result_format=fmt
-                )
-            )
-        else:
-            if prep is Prepare.SHOULD:
-                sends.append(lambda: pgconn.send_prepare(prepared_name, pgq.query, param_types=pgq.types))
-            sends.append(
-                lambda: pgconn.send_query_prepared(
-                    prepared_name, pgq.params, param_formats=pgq.formats, result_format=fmt
-                )
-            )
         armed = None if limit is None else WATCHDOG.arm(driver, limit, pgconn.socket)
         try:
             try:
-                pgconn.enter_pipeline_mode()
-                for send in sends:
-                    send()
+                pgconn.enter_pipeline_mode()  # libpq buffers the commands until the sync flushes them
+                pgconn.send_query_params(begin, None)
+                commands = 3  # BEGIN, the statement, the Sync
+                if name is not None:
+                    if prepare_check:
+                        pgconn.send_prepare(name, sql)
+                        commands += 1
+                    pgconn.send_query_prepared(name, None)
+                    commands += 1
+                if prep is Prepare.NO:
+                    pgconn.send_query_params(
+                        pgq.query,
+                        pgq.params,
+                        param_formats=pgq.formats,
+                        param_types=pgq.types,
+                        result_format=fmt,
+                    )
+                else:
+                    if prep is Prepare.SHOULD:
+                        pgconn.send_prepare(prepared_name, pgq.query, param_types=pgq.types)
+                        commands += 1
+                    pgconn.send_query_prepared(
+                        prepared_name, pgq.params, param_formats=pgq.formats, result_format=fmt
+                    )
                 pgconn.pipeline_sync()
-                groups = driver.wait(_pipeline_results(pgconn, len(sends) + 1))
+                groups = driver.wait(_pipeline_results(pgconn, commands))
                 pgconn.exit_pipeline_mode()
             except psycopg.Error:
                 _abandon(driver)  # the ordinary path then fails on it as a lost connection, named
@@ -314,7 +316,8 @@ def _run_fused(
         cursor._check_results(results)  # raises the statement's failure as psycopg does
         cursor._set_results(results)
         cursor._last_query = statement
-        driver.wait(driver._prepared.maintain_gen(driver))
+        if driver._prepared._to_flush:  # statements psycopg evicted from its cache, to deallocate
+            driver.wait(driver._prepared.maintain_gen(driver))
     return True
 
 

@@ -500,3 +500,38 @@ def test_a_read_then_a_write_in_one_transaction_still_fences_the_write(
     found = counts(shard_map, "customers")
     assert found[owner] == (2 if owner == "shard-1" else 1)
     assert sum(found.values()) == 2
+
+
+def test_statements_psycopg_evicts_from_its_cache_are_deallocated_after_a_pipeline(
+    shard_map: dict[str, str], monkeypatch: pytest.MonkeyPatch, fused_runs: list[bool | None]
+) -> None:
+    """psycopg keeps at most ``prepared_max`` prepared statements and deallocates the ones it
+    evicts right after the statement that evicted them: a pipelined first statement does the same
+    (nothing is left queued for deallocation, the server holds what psycopg's cache holds)."""
+    monkeypatch.setenv(RECHECK_ENV, "3600")
+    with ShardManager.from_urls(
+        shard_map, refresh_seconds=3600, engine_options={"connect_args": {"prepare_threshold": 0}}
+    ) as process:
+        with process.engine("shard-1").connect() as conn:
+            driver: Any = conn.connection.driver_connection
+            driver.prepared_max = 2
+        fused_runs.clear()
+        for n in range(6):  # 6 different statements, each the first of its transaction, each prepared
+            with process.sessionmaker()() as session:
+                query = text(f"SELECT :v + {n}")
+                assert (
+                    session.execute(query, {"v": 1}, bind_arguments={"shard_id": "shard-1"}).scalar() == n + 1
+                )
+                here: Any = session.connection(
+                    bind_arguments={"shard_id": "shard-1"}
+                ).connection.driver_connection
+                assert here is driver  # the one pooled connection
+                assert not driver._prepared._to_flush  # psycopg's queue of evicted statements
+        assert fused_runs == [True] * 6
+        with driver.cursor() as cursor:  # psycopg's own path: the server's count, unprepared
+            cursor.execute(
+                "SELECT name FROM pg_prepared_statements WHERE name LIKE '\\_pg3\\_%'", prepare=False
+            )
+            on_server = {row[0] for row in cursor.fetchall()}
+        assert on_server == {name.decode() for name in driver._prepared._names.values()}
+        assert len(on_server) <= 2
