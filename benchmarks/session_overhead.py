@@ -15,7 +15,12 @@ for a core, the CPU ratio what each session costs the client.
 It also prints the median over turns of each turn's own ratio (the two sessions of a turn ran back
 to back): a burst of machine noise moves one turn, not the median, while it moves the sums.
 
+``--baseline stock`` gives the plain Session an engine of its own, ``create_engine(url,
+pool_pre_ping=True)`` (what an application has without this library), instead of the manager's
+shard-1 engine: the ratio then includes the engine's fault guard (watchdog, named errors) too.
+
 Run: python benchmarks/session_overhead.py [--n 1000] [--rounds 3] [--chunk 25] [--shards 4,64]
+[--baseline manager|stock]
 (uses SHARD_1_URL when set, else starts one throwaway local PostgreSQL server)
 """
 
@@ -33,7 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 
-from sqlalchemy import event, insert, select, text
+from sqlalchemy import create_engine, event, insert, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -117,6 +122,12 @@ def main() -> None:
     parser.add_argument(
         "--shards", default="4,64", help="configured shard counts to compare, comma-separated (default 4,64)"
     )
+    parser.add_argument(
+        "--baseline",
+        choices=("manager", "stock"),
+        default="manager",
+        help="the plain Session's engine: the manager's shard-1 engine (default) or create_engine(url)",
+    )
     args = parser.parse_args()
     counts = [int(c) for c in args.shards.split(",") if c.strip()]
     with database_url() as url, contextlib.ExitStack() as stack:
@@ -137,7 +148,11 @@ def main() -> None:
         with engine.begin() as conn:
             conn.execute(insert(Customer), [{"customer_id": k, "name": f"c{k}"} for k in keys])
         checks = count_ring_checks(managers)
-        factories: dict[str, Callable[[], Session]] = {PLAIN: sessionmaker(engine)}
+        plain_engine = engine
+        if args.baseline == "stock":
+            plain_engine = create_engine(url, pool_pre_ping=True)
+            stack.callback(plain_engine.dispose)
+        factories: dict[str, Callable[[], Session]] = {PLAIN: sessionmaker(plain_engine)}
         for count, manager in managers.items():
             factories[sharded_name(count)] = manager.sessionmaker()
         totals: dict[str, dict[str, float]] = {kind: dict.fromkeys(PHASES, 0.0) for kind in kinds}
