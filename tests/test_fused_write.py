@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
 
@@ -77,6 +78,24 @@ def key_on(process: ShardManager, shard_id: str, skip: int = 0) -> int:
 def add_customer(process: ShardManager, key: int) -> None:
     with process.sessionmaker()() as session, session.begin():
         session.add(Customer(customer_id=key, name=f"c{key}"))
+
+
+@contextmanager
+def bounded_process(
+    shard_map: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[ShardManager, int]]:
+    """A process with short fault bounds (connect 2 s, statements 3 s) that would not look for a
+    stored ring for an hour, and a customer on shard-2 written through it (a pooled connection,
+    the check prepared on it): the process and that customer's key."""
+    monkeypatch.setenv(RECHECK_ENV, "3600")
+    with ShardManager.from_urls(
+        shard_map, connect_timeout=2, query_timeout=3, refresh_seconds=3600
+    ) as process:
+        for shard_id in shard_map:
+            Base.metadata.create_all(process.engine(shard_id))
+        key = key_on(process, "shard-2")
+        add_customer(process, key)
+        yield process, key
 
 
 def test_the_check_fails_exactly_when_the_state_table_exists(shard_map: dict[str, str]) -> None:
@@ -201,15 +220,8 @@ def test_a_shard_frozen_as_the_pipeline_is_sent_is_named_and_nothing_is_written(
     """The server stops (SIGSTOP) after the connection's checkout ping, right before the flush's
     pipeline goes out: the watchdog bounds the wait, the flush raises ShardUnavailableError naming
     the shard, and once the server runs again no row of it is there."""
-    monkeypatch.setenv(RECHECK_ENV, "3600")
     server = pg_fleet.server(1)  # shard-2
-    with ShardManager.from_urls(
-        shard_map, connect_timeout=2, query_timeout=3, refresh_seconds=3600
-    ) as process:
-        for shard_id in shard_map:
-            Base.metadata.create_all(process.engine(shard_id))
-        key = key_on(process, "shard-2")
-        add_customer(process, key)  # a pooled connection, the check prepared on it
+    with bounded_process(shard_map, monkeypatch) as (process, key):
         engine = process.engine("shard-2")
 
         def freeze(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
@@ -444,16 +456,9 @@ def test_a_shard_lost_as_a_reads_pipeline_is_sent_is_named_and_the_next_read_wor
     """After the checkout ping, right before a get()'s pipeline goes out, the server freezes
     (SIGSTOP) or ends the backend: the get raises ShardUnavailableError naming the shard (bounded
     by the watchdog), and once the server runs again the next get finds the row."""
-    monkeypatch.setenv(RECHECK_ENV, "3600")
     server = pg_fleet.server(1)  # shard-2
     url = shard_map["shard-2"].replace("postgresql+psycopg://", "postgresql://")
-    with ShardManager.from_urls(
-        shard_map, connect_timeout=2, query_timeout=3, refresh_seconds=3600
-    ) as process:
-        for shard_id in shard_map:
-            Base.metadata.create_all(process.engine(shard_id))
-        key = key_on(process, "shard-2")
-        add_customer(process, key)
+    with bounded_process(shard_map, monkeypatch) as (process, key):
         engine = process.engine("shard-2")
 
         def lose(conn: Any, cursor: Any, statement: str, *args: Any) -> None:

@@ -83,6 +83,17 @@ def round_trips(engine: Engine, work: Callable[[], None]) -> int:
         return count()
 
 
+def warm_and_count_a_plain_write(manager: ShardManager, keys: list[int]) -> int:
+    """Warm pools, caches, the kept ring check and psycopg's own prepared INSERT for a plain and a
+    routed session (on ``keys[0]`` and ``keys[1]``); the round trips of the plain session's write."""
+    engine = manager.engine("shard-1")
+    plain, routed = sessionmaker(engine), manager.sessionmaker()
+    for _ in range(WARM):
+        insert_order(plain, keys[0])
+        insert_order(routed, keys[1])
+    return round_trips(engine, lambda: insert_order(plain, keys[0]))
+
+
 @pytest.fixture
 def one_shard_keys(manager: ShardManager, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Two customers on shard-1, on a fleet that stores no ring; the process does not look for
@@ -101,11 +112,8 @@ def test_routed_write_transaction_makes_a_plain_sessions_round_trips(
     manager: ShardManager, one_shard_keys: list[int]
 ) -> None:
     engine = manager.engine("shard-1")
-    plain, routed = sessionmaker(engine), manager.sessionmaker()
-    for _ in range(WARM):  # pools, caches, the kept ring check, psycopg's own prepared INSERT
-        insert_order(plain, one_shard_keys[0])
-        insert_order(routed, one_shard_keys[1])
-    stock = round_trips(engine, lambda: insert_order(plain, one_shard_keys[0]))
+    routed = manager.sessionmaker()
+    stock = warm_and_count_a_plain_write(manager, one_shard_keys)
     ours = round_trips(engine, lambda: insert_order(routed, one_shard_keys[1]))
     assert stock >= 3  # the checkout ping, BEGIN, INSERT, COMMIT: the trace sees them
     assert ours == stock - 1  # BEGIN, the ring check and the INSERT in one pipeline (fused_write)
@@ -181,11 +189,8 @@ def test_with_a_stored_ring_the_fence_rides_on_begin_too(
     manager.placement.refresh()
     assert manager.placement.state.version == 1
     engine = manager.engine("shard-1")
-    plain, routed = sessionmaker(engine), manager.sessionmaker()
-    for _ in range(WARM):
-        insert_order(plain, one_shard_keys[0])
-        insert_order(routed, one_shard_keys[1])
-    stock = round_trips(engine, lambda: insert_order(plain, one_shard_keys[0]))
+    routed = manager.sessionmaker()
+    stock = warm_and_count_a_plain_write(manager, one_shard_keys)
     ours = round_trips(engine, lambda: insert_order(routed, one_shard_keys[1]))
     assert ours == stock - 1  # BEGIN, the fence's lock and the INSERT in one pipeline
     with engine.connect() as conn:  # every routed insert landed, fenced or not
@@ -201,11 +206,8 @@ def test_a_write_after_a_read_keeps_its_round_trip(manager: ShardManager, one_sh
     next write's check is prepared again in its pipeline, not found missing, so it still makes one
     round trip fewer than a plain Session's."""
     engine = manager.engine("shard-1")
-    plain, routed = sessionmaker(engine), manager.sessionmaker()
-    for _ in range(WARM):
-        insert_order(plain, one_shard_keys[0])
-        insert_order(routed, one_shard_keys[1])
-    stock = round_trips(engine, lambda: insert_order(plain, one_shard_keys[0]))
+    routed = manager.sessionmaker()
+    stock = warm_and_count_a_plain_write(manager, one_shard_keys)
     for _ in range(3):
         for _ in range(WARM):  # psycopg prepares the INSERT again after each DEALLOCATE ALL
             insert_order(routed, one_shard_keys[1])
