@@ -18,10 +18,16 @@ made on an idle connection only), the fence is held the ordinary way
 wait that runs out (``fence_timeout``) raises :class:`~sa_shardkit.FenceTimeoutError` naming the
 shard, as the ordinary fence does.
 
+A read transaction has no check to carry, but psycopg still sends its BEGIN in a round trip of its
+own: a session marks every connection its transaction takes (:func:`begin_with_next_statement`),
+and the first statement goes out behind the BEGIN alone (BEGIN, statement, Sync). A fence check
+made later in the transaction replaces that mark.
+
 Safety is the ordinary fence's: the same check, the first statement of the transaction on this
 connection, before the write in it. Anything unusual (another driver or cursor class, an async or
 autocommit connection, prepared statements off as behind PgBouncer, a moving key, an executemany,
-a statement sent past SQLAlchemy's execute) takes the ordinary path.
+a statement without parameters, which psycopg sends as a simple query that may hold several, a
+statement sent past SQLAlchemy's execute) takes the ordinary path.
 """
 
 from __future__ import annotations
@@ -221,9 +227,10 @@ def _take_mark(cursor: Any, context: Any) -> PendingCheck | None:
 def _run_fused(
     pending: PendingCheck, cursor: Any, statement: str, parameters: Any, context: Any
 ) -> bool | None:
-    """Run ``statement`` behind the check in one pipeline: True when it ran (its results are in
-    ``cursor``; its own failure is raised as psycopg raises it); None when it did not (a ring is
-    stored, or the pipeline could not be used): nothing of this transaction ran on the connection."""
+    """Run ``statement`` behind the BEGIN and the check (if ``pending`` has one) in one pipeline:
+    True when it ran (its results are in ``cursor``; its own failure is raised as psycopg raises
+    it); None when it did not (the check failed, or the pipeline could not be used): nothing of
+    this transaction ran on the connection."""
     if type(cursor) is not psycopg.Cursor or cursor.closed:
         return None
     driver: Any = cursor._conn
